@@ -1,0 +1,201 @@
+//! Rank-generic building blocks: one definition serves 2D (`Tensor<4>`, NCHW) and 3D
+//! (`Tensor<5>`, NCDHW). burn ships separate 2D/3D functions, so each op reshapes to the
+//! concrete rank (free for contiguous tensors) and dispatches on `D`.
+
+use burn::module::{Module, Param};
+use burn::nn::{BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Initializer};
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+use burn::tensor::module::{conv_transpose2d, conv_transpose3d, conv2d, conv3d, interpolate, max_pool2d};
+use burn::tensor::ops::{ConvOptions, ConvTransposeOptions, InterpolateMode, InterpolateOptions, MaxPoolOptions};
+
+/// Reinterprets a shape array of one rank as another of the same length (checked).
+fn same<const A: usize, const B: usize>(d: [usize; A]) -> [usize; B] {
+    d[..].try_into().expect("rank mismatch")
+}
+
+/// Views a tensor at another rank with the same dimensions (`Tensor<D>` <-> `Tensor<4|5>`).
+fn rank<const A: usize, const B: usize>(x: Tensor<A>) -> Tensor<B> {
+    let d = x.dims();
+    x.reshape(same::<A, B>(d))
+}
+
+fn spatial(d: usize) -> usize {
+    assert!(d == 4 || d == 5, "only 2D (rank 4) and 3D (rank 5) tensors are supported");
+    d - 2
+}
+
+/// PyTorch's default init (Kaiming uniform with a = sqrt(5)), so training behaves like the peers.
+fn torch_init() -> Initializer {
+    Initializer::KaimingUniform { gain: 1.0 / 3.0f64.sqrt(), fan_out_only: false }
+}
+
+/// A k^n convolution ("same" padding for odd k) with bias.
+#[derive(Module, Debug)]
+pub struct Conv<const D: usize> {
+    pub weight: Param<Tensor<D>>,
+    pub bias: Param<Tensor<1>>,
+}
+
+impl<const D: usize> Conv<D> {
+    pub fn new(c_in: usize, c_out: usize, kernel: usize, device: &Device) -> Self {
+        let mut shape = [kernel; D];
+        shape[0] = c_out;
+        shape[1] = c_in;
+        let fan_in = c_in * kernel.pow(spatial(D) as u32);
+        let init = torch_init();
+        Self {
+            weight: init.init_with(shape, Some(fan_in), None, device),
+            bias: init.init_with([c_out], Some(fan_in), None, device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<D>) -> Tensor<D> {
+        let [_, _, k, ..] = self.weight.dims()[..] else { unreachable!() };
+        let p = k / 2;
+        let (w, b) = (self.weight.val(), Some(self.bias.val()));
+        let y: Tensor<D> = match D {
+            4 => {
+                let y = conv2d(rank::<D, 4>(x), rank::<D, 4>(w), b, ConvOptions::new([1; 2], [p; 2], [1; 2], 1));
+                rank::<4, D>(y)
+            }
+            _ => {
+                let y = conv3d(rank::<D, 5>(x), rank::<D, 5>(w), b, ConvOptions::new([1; 3], [p; 3], [1; 3], 1));
+                rank::<5, D>(y)
+            }
+        };
+        y
+    }
+}
+
+/// 2^n transposed convolution with stride 2: the Keras code's learned up-sampling.
+#[derive(Module, Debug)]
+pub struct UpConv<const D: usize> {
+    pub weight: Param<Tensor<D>>,
+    pub bias: Param<Tensor<1>>,
+}
+
+impl<const D: usize> UpConv<D> {
+    pub fn new(c_in: usize, c_out: usize, device: &Device) -> Self {
+        let mut shape = [2; D];
+        shape[0] = c_in;
+        shape[1] = c_out;
+        let fan_in = c_out * 2usize.pow(spatial(D) as u32);
+        let init = torch_init();
+        Self {
+            weight: init.init_with(shape, Some(fan_in), None, device),
+            bias: init.init_with([c_out], Some(fan_in), None, device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<D>) -> Tensor<D> {
+        let (w, b) = (self.weight.val(), Some(self.bias.val()));
+        match D {
+            4 => {
+                let o = ConvTransposeOptions::new([2; 2], [0; 2], [0; 2], [1; 2], 1);
+                let y = conv_transpose2d(rank::<D, 4>(x), rank::<D, 4>(w), b, o);
+                rank::<4, D>(y)
+            }
+            _ => {
+                let o = ConvTransposeOptions::new([2; 3], [0; 3], [0; 3], [1; 3], 1);
+                let y = conv_transpose3d(rank::<D, 5>(x), rank::<D, 5>(w), b, o);
+                rank::<5, D>(y)
+            }
+        }
+    }
+}
+
+/// 2^n max pooling with stride 2. burn has no 3D max pool, so depth pairs are folded into a
+/// trailing axis and reduced with `max_dim` after a 2D pool over (H, W).
+pub fn max_pool<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let d = x.dims();
+    let opts = MaxPoolOptions::new([2, 2]);
+    match D {
+        4 => {
+            let y = max_pool2d(rank::<D, 4>(x), opts);
+            rank::<4, D>(y)
+        }
+        _ => {
+            let (n, c, z, h, w) = (d[0], d[1], d[2], d[3], d[4]);
+            let y = max_pool2d(x.reshape([n, c * z, h, w]), opts);
+            let (h2, w2) = (h / 2, w / 2);
+            let y = y.reshape([n * c * (z / 2), 2, h2 * w2]).max_dim(1);
+            y.reshape(same::<5, D>([n, c, z / 2, h2, w2]))
+        }
+    }
+}
+
+/// x2 (bi/tri)linear up-sampling. 2D uses burn's bilinear kernel; the depth axis of 3D volumes
+/// is up-sampled here with the fixed 0.25/0.75 weights that align_corners=false gives at scale 2.
+pub fn upsample<const D: usize>(x: Tensor<D>, align_corners: bool) -> Tensor<D> {
+    let d = x.dims();
+    let opts = |h: usize, w: usize| {
+        InterpolateOptions::new(InterpolateMode::Bilinear)
+            .with_align_corners(align_corners)
+            .with_output_size([2 * h, 2 * w])
+    };
+    match D {
+        4 => {
+            let y = interpolate(rank::<D, 4>(x), opts(d[2], d[3]));
+            rank::<4, D>(y)
+        }
+        _ => {
+            let (n, c, z, h, w) = (d[0], d[1], d[2], d[3], d[4]);
+            let y = interpolate(x.reshape([n, c * z, h, w]), opts(h, w));
+            let y: Tensor<5> = y.reshape([n, c, z, 2 * h, 2 * w]);
+            // Neighbours along depth, edge-clamped.
+            let (prev, next) = if z == 1 {
+                (y.clone(), y.clone())
+            } else {
+                (
+                    Tensor::cat(vec![y.clone().narrow(2, 0, 1), y.clone().narrow(2, 0, z - 1)], 2),
+                    Tensor::cat(vec![y.clone().narrow(2, 1, z - 1), y.clone().narrow(2, z - 1, 1)], 2),
+                )
+            };
+            let even = y.clone().mul_scalar(0.75) + prev.mul_scalar(0.25);
+            let odd = y.mul_scalar(0.75) + next.mul_scalar(0.25);
+            let y: Tensor<6> = Tensor::stack(vec![even, odd], 3);
+            y.reshape(same::<5, D>([n, c, 2 * z, 2 * h, 2 * w]))
+        }
+    }
+}
+
+/// H in eq. 1: two (conv -> [BatchNorm] -> ReLU -> [dropout]) layers.
+#[derive(Module, Debug)]
+pub struct Block<const D: usize> {
+    pub conv1: Conv<D>,
+    pub norm1: Option<BatchNorm>,
+    pub conv2: Conv<D>,
+    pub norm2: Option<BatchNorm>,
+    pub dropout: Option<Dropout>,
+}
+
+impl<const D: usize> Block<D> {
+    pub fn new(c_in: usize, c_out: usize, batch_norm: bool, dropout: f64, device: &Device) -> Self {
+        let norm = || batch_norm.then(|| BatchNormConfig::new(c_out).init(device));
+        Self {
+            conv1: Conv::new(c_in, c_out, 3, device),
+            norm1: norm(),
+            conv2: Conv::new(c_out, c_out, 3, device),
+            norm2: norm(),
+            dropout: (dropout > 0.0).then(|| DropoutConfig::new(dropout).init()),
+        }
+    }
+
+    fn layer(&self, x: Tensor<D>, conv: &Conv<D>, norm: &Option<BatchNorm>) -> Tensor<D> {
+        let mut y = conv.forward(x);
+        if let Some(norm) = norm {
+            y = norm.forward(y);
+        }
+        y = relu(y);
+        match &self.dropout {
+            Some(dropout) => dropout.forward(y),
+            None => y,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<D>) -> Tensor<D> {
+        let y = self.layer(x, &self.conv1, &self.norm1);
+        self.layer(y, &self.conv2, &self.norm2)
+    }
+}

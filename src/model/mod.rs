@@ -1,0 +1,323 @@
+//! The UNet++ family as one grid of nodes X^{i,j} (i = down-sampling level, j = position on the
+//! skip pathway), eq. 1 of the paper:
+//!
+//! ```text
+//! x^{i,0} = H(pool(x^{i-1,0}))
+//! x^{i,j} = H([x^{i,0}, ..., x^{i,j-1}, U(x^{i+1,j-1})])      (UNet++)
+//! x^{i,j} = H([x^{i,0}, U(x^{i+1,j-1})]),  only where i+j = L (U-Net)
+//! ```
+//!
+//! The same struct covers 2D (`D = 4`) and 3D (`D = 5`), any depth and width. Heads are 1x1
+//! convolutions on X^{0,j} returning logits. The sub-grid `i + j <= l` is a complete network
+//! ("UNet++ L_l"): fast mode evaluates only it, and [`UNetPP::prune`] keeps only it.
+
+pub mod layers;
+
+use burn::module::Module;
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use layers::{Block, Conv, UpConv, max_pool, upsample};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Arch {
+    Unet,
+    WideUnet,
+    Unetpp,
+}
+
+/// `paper`: the official Keras code (no BN, dropout 0.5, transposed-conv up-sampling).
+/// `modern`: BN + ReLU, bilinear/trilinear up-sampling, no dropout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    Paper,
+    Modern,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub preset: Preset,
+    /// Number of down-sampling steps L (levels 0..=L).
+    pub depth: usize,
+    /// Filters at level 0; level i has width * 2^i.
+    pub width: usize,
+    pub in_channels: usize,
+    /// Output channels: 1 = binary (sigmoid), n >= 2 = n labels incl. background (softmax).
+    pub classes: usize,
+    /// 2 or 3 spatial dimensions.
+    pub dims: usize,
+    /// Heads on every X^{0,j} (UNet++ only); otherwise one head on X^{0,L}.
+    pub deep_supervision: bool,
+    #[serde(default)]
+    pub align_corners: bool,
+}
+
+impl ModelConfig {
+    pub fn new(arch: Arch, preset: Preset, depth: usize) -> Self {
+        Self {
+            arch,
+            preset,
+            depth,
+            width: if arch == Arch::WideUnet { 35 } else { 32 },
+            in_channels: 1,
+            classes: 1,
+            dims: 2,
+            deep_supervision: arch == Arch::Unetpp,
+            align_corners: false,
+        }
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!((1..=5).contains(&self.depth), "depth must be 1..=5, got {}", self.depth);
+        anyhow::ensure!(self.dims == 2 || self.dims == 3, "dims must be 2 or 3, got {}", self.dims);
+        anyhow::ensure!(self.width > 0 && self.in_channels > 0 && self.classes > 0, "width, channels and classes must be > 0");
+        anyhow::ensure!(
+            !(self.dims == 3 && self.align_corners),
+            "align_corners up-sampling is only implemented for 2D"
+        );
+        Ok(())
+    }
+
+    pub fn filters(&self, level: usize) -> usize {
+        self.width << level
+    }
+
+    /// Whether node X^{i,j} exists in this architecture.
+    pub fn has_node(&self, i: usize, j: usize) -> bool {
+        i + j <= self.depth && (j == 0 || self.arch == Arch::Unetpp || i + j == self.depth)
+    }
+
+    /// The columns j of the full-resolution nodes X^{0,j} that carry a head.
+    pub fn head_columns(&self) -> Vec<usize> {
+        if self.deep_supervision && self.arch == Arch::Unetpp {
+            (1..=self.depth).collect()
+        } else {
+            vec![self.depth]
+        }
+    }
+
+    /// Same-level inputs concatenated into X^{i,j} (j > 0) before the up-sampled one.
+    fn lateral_inputs(&self, i: usize, j: usize) -> Vec<usize> {
+        (0..j).filter(|&k| self.has_node(i, k)).collect()
+    }
+
+    /// Input channels of node X^{i,j}.
+    fn node_inputs(&self, i: usize, j: usize) -> usize {
+        match (i, j) {
+            (0, 0) => self.in_channels,
+            (_, 0) => self.filters(i - 1),
+            _ => {
+                let up = match self.preset {
+                    Preset::Paper => self.filters(i),
+                    Preset::Modern => self.filters(i + 1),
+                };
+                self.lateral_inputs(i, j).len() * self.filters(i) + up
+            }
+        }
+    }
+
+    /// The nodes that fast mode at `level` evaluates, in evaluation order.
+    pub fn plan(&self, level: usize) -> Vec<(usize, usize)> {
+        let mut order = vec![];
+        for j in 0..=level {
+            for i in 0..=level - j {
+                if self.has_node(i, j) {
+                    order.push((i, j));
+                }
+            }
+        }
+        order
+    }
+
+    pub fn init<const D: usize>(&self, device: &Device) -> UNetPP<D> {
+        assert_eq!(D, self.dims + 2, "tensor rank must be dims + 2");
+        let paper = self.preset == Preset::Paper;
+        let dropout = if paper { 0.5 } else { 0.0 };
+        let grid = (0..=self.depth)
+            .map(|i| {
+                (0..=self.depth - i)
+                    .map(|j| {
+                        self.has_node(i, j).then(|| Node {
+                            up: (paper && j > 0).then(|| UpConv::new(self.filters(i + 1), self.filters(i), device)),
+                            block: Block::new(self.node_inputs(i, j), self.filters(i), !paper, dropout, device),
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        let heads = self.head_columns().iter().map(|_| Conv::new(self.filters(0), self.classes, 1, device)).collect();
+        UNetPP { grid, heads, config: self.clone().into() }
+    }
+}
+
+/// One node X^{i,j}: its own learned up-sampling of X^{i+1,j-1} (paper preset) and H.
+#[derive(Module, Debug)]
+pub struct Node<const D: usize> {
+    pub up: Option<UpConv<D>>,
+    pub block: Block<D>,
+}
+
+/// Wrapper so the config rides along in the module without being a parameter.
+#[derive(Clone, Debug)]
+pub struct Frozen(pub ModelConfig);
+
+impl From<ModelConfig> for Frozen {
+    fn from(c: ModelConfig) -> Self {
+        Self(c)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct UNetPP<const D: usize> {
+    /// grid[i][j] = X^{i,j}; `None` where the architecture has no node.
+    pub grid: Vec<Vec<Option<Node<D>>>>,
+    /// heads[h] sits on X^{0, config.head_columns()[h]}.
+    pub heads: Vec<Conv<D>>,
+    #[module(skip)]
+    pub config: Frozen,
+}
+
+/// How inference combines the heads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    /// Mean of all heads' probabilities.
+    Accurate,
+    /// Head on X^{0,l} only, evaluating only the sub-grid i + j <= l.
+    Fast(usize),
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "accurate" => Ok(Mode::Accurate),
+            _ => s
+                .strip_prefix("fast:")
+                .and_then(|l| l.parse().ok())
+                .map(Mode::Fast)
+                .ok_or_else(|| format!("mode must be `accurate` or `fast:j`, got `{s}`")),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mode::Accurate => write!(f, "accurate"),
+            Mode::Fast(l) => write!(f, "fast:{l}"),
+        }
+    }
+}
+
+/// Head logits plus how many nodes were evaluated to get them.
+pub struct GridOutput<const D: usize> {
+    /// (column j, logits of the head on X^{0,j})
+    pub heads: Vec<(usize, Tensor<D>)>,
+    pub nodes_evaluated: usize,
+}
+
+impl<const D: usize> UNetPP<D> {
+    pub fn config(&self) -> &ModelConfig {
+        &self.config.0
+    }
+
+    fn node(&self, i: usize, j: usize) -> &Node<D> {
+        self.grid[i][j].as_ref().expect("node present by construction")
+    }
+
+    /// Evaluates the sub-grid i + j <= level and the heads inside it.
+    pub fn forward_level(&self, x: Tensor<D>, level: usize) -> GridOutput<D> {
+        let cfg = self.config();
+        let mut out: Vec<Vec<Option<Tensor<D>>>> = (0..=level).map(|i| vec![None; level + 1 - i]).collect();
+        let plan = cfg.plan(level);
+        for &(i, j) in &plan {
+            let node = self.node(i, j);
+            let input = if j == 0 {
+                if i == 0 { x.clone() } else { max_pool(out[i - 1][0].clone().unwrap()) }
+            } else {
+                let below = out[i + 1][j - 1].clone().unwrap();
+                let up = match &node.up {
+                    Some(up) => up.forward(below),
+                    None => upsample(below, cfg.align_corners),
+                };
+                let mut parts: Vec<Tensor<D>> = cfg.lateral_inputs(i, j).iter().map(|&k| out[i][k].clone().unwrap()).collect();
+                parts.push(up);
+                Tensor::cat(parts, 1)
+            };
+            out[i][j] = Some(node.block.forward(input));
+        }
+        let heads = cfg
+            .head_columns()
+            .into_iter()
+            .zip(&self.heads)
+            .filter(|(j, _)| *j <= level && out[0][*j].is_some())
+            .map(|(j, head)| (j, head.forward(out[0][j].clone().unwrap())))
+            .collect();
+        GridOutput { heads, nodes_evaluated: plan.len() }
+    }
+
+    /// Logits of every head (training with deep supervision).
+    pub fn forward(&self, x: Tensor<D>) -> Vec<Tensor<D>> {
+        let depth = self.config().depth;
+        self.forward_level(x, depth).heads.into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// Probabilities for inference in the given mode: sigmoid (binary) or softmax over classes.
+    pub fn predict(&self, x: Tensor<D>, mode: Mode) -> anyhow::Result<Tensor<D>> {
+        let cfg = self.config();
+        let level = match mode {
+            Mode::Accurate => cfg.depth,
+            Mode::Fast(l) => {
+                anyhow::ensure!(
+                    cfg.head_columns().contains(&l),
+                    "fast:{l} needs a head on X^0,{l}; this model has heads on columns {:?}",
+                    cfg.head_columns()
+                );
+                l
+            }
+        };
+        let heads = self.forward_level(x, level).heads;
+        let heads: Vec<Tensor<D>> = match mode {
+            Mode::Accurate => heads.into_iter().map(|(_, t)| t).collect(),
+            Mode::Fast(l) => heads.into_iter().filter(|(j, _)| *j == l).map(|(_, t)| t).collect(),
+        };
+        let n = heads.len() as f64;
+        let probs = heads.into_iter().map(|t| to_probs(t, cfg.classes)).reduce(|a, b| a + b).unwrap();
+        Ok(probs.div_scalar(n))
+    }
+
+    /// "UNet++ L_l": keeps only the nodes i + j <= l and the head on X^{0,l}. The result is a
+    /// depth-l network with one head, saved and loaded like any other model.
+    pub fn prune(self, level: usize) -> anyhow::Result<UNetPP<D>> {
+        let cfg = self.config().clone();
+        let columns = cfg.head_columns();
+        let Some(h) = columns.iter().position(|&j| j == level) else {
+            anyhow::bail!("cannot prune to L{level}: the model has heads on columns {columns:?} only (train with deep supervision)");
+        };
+        let head = self.heads.into_iter().nth(h).unwrap();
+        let grid = self
+            .grid
+            .into_iter()
+            .take(level + 1)
+            .enumerate()
+            .map(|(i, row)| row.into_iter().take(level + 1 - i).collect())
+            .collect();
+        let config = ModelConfig { depth: level, deep_supervision: false, ..cfg };
+        Ok(UNetPP { grid, heads: vec![head], config: config.into() })
+    }
+}
+
+pub fn to_probs<const D: usize>(logits: Tensor<D>, classes: usize) -> Tensor<D> {
+    if classes == 1 {
+        burn::tensor::activation::sigmoid(logits)
+    } else {
+        burn::tensor::activation::softmax(logits, 1)
+    }
+}
+
+#[cfg(test)]
+mod tests;

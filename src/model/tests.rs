@@ -1,0 +1,134 @@
+use super::*;
+
+fn dev() -> Device {
+    Device::flex()
+}
+
+fn paper(arch: Arch, depth: usize) -> ModelConfig {
+    ModelConfig::new(arch, Preset::Paper, depth)
+}
+
+/// Counts the official Keras code reports (issue #2); they pin every node's wiring.
+#[test]
+fn paper_parameter_counts() {
+    let d = dev();
+    let count = |c: ModelConfig| c.init::<4>(&d).num_params();
+    assert_eq!(count(paper(Arch::Unet, 4)), 7_759_521);
+    assert_eq!(count(paper(Arch::WideUnet, 4)), 9_282_246);
+    assert_eq!(count(ModelConfig { deep_supervision: false, ..paper(Arch::Unetpp, 4) }), 9_041_601);
+    let full = paper(Arch::Unetpp, 4).init::<4>(&d);
+    assert_eq!(full.num_params(), 9_041_700);
+    for (level, expected) in [(1, 100_961), (2, 511_105), (3, 2_204_961), (4, 9_041_601)] {
+        let full = paper(Arch::Unetpp, 4).init::<4>(&d);
+        assert_eq!(full.prune(level).unwrap().num_params(), expected, "L{level}");
+    }
+}
+
+#[test]
+fn modern_preset_has_no_upconv_and_batchnorm() {
+    let m = ModelConfig::new(Arch::Unetpp, Preset::Modern, 2).init::<4>(&dev());
+    let node = m.grid[0][1].as_ref().unwrap();
+    assert!(node.up.is_none() && node.block.norm1.is_some() && node.block.dropout.is_none());
+    // X^{0,1} concatenates X^{0,0} (32) with the up-sampled X^{1,0} (64).
+    assert_eq!(node.block.conv1.weight.dims(), [32, 96, 3, 3]);
+}
+
+fn small(arch: Arch, preset: Preset, depth: usize, dims: usize) -> ModelConfig {
+    ModelConfig { width: 2, in_channels: 3, classes: 2, dims, ..ModelConfig::new(arch, preset, depth) }
+}
+
+#[test]
+fn shapes_for_every_depth_2d_and_3d() {
+    let d = dev();
+    for depth in 1..=5 {
+        for preset in [Preset::Modern, Preset::Paper] {
+            let cfg = small(Arch::Unetpp, preset, depth, 2);
+            let s = 1 << depth;
+            let out = cfg.init::<4>(&d).forward(Tensor::zeros([2, 3, s * 2, s * 3], &d));
+            assert_eq!(out.len(), depth);
+            for t in out {
+                assert_eq!(t.dims(), [2, 2, s * 2, s * 3]);
+            }
+            let cfg = small(Arch::Unetpp, preset, depth, 3);
+            let out = cfg.init::<5>(&d).forward(Tensor::zeros([1, 3, s, s * 2, s], &d));
+            assert_eq!(out.len(), depth);
+            for t in out {
+                assert_eq!(t.dims(), [1, 2, s, s * 2, s]);
+            }
+        }
+        let unet = small(Arch::Unet, Preset::Modern, depth, 2).init::<4>(&d);
+        assert_eq!(unet.forward(Tensor::zeros([1, 3, 32, 32], &d)).len(), 1);
+    }
+}
+
+#[test]
+fn fast_mode_evaluates_only_the_subgrid() {
+    let d = dev();
+    let m = small(Arch::Unetpp, Preset::Modern, 4, 2).init::<4>(&d);
+    let x = Tensor::<4>::random([1, 3, 16, 16], burn::tensor::Distribution::Default, &d);
+    // Nodes with i + j <= l: (l+1)(l+2)/2.
+    for (level, nodes) in [(1, 3), (2, 6), (3, 10), (4, 15)] {
+        let out = m.forward_level(x.clone(), level);
+        assert_eq!(out.nodes_evaluated, nodes);
+        assert_eq!(out.heads.last().unwrap().0, level);
+    }
+    let unet = small(Arch::Unet, Preset::Modern, 4, 2).init::<4>(&d);
+    assert_eq!(unet.forward_level(x, 4).nodes_evaluated, 9);
+}
+
+#[test]
+fn fast_mode_equals_the_head_of_the_full_grid_and_the_pruned_model() {
+    let d = dev();
+    let m = small(Arch::Unetpp, Preset::Modern, 3, 2).init::<4>(&d).valid();
+    let x = Tensor::<4>::random([1, 3, 16, 16], burn::tensor::Distribution::Default, &d);
+    let full = m.forward_level(x.clone(), 3).heads;
+    let fast = m.predict(x.clone(), Mode::Fast(2)).unwrap();
+    let head2 = to_probs(full[1].1.clone(), 2);
+    fast.to_data().assert_approx_eq::<f32>(&head2.to_data(), burn::tensor::Tolerance::absolute(1e-6));
+    let pruned = m.prune(2).unwrap();
+    assert_eq!(pruned.config().depth, 2);
+    let p = pruned.predict(x, Mode::Accurate).unwrap();
+    p.to_data().assert_approx_eq::<f32>(&head2.to_data(), burn::tensor::Tolerance::absolute(1e-6));
+}
+
+#[test]
+fn accurate_mode_averages_head_probabilities() {
+    let d = dev();
+    let m = small(Arch::Unetpp, Preset::Modern, 2, 2).init::<4>(&d).valid();
+    let x = Tensor::<4>::random([1, 3, 8, 8], burn::tensor::Distribution::Default, &d);
+    let heads = m.forward(x.clone());
+    let mean = (to_probs(heads[0].clone(), 2) + to_probs(heads[1].clone(), 2)).div_scalar(2.0);
+    m.predict(x, Mode::Accurate).unwrap().to_data().assert_approx_eq::<f32>(&mean.to_data(), burn::tensor::Tolerance::absolute(1e-6));
+}
+
+#[test]
+fn pruning_needs_a_head() {
+    let m = ModelConfig { deep_supervision: false, ..small(Arch::Unetpp, Preset::Modern, 3, 2) }.init::<4>(&dev());
+    assert!(m.prune(2).is_err());
+}
+
+#[test]
+fn mode_parses() {
+    assert_eq!("accurate".parse::<Mode>().unwrap(), Mode::Accurate);
+    assert_eq!("fast:3".parse::<Mode>().unwrap(), Mode::Fast(3));
+    assert!("fast".parse::<Mode>().is_err());
+}
+
+#[test]
+fn trilinear_depth_axis_matches_linear_interpolation() {
+    let d = dev();
+    // A ramp along depth 0,1,2 up-samples (align_corners=false) to 0,.25,.75,1.25,1.75,2.
+    let x = Tensor::<1>::from_floats([0.0, 1.0, 2.0], &d).reshape([1, 1, 3, 1, 1]).repeat_dim(3, 2).repeat_dim(4, 2);
+    let y = layers::upsample(x, false);
+    assert_eq!(y.dims(), [1, 1, 6, 4, 4]);
+    let col: Vec<f32> = y.narrow(3, 0, 1).narrow(4, 0, 1).into_data().to_vec::<f32>().unwrap();
+    assert_eq!(col, vec![0.0, 0.25, 0.75, 1.25, 1.75, 2.0]);
+}
+
+#[test]
+fn max_pool_3d_takes_the_max_of_each_2x2x2_cube() {
+    let d = dev();
+    let x = Tensor::<1>::from_floats(std::array::from_fn::<f32, 16, _>(|i| i as f32), &d).reshape([1, 1, 2, 2, 4]);
+    let y: Vec<f32> = layers::max_pool(x).into_data().to_vec::<f32>().unwrap();
+    assert_eq!(y, vec![13.0, 15.0]);
+}
