@@ -1,2 +1,4 @@
 //! UNet++ (Zhou et al., DLMIA 2018 / TMI 2019) for 2D and 3D medical image segmentation.
 pub mod model;
+pub mod loss;
+pub mod metrics;
