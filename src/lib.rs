@@ -2,3 +2,4 @@
 pub mod model;
 pub mod loss;
 pub mod metrics;
+pub mod data;
