@@ -3,3 +3,5 @@ pub mod model;
 pub mod loss;
 pub mod metrics;
 pub mod data;
+pub mod checkpoint;
+pub mod infer;
