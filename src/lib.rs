@@ -5,3 +5,6 @@ pub mod metrics;
 pub mod data;
 pub mod checkpoint;
 pub mod infer;
+pub mod plot;
+pub mod train;
+pub mod app;

@@ -1,1 +1,262 @@
-fn main(){}
+//! `unetpp` command line: parses arguments and calls the library.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use unetpp::data::{DataConfig, Normalize};
+use unetpp::model::{Arch, Mode, ModelConfig, Preset};
+use unetpp::{app, train::TrainConfig};
+
+#[derive(Parser)]
+#[command(name = "unetpp", version, about = "UNet++ segmentation for 2D images and 3D volumes: train, evaluate, prune, predict")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (with no arguments: on the bundled nuclei sample)
+    Train(TrainArgs),
+    /// Score a checkpoint on a labelled data set (Dice, IoU per image, overlays)
+    Eval {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Folder with images/ + masks/ (or labels/), or a root with test/
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// `accurate` (mean of all heads) or `fast:j` (head j, sub-network i+j' <= j only)
+        #[arg(long, default_value = "accurate")]
+        mode: Mode,
+        /// Sliding-window size for large inputs, e.g. 512 or 64,128,128
+        #[arg(long)]
+        tile: Option<String>,
+        #[arg(long)]
+        skip_bad: bool,
+    },
+    /// Write masks (PNG for 2D, NIfTI for 3D) for an image, a volume or a folder of them
+    Predict {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "accurate")]
+        mode: Mode,
+        #[arg(long)]
+        tile: Option<String>,
+        /// Also write probability maps
+        #[arg(long)]
+        probabilities: bool,
+    },
+    /// Keep only the sub-network UNet++ L_j (nodes i + j' <= j and head j)
+    Prune {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        level: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Architecture and parameter counts per pruning level
+    Info {
+        /// Describe a checkpoint instead of an architecture
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    #[arg(long, value_enum, default_value = "unetpp")]
+    arch: Arch,
+    #[arg(long, value_enum, default_value = "modern")]
+    preset: Preset,
+    #[arg(long, default_value_t = 4)]
+    depth: usize,
+    /// Filters at level 0 (default 32; 35 for wide-unet)
+    #[arg(long)]
+    width: Option<usize>,
+    /// 2 or 3 spatial dimensions (default: from the data)
+    #[arg(long)]
+    dims: Option<usize>,
+    /// 1 (grey) or 3 (RGB)
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
+    /// 1 = binary; n >= 2 = label ids 0..n-1 (multi-class)
+    #[arg(long, default_value_t = 1)]
+    classes: usize,
+    /// Train a single head on X^{0,L} instead of deep supervision
+    #[arg(long)]
+    no_deep_supervision: bool,
+}
+
+impl ModelArgs {
+    fn config(&self, dims: usize) -> ModelConfig {
+        let base = ModelConfig::new(self.arch, self.preset, self.depth);
+        ModelConfig {
+            width: self.width.unwrap_or(base.width),
+            in_channels: self.channels,
+            classes: self.classes,
+            dims: self.dims.unwrap_or(dims),
+            deep_supervision: base.deep_supervision && !self.no_deep_supervision,
+            ..base
+        }
+    }
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Folder with images/ + masks/, or a root with train/ (and val/, test/)
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run directory (default: a new runs/run-NNN)
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in this directory from its last checkpoint
+    #[arg(long, conflicts_with_all = ["data", "out", "config"])]
+    resume: Option<PathBuf>,
+    /// Read the whole run configuration from a TOML file (as written to RUN/config.toml)
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 12)]
+    epochs: usize,
+    #[arg(long, default_value_t = 25)]
+    steps_per_epoch: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 3e-4)]
+    lr: f64,
+    /// Patch size: 96 (2D) or 64,64,64 (3D, depth first)
+    #[arg(long)]
+    patch: Option<String>,
+    /// Share of patches centred on a foreground voxel
+    #[arg(long, default_value_t = 0.33)]
+    foreground: f64,
+    #[arg(long, default_value_t = 5)]
+    patience: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// percentile[:LOW:HIGH], zscore, or window:LOW:HIGH (e.g. window:-1000:400 for CT)
+    #[arg(long)]
+    normalize: Option<Normalize>,
+    /// Validation share when the data has no val/ folder
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f64,
+    #[arg(long)]
+    tile: Option<String>,
+    /// Leave out (and list) unreadable or inconsistent pairs instead of stopping
+    #[arg(long)]
+    skip_bad: bool,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train(a) => {
+            if let Some(dir) = a.resume {
+                let run = app::train(None, &dir)?;
+                return report(&run.dir);
+            }
+            let cfg = match &a.config {
+                Some(path) => toml::from_str(&std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?)
+                    .with_context(|| format!("cannot parse {}", path.display()))?,
+                None => train_config(&a)?,
+            };
+            let out = match a.out {
+                Some(o) => o,
+                None => app::next_run_dir(Path::new("runs"))?,
+            };
+            let run = app::train(Some(cfg), &out)?;
+            report(&run.dir)
+        }
+        Command::Eval { checkpoint, data, out, mode, tile, skip_bad } => {
+            let summary = app::eval(&checkpoint, &data, &out, mode, parse_size(tile.as_deref())?, skip_bad)?;
+            println!(
+                "{} images, mode {}: mean Dice {:.4} ± {:.4}, mean IoU {:.4} ± {:.4}",
+                summary.images, summary.mode, summary.mean_dice, summary.std_dice, summary.mean_iou, summary.std_iou
+            );
+            println!("per-image scores and overlays in {}", out.display());
+            Ok(())
+        }
+        Command::Predict { checkpoint, input, out, mode, tile, probabilities } => {
+            let written = app::predict(&checkpoint, &input, &out, mode, parse_size(tile.as_deref())?, probabilities)?;
+            println!("wrote {} file(s) to {}", written.len(), out.display());
+            Ok(())
+        }
+        Command::Prune { checkpoint, level, out } => {
+            let (before, after) = app::prune(&checkpoint, level, &out)?;
+            println!("UNet++ L{level}: {after} parameters (from {before}), written to {}", out.display());
+            Ok(())
+        }
+        Command::Info { checkpoint, model } => {
+            let cfg = match checkpoint {
+                Some(c) => unetpp::checkpoint::read_meta(&c)?.model,
+                None => model.config(2),
+            };
+            print!("{}", app::info(&cfg)?);
+            Ok(())
+        }
+    }
+}
+
+fn report(dir: &Path) -> anyhow::Result<()> {
+    println!("run written to {}", dir.display());
+    println!("  best checkpoint: {}", dir.join("checkpoints/best.unetpp").display());
+    println!("  metrics: {}  curves: {}", dir.join("metrics.csv").display(), dir.join("curves.png").display());
+    Ok(())
+}
+
+/// `96` -> [1, 96, 96]; `64,64,64` -> [64, 64, 64] (depth first).
+fn parse_size(s: Option<&str>) -> anyhow::Result<Option<[usize; 3]>> {
+    let Some(s) = s else { return Ok(None) };
+    let v: Vec<usize> = s.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>().with_context(|| format!("bad size `{s}`"))?;
+    match v[..] {
+        [a] => Ok(Some([a, a, a])),
+        [h, w] => Ok(Some([1, h, w])),
+        [d, h, w] => Ok(Some([d, h, w])),
+        _ => anyhow::bail!("size `{s}` must be N, H,W or D,H,W"),
+    }
+}
+
+fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
+    let data = match &a.data {
+        Some(d) => d.clone(),
+        None => app::bundled("nuclei")?,
+    };
+    let dims = app::detect_dims(&data)?;
+    let model = a.model.config(dims);
+    let patch = parse_size(a.patch.as_deref())?.unwrap_or(if model.dims == 3 { [64; 3] } else { [1, 96, 96] });
+    let tile = parse_size(a.tile.as_deref())?.unwrap_or(if model.dims == 3 { [64, 128, 128] } else { [1, 512, 512] });
+    let normalize = a.normalize.unwrap_or(if model.dims == 3 { Normalize::ZScore } else { Normalize::Percentile { low: 0.5, high: 99.5 } });
+    Ok(TrainConfig {
+        data,
+        input: DataConfig { channels: model.in_channels, classes: model.classes, normalize },
+        model,
+        epochs: a.epochs,
+        steps_per_epoch: a.steps_per_epoch,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        patch,
+        foreground: a.foreground,
+        patience: a.patience,
+        seed: a.seed,
+        val_fraction: a.val_fraction,
+        tile,
+        skip_bad: a.skip_bad,
+    })
+}

@@ -1,0 +1,158 @@
+//! The CLI's verbs as library calls: each takes paths and options, does the work, writes files.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use burn::module::Module;
+use burn::prelude::*;
+
+use crate::checkpoint::{self, Meta};
+use crate::data::{self, Splits, io};
+use crate::infer::{self, Summary};
+use crate::model::{ModelConfig, Mode};
+pub use crate::train::train;
+
+/// A bundled sample data set (`samples/NAME` in the working directory or the source tree).
+pub fn bundled(name: &str) -> anyhow::Result<PathBuf> {
+    [Path::new("samples").join(name), Path::new(env!("CARGO_MANIFEST_DIR")).join("samples").join(name)]
+        .into_iter()
+        .find(|p| p.is_dir())
+        .with_context(|| format!("bundled sample `{name}` not found; pass --data"))
+}
+
+/// `runs/run-001`, `runs/run-002`, ...: the first that does not exist.
+pub fn next_run_dir(root: &Path) -> anyhow::Result<PathBuf> {
+    (1..10_000).map(|i| root.join(format!("run-{i:03}"))).find(|p| !p.exists()).context("no free run directory")
+}
+
+/// 3 when the data set holds NIfTI volumes, else 2.
+pub fn detect_dims(root: &Path) -> anyhow::Result<usize> {
+    let s = Splits::find(root)?;
+    let dir = s.train.or(s.test).unwrap().join("images");
+    let volume = std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?.flatten().any(|e| io::is_volume(&e.path()));
+    Ok(if volume { 3 } else { 2 })
+}
+
+fn default_tile(cfg: &ModelConfig) -> [usize; 3] {
+    if cfg.dims == 3 { [64, 128, 128] } else { [1, 512, 512] }
+}
+
+/// Evaluates a checkpoint on `data` (its `test/` split when it has one); writes `scores.csv`,
+/// `summary.json` and 2D overlays into `out`.
+pub fn eval(ck: &Path, data_dir: &Path, out: &Path, mode: Mode, tile: Option<[usize; 3]>, skip_bad: bool) -> anyhow::Result<Summary> {
+    let meta = checkpoint::read_meta(ck)?;
+    match meta.model.dims {
+        2 => eval_d::<4>(ck, data_dir, out, mode, tile, skip_bad),
+        _ => eval_d::<5>(ck, data_dir, out, mode, tile, skip_bad),
+    }
+}
+
+fn eval_d<const D: usize>(ck: &Path, data_dir: &Path, out: &Path, mode: Mode, tile: Option<[usize; 3]>, skip_bad: bool) -> anyhow::Result<Summary> {
+    let device = Device::flex();
+    let (model, meta) = checkpoint::load::<D>(ck, &device)?;
+    let splits = Splits::find(data_dir)?;
+    let dir = splits.test.or(splits.val).context("no test/ or val/ split to evaluate")?;
+    let samples = data::load(&dir, &meta.data, true, skip_bad)?;
+    let overlays = out.join("overlays");
+    std::fs::create_dir_all(&overlays).with_context(|| format!("cannot create {}", overlays.display()))?;
+    let tile = tile.unwrap_or(default_tile(&meta.model));
+    let (scores, summary) = infer::evaluate(&model, &samples, mode, tile, &device, Some(&overlays))?;
+    let mut csv = String::from("image,dice,iou\n");
+    for s in &scores {
+        writeln!(csv, "\"{}\",{:.6},{:.6}", s.name.replace('"', "\"\""), s.dice, s.iou)?;
+    }
+    std::fs::write(out.join("scores.csv"), csv)?;
+    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&serde_json::json!({ "summary": summary, "images": scores, "checkpoint": ck }))?)?;
+    Ok(summary)
+}
+
+/// Predicts masks for one file or every image in a folder (or its `images/`).
+pub fn predict(ck: &Path, input: &Path, out: &Path, mode: Mode, tile: Option<[usize; 3]>, probs: bool) -> anyhow::Result<Vec<PathBuf>> {
+    let meta = checkpoint::read_meta(ck)?;
+    match meta.model.dims {
+        2 => predict_d::<4>(ck, input, out, mode, tile, probs),
+        _ => predict_d::<5>(ck, input, out, mode, tile, probs),
+    }
+}
+
+fn inputs(input: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if input.is_file() {
+        return Ok(vec![input.to_path_buf()]);
+    }
+    let dir = if input.join("images").is_dir() { input.join("images") } else { input.to_path_buf() };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && io::is_supported(p))
+        .collect();
+    files.sort();
+    anyhow::ensure!(!files.is_empty(), "no images found in {}", dir.display());
+    Ok(files)
+}
+
+fn predict_d<const D: usize>(ck: &Path, input: &Path, out: &Path, mode: Mode, tile: Option<[usize; 3]>, probs: bool) -> anyhow::Result<Vec<PathBuf>> {
+    let device = Device::flex();
+    let (model, meta) = checkpoint::load::<D>(ck, &device)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let tile = tile.unwrap_or(default_tile(&meta.model));
+    let mut written = vec![];
+    for path in inputs(input)? {
+        let s = infer::read_unlabelled(&path, &meta.data)?;
+        anyhow::ensure!(meta.model.dims == 3 || s.shape[0] == 1, "{} is a volume but the model is 2D", path.display());
+        let p = infer::probabilities(&model, &s, mode, tile, &device)?;
+        written.extend(infer::write_prediction(out, &s, &p, meta.model.classes, probs)?);
+        eprintln!("predicted {}", infer::describe(&s));
+    }
+    Ok(written)
+}
+
+/// Writes UNet++ L_level of a checkpoint; returns parameter counts before and after.
+pub fn prune(ck: &Path, level: usize, out: &Path) -> anyhow::Result<(usize, usize)> {
+    let meta = checkpoint::read_meta(ck)?;
+    match meta.model.dims {
+        2 => prune_d::<4>(ck, level, out),
+        _ => prune_d::<5>(ck, level, out),
+    }
+}
+
+fn prune_d<const D: usize>(ck: &Path, level: usize, out: &Path) -> anyhow::Result<(usize, usize)> {
+    let device = Device::flex();
+    let (model, meta) = checkpoint::load::<D>(ck, &device)?;
+    let before = model.num_params();
+    let pruned = model.prune(level)?;
+    let after = pruned.num_params();
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    checkpoint::save(&pruned, &Meta { model: pruned.config().clone(), ..meta }, out)?;
+    Ok((before, after))
+}
+
+/// A human-readable description: the grid, heads and parameters per pruning level.
+pub fn info(cfg: &ModelConfig) -> anyhow::Result<String> {
+    cfg.validate()?;
+    let device = Device::flex();
+    let mut s = String::new();
+    writeln!(s, "{:?} ({:?} preset), {}D, depth {}, filters {:?}", cfg.arch, cfg.preset, cfg.dims, cfg.depth, (0..=cfg.depth).map(|i| cfg.filters(i)).collect::<Vec<_>>())?;
+    writeln!(s, "input channels {}, output classes {}, heads on X^0,j for j in {:?}", cfg.in_channels, cfg.classes, cfg.head_columns())?;
+    writeln!(s, "nodes (i = level, j = column):")?;
+    for i in 0..=cfg.depth {
+        let row: Vec<String> = (0..=cfg.depth - i).filter(|&j| cfg.has_node(i, j)).map(|j| format!("X{i},{j}")).collect();
+        writeln!(s, "  {}", row.join(" "))?;
+    }
+    let params = |c: &ModelConfig| match c.dims {
+        2 => c.init::<4>(&device).num_params(),
+        _ => c.init::<5>(&device).num_params(),
+    };
+    writeln!(s, "parameters: {}", params(cfg))?;
+    let heads = cfg.head_columns();
+    if heads.len() > 1 {
+        for l in heads {
+            let pruned = ModelConfig { depth: l, deep_supervision: false, ..cfg.clone() };
+            writeln!(s, "  pruned L{l}: {} parameters, {} nodes", params(&pruned), cfg.plan(l).len())?;
+        }
+    }
+    Ok(s)
+}

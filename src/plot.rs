@@ -1,0 +1,56 @@
+//! Loss and validation IoU curves from `metrics.csv`.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+/// Registers a system TrueType font for labels; without one the chart is drawn without text.
+fn font() -> bool {
+    static FONT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FONT.get_or_init(|| {
+        ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"]
+            .iter()
+            .filter_map(|p| std::fs::read(p).ok())
+            .next()
+            .map(|bytes| plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice())).is_ok())
+            .unwrap_or(false)
+    })
+}
+
+pub fn curves(csv: &Path, png: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(csv)?;
+    let rows: Vec<Vec<f64>> = text.lines().skip(1).map(|l| l.split(',').map(|v| v.parse().unwrap_or(f64::NAN)).collect()).collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let labels = font();
+    let root = BitMapBackend::new(png, (960, 400)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let panels = root.split_evenly((1, 2));
+    let last = rows.last().unwrap()[0];
+    for (panel, (col, name, color)) in panels.iter().zip([(2, "train loss", RED), (3, "validation IoU", BLUE)]) {
+        let pts: Vec<(f64, f64)> = rows.iter().map(|r| (r[0], r[col])).filter(|p| p.1.is_finite()).collect();
+        if pts.is_empty() {
+            continue;
+        }
+        let (lo, hi) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        let pad = ((hi - lo) * 0.1).max(1e-3);
+        let mut builder = ChartBuilder::on(panel);
+        builder.margin(15);
+        if labels {
+            builder.caption(name, ("sans-serif", 20)).x_label_area_size(30).y_label_area_size(50);
+        }
+        let mut chart = builder.build_cartesian_2d(1.0..last.max(2.0), (lo - pad)..(hi + pad)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut mesh = chart.configure_mesh();
+        if labels {
+            mesh.x_desc("epoch");
+        } else {
+            mesh.disable_x_axis().disable_y_axis();
+        }
+        mesh.draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2))).map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    root.present().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", png.display()))?;
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! Training with deep supervision: Adam, random patches, validation IoU on whole images after
+//! every epoch, early stopping, atomic best/last checkpoints, resume, metrics CSV and curves.
+//! One `TrainConfig` (saved as `config.toml` in the run directory) drives a run.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::{SeedableRng, rngs::StdRng};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, Meta};
+use crate::data::{self, DataConfig, Sample, Splits, patch};
+use crate::infer;
+use crate::loss;
+use crate::model::{ModelConfig, Mode, UNetPP};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub data: PathBuf,
+    pub model: ModelConfig,
+    pub input: DataConfig,
+    pub epochs: usize,
+    pub steps_per_epoch: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    /// Patch [depth, height, width] (depth 1 in 2D).
+    pub patch: [usize; 3],
+    /// Share of patches centred on foreground.
+    pub foreground: f64,
+    /// Epochs without a better validation IoU before stopping.
+    pub patience: usize,
+    pub seed: u64,
+    /// Share of images held out for validation when the data has no `val/` folder.
+    pub val_fraction: f64,
+    /// Sliding-window size for validation/evaluation on whole images.
+    pub tile: [usize; 3],
+    pub skip_bad: bool,
+}
+
+/// What has been done so far; rewritten after every epoch so `--resume` can continue.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    pub epoch: usize,
+    pub step: usize,
+    pub best_iou: f64,
+    pub best_epoch: usize,
+    pub stopped_early: bool,
+}
+
+pub struct Run {
+    pub dir: PathBuf,
+    pub state: State,
+}
+
+pub fn checkpoints(dir: &Path) -> PathBuf {
+    dir.join("checkpoints")
+}
+
+/// Loads train and validation samples (a seeded split when there is no `val/`).
+pub fn load_splits(cfg: &TrainConfig) -> anyhow::Result<(Vec<Sample>, Vec<Sample>)> {
+    let splits = Splits::find(&cfg.data)?;
+    let train_dir = splits.train.context("no train/ split (or images/ folder) in the data")?;
+    let mut train = data::load(&train_dir, &cfg.input, true, cfg.skip_bad)?;
+    let val = match &splits.val {
+        Some(v) => data::load(v, &cfg.input, true, cfg.skip_bad)?,
+        None => {
+            let mut rng = StdRng::seed_from_u64(cfg.seed);
+            train.shuffle(&mut rng);
+            let k = ((train.len() as f64 * cfg.val_fraction).round() as usize).clamp(usize::from(train.len() > 1), train.len().saturating_sub(1));
+            let val = train.split_off(train.len() - k);
+            train.sort_by(|a, b| a.name.cmp(&b.name));
+            val
+        }
+    };
+    let dims = cfg.model.dims;
+    for s in train.iter().chain(&val) {
+        anyhow::ensure!(
+            dims == 3 || s.shape[0] == 1,
+            "{} is a volume but the model is 2D (use --dims 3)",
+            s.source.display()
+        );
+    }
+    Ok((train, val))
+}
+
+fn append_csv(path: &Path, line: &str) -> anyhow::Result<()> {
+    let new = !path.exists();
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    if new {
+        writeln!(f, "epoch,step,train_loss,val_iou,val_dice,seconds")?;
+    }
+    writeln!(f, "{line}")?;
+    Ok(())
+}
+
+/// Starts a new run in `dir` (which must not hold one already) or resumes the one there.
+pub fn train(cfg: Option<TrainConfig>, dir: &Path) -> anyhow::Result<Run> {
+    let resume = cfg.is_none();
+    let cfg: TrainConfig = match cfg {
+        Some(c) => {
+            anyhow::ensure!(
+                !dir.join("config.toml").exists(),
+                "{} already holds a run; pick another --out or continue it with --resume",
+                dir.display()
+            );
+            c
+        }
+        None => toml::from_str(&std::fs::read_to_string(dir.join("config.toml")).with_context(|| format!("no run to resume in {}", dir.display()))?)
+            .with_context(|| format!("cannot parse {}", dir.join("config.toml").display()))?,
+    };
+    cfg.model.validate()?;
+    match cfg.model.dims {
+        2 => run::<4>(&cfg, dir, resume),
+        _ => run::<5>(&cfg, dir, resume),
+    }
+}
+
+fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::Result<Run> {
+    let (train, val) = load_splits(cfg)?;
+    eprintln!("{} training and {} validation images from {}", train.len(), val.len(), cfg.data.display());
+    let ck = checkpoints(dir);
+    std::fs::create_dir_all(&ck).with_context(|| format!("cannot create {}", ck.display()))?;
+    let device = Device::flex().autodiff();
+    let mut optim = AdamConfig::new().with_epsilon(1e-8).init();
+    let (mut model, mut state): (UNetPP<D>, State) = if resume {
+        let state: State = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
+        let (model, _) = checkpoint::load::<D>(&ck.join("last.unetpp"), &device)?;
+        optim = optim.load(ck.join("last.optim")).map_err(|e| anyhow::anyhow!("cannot load optimiser state: {e:?}"))?;
+        eprintln!("resuming {} after epoch {}", dir.display(), state.epoch);
+        (model, state)
+    } else {
+        std::fs::write(dir.join("config.toml"), toml::to_string(cfg)?)?;
+        device.seed(cfg.seed);
+        (cfg.model.init::<D>(&device), State::default())
+    };
+    let start = Instant::now();
+    let multiple = 1 << cfg.model.depth;
+    let patch_size = [if cfg.model.dims == 2 { 1 } else { cfg.patch[0] }, cfg.patch[1], cfg.patch[2]];
+    for (a, &p) in patch_size.iter().enumerate().skip(3 - cfg.model.dims) {
+        anyhow::ensure!(p % multiple == 0, "patch size {p} (axis {a}) must be divisible by 2^depth = {multiple}");
+    }
+    while state.epoch < cfg.epochs && !state.stopped_early {
+        let epoch = state.epoch + 1;
+        // Seeded per epoch, so a resumed run sees the same patches as an uninterrupted one.
+        let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
+        device.seed(cfg.seed.wrapping_add(epoch as u64));
+        let bar = ProgressBar::new(cfg.steps_per_epoch as u64);
+        bar.set_style(ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}").unwrap().progress_chars("=> "));
+        bar.set_prefix(format!("{epoch}/{}", cfg.epochs));
+        let mut loss_sum = 0.0;
+        for _ in 0..cfg.steps_per_epoch {
+            let patches: Vec<patch::Patch> = (0..cfg.batch_size)
+                .map(|_| {
+                    let s = &train[rand::Rng::random_range(&mut rng, 0..train.len())];
+                    let mut p = patch::sample(s, patch_size, cfg.foreground, &mut rng);
+                    patch::augment(&mut p, &mut rng);
+                    p
+                })
+                .collect();
+            let refs: Vec<&patch::Patch> = patches.iter().collect();
+            let x = patch::images_tensor::<D>(&refs, &device);
+            let y = patch::targets_tensor::<D>(&refs, cfg.model.classes, &device);
+            let loss = loss::deep_supervision(model.forward(x), y);
+            let value = loss.clone().into_data().iter::<f64>().next().unwrap();
+            anyhow::ensure!(value.is_finite(), "training diverged at step {} (loss {value}); try a lower --lr", state.step + 1);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(cfg.lr, model, grads);
+            loss_sum += value;
+            state.step += 1;
+            bar.inc(1);
+            bar.set_message(format!("loss {value:.4}"));
+        }
+        bar.finish_and_clear();
+        let train_loss = loss_sum / cfg.steps_per_epoch as f64;
+        let valid = model.valid();
+        let (val_iou, val_dice) = if val.is_empty() {
+            (f64::NAN, f64::NAN)
+        } else {
+            let (_, s) = infer::evaluate(&valid, &val, Mode::Accurate, cfg.tile, &valid.devices()[0], None)?;
+            (s.mean_iou, s.mean_dice)
+        };
+        state.epoch = epoch;
+        let meta = Meta { model: cfg.model.clone(), data: cfg.input.clone(), epoch, val_iou: Some(val_iou).filter(|v| v.is_finite()) };
+        let improved = val_iou > state.best_iou || (val.is_empty() && epoch == cfg.epochs) || state.best_epoch == 0;
+        if improved {
+            state.best_iou = if val_iou.is_finite() { val_iou } else { 0.0 };
+            state.best_epoch = epoch;
+            checkpoint::save(&valid, &meta, &ck.join("best.unetpp"))?;
+        }
+        checkpoint::save(&valid, &meta, &ck.join("last.unetpp"))?;
+        let optim_tmp = ck.join("last.optim.tmp");
+        optim.save(&optim_tmp).map_err(|e| anyhow::anyhow!("cannot save optimiser state: {e:?}"))?;
+        std::fs::rename(&optim_tmp, ck.join("last.optim"))?;
+        if epoch - state.best_epoch >= cfg.patience {
+            state.stopped_early = true;
+        }
+        append_csv(&dir.join("metrics.csv"), &format!("{epoch},{},{train_loss:.6},{val_iou:.6},{val_dice:.6},{:.1}", state.step, start.elapsed().as_secs_f64()))?;
+        checkpoint::write_atomic(&dir.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
+        eprintln!(
+            "epoch {epoch}/{}: loss {train_loss:.4}  val IoU {val_iou:.4}  Dice {val_dice:.4}{}  ({:.0}s)",
+            cfg.epochs,
+            if improved { "  *best" } else { "" },
+            start.elapsed().as_secs_f64()
+        );
+    }
+    if state.stopped_early {
+        eprintln!("early stop: no better validation IoU for {} epochs", cfg.patience);
+    }
+    crate::plot::curves(&dir.join("metrics.csv"), &dir.join("curves.png"))?;
+    Ok(Run { dir: dir.to_path_buf(), state })
+}
