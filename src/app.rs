@@ -34,8 +34,9 @@ pub fn detect_dims(root: &Path) -> anyhow::Result<usize> {
     Ok(if volume { 3 } else { 2 })
 }
 
-fn default_tile(cfg: &ModelConfig) -> [usize; 3] {
-    if cfg.dims == 3 { [64, 128, 128] } else { [1, 512, 512] }
+/// Whole 2D images up to 1024^2 go through in one window; volumes in windows of 64x128x128.
+pub fn default_tile(cfg: &ModelConfig) -> [usize; 3] {
+    if cfg.dims == 3 { [64, 128, 128] } else { [1, 1024, 1024] }
 }
 
 /// Evaluates a checkpoint on `data` (its `test/` split when it has one); writes `scores.csv`,

@@ -8,3 +8,4 @@ pub mod infer;
 pub mod plot;
 pub mod train;
 pub mod app;
+pub mod bench;

@@ -62,6 +62,18 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Time forward passes (accurate, fast:4..1) and training steps of UNet++ L4 (modern)
+    Bench {
+        /// Repetitions per case (median reported)
+        #[arg(long, default_value_t = 10)]
+        reps: usize,
+        /// 3 for the 3D model (1x64x64x64)
+        #[arg(long, default_value_t = 2)]
+        dims: usize,
+        /// Write the timings as JSON here
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Architecture and parameter counts per pruning level
     Info {
         /// Describe a checkpoint instead of an architecture
@@ -127,9 +139,9 @@ struct TrainArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 10)]
     epochs: usize,
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = 20)]
     steps_per_epoch: usize,
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -203,6 +215,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("UNet++ L{level}: {after} parameters (from {before}), written to {}", out.display());
             Ok(())
         }
+        Command::Bench { reps, dims, json } => {
+            let sizes: Vec<(usize, [usize; 3])> = if dims == 3 { vec![(1, [64; 3])] } else { vec![(4, [1, 96, 96]), (1, [1, 96, 96]), (1, [1, 256, 256])] };
+            let timings = unetpp::bench::run(reps, &sizes, dims, true);
+            println!("{:<36} {:>10} {:>10}", "case", "median ms", "min ms");
+            for t in &timings {
+                println!("{:<36} {:>10.1} {:>10.1}", t.case, t.median_ms, t.min_ms);
+            }
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&timings)?)?;
+            }
+            Ok(())
+        }
         Command::Info { checkpoint, model } => {
             let cfg = match checkpoint {
                 Some(c) => unetpp::checkpoint::read_meta(&c)?.model,
@@ -241,7 +265,8 @@ fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     let dims = app::detect_dims(&data)?;
     let model = a.model.config(dims);
     let patch = parse_size(a.patch.as_deref())?.unwrap_or(if model.dims == 3 { [64; 3] } else { [1, 96, 96] });
-    let tile = parse_size(a.tile.as_deref())?.unwrap_or(if model.dims == 3 { [64, 128, 128] } else { [1, 512, 512] });
+    let tile = parse_size(a.tile.as_deref())?.unwrap_or(app::default_tile(&model));
+    let val_crop = if model.dims == 3 { [64, 192, 192] } else { [1, 384, 384] };
     let normalize = a.normalize.unwrap_or(if model.dims == 3 { Normalize::ZScore } else { Normalize::Percentile { low: 0.5, high: 99.5 } });
     Ok(TrainConfig {
         data,
@@ -257,6 +282,7 @@ fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         seed: a.seed,
         val_fraction: a.val_fraction,
         tile,
+        val_crop,
         skip_bad: a.skip_bad,
     })
 }

@@ -42,6 +42,9 @@ pub struct TrainConfig {
     pub val_fraction: f64,
     /// Sliding-window size for validation/evaluation on whole images.
     pub tile: [usize; 3],
+    /// Validation scores a crop of this size around each image's foreground centre, so that
+    /// checking every epoch stays cheap on large images.
+    pub val_crop: [usize; 3],
     pub skip_bad: bool,
 }
 
@@ -88,7 +91,24 @@ pub fn load_splits(cfg: &TrainConfig) -> anyhow::Result<(Vec<Sample>, Vec<Sample
             s.source.display()
         );
     }
+    let val = val.iter().map(|s| centre_crop(s, cfg.val_crop)).collect();
     Ok((train, val))
+}
+
+/// A crop of at most `size` centred on the foreground centroid (or the image centre).
+fn centre_crop(s: &Sample, size: [usize; 3]) -> Sample {
+    let size: [usize; 3] = std::array::from_fn(|a| size[a].min(s.shape[a]));
+    let fg: Vec<usize> = s.mask.iter().enumerate().filter(|(_, v)| **v > 0).map(|(i, _)| i).collect();
+    let centre: [usize; 3] = if fg.is_empty() {
+        s.shape.map(|l| l / 2)
+    } else {
+        let plane = s.shape[1] * s.shape[2];
+        let coord = |i: usize| [i / plane, (i / s.shape[2]) % s.shape[1], i % s.shape[2]];
+        std::array::from_fn(|a| fg.iter().map(|&i| coord(i)[a]).sum::<usize>() / fg.len())
+    };
+    let origin: [isize; 3] = std::array::from_fn(|a| (centre[a].saturating_sub(size[a] / 2)).min(s.shape[a] - size[a]) as isize);
+    let p = patch::crop(s, origin, size);
+    Sample { image: p.image, mask: p.mask, shape: size, ..s.clone() }
 }
 
 fn append_csv(path: &Path, line: &str) -> anyhow::Result<()> {
