@@ -10,7 +10,7 @@ use burn::prelude::*;
 use crate::checkpoint::{self, Meta};
 use crate::data::{self, Splits, io};
 use crate::infer::{self, Summary};
-use crate::model::{ModelConfig, Mode};
+use crate::model::{Mode, ModelConfig};
 pub use crate::train::train;
 
 /// A bundled sample data set (`samples/NAME` in the working directory or the source tree).
@@ -30,7 +30,10 @@ pub fn next_run_dir(root: &Path) -> anyhow::Result<PathBuf> {
 pub fn detect_dims(root: &Path) -> anyhow::Result<usize> {
     let s = Splits::find(root)?;
     let dir = s.train.or(s.test).unwrap().join("images");
-    let volume = std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?.flatten().any(|e| io::is_volume(&e.path()));
+    let volume = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .flatten()
+        .any(|e| io::is_volume(&e.path()));
     Ok(if volume { 3 } else { 2 })
 }
 
@@ -41,7 +44,14 @@ pub fn default_tile(cfg: &ModelConfig) -> [usize; 3] {
 
 /// Evaluates a checkpoint on `data` (its `test/` split when it has one); writes `scores.csv`,
 /// `summary.json` and 2D overlays into `out`.
-pub fn eval(ck: &Path, data_dir: &Path, out: &Path, mode: Mode, tile: Option<[usize; 3]>, skip_bad: bool) -> anyhow::Result<Summary> {
+pub fn eval(
+    ck: &Path,
+    data_dir: &Path,
+    out: &Path,
+    mode: Mode,
+    tile: Option<[usize; 3]>,
+    skip_bad: bool,
+) -> anyhow::Result<Summary> {
     let meta = checkpoint::read_meta(ck)?;
     match meta.model.dims {
         2 => eval_d::<4>(ck, data_dir, out, mode, tile, skip_bad),
@@ -49,7 +59,14 @@ pub fn eval(ck: &Path, data_dir: &Path, out: &Path, mode: Mode, tile: Option<[us
     }
 }
 
-fn eval_d<const D: usize>(ck: &Path, data_dir: &Path, out: &Path, mode: Mode, tile: Option<[usize; 3]>, skip_bad: bool) -> anyhow::Result<Summary> {
+fn eval_d<const D: usize>(
+    ck: &Path,
+    data_dir: &Path,
+    out: &Path,
+    mode: Mode,
+    tile: Option<[usize; 3]>,
+    skip_bad: bool,
+) -> anyhow::Result<Summary> {
     let device = Device::flex();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
     let splits = Splits::find(data_dir)?;
@@ -64,12 +81,22 @@ fn eval_d<const D: usize>(ck: &Path, data_dir: &Path, out: &Path, mode: Mode, ti
         writeln!(csv, "\"{}\",{:.6},{:.6}", s.name.replace('"', "\"\""), s.dice, s.iou)?;
     }
     std::fs::write(out.join("scores.csv"), csv)?;
-    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&serde_json::json!({ "summary": summary, "images": scores, "checkpoint": ck }))?)?;
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(&serde_json::json!({ "summary": summary, "images": scores, "checkpoint": ck }))?,
+    )?;
     Ok(summary)
 }
 
 /// Predicts masks for one file or every image in a folder (or its `images/`).
-pub fn predict(ck: &Path, input: &Path, out: &Path, mode: Mode, tile: Option<[usize; 3]>, probs: bool) -> anyhow::Result<Vec<PathBuf>> {
+pub fn predict(
+    ck: &Path,
+    input: &Path,
+    out: &Path,
+    mode: Mode,
+    tile: Option<[usize; 3]>,
+    probs: bool,
+) -> anyhow::Result<Vec<PathBuf>> {
     let meta = checkpoint::read_meta(ck)?;
     match meta.model.dims {
         2 => predict_d::<4>(ck, input, out, mode, tile, probs),
@@ -93,7 +120,14 @@ fn inputs(input: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn predict_d<const D: usize>(ck: &Path, input: &Path, out: &Path, mode: Mode, tile: Option<[usize; 3]>, probs: bool) -> anyhow::Result<Vec<PathBuf>> {
+fn predict_d<const D: usize>(
+    ck: &Path,
+    input: &Path,
+    out: &Path,
+    mode: Mode,
+    tile: Option<[usize; 3]>,
+    probs: bool,
+) -> anyhow::Result<Vec<PathBuf>> {
     let device = Device::flex();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -136,11 +170,26 @@ pub fn info(cfg: &ModelConfig) -> anyhow::Result<String> {
     cfg.validate()?;
     let device = Device::flex();
     let mut s = String::new();
-    writeln!(s, "{:?} ({:?} preset), {}D, depth {}, filters {:?}", cfg.arch, cfg.preset, cfg.dims, cfg.depth, (0..=cfg.depth).map(|i| cfg.filters(i)).collect::<Vec<_>>())?;
-    writeln!(s, "input channels {}, output classes {}, heads on X^0,j for j in {:?}", cfg.in_channels, cfg.classes, cfg.head_columns())?;
+    writeln!(
+        s,
+        "{:?} ({:?} preset), {}D, depth {}, filters {:?}",
+        cfg.arch,
+        cfg.preset,
+        cfg.dims,
+        cfg.depth,
+        (0..=cfg.depth).map(|i| cfg.filters(i)).collect::<Vec<_>>()
+    )?;
+    writeln!(
+        s,
+        "input channels {}, output classes {}, heads on X^0,j for j in {:?}",
+        cfg.in_channels,
+        cfg.classes,
+        cfg.head_columns()
+    )?;
     writeln!(s, "nodes (i = level, j = column):")?;
     for i in 0..=cfg.depth {
-        let row: Vec<String> = (0..=cfg.depth - i).filter(|&j| cfg.has_node(i, j)).map(|j| format!("X{i},{j}")).collect();
+        let row: Vec<String> =
+            (0..=cfg.depth - i).filter(|&j| cfg.has_node(i, j)).map(|j| format!("X{i},{j}")).collect();
         writeln!(s, "  {}", row.join(" "))?;
     }
     let params = |c: &ModelConfig| match c.dims {

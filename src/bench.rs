@@ -8,7 +8,7 @@ use burn::prelude::*;
 use serde::Serialize;
 
 use crate::loss;
-use crate::model::{Arch, ModelConfig, Mode, Preset};
+use crate::model::{Arch, Mode, ModelConfig, Preset};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Timing {
@@ -35,7 +35,11 @@ pub fn run(reps: usize, sizes: &[(usize, [usize; 3])], dims: usize, train: bool)
     let cfg = ModelConfig { dims, ..ModelConfig::new(Arch::Unetpp, Preset::Modern, 4) };
     let mut out = vec![];
     for &(batch, shape) in sizes {
-        let label = if dims == 2 { format!("{batch}x1x{}x{}", shape[1], shape[2]) } else { format!("{batch}x1x{}x{}x{}", shape[0], shape[1], shape[2]) };
+        let label = if dims == 2 {
+            format!("{batch}x1x{}x{}", shape[1], shape[2])
+        } else {
+            format!("{batch}x1x{}x{}x{}", shape[0], shape[1], shape[2])
+        };
         match dims {
             2 => bench_d::<4>(&cfg, batch, shape, reps, train, &label, &mut out),
             _ => bench_d::<5>(&cfg, batch, shape, reps, train, &label, &mut out),
@@ -44,7 +48,15 @@ pub fn run(reps: usize, sizes: &[(usize, [usize; 3])], dims: usize, train: bool)
     out
 }
 
-fn bench_d<const D: usize>(cfg: &ModelConfig, batch: usize, shape: [usize; 3], reps: usize, train: bool, label: &str, out: &mut Vec<Timing>) {
+fn bench_d<const D: usize>(
+    cfg: &ModelConfig,
+    batch: usize,
+    shape: [usize; 3],
+    reps: usize,
+    train: bool,
+    label: &str,
+    out: &mut Vec<Timing>,
+) {
     let device = Device::flex();
     device.seed(0);
     let dims = crate::data::patch::batch_dims::<D>(batch, 1, shape);

@@ -34,7 +34,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 
 pub fn save<const D: usize>(model: &UNetPP<D>, meta: &Meta, path: &Path) -> anyhow::Result<()> {
     let json = serde_json::to_vec(meta)?;
-    let weights = model.clone().into_record().into_bytes().map_err(|e| anyhow::anyhow!("cannot serialise weights: {e:?}"))?;
+    let weights =
+        model.clone().into_record().into_bytes().map_err(|e| anyhow::anyhow!("cannot serialise weights: {e:?}"))?;
     let mut out = Vec::with_capacity(16 + json.len() + weights.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
@@ -48,7 +49,8 @@ fn split(path: &Path) -> anyhow::Result<(Meta, Vec<u8>)> {
     ensure!(bytes.len() >= 16 && &bytes[..8] == MAGIC, "{} is not a unetpp checkpoint", path.display());
     let n = u64::from_le_bytes(bytes[8..16].try_into().unwrap()) as usize;
     ensure!(bytes.len() >= 16 + n, "checkpoint {} is truncated", path.display());
-    let meta: Meta = serde_json::from_slice(&bytes[16..16 + n]).with_context(|| format!("checkpoint {} has corrupt metadata", path.display()))?;
+    let meta: Meta = serde_json::from_slice(&bytes[16..16 + n])
+        .with_context(|| format!("checkpoint {} has corrupt metadata", path.display()))?;
     Ok((meta, bytes[16 + n..].to_vec()))
 }
 

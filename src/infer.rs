@@ -26,7 +26,13 @@ fn origins(len: usize, win: usize) -> Vec<isize> {
 }
 
 /// Class probabilities, `classes` planes of the sample's voxels (1 plane for binary).
-pub fn probabilities<const D: usize>(model: &UNetPP<D>, s: &Sample, mode: Mode, tile: [usize; 3], device: &Device) -> anyhow::Result<Vec<f32>> {
+pub fn probabilities<const D: usize>(
+    model: &UNetPP<D>,
+    s: &Sample,
+    mode: Mode,
+    tile: [usize; 3],
+    device: &Device,
+) -> anyhow::Result<Vec<f32>> {
     let cfg = model.config();
     let m = 1usize << cfg.depth;
     let win: [usize; 3] = std::array::from_fn(|a| {
@@ -77,9 +83,7 @@ pub fn labels(probs: &[f32], classes: usize) -> Vec<u8> {
         return probs.iter().map(|&p| (p > 0.5) as u8).collect();
     }
     let n = probs.len() / classes;
-    (0..n)
-        .map(|i| (0..classes).max_by(|&a, &b| probs[a * n + i].total_cmp(&probs[b * n + i])).unwrap() as u8)
-        .collect()
+    (0..n).map(|i| (0..classes).max_by(|&a, &b| probs[a * n + i].total_cmp(&probs[b * n + i])).unwrap() as u8).collect()
 }
 
 pub fn overlap(pred: &[u8], truth: &[u8], classes: usize) -> (Overlap, Vec<Overlap>) {
@@ -137,7 +141,15 @@ pub fn evaluate<const D: usize>(
     }
     let (mean_dice, std_dice) = metrics::mean_std(&scores.iter().map(|s| s.dice).collect::<Vec<_>>());
     let (mean_iou, std_iou) = metrics::mean_std(&scores.iter().map(|s| s.iou).collect::<Vec<_>>());
-    let summary = Summary { mode: mode.to_string(), images: scores.len(), mean_dice, std_dice, mean_iou, std_iou, seconds: start.elapsed().as_secs_f64() };
+    let summary = Summary {
+        mode: mode.to_string(),
+        images: scores.len(),
+        mean_dice,
+        std_dice,
+        mean_iou,
+        std_iou,
+        seconds: start.elapsed().as_secs_f64(),
+    };
     Ok((scores, summary))
 }
 
@@ -161,7 +173,13 @@ fn write_overlay(path: &Path, s: &Sample, pred: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Writes the mask (and optionally the probability maps) for one input.
-pub fn write_prediction(out_dir: &Path, s: &Sample, probs: &[f32], classes: usize, with_probs: bool) -> anyhow::Result<Vec<std::path::PathBuf>> {
+pub fn write_prediction(
+    out_dir: &Path,
+    s: &Sample,
+    probs: &[f32],
+    classes: usize,
+    with_probs: bool,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
     let pred = labels(probs, classes);
     let n = s.voxels();
     let mut written = vec![];
@@ -196,7 +214,14 @@ pub fn write_prediction(out_dir: &Path, s: &Sample, probs: &[f32], classes: usiz
 /// Reads an input without a mask for prediction.
 pub fn read_unlabelled(path: &Path, cfg: &DataConfig) -> anyhow::Result<Sample> {
     let (image, shape) = io::read_input(path, cfg)?;
-    Ok(Sample { name: crate::data::stem(path), image, mask: vec![], channels: cfg.channels, shape, source: path.to_path_buf() })
+    Ok(Sample {
+        name: crate::data::stem(path),
+        image,
+        mask: vec![],
+        channels: cfg.channels,
+        shape,
+        source: path.to_path_buf(),
+    })
 }
 
 pub fn describe(s: &Sample) -> String {

@@ -1,11 +1,11 @@
 //! UNet++ (Zhou et al., DLMIA 2018 / TMI 2019) for 2D and 3D medical image segmentation.
-pub mod model;
-pub mod loss;
-pub mod metrics;
-pub mod data;
-pub mod checkpoint;
-pub mod infer;
-pub mod plot;
-pub mod train;
 pub mod app;
 pub mod bench;
+pub mod checkpoint;
+pub mod data;
+pub mod infer;
+pub mod loss;
+pub mod metrics;
+pub mod model;
+pub mod plot;
+pub mod train;

@@ -30,7 +30,12 @@ pub fn per_image<const D: usize>(logits: Tensor<D>, target: Tensor<D>) -> Tensor
 /// The training objective: mean over heads of the batch-mean loss (same target for every head).
 pub fn deep_supervision<const D: usize>(heads: Vec<Tensor<D>>, target: Tensor<D>) -> Tensor<1> {
     let h = heads.len() as f64;
-    heads.into_iter().map(|z| per_image(z, target.clone()).mean()).reduce(|a, b| a + b).expect("at least one head").div_scalar(h)
+    heads
+        .into_iter()
+        .map(|z| per_image(z, target.clone()).mean())
+        .reduce(|a, b| a + b)
+        .expect("at least one head")
+        .div_scalar(h)
 }
 
 #[cfg(test)]

@@ -9,7 +9,11 @@ use unetpp::model::{Arch, Mode, ModelConfig, Preset};
 use unetpp::{app, train::TrainConfig};
 
 #[derive(Parser)]
-#[command(name = "unetpp", version, about = "UNet++ segmentation for 2D images and 3D volumes: train, evaluate, prune, predict")]
+#[command(
+    name = "unetpp",
+    version,
+    about = "UNet++ segmentation for 2D images and 3D volumes: train, evaluate, prune, predict"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -185,8 +189,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return report(&run.dir);
             }
             let cfg = match &a.config {
-                Some(path) => toml::from_str(&std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?)
-                    .with_context(|| format!("cannot parse {}", path.display()))?,
+                Some(path) => toml::from_str(
+                    &std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+                )
+                .with_context(|| format!("cannot parse {}", path.display()))?,
                 None => train_config(&a)?,
             };
             let out = match a.out {
@@ -216,7 +222,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { reps, dims, json } => {
-            let sizes: Vec<(usize, [usize; 3])> = if dims == 3 { vec![(1, [64; 3])] } else { vec![(4, [1, 96, 96]), (1, [1, 96, 96]), (1, [1, 256, 256])] };
+            let sizes: Vec<(usize, [usize; 3])> = if dims == 3 {
+                vec![(1, [64; 3])]
+            } else {
+                vec![(4, [1, 96, 96]), (1, [1, 96, 96]), (1, [1, 256, 256])]
+            };
             let timings = unetpp::bench::run(reps, &sizes, dims, true);
             println!("{:<36} {:>10} {:>10}", "case", "median ms", "min ms");
             for t in &timings {
@@ -248,7 +258,8 @@ fn report(dir: &Path) -> anyhow::Result<()> {
 /// `96` -> [1, 96, 96]; `64,64,64` -> [64, 64, 64] (depth first).
 fn parse_size(s: Option<&str>) -> anyhow::Result<Option<[usize; 3]>> {
     let Some(s) = s else { return Ok(None) };
-    let v: Vec<usize> = s.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>().with_context(|| format!("bad size `{s}`"))?;
+    let v: Vec<usize> =
+        s.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>().with_context(|| format!("bad size `{s}`"))?;
     match v[..] {
         [a] => Ok(Some([a, a, a])),
         [h, w] => Ok(Some([1, h, w])),
@@ -267,7 +278,11 @@ fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     let patch = parse_size(a.patch.as_deref())?.unwrap_or(if model.dims == 3 { [64; 3] } else { [1, 96, 96] });
     let tile = parse_size(a.tile.as_deref())?.unwrap_or(app::default_tile(&model));
     let val_crop = if model.dims == 3 { [64, 192, 192] } else { [1, 384, 384] };
-    let normalize = a.normalize.unwrap_or(if model.dims == 3 { Normalize::ZScore } else { Normalize::Percentile { low: 0.5, high: 99.5 } });
+    let normalize = a.normalize.unwrap_or(if model.dims == 3 {
+        Normalize::ZScore
+    } else {
+        Normalize::Percentile { low: 0.5, high: 99.5 }
+    });
     Ok(TrainConfig {
         data,
         input: DataConfig { channels: model.in_channels, classes: model.classes, normalize },

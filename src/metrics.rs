@@ -35,7 +35,8 @@ pub fn per_class(pred: &[u8], truth: &[u8], classes: usize) -> (Vec<Overlap>, Ov
         })
         .collect();
     let n = per.len() as f64;
-    let mean = Overlap { iou: per.iter().map(|o| o.iou).sum::<f64>() / n, dice: per.iter().map(|o| o.dice).sum::<f64>() / n };
+    let mean =
+        Overlap { iou: per.iter().map(|o| o.iou).sum::<f64>() / n, dice: per.iter().map(|o| o.dice).sum::<f64>() / n };
     (per, mean)
 }
 

@@ -12,14 +12,18 @@ fn font() -> bool {
             .iter()
             .filter_map(|p| std::fs::read(p).ok())
             .next()
-            .map(|bytes| plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice())).is_ok())
+            .map(|bytes| {
+                plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
+                    .is_ok()
+            })
             .unwrap_or(false)
     })
 }
 
 pub fn curves(csv: &Path, png: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(csv)?;
-    let rows: Vec<Vec<f64>> = text.lines().skip(1).map(|l| l.split(',').map(|v| v.parse().unwrap_or(f64::NAN)).collect()).collect();
+    let rows: Vec<Vec<f64>> =
+        text.lines().skip(1).map(|l| l.split(',').map(|v| v.parse().unwrap_or(f64::NAN)).collect()).collect();
     if rows.is_empty() {
         return Ok(());
     }
@@ -40,7 +44,9 @@ pub fn curves(csv: &Path, png: &Path) -> anyhow::Result<()> {
         if labels {
             builder.caption(name, ("sans-serif", 20)).x_label_area_size(30).y_label_area_size(50);
         }
-        let mut chart = builder.build_cartesian_2d(1.0..last.max(2.0), (lo - pad)..(hi + pad)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut chart = builder
+            .build_cartesian_2d(1.0..last.max(2.0), (lo - pad)..(hi + pad))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut mesh = chart.configure_mesh();
         if labels {
             mesh.x_desc("epoch");
@@ -49,7 +55,9 @@ pub fn curves(csv: &Path, png: &Path) -> anyhow::Result<()> {
         }
         mesh.draw().map_err(|e| anyhow::anyhow!("{e}"))?;
         chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2))).map_err(|e| anyhow::anyhow!("{e}"))?;
-        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     root.present().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", png.display()))?;
     Ok(())

@@ -19,7 +19,7 @@ use crate::checkpoint::{self, Meta};
 use crate::data::{self, DataConfig, Sample, Splits, patch};
 use crate::infer;
 use crate::loss;
-use crate::model::{ModelConfig, Mode, UNetPP};
+use crate::model::{Mode, ModelConfig, UNetPP};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,7 +77,8 @@ pub fn load_splits(cfg: &TrainConfig) -> anyhow::Result<(Vec<Sample>, Vec<Sample
         None => {
             let mut rng = StdRng::seed_from_u64(cfg.seed);
             train.shuffle(&mut rng);
-            let k = ((train.len() as f64 * cfg.val_fraction).round() as usize).clamp(usize::from(train.len() > 1), train.len().saturating_sub(1));
+            let k = ((train.len() as f64 * cfg.val_fraction).round() as usize)
+                .clamp(usize::from(train.len() > 1), train.len().saturating_sub(1));
             let val = train.split_off(train.len() - k);
             train.sort_by(|a, b| a.name.cmp(&b.name));
             val
@@ -106,7 +107,8 @@ fn centre_crop(s: &Sample, size: [usize; 3]) -> Sample {
         let coord = |i: usize| [i / plane, (i / s.shape[2]) % s.shape[1], i % s.shape[2]];
         std::array::from_fn(|a| fg.iter().map(|&i| coord(i)[a]).sum::<usize>() / fg.len())
     };
-    let origin: [isize; 3] = std::array::from_fn(|a| (centre[a].saturating_sub(size[a] / 2)).min(s.shape[a] - size[a]) as isize);
+    let origin: [isize; 3] =
+        std::array::from_fn(|a| (centre[a].saturating_sub(size[a] / 2)).min(s.shape[a] - size[a]) as isize);
     let p = patch::crop(s, origin, size);
     Sample { image: p.image, mask: p.mask, shape: size, ..s.clone() }
 }
@@ -133,8 +135,11 @@ pub fn train(cfg: Option<TrainConfig>, dir: &Path) -> anyhow::Result<Run> {
             );
             c
         }
-        None => toml::from_str(&std::fs::read_to_string(dir.join("config.toml")).with_context(|| format!("no run to resume in {}", dir.display()))?)
-            .with_context(|| format!("cannot parse {}", dir.join("config.toml").display()))?,
+        None => toml::from_str(
+            &std::fs::read_to_string(dir.join("config.toml"))
+                .with_context(|| format!("no run to resume in {}", dir.display()))?,
+        )
+        .with_context(|| format!("cannot parse {}", dir.join("config.toml").display()))?,
     };
     cfg.model.validate()?;
     match cfg.model.dims {
@@ -173,7 +178,11 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
         let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
         device.seed(cfg.seed.wrapping_add(epoch as u64));
         let bar = ProgressBar::new(cfg.steps_per_epoch as u64);
-        bar.set_style(ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}").unwrap().progress_chars("=> "));
+        bar.set_style(
+            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                .unwrap()
+                .progress_chars("=> "),
+        );
         bar.set_prefix(format!("{epoch}/{}", cfg.epochs));
         let mut loss_sum = 0.0;
         for _ in 0..cfg.steps_per_epoch {
@@ -190,7 +199,11 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
             let y = patch::targets_tensor::<D>(&refs, cfg.model.classes, &device);
             let loss = loss::deep_supervision(model.forward(x), y);
             let value = loss.clone().into_data().iter::<f64>().next().unwrap();
-            anyhow::ensure!(value.is_finite(), "training diverged at step {} (loss {value}); try a lower --lr", state.step + 1);
+            anyhow::ensure!(
+                value.is_finite(),
+                "training diverged at step {} (loss {value}); try a lower --lr",
+                state.step + 1
+            );
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(cfg.lr, model, grads);
             loss_sum += value;
@@ -208,7 +221,12 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
             (s.mean_iou, s.mean_dice)
         };
         state.epoch = epoch;
-        let meta = Meta { model: cfg.model.clone(), data: cfg.input.clone(), epoch, val_iou: Some(val_iou).filter(|v| v.is_finite()) };
+        let meta = Meta {
+            model: cfg.model.clone(),
+            data: cfg.input.clone(),
+            epoch,
+            val_iou: Some(val_iou).filter(|v| v.is_finite()),
+        };
         let improved = val_iou > state.best_iou || (val.is_empty() && epoch == cfg.epochs) || state.best_epoch == 0;
         if improved {
             state.best_iou = if val_iou.is_finite() { val_iou } else { 0.0 };
@@ -222,7 +240,14 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
         if epoch - state.best_epoch >= cfg.patience {
             state.stopped_early = true;
         }
-        append_csv(&dir.join("metrics.csv"), &format!("{epoch},{},{train_loss:.6},{val_iou:.6},{val_dice:.6},{:.1}", state.step, start.elapsed().as_secs_f64()))?;
+        append_csv(
+            &dir.join("metrics.csv"),
+            &format!(
+                "{epoch},{},{train_loss:.6},{val_iou:.6},{val_dice:.6},{:.1}",
+                state.step,
+                start.elapsed().as_secs_f64()
+            ),
+        )?;
         checkpoint::write_atomic(&dir.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
         eprintln!(
             "epoch {epoch}/{}: loss {train_loss:.4}  val IoU {val_iou:.4}  Dice {val_dice:.4}{}  ({:.0}s)",

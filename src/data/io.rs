@@ -9,7 +9,7 @@ use nifti::{IntoNdArray, NiftiObject, ReaderOptions};
 
 use super::{DataConfig, Pair, Sample};
 
-const IMAGE_EXTS: [&str; 7] = ["png", "tif", "tiff", "jpg", "jpeg", "bmp", "gz"];
+const IMAGE_EXTS: [&str; 6] = ["png", "tif", "tiff", "jpg", "jpeg", "bmp"];
 
 pub fn is_volume(path: &Path) -> bool {
     let n = path.to_string_lossy().to_lowercase();
@@ -18,7 +18,7 @@ pub fn is_volume(path: &Path) -> bool {
 
 pub fn is_supported(path: &Path) -> bool {
     let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
-    IMAGE_EXTS.contains(&ext.as_str()) && (ext != "gz" || is_volume(path))
+    is_volume(path) || IMAGE_EXTS.contains(&ext.as_str())
 }
 
 /// Raw channels-first voxels plus [depth, height, width].
@@ -38,9 +38,13 @@ fn read_image(path: &Path) -> anyhow::Result<Raw> {
     let (w, h) = (w as usize, h as usize);
     let channels = img.color().channel_count() as usize;
     let (data, channels) = match (&img, channels) {
-        (DynamicImage::ImageLuma8(_) | DynamicImage::ImageLuma16(_) | DynamicImage::ImageLumaA8(_) | DynamicImage::ImageLumaA16(_), _) => {
-            (img.to_luma32f().into_raw(), 1)
-        }
+        (
+            DynamicImage::ImageLuma8(_)
+            | DynamicImage::ImageLuma16(_)
+            | DynamicImage::ImageLumaA8(_)
+            | DynamicImage::ImageLumaA16(_),
+            _,
+        ) => (img.to_luma32f().into_raw(), 1),
         (DynamicImage::ImageRgb32F(_) | DynamicImage::ImageRgba32F(_), _) | (_, 3 | 4) => {
             let rgb = img.to_rgb32f().into_raw();
             let planar = (0..3).flat_map(|c| rgb.iter().skip(c).step_by(3).copied().collect::<Vec<_>>()).collect();
@@ -163,7 +167,12 @@ pub fn write_png(path: &Path, pixels: &[u8], shape: [usize; 3]) -> anyhow::Resul
 }
 
 /// Writes a volume with the reference image's header (affine, spacing) as NIfTI.
-pub fn write_nifti<T: nifti::DataElement + bytemuck::Pod>(path: &Path, voxels: &[T], shape: [usize; 3], reference: &Path) -> anyhow::Result<()> {
+pub fn write_nifti<T: nifti::DataElement + bytemuck::Pod>(
+    path: &Path,
+    voxels: &[T],
+    shape: [usize; 3],
+    reference: &Path,
+) -> anyhow::Result<()> {
     let mut header = read_header(reference)?;
     header.scl_slope = 1.0;
     header.scl_inter = 0.0;

@@ -29,7 +29,13 @@ pub fn crop(s: &Sample, origin: [isize; 3], size: [usize; 3]) -> Patch {
         for y in 0..size[1] {
             for x in 0..size[2] {
                 let (sz, sy, sx) = (origin[0] + z as isize, origin[1] + y as isize, origin[2] + x as isize);
-                if sz < 0 || sy < 0 || sx < 0 || sz as usize >= s.shape[0] || sy as usize >= s.shape[1] || sx as usize >= s.shape[2] {
+                if sz < 0
+                    || sy < 0
+                    || sx < 0
+                    || sz as usize >= s.shape[0]
+                    || sy as usize >= s.shape[1]
+                    || sx as usize >= s.shape[2]
+                {
                     continue;
                 }
                 let src = index(s.shape, sz as usize, sy as usize, sx as usize);
@@ -62,7 +68,8 @@ pub fn sample(s: &Sample, size: [usize; 3], fg_prob: f64, rng: &mut impl Rng) ->
         let (len, p) = (s.shape[a] as i64, size[a] as i64);
         match fg_centre {
             // Jitter so the foreground voxel is not always at the centre.
-            Some(c) => (c[a] as i64 - p / 2 + rng.random_range(-(p / 4)..=p / 4)).clamp((len - p).min(0), (len - p).max(0)) as isize,
+            Some(c) => (c[a] as i64 - p / 2 + rng.random_range(-(p / 4)..=p / 4))
+                .clamp((len - p).min(0), (len - p).max(0)) as isize,
             None if len <= p => ((len - p) / 2) as isize,
             None => rng.random_range(0..=len - p) as isize,
         }
@@ -80,7 +87,11 @@ pub fn augment(p: &mut Patch, rng: &mut impl Rng) {
         return;
     }
     let map = |z: usize, y: usize, x: usize| -> usize {
-        let (z, mut y, mut x) = (if flips[0] { d - 1 - z } else { z }, if flips[1] { h - 1 - y } else { y }, if flips[2] { w - 1 - x } else { x });
+        let (z, mut y, mut x) = (
+            if flips[0] { d - 1 - z } else { z },
+            if flips[1] { h - 1 - y } else { y },
+            if flips[2] { w - 1 - x } else { x },
+        );
         for _ in 0..rot {
             (y, x) = (x, h - 1 - y);
         }
@@ -168,7 +179,12 @@ mod tests {
     #[test]
     fn augmentation_keeps_image_and_mask_aligned() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let s = Sample { shape: [1, 3, 3], image: (0..9).map(|v| v as f32).collect(), mask: (0..9).map(|v| v as u8).collect(), ..sample_2d() };
+        let s = Sample {
+            shape: [1, 3, 3],
+            image: (0..9).map(|v| v as f32).collect(),
+            mask: (0..9).map(|v| v as u8).collect(),
+            ..sample_2d()
+        };
         for _ in 0..10 {
             let mut p = crop(&s, [0, 0, 0], [1, 3, 3]);
             augment(&mut p, &mut rng);

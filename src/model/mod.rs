@@ -74,7 +74,10 @@ impl ModelConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!((1..=5).contains(&self.depth), "depth must be 1..=5, got {}", self.depth);
         anyhow::ensure!(self.dims == 2 || self.dims == 3, "dims must be 2 or 3, got {}", self.dims);
-        anyhow::ensure!(self.width > 0 && self.in_channels > 0 && self.classes > 0, "width, channels and classes must be > 0");
+        anyhow::ensure!(
+            self.width > 0 && self.in_channels > 0 && self.classes > 0,
+            "width, channels and classes must be > 0"
+        );
         anyhow::ensure!(
             !(self.dims == 3 && self.align_corners),
             "align_corners up-sampling is only implemented for 2D"
@@ -93,11 +96,7 @@ impl ModelConfig {
 
     /// The columns j of the full-resolution nodes X^{0,j} that carry a head.
     pub fn head_columns(&self) -> Vec<usize> {
-        if self.deep_supervision && self.arch == Arch::Unetpp {
-            (1..=self.depth).collect()
-        } else {
-            vec![self.depth]
-        }
+        if self.deep_supervision && self.arch == Arch::Unetpp { (1..=self.depth).collect() } else { vec![self.depth] }
     }
 
     /// Same-level inputs concatenated into X^{i,j} (j > 0) before the up-sampled one.
@@ -244,7 +243,8 @@ impl<const D: usize> UNetPP<D> {
                     Some(up) => up.forward(below),
                     None => upsample(below, cfg.align_corners),
                 };
-                let mut parts: Vec<Tensor<D>> = cfg.lateral_inputs(i, j).iter().map(|&k| out[i][k].clone().unwrap()).collect();
+                let mut parts: Vec<Tensor<D>> =
+                    cfg.lateral_inputs(i, j).iter().map(|&k| out[i][k].clone().unwrap()).collect();
                 parts.push(up);
                 Tensor::cat(parts, 1)
             };
@@ -296,7 +296,9 @@ impl<const D: usize> UNetPP<D> {
         let cfg = self.config().clone();
         let columns = cfg.head_columns();
         let Some(h) = columns.iter().position(|&j| j == level) else {
-            anyhow::bail!("cannot prune to L{level}: the model has heads on columns {columns:?} only (train with deep supervision)");
+            anyhow::bail!(
+                "cannot prune to L{level}: the model has heads on columns {columns:?} only (train with deep supervision)"
+            );
         };
         let head = self.heads.into_iter().nth(h).unwrap();
         let grid = self
@@ -312,11 +314,7 @@ impl<const D: usize> UNetPP<D> {
 }
 
 pub fn to_probs<const D: usize>(logits: Tensor<D>, classes: usize) -> Tensor<D> {
-    if classes == 1 {
-        burn::tensor::activation::sigmoid(logits)
-    } else {
-        burn::tensor::activation::softmax(logits, 1)
-    }
+    if classes == 1 { burn::tensor::activation::sigmoid(logits) } else { burn::tensor::activation::softmax(logits, 1) }
 }
 
 #[cfg(test)]

@@ -98,7 +98,10 @@ fn accurate_mode_averages_head_probabilities() {
     let x = Tensor::<4>::random([1, 3, 8, 8], burn::tensor::Distribution::Default, &d);
     let heads = m.forward(x.clone());
     let mean = (to_probs(heads[0].clone(), 2) + to_probs(heads[1].clone(), 2)).div_scalar(2.0);
-    m.predict(x, Mode::Accurate).unwrap().to_data().assert_approx_eq::<f32>(&mean.to_data(), burn::tensor::Tolerance::absolute(1e-6));
+    m.predict(x, Mode::Accurate)
+        .unwrap()
+        .to_data()
+        .assert_approx_eq::<f32>(&mean.to_data(), burn::tensor::Tolerance::absolute(1e-6));
 }
 
 #[test]

@@ -1,0 +1,321 @@
+//! End-to-end runs of the `unetpp` binary on the bundled samples, and its errors on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn unetpp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = unetpp(args);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "unetpp {args:?} failed:\n{text}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command that must fail cleanly (exit 1, not a panic) with `needle` in its message.
+fn fails(args: &[&str], needles: &[&str]) {
+    let out = unetpp(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "unetpp {args:?} should fail with exit 1, stderr:\n{err}");
+    assert!(!err.contains("panicked"), "panic instead of an error:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks `{n}`:\n{err}");
+    }
+}
+
+fn ok_owned(args: &[String]) -> String {
+    ok(&args.iter().map(|x| x.as_str()).collect::<Vec<_>>())
+}
+
+fn fails_owned(args: &[String], needles: &[&str]) {
+    fails(&args.iter().map(|x| x.as_str()).collect::<Vec<_>>(), needles)
+}
+
+fn samples(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("samples").join(name)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Tiny, fast settings; the architecture is the real one at width 4.
+const TINY_2D: &[&str] = &[
+    "--width",
+    "4",
+    "--depth",
+    "2",
+    "--epochs",
+    "2",
+    "--steps-per-epoch",
+    "2",
+    "--batch-size",
+    "2",
+    "--patch",
+    "32",
+    "--tile",
+    "64",
+];
+
+#[test]
+fn train_eval_prune_predict_2d() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let stdout = ok_owned(&train_on(&samples("nuclei"), &run));
+    assert!(stdout.contains("run written to"), "{stdout}");
+    for f in [
+        "config.toml",
+        "metrics.csv",
+        "curves.png",
+        "state.json",
+        "checkpoints/best.unetpp",
+        "checkpoints/last.unetpp",
+        "checkpoints/last.optim",
+    ] {
+        assert!(run.join(f).exists(), "missing {f}");
+    }
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    let best = run.join("checkpoints/best.unetpp");
+
+    for mode in ["accurate", "fast:1", "fast:2"] {
+        let out = tmp.path().join(format!("eval-{mode}"));
+        let stdout =
+            ok(&["eval", "--checkpoint", s(&best), "--data", s(&samples("nuclei")), "--out", s(&out), "--mode", mode]);
+        assert!(stdout.contains("mean Dice") && stdout.contains("mean IoU"), "{stdout}");
+        let scores = std::fs::read_to_string(out.join("scores.csv")).unwrap();
+        assert_eq!(scores.lines().count(), 3, "two test images + header");
+        assert!(scores.contains("lif - Series001"), "names with spaces survive");
+        assert_eq!(std::fs::read_dir(out.join("overlays")).unwrap().count(), 2);
+    }
+    fails(
+        &[
+            "eval",
+            "--checkpoint",
+            s(&best),
+            "--data",
+            s(&samples("nuclei")),
+            "--out",
+            s(&tmp.path().join("e")),
+            "--mode",
+            "fast:3",
+        ],
+        &["fast:3"],
+    );
+
+    let pruned = tmp.path().join("l1.unetpp");
+    let stdout = ok(&["prune", "--checkpoint", s(&best), "--level", "1", "--out", s(&pruned)]);
+    assert!(stdout.contains("UNet++ L1"), "{stdout}");
+    let info = ok(&["info", "--checkpoint", s(&pruned)]);
+    assert!(info.contains("depth 1"), "{info}");
+
+    let pred = tmp.path().join("pred");
+    let test_images = samples("nuclei").join("test/images");
+    let stdout =
+        ok(&["predict", "--checkpoint", s(&pruned), "--input", s(&test_images), "--out", s(&pred), "--probabilities"]);
+    assert!(stdout.contains("wrote 4 file(s)"), "{stdout}");
+    let mask = image::open(pred.join("2023-05-31_misc_MCC13_rfpcyto_w1cDAPI_s43.png")).unwrap();
+    assert_eq!((mask.width(), mask.height()), (192, 192));
+}
+
+#[test]
+fn train_eval_predict_3d() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run3d");
+    ok(&[
+        "train",
+        "--data",
+        s(&samples("lesions")),
+        "--out",
+        s(&run),
+        "--width",
+        "2",
+        "--depth",
+        "2",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        "1",
+        "--patch",
+        "8,32,32",
+        "--tile",
+        "16,32,32",
+    ]);
+    let best = run.join("checkpoints/best.unetpp");
+    let stdout = ok(&[
+        "eval",
+        "--checkpoint",
+        s(&best),
+        "--data",
+        s(&samples("lesions")),
+        "--out",
+        s(&tmp.path().join("ev")),
+        "--mode",
+        "fast:2",
+    ]);
+    assert!(stdout.contains("1 images"), "{stdout}");
+    let pred = tmp.path().join("pred");
+    ok(&[
+        "predict",
+        "--checkpoint",
+        s(&best),
+        "--input",
+        s(&samples("lesions").join("test/images/lung1.nii.gz")),
+        "--out",
+        s(&pred),
+    ]);
+    let obj = nifti::ReaderOptions::new().read_file(pred.join("lung1.nii.gz")).unwrap();
+    use nifti::NiftiObject;
+    assert_eq!(&obj.header().dim[1..4], &[64, 64, 16]);
+    let reference = nifti::ReaderOptions::new().read_file(samples("lesions").join("test/images/lung1.nii.gz")).unwrap();
+    assert_eq!(obj.header().srow_x, reference.header().srow_x, "prediction keeps the input's affine");
+}
+
+/// An interrupted run (stopped after epoch 1) resumed to epoch 2 gives the same numbers as an
+/// uninterrupted one: same seed, same patches, same optimiser state.
+#[test]
+fn resume_matches_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = samples("nuclei");
+    let base = |out: &Path, epochs: &str| {
+        let mut a = train_on(&data, out);
+        let i = a.iter().position(|x| x == "--epochs").unwrap();
+        a[i + 1] = epochs.into();
+        ok_owned(&a);
+    };
+    let full = tmp.path().join("full");
+    base(&full, "2");
+    let cut = tmp.path().join("cut");
+    base(&cut, "1");
+    let cfg = std::fs::read_to_string(cut.join("config.toml")).unwrap().replace("epochs = 1", "epochs = 2");
+    std::fs::write(cut.join("config.toml"), cfg).unwrap();
+    ok(&["train", "--resume", s(&cut)]);
+    let losses = |dir: &Path| -> Vec<String> {
+        std::fs::read_to_string(dir.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').take(5).collect::<Vec<_>>().join(","))
+            .collect()
+    };
+    assert_eq!(losses(&full), losses(&cut));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A copy of the nuclei train split to break in one way.
+fn broken(tmp: &Path) -> PathBuf {
+    let d = tmp.join("data");
+    copy_dir(&samples("nuclei").join("train"), &d);
+    d
+}
+
+fn train_on(data: &Path, out: &Path) -> Vec<String> {
+    let mut a = vec!["train".to_string(), "--data".into(), s(data).into(), "--out".into(), s(out).into()];
+    a.extend(TINY_2D.iter().map(|x| x.to_string()));
+    a
+}
+
+fn fails_training(data: &Path, needles: &[&str]) {
+    let out = data.parent().unwrap().join("out");
+    fails_owned(&train_on(data, &out), needles);
+}
+
+#[test]
+fn bad_inputs_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+
+    let d = broken(&t.join("size"));
+    image::GrayImage::new(10, 10).save(d.join("masks/2022-03-18_RPE1_3.png")).unwrap();
+    fails_training(&d, &["size mismatch", "2022-03-18_RPE1_3.tif", "192x192", "10x10"]);
+
+    let d = broken(&t.join("unreadable"));
+    std::fs::write(d.join("images/2023-05-31_misc_2.tif"), b"not a tiff").unwrap();
+    fails_training(&d, &["2023-05-31_misc_2.tif"]);
+
+    let d = broken(&t.join("orphan-mask"));
+    std::fs::remove_file(d.join("images/2023-05-31_misc_8.tif")).unwrap();
+    fails_training(&d, &["2023-05-31_misc_8.png", "has no image"]);
+
+    let d = broken(&t.join("orphan-image"));
+    std::fs::remove_file(d.join("masks/2023-05-31_misc_8.png")).unwrap();
+    fails_training(&d, &["2023-05-31_misc_8.tif", "has no mask"]);
+
+    let d = t.join("empty/data");
+    std::fs::create_dir_all(d.join("images")).unwrap();
+    std::fs::create_dir_all(d.join("masks")).unwrap();
+    fails_training(&d, &["no images found", "images"]);
+
+    let d = broken(&t.join("rgb"));
+    let rgb = image::RgbImage::from_fn(192, 192, |x, y| image::Rgb([x as u8, y as u8, 7]));
+    std::fs::remove_file(d.join("images/2023-05-31_misc_2.tif")).unwrap();
+    rgb.save(d.join("images/2023-05-31_misc_2.png")).unwrap();
+    fails_training(&d, &["2023-05-31_misc_2.png", "3 channel(s)", "--channels 3"]);
+
+    let d = broken(&t.join("nan"));
+    let mut vol = ndarray::Array3::<f32>::zeros((192, 192, 1));
+    vol[[3, 4, 0]] = f32::NAN;
+    std::fs::remove_file(d.join("images/2023-05-31_misc_2.tif")).unwrap();
+    nifti::writer::WriterOptions::new(d.join("images/2023-05-31_misc_2.nii")).write_nifti(&vol).unwrap();
+    fails_training(&d, &["2023-05-31_misc_2.nii", "non-finite"]);
+
+    let d = broken(&t.join("patch"));
+    let out = t.join("patch/out");
+    let mut a = train_on(&d, &out);
+    let i = a.iter().position(|x| x == "--patch").unwrap();
+    a[i + 1] = "30".into();
+    fails_owned(&a, &["patch size 30", "divisible by 2^depth = 4"]);
+
+    // --skip-bad lists the bad pair and trains on the rest.
+    let d = broken(&t.join("skip"));
+    image::GrayImage::new(10, 10).save(d.join("masks/2022-03-18_RPE1_3.png")).unwrap();
+    let mut a = train_on(&d, &t.join("skip/out"));
+    a.push("--skip-bad".into());
+    let out = unetpp(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>());
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("skipping"));
+}
+
+#[test]
+fn existing_runs_and_checkpoints_are_never_overwritten_or_misread() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let a = train_on(&samples("nuclei"), &run);
+    ok_owned(&a);
+    let best = run.join("checkpoints/best.unetpp");
+    let before = std::fs::read(&best).unwrap();
+    fails_owned(&a, &["already holds a run", "--resume"]);
+    assert_eq!(std::fs::read(&best).unwrap(), before);
+
+    let cut = tmp.path().join("cut.unetpp");
+    std::fs::write(&cut, &before[..before.len() / 2]).unwrap();
+    fails(
+        &[
+            "predict",
+            "--checkpoint",
+            s(&cut),
+            "--input",
+            s(&samples("nuclei").join("test")),
+            "--out",
+            s(&tmp.path().join("p")),
+        ],
+        &["cut.unetpp"],
+    );
+    std::fs::write(&cut, b"hello").unwrap();
+    fails(&["info", "--checkpoint", s(&cut)], &["cut.unetpp", "not a unetpp checkpoint"]);
+}
