@@ -7,6 +7,7 @@ use anyhow::Context;
 use burn::module::Module;
 use burn::prelude::*;
 
+use crate::backend::Backend;
 use crate::checkpoint::{self, Meta};
 use crate::data::{self, Splits, io};
 use crate::infer::{self, Summary};
@@ -42,20 +43,21 @@ pub fn default_tile(cfg: &ModelConfig) -> [usize; 3] {
     if cfg.dims == 3 { [64, 128, 128] } else { [1, 1024, 1024] }
 }
 
+/// Options shared by `eval` and `predict`.
+#[derive(Clone, Debug)]
+pub struct InferOptions {
+    pub mode: Mode,
+    /// Sliding-window size; default [`default_tile`].
+    pub tile: Option<[usize; 3]>,
+    pub backend: Backend,
+}
+
 /// Evaluates a checkpoint on `data` (its `test/` split when it has one); writes `scores.csv`,
 /// `summary.json` and 2D overlays into `out`.
-pub fn eval(
-    ck: &Path,
-    data_dir: &Path,
-    out: &Path,
-    mode: Mode,
-    tile: Option<[usize; 3]>,
-    skip_bad: bool,
-) -> anyhow::Result<Summary> {
-    let meta = checkpoint::read_meta(ck)?;
-    match meta.model.dims {
-        2 => eval_d::<4>(ck, data_dir, out, mode, tile, skip_bad),
-        _ => eval_d::<5>(ck, data_dir, out, mode, tile, skip_bad),
+pub fn eval(ck: &Path, data_dir: &Path, out: &Path, opts: &InferOptions, skip_bad: bool) -> anyhow::Result<Summary> {
+    match checkpoint::read_meta(ck)?.model.dims {
+        2 => eval_d::<4>(ck, data_dir, out, opts, skip_bad),
+        _ => eval_d::<5>(ck, data_dir, out, opts, skip_bad),
     }
 }
 
@@ -63,19 +65,18 @@ fn eval_d<const D: usize>(
     ck: &Path,
     data_dir: &Path,
     out: &Path,
-    mode: Mode,
-    tile: Option<[usize; 3]>,
+    opts: &InferOptions,
     skip_bad: bool,
 ) -> anyhow::Result<Summary> {
-    let device = Device::flex();
+    let device = opts.backend.device();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
     let splits = Splits::find(data_dir)?;
     let dir = splits.test.or(splits.val).context("no test/ or val/ split to evaluate")?;
     let samples = data::load(&dir, &meta.data, true, skip_bad)?;
     let overlays = out.join("overlays");
     std::fs::create_dir_all(&overlays).with_context(|| format!("cannot create {}", overlays.display()))?;
-    let tile = tile.unwrap_or(default_tile(&meta.model));
-    let (scores, summary) = infer::evaluate(&model, &samples, mode, tile, &device, Some(&overlays))?;
+    let tile = opts.tile.unwrap_or(default_tile(&meta.model));
+    let (scores, summary) = infer::evaluate(&model, &samples, opts.mode, tile, &device, Some(&overlays))?;
     let mut csv = String::from("image,dice,iou\n");
     for s in &scores {
         writeln!(csv, "\"{}\",{:.6},{:.6}", s.name.replace('"', "\"\""), s.dice, s.iou)?;
@@ -89,18 +90,10 @@ fn eval_d<const D: usize>(
 }
 
 /// Predicts masks for one file or every image in a folder (or its `images/`).
-pub fn predict(
-    ck: &Path,
-    input: &Path,
-    out: &Path,
-    mode: Mode,
-    tile: Option<[usize; 3]>,
-    probs: bool,
-) -> anyhow::Result<Vec<PathBuf>> {
-    let meta = checkpoint::read_meta(ck)?;
-    match meta.model.dims {
-        2 => predict_d::<4>(ck, input, out, mode, tile, probs),
-        _ => predict_d::<5>(ck, input, out, mode, tile, probs),
+pub fn predict(ck: &Path, input: &Path, out: &Path, opts: &InferOptions, probs: bool) -> anyhow::Result<Vec<PathBuf>> {
+    match checkpoint::read_meta(ck)?.model.dims {
+        2 => predict_d::<4>(ck, input, out, opts, probs),
+        _ => predict_d::<5>(ck, input, out, opts, probs),
     }
 }
 
@@ -124,19 +117,18 @@ fn predict_d<const D: usize>(
     ck: &Path,
     input: &Path,
     out: &Path,
-    mode: Mode,
-    tile: Option<[usize; 3]>,
+    opts: &InferOptions,
     probs: bool,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    let device = Device::flex();
+    let device = opts.backend.device();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let tile = tile.unwrap_or(default_tile(&meta.model));
+    let tile = opts.tile.unwrap_or(default_tile(&meta.model));
     let mut written = vec![];
     for path in inputs(input)? {
         let s = infer::read_unlabelled(&path, &meta.data)?;
         anyhow::ensure!(meta.model.dims == 3 || s.shape[0] == 1, "{} is a volume but the model is 2D", path.display());
-        let p = infer::probabilities(&model, &s, mode, tile, &device)?;
+        let p = infer::probabilities(&model, &s, opts.mode, tile, &device)?;
         written.extend(infer::write_prediction(out, &s, &p, meta.model.classes, probs)?);
         eprintln!("predicted {}", infer::describe(&s));
     }

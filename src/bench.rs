@@ -7,6 +7,7 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use serde::Serialize;
 
+use crate::backend::Backend;
 use crate::loss;
 use crate::model::{Arch, Mode, ModelConfig, Preset};
 
@@ -31,9 +32,9 @@ fn time(case: String, reps: usize, mut f: impl FnMut()) -> Timing {
 }
 
 /// Forward (accurate and fast:1..L), and a full training step, of the `modern` UNet++ L4.
-pub fn run(reps: usize, sizes: &[(usize, [usize; 3])], dims: usize, train: bool) -> Vec<Timing> {
+pub fn run(reps: usize, sizes: &[(usize, [usize; 3])], dims: usize, train: bool, backend: Backend) -> Vec<Timing> {
     let cfg = ModelConfig { dims, ..ModelConfig::new(Arch::Unetpp, Preset::Modern, 4) };
-    let mut out = vec![];
+    let mut out: Vec<Timing> = vec![];
     for &(batch, shape) in sizes {
         let label = if dims == 2 {
             format!("{batch}x1x{}x{}", shape[1], shape[2])
@@ -41,8 +42,8 @@ pub fn run(reps: usize, sizes: &[(usize, [usize; 3])], dims: usize, train: bool)
             format!("{batch}x1x{}x{}x{}", shape[0], shape[1], shape[2])
         };
         match dims {
-            2 => bench_d::<4>(&cfg, batch, shape, reps, train, &label, &mut out),
-            _ => bench_d::<5>(&cfg, batch, shape, reps, train, &label, &mut out),
+            2 => out.extend(bench_d::<4>(&cfg, batch, shape, reps, (train, backend), &label)),
+            _ => out.extend(bench_d::<5>(&cfg, batch, shape, reps, (train, backend), &label)),
         }
     }
     out
@@ -53,11 +54,11 @@ fn bench_d<const D: usize>(
     batch: usize,
     shape: [usize; 3],
     reps: usize,
-    train: bool,
+    (train, backend): (bool, Backend),
     label: &str,
-    out: &mut Vec<Timing>,
-) {
-    let device = Device::flex();
+) -> Vec<Timing> {
+    let mut out = vec![];
+    let device = backend.device();
     device.seed(0);
     let dims = crate::data::patch::batch_dims::<D>(batch, 1, shape);
     let model = cfg.init::<D>(&device);
@@ -80,4 +81,5 @@ fn bench_d<const D: usize>(
             model = optim.step(3e-4, model.clone(), grads);
         }));
     }
+    out
 }

@@ -1,5 +1,6 @@
 //! UNet++ (Zhou et al., DLMIA 2018 / TMI 2019) for 2D and 3D medical image segmentation.
 pub mod app;
+pub mod backend;
 pub mod bench;
 pub mod checkpoint;
 pub mod data;

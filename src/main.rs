@@ -4,9 +4,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use unetpp::app::{self, InferOptions};
+use unetpp::backend::Backend;
 use unetpp::data::{DataConfig, Normalize};
 use unetpp::model::{Arch, Mode, ModelConfig, Preset};
-use unetpp::{app, train::TrainConfig};
+use unetpp::train::TrainConfig;
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +42,8 @@ enum Command {
         tile: Option<String>,
         #[arg(long)]
         skip_bad: bool,
+        #[command(flatten)]
+        backend: BackendArg,
     },
     /// Write masks (PNG for 2D, NIfTI for 3D) for an image, a volume or a folder of them
     Predict {
@@ -56,6 +60,8 @@ enum Command {
         /// Also write probability maps
         #[arg(long)]
         probabilities: bool,
+        #[command(flatten)]
+        backend: BackendArg,
     },
     /// Keep only the sub-network UNet++ L_j (nodes i + j' <= j and head j)
     Prune {
@@ -77,6 +83,8 @@ enum Command {
         /// Write the timings as JSON here
         #[arg(long)]
         json: Option<PathBuf>,
+        #[command(flatten)]
+        backend: BackendArg,
     },
     /// Architecture and parameter counts per pruning level
     Info {
@@ -86,6 +94,13 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
     },
+}
+
+#[derive(Args, Clone)]
+struct BackendArg {
+    /// Compute backend (others come with the `vulkan` and `tch` cargo features)
+    #[arg(long, value_enum, default_value = "flex")]
+    backend: Backend,
 }
 
 #[derive(Args, Clone)]
@@ -172,6 +187,8 @@ struct TrainArgs {
     /// Leave out (and list) unreadable or inconsistent pairs instead of stopping
     #[arg(long)]
     skip_bad: bool,
+    #[command(flatten)]
+    backend: BackendArg,
 }
 
 fn main() {
@@ -202,8 +219,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let run = app::train(Some(cfg), &out)?;
             report(&run.dir)
         }
-        Command::Eval { checkpoint, data, out, mode, tile, skip_bad } => {
-            let summary = app::eval(&checkpoint, &data, &out, mode, parse_size(tile.as_deref())?, skip_bad)?;
+        Command::Eval { checkpoint, data, out, mode, tile, skip_bad, backend } => {
+            let opts = InferOptions { mode, tile: parse_size(tile.as_deref())?, backend: backend.backend };
+            let summary = app::eval(&checkpoint, &data, &out, &opts, skip_bad)?;
             println!(
                 "{} images, mode {}: mean Dice {:.4} ± {:.4}, mean IoU {:.4} ± {:.4}",
                 summary.images, summary.mode, summary.mean_dice, summary.std_dice, summary.mean_iou, summary.std_iou
@@ -211,8 +229,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("per-image scores and overlays in {}", out.display());
             Ok(())
         }
-        Command::Predict { checkpoint, input, out, mode, tile, probabilities } => {
-            let written = app::predict(&checkpoint, &input, &out, mode, parse_size(tile.as_deref())?, probabilities)?;
+        Command::Predict { checkpoint, input, out, mode, tile, probabilities, backend } => {
+            let opts = InferOptions { mode, tile: parse_size(tile.as_deref())?, backend: backend.backend };
+            let written = app::predict(&checkpoint, &input, &out, &opts, probabilities)?;
             println!("wrote {} file(s) to {}", written.len(), out.display());
             Ok(())
         }
@@ -221,13 +240,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("UNet++ L{level}: {after} parameters (from {before}), written to {}", out.display());
             Ok(())
         }
-        Command::Bench { reps, dims, json } => {
+        Command::Bench { reps, dims, json, backend } => {
             let sizes: Vec<(usize, [usize; 3])> = if dims == 3 {
                 vec![(1, [64; 3])]
             } else {
                 vec![(4, [1, 96, 96]), (1, [1, 96, 96]), (1, [1, 256, 256])]
             };
-            let timings = unetpp::bench::run(reps, &sizes, dims, true);
+            let timings = unetpp::bench::run(reps, &sizes, dims, true, backend.backend);
             println!("{:<36} {:>10} {:>10}", "case", "median ms", "min ms");
             for t in &timings {
                 println!("{:<36} {:>10.1} {:>10.1}", t.case, t.median_ms, t.min_ms);
@@ -299,5 +318,6 @@ fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         tile,
         val_crop,
         skip_bad: a.skip_bad,
+        backend: a.backend.backend,
     })
 }

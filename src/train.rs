@@ -9,12 +9,12 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::{SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Backend;
 use crate::checkpoint::{self, Meta};
 use crate::data::{self, DataConfig, Sample, Splits, patch};
 use crate::infer;
@@ -46,6 +46,8 @@ pub struct TrainConfig {
     /// checking every epoch stays cheap on large images.
     pub val_crop: [usize; 3],
     pub skip_bad: bool,
+    #[serde(default)]
+    pub backend: Backend,
 }
 
 /// What has been done so far; rewritten after every epoch so `--resume` can continue.
@@ -153,7 +155,7 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
     eprintln!("{} training and {} validation images from {}", train.len(), val.len(), cfg.data.display());
     let ck = checkpoints(dir);
     std::fs::create_dir_all(&ck).with_context(|| format!("cannot create {}", ck.display()))?;
-    let device = Device::flex().autodiff();
+    let device = cfg.backend.device().autodiff();
     let mut optim = AdamConfig::new().with_epsilon(1e-8).init();
     let (mut model, mut state): (UNetPP<D>, State) = if resume {
         let state: State = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;

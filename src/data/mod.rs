@@ -150,10 +150,12 @@ fn list(dir: &Path) -> anyhow::Result<BTreeMap<String, PathBuf>> {
     for entry in entries {
         let path = entry?.path();
         let hidden = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
-        if path.is_file() && !hidden && io::is_supported(&path) {
-            if let Some(prev) = files.insert(stem(&path), path.clone()) {
-                anyhow::bail!("{} and {} have the same stem", prev.display(), path.display());
-            }
+        if path.is_file()
+            && !hidden
+            && io::is_supported(&path)
+            && let Some(prev) = files.insert(stem(&path), path.clone())
+        {
+            anyhow::bail!("{} and {} have the same stem", prev.display(), path.display());
         }
     }
     Ok(files)
