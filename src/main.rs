@@ -158,12 +158,15 @@ struct TrainArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
-    #[arg(long, default_value_t = 10)]
-    epochs: usize,
-    #[arg(long, default_value_t = 20)]
-    steps_per_epoch: usize,
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
+    /// Default 10 (5 on the bundled sample)
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Default 20 (10 on the bundled sample)
+    #[arg(long)]
+    steps_per_epoch: Option<usize>,
+    /// Default 8 (4 on the bundled sample)
+    #[arg(long)]
+    batch_size: Option<usize>,
     #[arg(long, default_value_t = 3e-4)]
     lr: f64,
     /// Patch size: 96 (2D) or 64,64,64 (3D, depth first)
@@ -292,6 +295,11 @@ fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         Some(d) => d.clone(),
         None => app::bundled("nuclei")?,
     };
+    // The bundled sample is four small crops: a short run shows the whole loop in minutes.
+    let (epochs, steps, batch) = if a.data.is_some() { (10, 20, 8) } else { (5, 10, 4) };
+    if a.data.is_none() {
+        eprintln!("no --data given: training on the bundled sample {} (pass --data DIR for your own)", data.display());
+    }
     let dims = app::detect_dims(&data)?;
     let model = a.model.config(dims);
     let patch = parse_size(a.patch.as_deref())?.unwrap_or(if model.dims == 3 { [64; 3] } else { [1, 96, 96] });
@@ -306,9 +314,9 @@ fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         data,
         input: DataConfig { channels: model.in_channels, classes: model.classes, normalize },
         model,
-        epochs: a.epochs,
-        steps_per_epoch: a.steps_per_epoch,
-        batch_size: a.batch_size,
+        epochs: a.epochs.unwrap_or(epochs),
+        steps_per_epoch: a.steps_per_epoch.unwrap_or(steps),
+        batch_size: a.batch_size.unwrap_or(batch),
         lr: a.lr,
         patch,
         foreground: a.foreground,
