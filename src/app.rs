@@ -135,6 +135,24 @@ fn predict_d<const D: usize>(
     Ok(written)
 }
 
+/// Converts a PyTorch NestedUNet/UNet checkpoint (`.pth`, `.pt`, `.safetensors`) into a unetpp
+/// checkpoint; inputs are to be normalised with `normalize`.
+pub fn import(src: &Path, out: &Path, normalize: crate::data::Normalize) -> anyhow::Result<crate::import::Report> {
+    let (model, report) = crate::import::import(src, &Device::flex())?;
+    let cfg = model.config().clone();
+    let data = crate::data::DataConfig { channels: cfg.in_channels, classes: cfg.classes, normalize };
+    checkpoint::save(&model, &Meta { model: cfg, data, epoch: 0, val_iou: None }, out)?;
+    Ok(report)
+}
+
+/// Writes a 2D checkpoint as `.safetensors` with pytorch-nested-unet's names.
+pub fn export(ck: &Path, out: &Path) -> anyhow::Result<()> {
+    let meta = checkpoint::read_meta(ck)?;
+    anyhow::ensure!(meta.model.dims == 2, "only 2D models export to the NestedUNet layout");
+    let (model, _) = checkpoint::load::<4>(ck, &Device::flex())?;
+    crate::import::export(&model, out)
+}
+
 /// Writes UNet++ L_level of a checkpoint; returns parameter counts before and after.
 pub fn prune(ck: &Path, level: usize, out: &Path) -> anyhow::Result<(usize, usize)> {
     let meta = checkpoint::read_meta(ck)?;

@@ -86,6 +86,23 @@ enum Command {
         #[command(flatten)]
         backend: BackendArg,
     },
+    /// Convert a PyTorch NestedUNet/UNet checkpoint (.pth/.pt/.safetensors) to a unetpp checkpoint
+    Import {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// How the PyTorch model's inputs were normalised (see `train --help`)
+        #[arg(long, default_value = "percentile")]
+        normalize: Normalize,
+    },
+    /// Write a 2D checkpoint as .safetensors with pytorch-nested-unet names
+    Export {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Architecture and parameter counts per pruning level
     Info {
         /// Describe a checkpoint instead of an architecture
@@ -192,6 +209,9 @@ struct TrainArgs {
     skip_bad: bool,
     #[command(flatten)]
     backend: BackendArg,
+    /// Fine-tune from this checkpoint (its architecture replaces the model options)
+    #[arg(long)]
+    weights: Option<PathBuf>,
 }
 
 fn main() {
@@ -259,6 +279,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Import { from, out, normalize } => {
+            let report = app::import(&from, &out, normalize)?;
+            print!("{report}");
+            println!("written to {}", out.display());
+            Ok(())
+        }
+        Command::Export { checkpoint, out } => {
+            app::export(&checkpoint, &out)?;
+            println!("written to {}", out.display());
+            Ok(())
+        }
         Command::Info { checkpoint, model } => {
             let cfg = match checkpoint {
                 Some(c) => unetpp::checkpoint::read_meta(&c)?.model,
@@ -301,7 +332,10 @@ fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         eprintln!("no --data given: training on the bundled sample {} (pass --data DIR for your own)", data.display());
     }
     let dims = app::detect_dims(&data)?;
-    let model = a.model.config(dims);
+    let model = match &a.weights {
+        Some(w) => unetpp::checkpoint::read_meta(w)?.model,
+        None => a.model.config(dims),
+    };
     let patch = parse_size(a.patch.as_deref())?.unwrap_or(if model.dims == 3 { [64; 3] } else { [1, 96, 96] });
     let tile = parse_size(a.tile.as_deref())?.unwrap_or(app::default_tile(&model));
     let val_crop = if model.dims == 3 { [64, 192, 192] } else { [1, 384, 384] };
@@ -327,5 +361,6 @@ fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         val_crop,
         skip_bad: a.skip_bad,
         backend: a.backend.backend,
+        weights: a.weights.clone(),
     })
 }

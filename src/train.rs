@@ -48,6 +48,9 @@ pub struct TrainConfig {
     pub skip_bad: bool,
     #[serde(default)]
     pub backend: Backend,
+    /// Start from this checkpoint's weights (fine-tuning) instead of a random init.
+    #[serde(default)]
+    pub weights: Option<PathBuf>,
 }
 
 /// What has been done so far; rewritten after every epoch so `--resume` can continue.
@@ -166,7 +169,19 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
     } else {
         std::fs::write(dir.join("config.toml"), toml::to_string(cfg)?)?;
         device.seed(cfg.seed);
-        (cfg.model.init::<D>(&device), State::default())
+        let model = match &cfg.weights {
+            Some(w) => {
+                let (model, meta) = checkpoint::load::<D>(w, &device)?;
+                anyhow::ensure!(
+                    meta.model == cfg.model,
+                    "--weights {} holds a different architecture than the run's",
+                    w.display()
+                );
+                model
+            }
+            None => cfg.model.init::<D>(&device),
+        };
+        (model, State::default())
     };
     let start = Instant::now();
     let multiple = 1 << cfg.model.depth;

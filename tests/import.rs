@@ -1,0 +1,151 @@
+//! PyTorch NestedUNet checkpoints (made by scripts/torch_refs.py) load into our model and give
+//! PyTorch's outputs; export and re-import round-trips; bad checkpoints are refused clearly.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use unetpp::import;
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/torch").join(name)
+}
+
+fn tensor(st: &safetensors::SafeTensors, name: &str, device: &Device) -> Tensor<4> {
+    let v = st.tensor(name).unwrap();
+    let floats: Vec<f32> = v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let s = v.shape();
+    Tensor::<1>::from_floats(floats.as_slice(), device).reshape([s[0], s[1], s[2], s[3]])
+}
+
+fn max_abs(a: Tensor<4>, b: Tensor<4>) -> f32 {
+    (a - b).abs().max().into_data().iter::<f32>().next().unwrap()
+}
+
+/// Max abs error of every head against PyTorch's reference outputs.
+fn check(model: &unetpp::model::UNetPP<4>, case: &str) -> f32 {
+    let device = Device::flex();
+    let bytes = std::fs::read(data(&format!("{case}.io.safetensors"))).unwrap();
+    let io = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let heads = model.forward(tensor(&io, "input", &device));
+    assert_eq!(heads.len(), io.names().len() - 1, "{case}: number of heads");
+    let mut worst = 0f32;
+    for (i, h) in heads.into_iter().enumerate() {
+        let reference = tensor(&io, &format!("head{i}"), &device);
+        // A dead network (constant output) would match anything; the references must vary.
+        let spread = reference.clone().var(0).mean().into_data().iter::<f32>().next().unwrap();
+        assert!(spread > 1e-6, "{case}: reference head {i} is constant");
+        worst = worst.max(max_abs(h, reference));
+    }
+    worst
+}
+
+const CASES: [&str; 4] = ["nested_c1_k1_ds", "nested_c3_k3_ds", "nested_c1_k3", "nested_c3_k1"];
+
+#[test]
+fn nested_unet_matches_pytorch() {
+    let device = Device::flex();
+    for case in CASES {
+        for ext in ["pth", "safetensors"] {
+            let (model, report) = import::import(&data(&format!("{case}.{ext}")), &device).unwrap();
+            assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{report}");
+            let err = check(&model, case);
+            eprintln!("{case}.{ext}: {} tensors, max abs error {err:.2e}", report.mapped.len());
+            assert!(err <= 1e-4, "{case}.{ext}: max abs error {err}");
+        }
+    }
+}
+
+#[test]
+fn export_round_trips_with_pytorch_names() {
+    let device = Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    for case in ["nested_c3_k3_ds", "nested_c1_k3"] {
+        let src = data(&format!("{case}.safetensors"));
+        let (model, _) = import::import(&src, &device).unwrap();
+        let out = tmp.path().join(format!("{case}.safetensors"));
+        import::export(&model, &out).unwrap();
+        let names = |p: &Path| import::shapes(p).unwrap();
+        assert_eq!(names(&out), names(&src), "same tensor names and shapes as PyTorch's state dict");
+        let (again, _) = import::import(&out, &device).unwrap();
+        assert!(check(&again, case) <= 1e-4);
+    }
+}
+
+#[test]
+fn mismatched_checkpoints_are_refused() {
+    let device = Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(data("nested_c3_k1.safetensors")).unwrap();
+
+    let truncated = tmp.path().join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let e = import::import(&truncated, &device).unwrap_err().to_string();
+    assert!(e.contains("truncated.safetensors"), "{e}");
+
+    let truncated = tmp.path().join("truncated.pth");
+    let pth = std::fs::read(data("nested_c3_k1.pth")).unwrap();
+    std::fs::write(&truncated, &pth[..pth.len() / 3]).unwrap();
+    let e = import::import(&truncated, &device).unwrap_err().to_string();
+    assert!(e.contains("truncated.pth"), "{e}");
+
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let wrong = [0u8; 4 * 7];
+    let mut views = st.tensors();
+    let i = views.iter().position(|(k, _)| k == "conv1_1.conv1.weight").unwrap();
+    views[i].1 = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![7], &wrong).unwrap();
+    let bad = tmp.path().join("bad_shape.safetensors");
+    std::fs::write(&bad, safetensors::serialize(views, None).unwrap()).unwrap();
+    let e = format!("{:#}", import::import(&bad, &device).unwrap_err());
+    assert!(e.contains("bad_shape.safetensors") && e.contains("conv1_1") || e.contains("grid.1.1"), "{e}");
+
+    let other = tmp.path().join("resnet.safetensors");
+    let views = vec![(
+        "fc.weight".to_string(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![7], &wrong).unwrap(),
+    )];
+    std::fs::write(&other, safetensors::serialize(views, None).unwrap()).unwrap();
+    let e = import::import(&other, &device).unwrap_err().to_string();
+    assert!(e.contains("not a NestedUNet/UNet checkpoint"), "{e}");
+}
+
+/// `unetpp import`, then fine-tuning the imported model with `train --weights`, then `export`.
+#[test]
+fn import_fine_tune_export_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_unetpp");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin).args(args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{args:?}:\n{text}");
+        text
+    };
+    let ck = tmp.path().join("imported.unetpp");
+    let text = run(&["import", "--from", data("nested_c1_k1_ds.pth").to_str().unwrap(), "--out", ck.to_str().unwrap()]);
+    assert!(text.contains("188 tensors mapped, 0 missing, 0 unexpected"), "{text}");
+    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/nuclei");
+    let dir = tmp.path().join("finetune");
+    run(&[
+        "train",
+        "--data",
+        samples.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--weights",
+        ck.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        "2",
+        "--patch",
+        "32",
+        "--tile",
+        "64",
+    ]);
+    let tuned = dir.join("checkpoints/last.unetpp");
+    let exported = tmp.path().join("tuned.safetensors");
+    run(&["export", "--checkpoint", tuned.to_str().unwrap(), "--out", exported.to_str().unwrap()]);
+    let names = import::shapes(&exported).unwrap();
+    assert_eq!(names, import::shapes(&data("nested_c1_k1_ds.safetensors")).unwrap());
+}
