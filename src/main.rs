@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model (with no arguments: on the bundled nuclei sample)
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Score a checkpoint on a labelled data set (Dice, IoU per image, overlays)
     Eval {
         #[arg(long)]
