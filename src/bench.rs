@@ -1,21 +1,39 @@
-//! Timing of the model itself (forward, fast modes, train step) on random data, medians after
-//! warm-up, for comparison with the Python peers in `bench/peer.py` run on the same machine.
+//! Timing of the model itself (forward in every mode, training step) on random data, medians
+//! after a warm-up, and `--compare`: the same cases run by the PyTorch and ONNX Runtime peers of
+//! `bench/peer.py` on the same machine in the same run, reported as ratios.
 
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
 use std::time::Instant;
 
+use anyhow::Context;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::loss;
 use crate::model::{Arch, Mode, ModelConfig, Preset};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Timing {
     pub case: String,
     pub median_ms: f64,
-    pub min_ms: f64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct BenchOptions {
+    pub reps: usize,
+    pub dims: usize,
+    pub backend: Backend,
+    /// Only the training step of the first size (for a clean peak-memory reading).
+    pub train_only: bool,
+}
+
+/// The cases: batch 4 and 1 of 96x96 and one 256x256 in 2D; 1x64^3 in 3D.
+pub fn sizes(dims: usize) -> Vec<(usize, [usize; 3])> {
+    if dims == 3 { vec![(1, [64; 3])] } else { vec![(4, [1, 96, 96]), (1, [1, 96, 96]), (1, [1, 256, 256])] }
 }
 
 fn time(case: String, reps: usize, mut f: impl FnMut()) -> Timing {
@@ -28,22 +46,24 @@ fn time(case: String, reps: usize, mut f: impl FnMut()) -> Timing {
         })
         .collect();
     v.sort_by(f64::total_cmp);
-    Timing { case, median_ms: v[v.len() / 2], min_ms: v[0] }
+    Timing { case, median_ms: v[v.len() / 2] }
 }
 
-/// Forward (accurate and fast:1..L), and a full training step, of the `modern` UNet++ L4.
-pub fn run(reps: usize, sizes: &[(usize, [usize; 3])], dims: usize, train: bool, backend: Backend) -> Vec<Timing> {
-    let cfg = ModelConfig { dims, ..ModelConfig::new(Arch::Unetpp, Preset::Modern, 4) };
-    let mut out: Vec<Timing> = vec![];
-    for &(batch, shape) in sizes {
-        let label = if dims == 2 {
-            format!("{batch}x1x{}x{}", shape[1], shape[2])
-        } else {
-            format!("{batch}x1x{}x{}x{}", shape[0], shape[1], shape[2])
-        };
-        match dims {
-            2 => out.extend(bench_d::<4>(&cfg, batch, shape, reps, (train, backend), &label)),
-            _ => out.extend(bench_d::<5>(&cfg, batch, shape, reps, (train, backend), &label)),
+/// Forward (accurate and fast:L..1) and a full training step (forward, backward, Adam) of the
+/// `modern` UNet++ L4 with four heads.
+pub fn run(o: BenchOptions) -> Vec<Timing> {
+    let cfg = ModelConfig { dims: o.dims, ..ModelConfig::new(Arch::Unetpp, Preset::Modern, 4) };
+    let mut sizes = sizes(o.dims);
+    if o.train_only {
+        sizes.truncate(1);
+    }
+    let mut out = vec![];
+    for (batch, shape) in sizes {
+        let dims = &shape[3 - o.dims..];
+        let label = format!("{batch}x1x{}", dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x"));
+        match o.dims {
+            2 => out.extend(bench_d::<4>(&cfg, batch, shape, o, &label)),
+            _ => out.extend(bench_d::<5>(&cfg, batch, shape, o, &label)),
         }
     }
     out
@@ -53,33 +73,127 @@ fn bench_d<const D: usize>(
     cfg: &ModelConfig,
     batch: usize,
     shape: [usize; 3],
-    reps: usize,
-    (train, backend): (bool, Backend),
+    o: BenchOptions,
     label: &str,
 ) -> Vec<Timing> {
     let mut out = vec![];
-    let device = backend.device();
+    let device = o.backend.device();
     device.seed(0);
     let dims = crate::data::patch::batch_dims::<D>(batch, 1, shape);
-    let model = cfg.init::<D>(&device);
-    let x = Tensor::<D>::random(dims, burn::tensor::Distribution::Default, &device);
-    for mode in std::iter::once(Mode::Accurate).chain((1..=cfg.depth).rev().map(Mode::Fast)) {
-        out.push(time(format!("forward {mode} {label}"), reps, || {
-            let p = model.predict(x.clone(), mode).unwrap();
-            let _ = p.into_data();
-        }));
+    if !o.train_only {
+        let model = cfg.init::<D>(&device);
+        let x = Tensor::<D>::random(dims, burn::tensor::Distribution::Default, &device);
+        for mode in std::iter::once(Mode::Accurate).chain((1..=cfg.depth).rev().map(Mode::Fast)) {
+            out.push(time(format!("forward {mode} {label}"), o.reps, || {
+                let _ = model.predict(x.clone(), mode).unwrap().into_data();
+            }));
+        }
     }
-    if train {
-        let ad = device.autodiff();
-        let mut model = cfg.init::<D>(&ad);
-        let mut optim = AdamConfig::new().with_epsilon(1e-8).init();
-        let x = Tensor::<D>::random(dims, burn::tensor::Distribution::Default, &ad);
-        let y = Tensor::<D>::random(dims, burn::tensor::Distribution::Bernoulli(0.3), &ad);
-        out.push(time(format!("train step {label}"), reps, || {
-            let l = loss::deep_supervision(model.forward(x.clone()), y.clone());
-            let grads = GradientsParams::from_grads(l.backward(), &model);
-            model = optim.step(3e-4, model.clone(), grads);
-        }));
-    }
+    let ad = device.autodiff();
+    let mut model = cfg.init::<D>(&ad);
+    let mut optim = AdamConfig::new().with_epsilon(1e-8).init();
+    let x = Tensor::<D>::random(dims, burn::tensor::Distribution::Default, &ad);
+    let y = Tensor::<D>::random(dims, burn::tensor::Distribution::Bernoulli(0.3), &ad);
+    out.push(time(format!("train step {label}"), o.reps, || {
+        let l = loss::deep_supervision(model.forward(x.clone()), y.clone());
+        let grads = GradientsParams::from_grads(l.backward(), &model);
+        model = optim.step(3e-4, model.clone(), grads);
+    }));
     out
+}
+
+/// Peak resident memory of this process in MB (Linux `VmHWM`).
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+}
+
+#[derive(Deserialize)]
+struct PeerRow {
+    case: String,
+    peer: String,
+    median_ms: f64,
+}
+
+#[derive(Deserialize)]
+struct PeerReport {
+    versions: serde_json::Value,
+    peak_rss_mb: f64,
+    rows: Vec<PeerRow>,
+}
+
+fn peer(python: &Path, script: &Path, o: BenchOptions, threads: usize) -> anyhow::Result<PeerReport> {
+    let mut cmd = Command::new(python);
+    cmd.arg(script).args([
+        "--threads",
+        &threads.to_string(),
+        "--reps",
+        &o.reps.to_string(),
+        "--dims",
+        &o.dims.to_string(),
+    ]);
+    if o.train_only {
+        cmd.arg("--train-only");
+    }
+    let out = cmd.output().with_context(|| format!("cannot run {} {}", python.display(), script.display()))?;
+    anyhow::ensure!(out.status.success(), "the peer failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).context("the peer printed no JSON report")
+}
+
+/// Our timings and memory, measured in a child process so its peak RSS covers training only.
+fn ours_train_memory(o: BenchOptions) -> anyhow::Result<f64> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe)
+        .args(["bench", "--train-only", "--reps", "3", "--dims", &o.dims.to_string()])
+        .output()
+        .context("cannot re-run unetpp for the memory reading")?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("peak RSS MB: "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no peak RSS line from the child")
+}
+
+/// Runs ours and the peers in one go and renders the comparison as a Markdown table.
+pub fn compare(python: &Path, script: &Path, o: BenchOptions) -> anyhow::Result<String> {
+    let threads = rayon::current_num_threads();
+    let ours = run(o);
+    let ours_mem = ours_train_memory(o)?;
+    let peers = peer(python, script, o, threads)?;
+    let peers_mem = peer(python, script, BenchOptions { train_only: true, reps: 3, ..o }, threads)?.peak_rss_mb;
+    let find = |case: &str, who: &str| peers.rows.iter().find(|r| r.case == case && r.peer == who).map(|r| r.median_ms);
+    let cell = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "–".into());
+    let ratio = |a: f64, b: Option<f64>| b.map(|b| format!("{:.2}", a / b)).unwrap_or_else(|| "–".into());
+    let mut s = String::new();
+    writeln!(s, "threads: {threads}; peers: {}", peers.versions)?;
+    writeln!(s, "| case | unetpp ({:?}) ms | PyTorch ms | ratio | ONNX Runtime ms | ratio |", o.backend)?;
+    writeln!(s, "|---|---|---|---|---|---|")?;
+    for t in &ours {
+        let (pt, ort) = (find(&t.case, "pytorch"), find(&t.case, "onnxruntime"));
+        writeln!(
+            s,
+            "| {} | {:.1} | {} | {} | {} | {} |",
+            t.case,
+            t.median_ms,
+            cell(pt),
+            ratio(t.median_ms, pt),
+            cell(ort),
+            ratio(t.median_ms, ort)
+        )?;
+    }
+    writeln!(s, "| peak RSS, training (MB) | {ours_mem:.0} | {peers_mem:.0} | {:.2} | – | – |", ours_mem / peers_mem)?;
+    let acc = ours.iter().find(|t| t.case.starts_with("forward accurate")).map(|t| t.median_ms);
+    let f = |l: usize| ours.iter().find(|t| t.case.starts_with(&format!("forward fast:{l} "))).map(|t| t.median_ms);
+    if let (Some(l4), Some(l3), Some(l1)) = (f(4), f(3), f(1)) {
+        writeln!(
+            s,
+            "\npruning (first size): fast:3 is {:.0}% faster than fast:4; fast:1 is {:.1}x faster; accurate {:.1} ms",
+            100.0 * (1.0 - l3 / l4),
+            l4 / l1,
+            acc.unwrap_or(f64::NAN)
+        )?;
+    }
+    Ok(s)
 }

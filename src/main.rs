@@ -85,6 +85,15 @@ enum Command {
         json: Option<PathBuf>,
         #[command(flatten)]
         backend: BackendArg,
+        /// Only training steps of the first size (peak-memory reading)
+        #[arg(long)]
+        train_only: bool,
+        /// Also run the PyTorch / ONNX Runtime peers (bench/peer.py) and print ratios
+        #[arg(long)]
+        compare: bool,
+        /// Python with torch (and onnxruntime, onnx) installed, for --compare
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
     },
     /// Convert a PyTorch NestedUNet/UNet checkpoint (.pth/.pt/.safetensors) to a unetpp checkpoint
     Import {
@@ -263,16 +272,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("UNet++ L{level}: {after} parameters (from {before}), written to {}", out.display());
             Ok(())
         }
-        Command::Bench { reps, dims, json, backend } => {
-            let sizes: Vec<(usize, [usize; 3])> = if dims == 3 {
-                vec![(1, [64; 3])]
-            } else {
-                vec![(4, [1, 96, 96]), (1, [1, 96, 96]), (1, [1, 256, 256])]
-            };
-            let timings = unetpp::bench::run(reps, &sizes, dims, true, backend.backend);
-            println!("{:<36} {:>10} {:>10}", "case", "median ms", "min ms");
+        Command::Bench { reps, dims, json, backend, train_only, compare, python } => {
+            let o = unetpp::bench::BenchOptions { reps, dims, backend: backend.backend, train_only };
+            if compare {
+                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/peer.py");
+                print!("{}", unetpp::bench::compare(&python, &script, o)?);
+                return Ok(());
+            }
+            let timings = unetpp::bench::run(o);
+            println!("{:<36} {:>10}", "case", "median ms");
             for t in &timings {
-                println!("{:<36} {:>10.1} {:>10.1}", t.case, t.median_ms, t.min_ms);
+                println!("{:<36} {:>10.1}", t.case, t.median_ms);
+            }
+            if let Some(mb) = unetpp::bench::peak_rss_mb() {
+                println!("peak RSS MB: {mb:.0}");
             }
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&timings)?)?;
