@@ -27,41 +27,23 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Score a checkpoint on a labelled data set (Dice, IoU per image, overlays)
     Eval {
-        #[arg(long)]
-        checkpoint: PathBuf,
         /// Folder with images/ + masks/ (or labels/), or a root with test/
         #[arg(long)]
         data: PathBuf,
         #[arg(long)]
-        out: PathBuf,
-        /// `accurate` (mean of all heads) or `fast:j` (head j, sub-network i+j' <= j only)
-        #[arg(long, default_value = "accurate")]
-        mode: Mode,
-        /// Sliding-window size for large inputs, e.g. 512 or 64,128,128
-        #[arg(long)]
-        tile: Option<String>,
-        #[arg(long)]
         skip_bad: bool,
         #[command(flatten)]
-        backend: BackendArg,
+        infer: InferArgs,
     },
     /// Write masks (PNG for 2D, NIfTI for 3D) for an image, a volume or a folder of them
     Predict {
         #[arg(long)]
-        checkpoint: PathBuf,
-        #[arg(long)]
         input: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value = "accurate")]
-        mode: Mode,
-        #[arg(long)]
-        tile: Option<String>,
         /// Also write probability maps
         #[arg(long)]
         probabilities: bool,
         #[command(flatten)]
-        backend: BackendArg,
+        infer: InferArgs,
     },
     /// Keep only the sub-network UNet++ L_j (nodes i + j' <= j and head j)
     Prune {
@@ -120,6 +102,29 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
     },
+}
+
+/// What `eval` and `predict` share.
+#[derive(Args, Clone)]
+struct InferArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// `accurate` (mean of all heads) or `fast:j` (head j, sub-network i+j' <= j only)
+    #[arg(long, default_value = "accurate")]
+    mode: Mode,
+    /// Sliding-window size for large inputs, e.g. 512 or 64,128,128
+    #[arg(long)]
+    tile: Option<String>,
+    #[command(flatten)]
+    backend: BackendArg,
+}
+
+impl InferArgs {
+    fn options(&self) -> anyhow::Result<InferOptions> {
+        Ok(InferOptions { mode: self.mode, tile: parse_size(self.tile.as_deref())?, backend: self.backend.backend })
+    }
 }
 
 #[derive(Args, Clone)]
@@ -251,9 +256,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let run = app::train(Some(cfg), &out)?;
             report(&run.dir)
         }
-        Command::Eval { checkpoint, data, out, mode, tile, skip_bad, backend } => {
-            let opts = InferOptions { mode, tile: parse_size(tile.as_deref())?, backend: backend.backend };
-            let summary = app::eval(&checkpoint, &data, &out, &opts, skip_bad)?;
+        Command::Eval { data, skip_bad, infer } => {
+            let (checkpoint, out) = (&infer.checkpoint, &infer.out);
+            let summary = app::eval(checkpoint, &data, out, &infer.options()?, skip_bad)?;
             println!(
                 "{} images, mode {}: mean Dice {:.4} ± {:.4}, mean IoU {:.4} ± {:.4}",
                 summary.images, summary.mode, summary.mean_dice, summary.std_dice, summary.mean_iou, summary.std_iou
@@ -261,9 +266,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("per-image scores and overlays in {}", out.display());
             Ok(())
         }
-        Command::Predict { checkpoint, input, out, mode, tile, probabilities, backend } => {
-            let opts = InferOptions { mode, tile: parse_size(tile.as_deref())?, backend: backend.backend };
-            let written = app::predict(&checkpoint, &input, &out, &opts, probabilities)?;
+        Command::Predict { input, probabilities, infer } => {
+            let out = &infer.out;
+            let written = app::predict(&infer.checkpoint, &input, out, &infer.options()?, probabilities)?;
             println!("wrote {} file(s) to {}", written.len(), out.display());
             Ok(())
         }

@@ -28,12 +28,16 @@ pub struct Raw {
     pub shape: [usize; 3],
 }
 
-fn read_image(path: &Path) -> anyhow::Result<Raw> {
-    let img = image::ImageReader::open(path)
+fn decode(path: &Path, what: &str) -> anyhow::Result<DynamicImage> {
+    image::ImageReader::open(path)
         .with_context(|| format!("cannot open {}", path.display()))?
         .with_guessed_format()?
         .decode()
-        .with_context(|| format!("cannot decode image {}", path.display()))?;
+        .with_context(|| format!("cannot decode {what} {}", path.display()))
+}
+
+fn read_image(path: &Path) -> anyhow::Result<Raw> {
+    let img = decode(path, "image")?;
     let (w, h) = img.dimensions();
     let (w, h) = (w as usize, h as usize);
     let channels = img.color().channel_count() as usize;
@@ -111,11 +115,7 @@ pub fn read_mask(path: &Path, classes: usize) -> anyhow::Result<(Vec<u8>, [usize
     let raw = if is_volume(path) {
         read_volume(path)?.0
     } else {
-        let img = image::ImageReader::open(path)
-            .with_context(|| format!("cannot open {}", path.display()))?
-            .with_guessed_format()?
-            .decode()
-            .with_context(|| format!("cannot decode mask {}", path.display()))?;
+        let img = decode(path, "mask")?;
         let (w, h) = img.dimensions();
         let data = img.to_luma16().into_raw().into_iter().map(|v| v as f32).collect();
         Raw { data, channels: 1, shape: [1, h as usize, w as usize] }
