@@ -76,6 +76,9 @@ enum Command {
         /// Python with torch (and onnxruntime, onnx) installed, for --compare
         #[arg(long, default_value = ".venv/bin/python")]
         python: PathBuf,
+        /// The peer script, for --compare
+        #[arg(long, default_value = "bench/peer.py")]
+        peer: PathBuf,
     },
     /// Convert a PyTorch NestedUNet/UNet checkpoint (.pth/.pt/.safetensors) to a unetpp checkpoint
     Import {
@@ -277,11 +280,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("UNet++ L{level}: {after} parameters (from {before}), written to {}", out.display());
             Ok(())
         }
-        Command::Bench { reps, dims, json, backend, train_only, compare, python } => {
+        Command::Bench { reps, dims, json, backend, train_only, compare, python, peer } => {
             let o = unetpp::bench::BenchOptions { reps, dims, backend: backend.backend, train_only };
             if compare {
-                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/peer.py");
-                print!("{}", unetpp::bench::compare(&python, &script, o)?);
+                print!("{}", unetpp::bench::compare(&python, &peer, o)?);
                 return Ok(());
             }
             let timings = unetpp::bench::run(o);
