@@ -4,7 +4,9 @@
 The model is pytorch-nested-unet's `NestedUNet` layout (nodes `conv{i}_{j}` of VGG blocks
 conv1/bn1/conv2/bn2, heads `final` or `final1..4`, bilinear up-sampling with
 align_corners=True), with the filter widths as a parameter so the test files stay small.
-Run with torch installed (e.g. python3 -m venv .venv && .venv/bin/pip install torch safetensors):
+Also writes segmentation_models.pytorch `UnetPlusPlus` checkpoints on ResNet encoders.
+Run with torch installed (scripts/peer-venv, or python3 -m venv .venv && .venv/bin/pip install
+torch safetensors segmentation-models-pytorch==0.6.0):
 
     .venv/bin/python scripts/torch_refs.py tests/data/torch
 """
@@ -73,19 +75,58 @@ CASES = [
 ]
 
 
+# segmentation_models.pytorch UnetPlusPlus on ResNets (random weights). Encoder depth 2-3 keeps
+# the files small; weights are stored as float16 (the reference outputs come from the same
+# rounded weights), and the encoder stages smp builds but never runs at that depth are dropped.
+SMP_CASES = [
+    # name, encoder, encoder depth, decoder channels, input channels, classes, format
+    ("smp_resnet18", "resnet18", 3, (32, 16, 8), 3, 1, "pth"),
+    ("smp_resnet34", "resnet34", 3, (32, 16, 8), 3, 2, "safetensors"),
+    ("smp_resnet50", "resnet50", 2, (16, 8), 1, 1, "safetensors"),
+]
+
+
+def randomise_bn(model):
+    """Non-trivial BatchNorm statistics, so eval mode really uses them."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(0.0, 0.5)  # keep ReLUs alive at tiny widths
+
+
+def smp_main(out: Path):
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(1)
+    for name, encoder, depth, decoder, cin, k, fmt in SMP_CASES:
+        model = smp.UnetPlusPlus(
+            encoder, encoder_depth=depth, encoder_weights=None, decoder_channels=decoder, in_channels=cin, classes=k
+        )
+        randomise_bn(model)
+        for stage in range(depth, 5):
+            delattr(model.encoder, f"layer{stage}")
+        model = model.half().float().eval()  # what the float16 file holds
+        x = torch.randn(2, cin, 32, 48)
+        with torch.no_grad():
+            y = model(x)
+        state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+        if fmt == "pth":
+            torch.save(state, out / f"{name}.pth")
+        else:
+            save_file(state, out / f"{name}.safetensors")
+        save_file({"input": x.contiguous(), "head0": y.contiguous()}, out / f"{name}.io.safetensors")
+        print(name, sum(p.numel() for p in model.parameters()), "parameters")
+
+
 def main(out: Path):
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     for name, cin, k, ds, w in CASES:
         model = NestedUNet(k, cin, ds, [w * 2**i for i in range(5)])
-        # Non-trivial BatchNorm statistics, so eval mode really uses them.
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.running_mean.uniform_(-0.5, 0.5)
-                    m.running_var.uniform_(0.5, 1.5)
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(0.0, 0.5)  # keep ReLUs alive at tiny widths
+        randomise_bn(model)
         model.eval()
         x = torch.randn(2, cin, 32, 48)
         with torch.no_grad():
@@ -99,4 +140,6 @@ def main(out: Path):
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "tests/data/torch"))
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "tests/data/torch")
+    main(target)
+    smp_main(target)

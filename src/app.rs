@@ -137,8 +137,13 @@ fn predict_d<const D: usize>(
 
 /// Converts a PyTorch NestedUNet/UNet checkpoint (`.pth`, `.pt`, `.safetensors`) into a unetpp
 /// checkpoint; inputs are to be normalised with `normalize`.
-pub fn import(src: &Path, out: &Path, normalize: crate::data::Normalize) -> anyhow::Result<crate::import::Report> {
-    let (model, report) = crate::import::import(src, &Device::flex())?;
+pub fn import(
+    src: &Path,
+    out: &Path,
+    normalize: crate::data::Normalize,
+    opts: crate::import::ImportOptions,
+) -> anyhow::Result<crate::import::Report> {
+    let (model, report) = crate::import::import_with(src, opts, &Device::flex())?;
     let cfg = model.config().clone();
     let data = crate::data::DataConfig { channels: cfg.in_channels, classes: cfg.classes, normalize };
     checkpoint::save(&model, &Meta { model: cfg, data, epoch: 0, val_iou: None }, out)?;
@@ -182,9 +187,10 @@ pub fn info(cfg: &ModelConfig) -> anyhow::Result<String> {
     let mut s = String::new();
     writeln!(
         s,
-        "{:?} ({:?} preset), {}D, depth {}, filters {:?}",
+        "{:?} ({:?} preset, {:?} encoder), {}D, depth {}, filters {:?}",
         cfg.arch,
         cfg.preset,
+        cfg.encoder,
         cfg.dims,
         cfg.depth,
         (0..=cfg.depth).map(|i| cfg.filters(i)).collect::<Vec<_>>()
@@ -202,16 +208,19 @@ pub fn info(cfg: &ModelConfig) -> anyhow::Result<String> {
             (0..=cfg.depth - i).filter(|&j| cfg.has_node(i, j)).map(|j| format!("X{i},{j}")).collect();
         writeln!(s, "  {}", row.join(" "))?;
     }
-    let params = |c: &ModelConfig| match c.dims {
-        2 => c.init::<4>(&device).num_params(),
-        _ => c.init::<5>(&device).num_params(),
+    let params = |pruned: Option<usize>| -> anyhow::Result<usize> {
+        Ok(match (cfg.dims, pruned) {
+            (2, None) => cfg.init::<4>(&device).num_params(),
+            (2, Some(l)) => cfg.init::<4>(&device).prune(l)?.num_params(),
+            (_, None) => cfg.init::<5>(&device).num_params(),
+            (_, Some(l)) => cfg.init::<5>(&device).prune(l)?.num_params(),
+        })
     };
-    writeln!(s, "parameters: {}", params(cfg))?;
+    writeln!(s, "parameters: {} (BatchNorm running statistics included)", params(None)?)?;
     let heads = cfg.head_columns();
     if heads.len() > 1 {
         for l in heads {
-            let pruned = ModelConfig { depth: l, deep_supervision: false, ..cfg.clone() };
-            writeln!(s, "  pruned L{l}: {} parameters, {} nodes", params(&pruned), cfg.plan(l).len())?;
+            writeln!(s, "  pruned L{l}: {} parameters, {} nodes", params(Some(l))?, cfg.plan(l).len())?;
         }
     }
     Ok(s)

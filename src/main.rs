@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use unetpp::app::{self, InferOptions};
 use unetpp::backend::Backend;
 use unetpp::data::{DataConfig, Normalize};
-use unetpp::model::{Arch, Mode, ModelConfig, Preset};
+use unetpp::model::{Arch, Encoder, Mode, ModelConfig, Preset};
 use unetpp::train::TrainConfig;
 
 #[derive(Parser)]
@@ -89,6 +89,9 @@ enum Command {
         /// How the PyTorch model's inputs were normalised (see `train --help`)
         #[arg(long, default_value = "percentile")]
         normalize: Normalize,
+        /// smp models trained with decoder_interpolation="bilinear" (the weights cannot tell)
+        #[arg(long)]
+        bilinear: bool,
     },
     /// Write a 2D checkpoint as .safetensors with pytorch-nested-unet names
     Export {
@@ -143,8 +146,16 @@ struct ModelArgs {
     arch: Arch,
     #[arg(long, value_enum, default_value = "modern")]
     preset: Preset,
-    #[arg(long, default_value_t = 4)]
-    depth: usize,
+    /// Down-sampling steps L (default 4; 5 with a ResNet encoder, as smp)
+    #[arg(long)]
+    depth: Option<usize>,
+    /// Encoder column X^{i,0}: the paper's blocks, or a ResNet as in segmentation_models.pytorch
+    /// (2D; nearest up-sampling, 3x3 head, decoder widths 256..16 unless --decoder-channels)
+    #[arg(long, value_enum, default_value = "plain")]
+    encoder: Encoder,
+    /// Widths of the U-Net-path nodes X^{i,L-i}, deepest first, e.g. 256,128,64,32,16
+    #[arg(long, value_delimiter = ',')]
+    decoder_channels: Option<Vec<usize>>,
     /// Filters at level 0 (default 32; 35 for wide-unet)
     #[arg(long)]
     width: Option<usize>,
@@ -164,14 +175,21 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn config(&self, dims: usize) -> ModelConfig {
-        let base = ModelConfig::new(self.arch, self.preset, self.depth);
-        ModelConfig {
+        let depth = self.depth.unwrap_or(if self.encoder == Encoder::Plain { 4 } else { 5 });
+        let base = ModelConfig::new(self.arch, self.preset, depth);
+        let cfg = ModelConfig {
             width: self.width.unwrap_or(base.width),
             in_channels: self.channels,
             classes: self.classes,
             dims: self.dims.unwrap_or(dims),
             deep_supervision: base.deep_supervision && !self.no_deep_supervision,
             ..base
+        };
+        let ds = cfg.deep_supervision;
+        let cfg = cfg.with_encoder(self.encoder, ds);
+        match &self.decoder_channels {
+            Some(d) => ModelConfig { decoder_channels: d.clone(), ..cfg },
+            None => cfg,
         }
     }
 }
@@ -299,8 +317,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Import { from, out, normalize } => {
-            let report = app::import(&from, &out, normalize)?;
+        Command::Import { from, out, normalize, bilinear } => {
+            let report = app::import(&from, &out, normalize, unetpp::import::ImportOptions { bilinear })?;
             print!("{report}");
             println!("written to {}", out.display());
             Ok(())
@@ -352,14 +370,18 @@ fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         eprintln!("no --data given: training on the bundled sample {} (pass --data DIR for your own)", data.display());
     }
     let dims = app::detect_dims(&data)?;
-    let model = match &a.weights {
-        Some(w) => unetpp::checkpoint::read_meta(w)?.model,
-        None => a.model.config(dims),
+    // Fine-tuning keeps the checkpoint's architecture and, unless told otherwise, its input normalisation.
+    let (model, normalize) = match &a.weights {
+        Some(w) => {
+            let meta = unetpp::checkpoint::read_meta(w)?;
+            (meta.model, a.normalize.or(Some(meta.data.normalize)))
+        }
+        None => (a.model.config(dims), a.normalize),
     };
     let patch = parse_size(a.patch.as_deref())?.unwrap_or(if model.dims == 3 { [64; 3] } else { [1, 96, 96] });
     let tile = parse_size(a.tile.as_deref())?.unwrap_or(app::default_tile(&model));
     let val_crop = if model.dims == 3 { [64, 192, 192] } else { [1, 384, 384] };
-    let normalize = a.normalize.unwrap_or(if model.dims == 3 {
+    let normalize = normalize.unwrap_or(if model.dims == 3 {
         Normalize::ZScore
     } else {
         Normalize::Percentile { low: 0.5, high: 99.5 }

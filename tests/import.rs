@@ -105,7 +105,58 @@ fn mismatched_checkpoints_are_refused() {
     )];
     std::fs::write(&other, safetensors::serialize(views, None).unwrap()).unwrap();
     let e = import::import(&other, &device).unwrap_err().to_string();
-    assert!(e.contains("not a NestedUNet/UNet checkpoint"), "{e}");
+    assert!(e.contains("neither a NestedUNet/UNet checkpoint"), "{e}");
+}
+
+const SMP: [(&str, &str, unetpp::model::Encoder); 3] = [
+    ("smp_resnet18", "pth", unetpp::model::Encoder::Resnet18),
+    ("smp_resnet34", "safetensors", unetpp::model::Encoder::Resnet34),
+    ("smp_resnet50", "safetensors", unetpp::model::Encoder::Resnet50),
+];
+
+/// segmentation_models.pytorch UnetPlusPlus (float16 weights) on ResNet-18/34/50.
+#[test]
+fn smp_unetplusplus_matches_pytorch() {
+    let device = Device::flex();
+    for (case, ext, encoder) in SMP {
+        let (model, report) = import::import(&data(&format!("{case}.{ext}")), &device).unwrap();
+        assert_eq!(model.config().encoder, encoder, "{case}");
+        assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{report}");
+        let err = check(&model, case);
+        eprintln!("{case}.{ext}: {} tensors, max abs error {err:.2e}", report.mapped.len());
+        assert!(err <= 1e-4, "{case}.{ext}: max abs error {err}");
+    }
+}
+
+/// smp keeps every encoder stage in its state dict whatever its depth; those it never runs are
+/// reported as ignored, while a wrong shape in a stage it does run is an error.
+#[test]
+fn smp_unused_stages_ignored_wrong_shapes_refused() {
+    let device = Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(data("smp_resnet34.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let extra = [0u8; 2 * 9];
+    let mut views = st.tensors();
+    let unused: Vec<String> = (0..3).map(|b| format!("encoder.layer4.{b}.conv1.weight")).collect();
+    for name in &unused {
+        views.push((
+            name.clone(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F16, vec![1, 1, 3, 3], &extra).unwrap(),
+        ));
+    }
+    let full = tmp.path().join("full.safetensors");
+    std::fs::write(&full, safetensors::serialize(views.clone(), None).unwrap()).unwrap();
+    let (model, report) = import::import(&full, &device).unwrap();
+    assert_eq!(report.ignored, unused);
+    assert!(check(&model, "smp_resnet34") <= 1e-4);
+
+    let i = views.iter().position(|(k, _)| k == "encoder.layer2.1.conv2.weight").unwrap();
+    views[i].1 = safetensors::tensor::TensorView::new(safetensors::Dtype::F16, vec![1, 1, 3, 3], &extra).unwrap();
+    let bad = tmp.path().join("bad.safetensors");
+    std::fs::write(&bad, safetensors::serialize(views, None).unwrap()).unwrap();
+    let e = format!("{:#}", import::import(&bad, &device).unwrap_err());
+    assert!(e.contains("bad.safetensors") && e.contains("layers.1.1.convs.1"), "{e}");
 }
 
 /// `unetpp import`, then fine-tuning the imported model with `train --weights`, then `export`.
@@ -148,4 +199,44 @@ fn import_fine_tune_export_cli() {
     run(&["export", "--checkpoint", tuned.to_str().unwrap(), "--out", exported.to_str().unwrap()]);
     let names = import::shapes(&exported).unwrap();
     assert_eq!(names, import::shapes(&data("nested_c1_k1_ds.safetensors")).unwrap());
+}
+
+/// An smp model comes over, fine-tunes on grey images (converted to RGB for its 3-channel
+/// stem) and predicts; a ResNet UNet++ trained here with deep supervision runs in fast mode.
+#[test]
+fn smp_import_fine_tune_and_encoder_training_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_unetpp");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin).args(args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{args:?}:\n{text}");
+        text
+    };
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/nuclei");
+    let ck = tmp.path().join("smp.unetpp");
+    let text =
+        run(&["import", "--from", &path(&data("smp_resnet18.pth")), "--out", &path(&ck), "--normalize", "imagenet"]);
+    assert!(text.contains("92 tensors mapped, 0 missing, 0 unexpected"), "{text}");
+    let short = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--patch", "32", "--tile", "64"];
+    let tuned = tmp.path().join("tuned");
+    let mut args = vec!["train", "--data", samples.to_str().unwrap(), "--out", tuned.to_str().unwrap()];
+    args.extend(["--weights", ck.to_str().unwrap()]);
+    args.extend(short);
+    run(&args);
+    let config = std::fs::read_to_string(tuned.join("config.toml")).unwrap();
+    assert!(config.contains("encoder = \"resnet18\"") && config.contains("imagenet"), "{config}");
+
+    let own = tmp.path().join("own");
+    let mut args = vec!["train", "--data", samples.to_str().unwrap(), "--out", own.to_str().unwrap()];
+    args.extend(["--encoder", "resnet18", "--depth", "3", "--channels", "3", "--normalize", "imagenet"]);
+    args.extend(short);
+    run(&args);
+    let best = own.join("checkpoints/best.unetpp");
+    let test = samples.join("test");
+    let eval = tmp.path().join("eval");
+    let text =
+        run(&["eval", "--checkpoint", &path(&best), "--data", &path(&test), "--mode", "fast:2", "--out", &path(&eval)]);
+    assert!(text.contains("Dice"), "{text}");
 }

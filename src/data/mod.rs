@@ -39,6 +39,9 @@ pub enum Normalize {
     ZScore,
     /// A fixed intensity window (e.g. CT Hounsfield units) mapped to [0, 1], clipped.
     Window { low: f32, high: f32 },
+    /// What ImageNet-pretrained encoders (torchvision, smp) expect: [0, 1] by the bit depth,
+    /// then the ImageNet mean/std per RGB channel (their average for grey).
+    Imagenet,
 }
 
 impl std::str::FromStr for Normalize {
@@ -54,8 +57,11 @@ impl std::str::FromStr for Normalize {
             ["percentile"] => Ok(Normalize::Percentile { low: 0.5, high: 99.5 }),
             ["percentile", _, _] => nums(1, 2).map(|(low, high)| Normalize::Percentile { low, high }),
             ["zscore"] => Ok(Normalize::ZScore),
+            ["imagenet"] => Ok(Normalize::Imagenet),
             ["window", _, _] => nums(1, 2).map(|(low, high)| Normalize::Window { low, high }),
-            _ => Err(format!("normalisation must be percentile[:LOW:HIGH], zscore or window:LOW:HIGH, got `{s}`")),
+            _ => Err(format!(
+                "normalisation must be percentile[:LOW:HIGH], zscore, imagenet or window:LOW:HIGH, got `{s}`"
+            )),
         }
     }
 }
@@ -64,8 +70,19 @@ impl Normalize {
     /// Normalises each channel of an image in place.
     pub fn apply(&self, data: &mut [f32], channels: usize) {
         let n = data.len() / channels;
-        for ch in data.chunks_mut(n) {
+        // 8-bit unless a value says otherwise.
+        let depth = if data.iter().any(|&x| x > 255.0) { 65535.0 } else { 255.0 };
+        for (c, ch) in data.chunks_mut(n).enumerate() {
             let (a, b) = match *self {
+                Normalize::Imagenet => {
+                    let (mean, sd) = if channels == 3 {
+                        ([0.485, 0.456, 0.406][c], [0.229, 0.224, 0.225][c])
+                    } else {
+                        (0.449, 0.226)
+                    };
+                    ch.iter_mut().for_each(|x| *x = (*x / depth - mean) / sd);
+                    continue;
+                }
                 Normalize::Window { low, high } => (low, high),
                 Normalize::Percentile { low, high } => {
                     let mut v = ch.to_vec();
@@ -238,5 +255,16 @@ mod tests {
         let mut v = vec![-1000.0, -300.0, 400.0, 1000.0];
         "window:-1000:400".parse::<Normalize>().unwrap().apply(&mut v, 1);
         assert_eq!(v, vec![0.0, 0.5, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn imagenet_per_channel() {
+        // One pixel per channel, RGB at 8 bits: (x/255 - mean) / std.
+        let mut v = vec![0.0, 255.0, 102.0];
+        "imagenet".parse::<Normalize>().unwrap().apply(&mut v, 3);
+        let want = [-0.485 / 0.229, (1.0 - 0.456) / 0.224, (0.4 - 0.406) / 0.225];
+        for (a, b) in v.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{v:?}");
+        }
     }
 }

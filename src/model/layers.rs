@@ -30,11 +30,13 @@ fn torch_init() -> Initializer {
     Initializer::KaimingUniform { gain: 1.0 / 3.0f64.sqrt(), fan_out_only: false }
 }
 
-/// A k^n convolution ("same" padding for odd k) with bias.
+/// A k^n convolution ("same" padding for odd k), optionally strided and without bias (the
+/// convolutions of ResNets and of smp's decoder, where BatchNorm follows, have none).
 #[derive(Module, Debug)]
 pub struct Conv<const D: usize> {
     pub weight: Param<Tensor<D>>,
-    pub bias: Param<Tensor<1>>,
+    pub bias: Option<Param<Tensor<1>>>,
+    pub stride: usize,
 }
 
 impl<const D: usize> Conv<D> {
@@ -46,21 +48,30 @@ impl<const D: usize> Conv<D> {
         let init = torch_init();
         Self {
             weight: init.init_with(shape, Some(fan_in), None, device),
-            bias: init.init_with([c_out], Some(fan_in), None, device),
+            bias: Some(init.init_with([c_out], Some(fan_in), None, device)),
+            stride: 1,
         }
+    }
+
+    pub fn without_bias(self) -> Self {
+        Self { bias: None, ..self }
+    }
+
+    pub fn with_stride(self, stride: usize) -> Self {
+        Self { stride, ..self }
     }
 
     pub fn forward(&self, x: Tensor<D>) -> Tensor<D> {
         let [_, _, k, ..] = self.weight.dims()[..] else { unreachable!() };
-        let p = k / 2;
-        let (w, b) = (self.weight.val(), Some(self.bias.val()));
+        let (p, s) = (k / 2, self.stride);
+        let (w, b) = (self.weight.val(), self.bias.as_ref().map(|b| b.val()));
         let y: Tensor<D> = match D {
             4 => {
-                let y = conv2d(rank::<D, 4>(x), rank::<D, 4>(w), b, ConvOptions::new([1; 2], [p; 2], [1; 2], 1));
+                let y = conv2d(rank::<D, 4>(x), rank::<D, 4>(w), b, ConvOptions::new([s; 2], [p; 2], [1; 2], 1));
                 rank::<4, D>(y)
             }
             _ => {
-                let y = conv3d(rank::<D, 5>(x), rank::<D, 5>(w), b, ConvOptions::new([1; 3], [p; 3], [1; 3], 1));
+                let y = conv3d(rank::<D, 5>(x), rank::<D, 5>(w), b, ConvOptions::new([s; 3], [p; 3], [1; 3], 1));
                 rank::<5, D>(y)
             }
         };
@@ -125,14 +136,21 @@ pub fn max_pool<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     }
 }
 
-/// x2 (bi/tri)linear up-sampling. 2D uses burn's bilinear kernel; the depth axis of 3D volumes
-/// is up-sampled here with the fixed 0.25/0.75 weights that align_corners=false gives at scale 2.
-pub fn upsample<const D: usize>(x: Tensor<D>, align_corners: bool) -> Tensor<D> {
+/// ResNet's stem pooling: 3x3 max pool, stride 2, padding 1 (2D only).
+pub fn max_pool_3x3<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    assert_eq!(D, 4, "ResNet encoders are 2D");
+    let y = max_pool2d(rank::<D, 4>(x), MaxPoolOptions::new([3, 3]).with_stride([2, 2]).with_padding([1, 1]));
+    rank::<4, D>(y)
+}
+
+/// x2 up-sampling: (bi/tri)linear, or nearest (smp's default). 2D uses burn's kernels; the depth
+/// axis of 3D volumes is up-sampled here, with the fixed 0.25/0.75 weights that
+/// align_corners=false gives at scale 2 (linear) or by repeating slices (nearest).
+pub fn upsample<const D: usize>(x: Tensor<D>, nearest: bool, align_corners: bool) -> Tensor<D> {
     let d = x.dims();
     let opts = |h: usize, w: usize| {
-        InterpolateOptions::new(InterpolateMode::Bilinear)
-            .with_align_corners(align_corners)
-            .with_output_size([2 * h, 2 * w])
+        let mode = if nearest { InterpolateMode::Nearest } else { InterpolateMode::Bilinear };
+        InterpolateOptions::new(mode).with_align_corners(align_corners).with_output_size([2 * h, 2 * w])
     };
     match D {
         4 => {
@@ -143,6 +161,10 @@ pub fn upsample<const D: usize>(x: Tensor<D>, align_corners: bool) -> Tensor<D> 
             let (n, c, z, h, w) = (d[0], d[1], d[2], d[3], d[4]);
             let y = interpolate(x.reshape([n, c * z, h, w]), opts(h, w));
             let y: Tensor<5> = y.reshape([n, c, z, 2 * h, 2 * w]);
+            if nearest {
+                let y: Tensor<6> = Tensor::stack(vec![y.clone(), y], 3);
+                return y.reshape(same::<5, D>([n, c, 2 * z, 2 * h, 2 * w]));
+            }
             // Neighbours along depth, edge-clamped.
             let (prev, next) = if z == 1 {
                 (y.clone(), y.clone())
@@ -171,12 +193,17 @@ pub struct Block<const D: usize> {
 }
 
 impl<const D: usize> Block<D> {
-    pub fn new(c_in: usize, c_out: usize, batch_norm: bool, dropout: f64, device: &Device) -> Self {
+    /// `bias: false` drops the conv biases (smp's decoder: BatchNorm makes them redundant).
+    pub fn new(c_in: usize, c_out: usize, batch_norm: bool, bias: bool, dropout: f64, device: &Device) -> Self {
         let norm = || batch_norm.then(|| BatchNormConfig::new(c_out).init(device));
+        let conv = |c_in| {
+            let c = Conv::new(c_in, c_out, 3, device);
+            if bias { c } else { c.without_bias() }
+        };
         Self {
-            conv1: Conv::new(c_in, c_out, 3, device),
+            conv1: conv(c_in),
             norm1: norm(),
-            conv2: Conv::new(c_out, c_out, 3, device),
+            conv2: conv(c_out),
             norm2: norm(),
             dropout: (dropout > 0.0).then(|| DropoutConfig::new(dropout).init()),
         }

@@ -10,14 +10,19 @@
 //! The same struct covers 2D (`D = 4`) and 3D (`D = 5`), any depth and width. Heads are 1x1
 //! convolutions on X^{0,j} returning logits. The sub-grid `i + j <= l` is a complete network
 //! ("UNet++ L_l"): fast mode evaluates only it, and [`UNetPP::prune`] keeps only it.
+//!
+//! With a ResNet encoder (segmentation_models.pytorch's `UnetPlusPlus`), X^{i,0} are the
+//! backbone's stages, X^{0,0} does not exist, and the nested decoder is the same grid.
 
 pub mod layers;
+pub mod resnet;
 
 use burn::module::Module;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use layers::{Block, Conv, UpConv, max_pool, upsample};
+use resnet::ResNet;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -25,6 +30,39 @@ pub enum Arch {
     Unet,
     WideUnet,
     Unetpp,
+}
+
+/// The encoder column X^{i,0}: the paper's own blocks, or a torchvision ResNet (ImageNet-style,
+/// stem at stride 2, so level 0 holds only decoder nodes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encoder {
+    #[default]
+    Plain,
+    Resnet18,
+    Resnet34,
+    Resnet50,
+}
+
+impl Encoder {
+    /// Blocks per stage and whether they are bottlenecks.
+    pub fn resnet(self) -> Option<([usize; 4], bool)> {
+        match self {
+            Encoder::Plain => None,
+            Encoder::Resnet18 => Some(([2, 2, 2, 2], false)),
+            Encoder::Resnet34 => Some(([3, 4, 6, 3], false)),
+            Encoder::Resnet50 => Some(([3, 4, 6, 3], true)),
+        }
+    }
+
+    /// Output channels of stage `level` (1..=5).
+    fn stage_width(self, level: usize) -> usize {
+        match (level, self.resnet()) {
+            (1, _) => 64,
+            (_, Some((_, true))) => 256 << (level - 2),
+            _ => 64 << (level - 2),
+        }
+    }
 }
 
 /// `paper`: the official Keras code (no BN, dropout 0.5, transposed-conv up-sampling).
@@ -54,6 +92,26 @@ pub struct ModelConfig {
     pub deep_supervision: bool,
     #[serde(default)]
     pub align_corners: bool,
+    /// Nearest-neighbour instead of (bi/tri)linear up-sampling (smp's default).
+    #[serde(default)]
+    pub nearest: bool,
+    #[serde(default)]
+    pub encoder: Encoder,
+    /// Widths of the nodes X^{i,L-i} on the U-Net path, deepest first (smp's `decoder_channels`);
+    /// empty: the level widths.
+    #[serde(default)]
+    pub decoder_channels: Vec<usize>,
+    /// Encoder models only: the nested nodes X^{0,1..L-1}. smp's UnetPlusPlus has none (its
+    /// X^{0,L} sees only the up-sampled X^{1,L-1}); deep supervision needs them.
+    #[serde(default)]
+    pub dense_top: bool,
+    /// Kernel of the heads: 1 (the paper), 3 (smp).
+    #[serde(default = "one")]
+    pub head_kernel: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl ModelConfig {
@@ -68,6 +126,29 @@ impl ModelConfig {
             dims: 2,
             deep_supervision: arch == Arch::Unetpp,
             align_corners: false,
+            nearest: false,
+            encoder: Encoder::Plain,
+            decoder_channels: vec![],
+            dense_top: false,
+            head_kernel: 1,
+        }
+    }
+
+    /// UNet++ on a ResNet as smp builds it (nearest up-sampling, 3x3 head, decoder widths
+    /// 256..16 for depth 5), with deep supervision if asked (adding X^{0,1..L-1} and their heads).
+    pub fn with_encoder(self, encoder: Encoder, deep_supervision: bool) -> Self {
+        if encoder == Encoder::Plain {
+            return self;
+        }
+        let l = self.depth;
+        Self {
+            encoder,
+            decoder_channels: (0..l).map(|k| 16 << (l - 1 - k)).collect(),
+            nearest: true,
+            head_kernel: 3,
+            deep_supervision: deep_supervision && self.arch == Arch::Unetpp,
+            dense_top: deep_supervision && self.arch == Arch::Unetpp,
+            ..self
         }
     }
 
@@ -82,16 +163,51 @@ impl ModelConfig {
             !(self.dims == 3 && self.align_corners),
             "align_corners up-sampling is only implemented for 2D"
         );
+        anyhow::ensure!(
+            self.decoder_channels.is_empty() || self.decoder_channels.len() == self.depth,
+            "decoder_channels needs one width per level ({}), got {:?}",
+            self.depth,
+            self.decoder_channels
+        );
+        anyhow::ensure!(self.head_kernel % 2 == 1, "head_kernel must be odd");
+        if self.encoder != Encoder::Plain {
+            anyhow::ensure!(
+                self.dims == 2 && self.preset == Preset::Modern,
+                "ResNet encoders are 2D and use the `modern` preset"
+            );
+            anyhow::ensure!(!self.decoder_channels.is_empty(), "an encoder model needs decoder_channels");
+            anyhow::ensure!(
+                !self.deep_supervision || self.dense_top,
+                "deep supervision on an encoder needs the nodes X^0,1..L-1 (dense_top)"
+            );
+        }
         Ok(())
     }
 
+    /// Width of level i: the encoder node X^{i,0} and the nested nodes beside it.
     pub fn filters(&self, level: usize) -> usize {
-        self.width << level
+        match (self.encoder, level) {
+            (Encoder::Plain, _) => self.width << level,
+            // Level 0 of an encoder model holds only decoder nodes.
+            (_, 0) => self.decoder_channels[self.depth - 1],
+            (e, _) => e.stage_width(level),
+        }
+    }
+
+    /// Width of node X^{i,j}: the level's, or the decoder width on the U-Net path i + j = L.
+    pub fn node_width(&self, i: usize, j: usize) -> usize {
+        if j > 0 && i + j == self.depth && !self.decoder_channels.is_empty() {
+            self.decoder_channels[self.depth - 1 - i]
+        } else {
+            self.filters(i)
+        }
     }
 
     /// Whether node X^{i,j} exists in this architecture.
     pub fn has_node(&self, i: usize, j: usize) -> bool {
-        i + j <= self.depth && (j == 0 || self.arch == Arch::Unetpp || i + j == self.depth)
+        let encoder = self.encoder != Encoder::Plain;
+        let top_ok = !(encoder && i == 0) || (j > 0 && (self.dense_top || i + j == self.depth));
+        top_ok && i + j <= self.depth && (j == 0 || self.arch == Arch::Unetpp || i + j == self.depth)
     }
 
     /// The columns j of the full-resolution nodes X^{0,j} that carry a head.
@@ -112,9 +228,9 @@ impl ModelConfig {
             _ => {
                 let up = match self.preset {
                     Preset::Paper => self.filters(i),
-                    Preset::Modern => self.filters(i + 1),
+                    Preset::Modern => self.node_width(i + 1, j - 1),
                 };
-                self.lateral_inputs(i, j).len() * self.filters(i) + up
+                self.lateral_inputs(i, j).iter().map(|&k| self.node_width(i, k)).sum::<usize>() + up
             }
         }
     }
@@ -136,20 +252,33 @@ impl ModelConfig {
         assert_eq!(D, self.dims + 2, "tensor rank must be dims + 2");
         let paper = self.preset == Preset::Paper;
         let dropout = if paper { 0.5 } else { 0.0 };
+        let plain = self.encoder == Encoder::Plain;
         let grid = (0..=self.depth)
             .map(|i| {
                 (0..=self.depth - i)
                     .map(|j| {
-                        self.has_node(i, j).then(|| Node {
+                        (self.has_node(i, j) && (plain || j > 0)).then(|| Node {
                             up: (paper && j > 0).then(|| UpConv::new(self.filters(i + 1), self.filters(i), device)),
-                            block: Block::new(self.node_inputs(i, j), self.filters(i), !paper, dropout, device),
+                            block: Block::new(
+                                self.node_inputs(i, j),
+                                self.node_width(i, j),
+                                !paper,
+                                plain,
+                                dropout,
+                                device,
+                            ),
                         })
                     })
                     .collect()
             })
             .collect();
-        let heads = self.head_columns().iter().map(|_| Conv::new(self.filters(0), self.classes, 1, device)).collect();
-        UNetPP { grid, heads, config: self.clone().into() }
+        let heads = self
+            .head_columns()
+            .iter()
+            .map(|&j| Conv::new(self.node_width(0, j), self.classes, self.head_kernel, device))
+            .collect();
+        let encoder = (!plain).then(|| ResNet::new(self.encoder, self.in_channels, self.depth, device));
+        UNetPP { encoder, grid, heads, config: self.clone().into() }
     }
 }
 
@@ -172,6 +301,8 @@ impl From<ModelConfig> for Frozen {
 
 #[derive(Module, Debug)]
 pub struct UNetPP<const D: usize> {
+    /// X^{i,0} for i >= 1 when the encoder is a ResNet (the grid then has no j = 0 nodes).
+    pub encoder: Option<ResNet<D>>,
     /// grid[i][j] = X^{i,j}; `None` where the architecture has no node.
     pub grid: Vec<Vec<Option<Node<D>>>>,
     /// heads[h] sits on X^{0, config.head_columns()[h]}.
@@ -233,7 +364,15 @@ impl<const D: usize> UNetPP<D> {
         let cfg = self.config();
         let mut out: Vec<Vec<Option<Tensor<D>>>> = (0..=level).map(|i| vec![None; level + 1 - i]).collect();
         let plan = cfg.plan(level);
+        if let Some(encoder) = &self.encoder {
+            for (i, f) in encoder.forward(x.clone(), level).into_iter().enumerate() {
+                out[i + 1][0] = Some(f);
+            }
+        }
         for &(i, j) in &plan {
+            if j == 0 && self.encoder.is_some() {
+                continue;
+            }
             let node = self.node(i, j);
             let input = if j == 0 {
                 if i == 0 { x.clone() } else { max_pool(out[i - 1][0].clone().unwrap()) }
@@ -241,7 +380,7 @@ impl<const D: usize> UNetPP<D> {
                 let below = out[i + 1][j - 1].clone().unwrap();
                 let up = match &node.up {
                     Some(up) => up.forward(below),
-                    None => upsample(below, cfg.align_corners),
+                    None => upsample(below, cfg.nearest, cfg.align_corners),
                 };
                 let mut parts: Vec<Tensor<D>> =
                     cfg.lateral_inputs(i, j).iter().map(|&k| out[i][k].clone().unwrap()).collect();
@@ -308,8 +447,14 @@ impl<const D: usize> UNetPP<D> {
             .enumerate()
             .map(|(i, row)| row.into_iter().take(level + 1 - i).collect())
             .collect();
-        let config = ModelConfig { depth: level, deep_supervision: false, ..cfg };
-        Ok(UNetPP { grid, heads: vec![head], config: config.into() })
+        let decoder_channels = if cfg.decoder_channels.is_empty() {
+            vec![]
+        } else {
+            (0..level).rev().map(|i| cfg.node_width(i, level - i)).collect()
+        };
+        let config = ModelConfig { depth: level, deep_supervision: false, decoder_channels, ..cfg };
+        let encoder = self.encoder.map(|e| e.truncate(level));
+        Ok(UNetPP { encoder, grid, heads: vec![head], config: config.into() })
     }
 }
 

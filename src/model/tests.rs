@@ -122,7 +122,7 @@ fn trilinear_depth_axis_matches_linear_interpolation() {
     let d = dev();
     // A ramp along depth 0,1,2 up-samples (align_corners=false) to 0,.25,.75,1.25,1.75,2.
     let x = Tensor::<1>::from_floats([0.0, 1.0, 2.0], &d).reshape([1, 1, 3, 1, 1]).repeat_dim(3, 2).repeat_dim(4, 2);
-    let y = layers::upsample(x, false);
+    let y = layers::upsample(x, false, false);
     assert_eq!(y.dims(), [1, 1, 6, 4, 4]);
     let col: Vec<f32> = y.narrow(3, 0, 1).narrow(4, 0, 1).into_data().iter::<f32>().collect();
     assert_eq!(col, vec![0.0, 0.25, 0.75, 1.25, 1.75, 2.0]);
@@ -134,4 +134,54 @@ fn max_pool_3d_takes_the_max_of_each_2x2x2_cube() {
     let x = Tensor::<1>::from_floats(std::array::from_fn::<f32, 16, _>(|i| i as f32), &d).reshape([1, 1, 2, 2, 4]);
     let y: Vec<f32> = layers::max_pool(x).into_data().iter::<f32>().collect();
     assert_eq!(y, vec![13.0, 15.0]);
+}
+
+fn resnet(encoder: Encoder, depth: usize, ds: bool) -> ModelConfig {
+    ModelConfig { in_channels: 3, ..ModelConfig::new(Arch::Unetpp, Preset::Modern, depth) }.with_encoder(encoder, ds)
+}
+
+/// segmentation_models.pytorch 0.6.0 `UnetPlusPlus(encoder, classes=1)` parameter counts plus
+/// its BatchNorm running statistics (burn counts those too): the encoder layout, the decoder
+/// widths and the 3x3 head must all match.
+#[test]
+fn smp_parameter_counts() {
+    let d = dev();
+    for (encoder, params, running) in [
+        (Encoder::Resnet18, 15_970_449, 13_376),
+        (Encoder::Resnet34, 26_078_609, 20_800),
+        (Encoder::Resnet50, 48_985_745, 59_968),
+    ] {
+        assert_eq!(resnet(encoder, 5, false).init::<4>(&d).num_params(), params + running, "{encoder:?}");
+    }
+}
+
+#[test]
+fn encoder_models_with_deep_supervision_prune_like_the_plain_grid() {
+    let d = dev();
+    let cfg = resnet(Encoder::Resnet18, 3, true);
+    cfg.validate().unwrap();
+    let m = cfg.init::<4>(&d).valid();
+    let x = Tensor::<4>::random([1, 3, 32, 16], burn::tensor::Distribution::Default, &d);
+    let full = m.forward_level(x.clone(), 3);
+    assert_eq!(full.heads.iter().map(|h| h.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+    for (_, h) in &full.heads {
+        assert_eq!(h.dims(), [1, 1, 32, 16]);
+    }
+    // No X^{0,0}: the sub-grid i + j <= 2 has 5 nodes (3 of them encoder stages).
+    assert_eq!(m.forward_level(x.clone(), 2).nodes_evaluated, 5);
+    let head2 = to_probs(full.heads[1].1.clone(), 1);
+    let fast = m.predict(x.clone(), Mode::Fast(2)).unwrap();
+    fast.to_data().assert_approx_eq::<f32>(&head2.to_data(), burn::tensor::Tolerance::absolute(1e-6));
+    let pruned = m.prune(2).unwrap();
+    pruned.config().validate().unwrap();
+    assert_eq!(pruned.encoder.as_ref().unwrap().layers.len(), 1);
+    let p = pruned.predict(x, Mode::Accurate).unwrap();
+    p.to_data().assert_approx_eq::<f32>(&head2.to_data(), burn::tensor::Tolerance::absolute(1e-6));
+}
+
+#[test]
+fn encoders_are_2d_modern_only() {
+    assert!(ModelConfig { dims: 3, ..resnet(Encoder::Resnet34, 4, true) }.validate().is_err());
+    assert!(ModelConfig { preset: Preset::Paper, ..resnet(Encoder::Resnet34, 4, true) }.validate().is_err());
+    assert!(ModelConfig { dense_top: false, ..resnet(Encoder::Resnet34, 4, true) }.validate().is_err());
 }

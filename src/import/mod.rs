@@ -1,7 +1,10 @@
 //! PyTorch UNet++ checkpoints in and out: the `NestedUNet` (and `UNet`) layout of
 //! pytorch-nested-unet — nodes `conv{i}_{j}` made of `conv1/bn1/conv2/bn2`, heads `final` or
 //! `final1..L`, bilinear up-sampling with align_corners=True — from `.pth`/`.pt` state dicts or
-//! `.safetensors`, with a report of every tensor mapped, missing or unexpected.
+//! `.safetensors`, with a report of every tensor mapped, missing or unexpected — and
+//! segmentation_models.pytorch's `UnetPlusPlus` on ResNet encoders ([`smp`]).
+
+pub mod smp;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,6 +18,9 @@ use burn::store::{
 
 use crate::model::{Arch, ModelConfig, Preset, UNetPP};
 
+/// Float tensors by name: shape and values (converted to f32).
+pub type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// What an import did with each tensor.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
@@ -23,6 +29,9 @@ pub struct Report {
     pub missing: Vec<String>,
     /// Checkpoint tensors the model has no place for (BatchNorm's `num_batches_tracked` is expected).
     pub unexpected: Vec<String>,
+    /// Checkpoint tensors knowingly left out (smp's encoder stages beyond its encoder depth,
+    /// which smp builds but never runs).
+    pub ignored: Vec<String>,
     pub errors: Vec<String>,
 }
 
@@ -30,11 +39,15 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{} tensors mapped, {} missing, {} unexpected",
+            "{} tensors mapped, {} missing, {} unexpected, {} ignored",
             self.mapped.len(),
             self.missing.len(),
-            self.unexpected.len()
+            self.unexpected.len(),
+            self.ignored.len()
         )?;
+        if !self.ignored.is_empty() {
+            writeln!(f, "  ignored: {} tensors of encoder stages the model never runs", self.ignored.len())?;
+        }
         for m in &self.missing {
             writeln!(f, "  missing: {m}")?;
         }
@@ -75,7 +88,11 @@ pub fn shapes(path: &Path) -> anyhow::Result<BTreeMap<String, Vec<usize>>> {
 pub fn infer_config(path: &Path, shapes: &BTreeMap<String, Vec<usize>>) -> anyhow::Result<ModelConfig> {
     let shape = |k: &str| shapes.get(k).cloned();
     let Some(first) = shape("conv0_0.conv1.weight") else {
-        bail!("{} is not a NestedUNet/UNet checkpoint: it has no `conv0_0.conv1.weight`", path.display());
+        bail!(
+            "{} is neither a NestedUNet/UNet checkpoint (no `conv0_0.conv1.weight`) nor an smp UnetPlusPlus \
+             (no `encoder.conv1.weight` and `decoder.blocks.x_*`)",
+            path.display()
+        );
     };
     ensure!(first.len() == 4, "{}: conv0_0.conv1.weight has shape {first:?}; only 2D models import", path.display());
     let depth = (1..=5).take_while(|i| shapes.contains_key(&format!("conv{i}_0.conv1.weight"))).count();
@@ -131,10 +148,91 @@ fn to_torch(cfg: &ModelConfig) -> KeyRemapper {
     KeyRemapper::from_patterns(pairs).expect("valid patterns")
 }
 
-/// Loads a NestedUNet/UNet checkpoint. Fails, listing them, if any parameter is missing or
-/// any tensor other than `num_batches_tracked` has no place in the model.
+/// Every floating-point tensor of a checkpoint as f32 (float16/bfloat16/float64 converted),
+/// wrapping prefixes removed; integer tensors (BatchNorm's `num_batches_tracked`) are skipped.
+pub fn read_tensors(path: &Path) -> anyhow::Result<Tensors> {
+    use burn::store::pytorch_reader::DType;
+    let p = path.display();
+    let to_f32 = |bytes: &[u8], size: usize, f: fn(&[u8]) -> f32| bytes.chunks_exact(size).map(f).collect::<Vec<f32>>();
+    let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let bf16 = |b: &[u8]| half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+    let f32_ = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let f64_ = |b: &[u8]| f64::from_le_bytes(b.try_into().unwrap()) as f32;
+    let mut raw = vec![];
+    if is_safetensors(path) {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {p}"))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow::anyhow!("{p} is not a valid safetensors file: {e}"))?;
+        for (k, v) in st.tensors() {
+            let data = match v.dtype() {
+                safetensors::Dtype::F16 => to_f32(v.data(), 2, f16),
+                safetensors::Dtype::BF16 => to_f32(v.data(), 2, bf16),
+                safetensors::Dtype::F32 => to_f32(v.data(), 4, f32_),
+                safetensors::Dtype::F64 => to_f32(v.data(), 8, f64_),
+                _ => continue,
+            };
+            raw.push((k, v.shape().to_vec(), data));
+        }
+    } else {
+        let reader = burn::store::pytorch_reader::PytorchReader::new(path)
+            .map_err(|e| anyhow::anyhow!("{p} is not a readable PyTorch checkpoint: {e}"))?;
+        for (k, t) in reader.tensors() {
+            let (size, f): (usize, fn(&[u8]) -> f32) = match t.dtype() {
+                DType::F16 => (2, f16),
+                DType::BF16 => (2, bf16),
+                DType::F32 => (4, f32_),
+                DType::F64 => (8, f64_),
+                _ => continue,
+            };
+            let bytes = t.read().with_context(|| format!("{p}: cannot read tensor `{k}`"))?;
+            raw.push((k.clone(), t.shape().to_vec(), to_f32(&bytes, size, f)));
+        }
+    }
+    let re = regex::Regex::new(PREFIX).unwrap();
+    Ok(raw.into_iter().map(|(k, s, d)| (re.replace(&k, "").into_owned(), (s, d))).collect())
+}
+
+/// Tensors in PyTorch conventions as an in-memory safetensors file.
+fn to_safetensors(tensors: &Tensors) -> anyhow::Result<Vec<u8>> {
+    let views = tensors
+        .iter()
+        .map(|(k, (s, d))| {
+            Ok((
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), bytemuck::cast_slice(d))?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(safetensors::serialize(views, None)?)
+}
+
+/// Options for checkpoints whose weights do not say everything.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ImportOptions {
+    /// smp models trained with `decoder_interpolation="bilinear"` (smp's default is nearest).
+    pub bilinear: bool,
+}
+
+/// Loads a NestedUNet/UNet or smp UnetPlusPlus checkpoint. Fails, listing them, if any
+/// parameter is missing or any tensor other than `num_batches_tracked` has no place in the model.
 pub fn import(path: &Path, device: &Device) -> anyhow::Result<(UNetPP<4>, Report)> {
-    let cfg = infer_config(path, &shapes(path)?)?;
+    import_with(path, ImportOptions::default(), device)
+}
+
+pub fn import_with(path: &Path, opts: ImportOptions, device: &Device) -> anyhow::Result<(UNetPP<4>, Report)> {
+    let shapes = shapes(path)?;
+    if smp::detect(&shapes) {
+        let cfg = smp::infer_config(path, &shapes, opts.bilinear)?;
+        let (tensors, ignored) = smp::to_ours(path, &cfg, read_tensors(path)?)?;
+        let mut model = cfg.init::<4>(device);
+        let mut store = SafetensorsStore::from_bytes(Some(to_safetensors(&tensors)?))
+            .with_from_adapter(PyTorchToBurnAdapter)
+            .map_indices_contiguous(false)
+            .allow_partial(true);
+        let result = model.load_from(&mut store).map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))?;
+        return finish(path, model, result, ignored);
+    }
+    let cfg = infer_config(path, &shapes)?;
     let mut model = cfg.init::<4>(device);
     let result = if is_safetensors(path) {
         let mut store = SafetensorsStore::from_file(path)
@@ -148,19 +246,30 @@ pub fn import(path: &Path, device: &Device) -> anyhow::Result<(UNetPP<4>, Report
             PytorchStore::from_file(path).remap(to_burn()).map_indices_contiguous(false).allow_partial(true);
         model.load_from(&mut store).map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))?
     };
+    finish(path, model, result, vec![])
+}
+
+fn finish(
+    path: &Path,
+    model: UNetPP<4>,
+    result: burn::store::ApplyResult,
+    ignored: Vec<String>,
+) -> anyhow::Result<(UNetPP<4>, Report)> {
     let report = Report {
         mapped: result.applied.clone(),
         missing: result.missing.iter().map(|(p, _)| p.clone()).collect(),
         unexpected: result.unused.iter().filter(|u| !u.ends_with("num_batches_tracked")).cloned().collect(),
+        ignored,
         errors: result.errors.iter().map(|e| e.to_string()).collect(),
     };
+    let cfg = model.config();
     ensure!(
         report.missing.is_empty() && report.unexpected.is_empty() && report.errors.is_empty(),
-        "{} does not match the architecture it describes ({:?}, depth {}, width {}):\n{report}",
+        "{} does not match the architecture it describes ({:?}, {:?} encoder, depth {}):\n{report}",
         path.display(),
         cfg.arch,
+        cfg.encoder,
         cfg.depth,
-        cfg.width
     );
     Ok((model, report))
 }
