@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::io::{self, fmt_shape};
 use crate::data::patch::{crop, images_tensor};
@@ -33,6 +33,17 @@ pub fn probabilities<const D: usize>(
     tile: [usize; 3],
     device: &Device,
 ) -> anyhow::Result<Vec<f32>> {
+    Ok(probabilities_modes(model, s, &[mode], tile, device)?.remove(0))
+}
+
+/// [`probabilities`] in several modes from one pass per window.
+pub fn probabilities_modes<const D: usize>(
+    model: &UNetPP<D>,
+    s: &Sample,
+    modes: &[Mode],
+    tile: [usize; 3],
+    device: &Device,
+) -> anyhow::Result<Vec<Vec<f32>>> {
     let cfg = model.config();
     let m = 1usize << cfg.depth;
     let win: [usize; 3] = std::array::from_fn(|a| {
@@ -45,23 +56,29 @@ pub fn probabilities<const D: usize>(
     });
     let n = s.voxels();
     let k = cfg.classes;
-    let mut sum = vec![0f32; k * n];
+    let mut sums = vec![vec![0f32; k * n]; modes.len()];
     let mut count = vec![0u16; n];
     let wn = win.iter().product::<usize>();
     for &oz in &origins(s.shape[0], win[0]) {
         for &oy in &origins(s.shape[1], win[1]) {
             for &ox in &origins(s.shape[2], win[2]) {
                 let patch = crop(s, [oz, oy, ox], win);
-                let probs = model.predict(images_tensor::<D>(&[&patch], device), mode)?;
-                let probs: Vec<f32> = probs.into_data().iter::<f32>().collect();
-                for z in 0..win[0].min(s.shape[0]) {
-                    for y in 0..win[1].min(s.shape[1] - oy as usize) {
-                        for x in 0..win[2].min(s.shape[2] - ox as usize) {
-                            let dst = ((oz as usize + z) * s.shape[1] + oy as usize + y) * s.shape[2] + ox as usize + x;
-                            let src = (z * win[1] + y) * win[2] + x;
-                            count[dst] += 1;
-                            for c in 0..k {
-                                sum[c * n + dst] += probs[c * wn + src];
+                let all = model.predict_modes(images_tensor::<D>(&[&patch], device), modes)?;
+                for (m, probs) in all.into_iter().enumerate() {
+                    let probs: Vec<f32> = probs.into_data().iter::<f32>().collect();
+                    let sum = &mut sums[m];
+                    for z in 0..win[0].min(s.shape[0]) {
+                        for y in 0..win[1].min(s.shape[1] - oy as usize) {
+                            for x in 0..win[2].min(s.shape[2] - ox as usize) {
+                                let dst =
+                                    ((oz as usize + z) * s.shape[1] + oy as usize + y) * s.shape[2] + ox as usize + x;
+                                let src = (z * win[1] + y) * win[2] + x;
+                                if m == 0 {
+                                    count[dst] += 1;
+                                }
+                                for c in 0..k {
+                                    sum[c * n + dst] += probs[c * wn + src];
+                                }
                             }
                         }
                     }
@@ -69,12 +86,14 @@ pub fn probabilities<const D: usize>(
             }
         }
     }
-    for c in 0..k {
-        for i in 0..n {
-            sum[c * n + i] /= count[i].max(1) as f32;
+    for sum in &mut sums {
+        for c in 0..k {
+            for i in 0..n {
+                sum[c * n + i] /= count[i].max(1) as f32;
+            }
         }
     }
-    Ok(sum)
+    Ok(sums)
 }
 
 /// Hard labels from probabilities: threshold 0.5 (binary) or arg-max.
@@ -106,7 +125,7 @@ pub struct ImageScore {
     pub per_class: Vec<Overlap>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Summary {
     pub mode: String,
     pub images: usize,
@@ -126,31 +145,53 @@ pub fn evaluate<const D: usize>(
     device: &Device,
     overlay_dir: Option<&Path>,
 ) -> anyhow::Result<(Vec<ImageScore>, Summary)> {
+    Ok(evaluate_modes(model, samples, &[mode], tile, device, overlay_dir)?.remove(0))
+}
+
+/// [`evaluate`] in several modes from one pass per window (overlays for the first mode).
+/// `seconds` is the wall time of the whole pass.
+pub fn evaluate_modes<const D: usize>(
+    model: &UNetPP<D>,
+    samples: &[Sample],
+    modes: &[Mode],
+    tile: [usize; 3],
+    device: &Device,
+    overlay_dir: Option<&Path>,
+) -> anyhow::Result<Vec<(Vec<ImageScore>, Summary)>> {
     let start = std::time::Instant::now();
     let classes = model.config().classes;
-    let mut scores = vec![];
+    let mut scores = vec![vec![]; modes.len()];
     for s in samples {
         anyhow::ensure!(!s.mask.is_empty(), "{} has no ground-truth mask to evaluate against", s.source.display());
-        let probs = probabilities(model, s, mode, tile, device)?;
-        let pred = labels(&probs, classes);
-        let (o, per_class) = overlap(&pred, &s.mask, classes);
-        if let Some(dir) = overlay_dir.filter(|_| s.shape[0] == 1) {
-            write_overlay(&dir.join(format!("{}.png", s.name)), s, &pred)?;
+        let all = probabilities_modes(model, s, modes, tile, device)?;
+        for (m, probs) in all.iter().enumerate() {
+            let pred = labels(probs, classes);
+            let (o, per_class) = overlap(&pred, &s.mask, classes);
+            if let Some(dir) = overlay_dir.filter(|_| s.shape[0] == 1 && m == 0) {
+                write_overlay(&dir.join(format!("{}.png", s.name)), s, &pred)?;
+            }
+            scores[m].push(ImageScore { name: s.name.clone(), iou: o.iou, dice: o.dice, per_class });
         }
-        scores.push(ImageScore { name: s.name.clone(), iou: o.iou, dice: o.dice, per_class });
     }
-    let (mean_dice, std_dice) = metrics::mean_std(&scores.iter().map(|s| s.dice).collect::<Vec<_>>());
-    let (mean_iou, std_iou) = metrics::mean_std(&scores.iter().map(|s| s.iou).collect::<Vec<_>>());
-    let summary = Summary {
-        mode: mode.to_string(),
-        images: scores.len(),
-        mean_dice,
-        std_dice,
-        mean_iou,
-        std_iou,
-        seconds: start.elapsed().as_secs_f64(),
-    };
-    Ok((scores, summary))
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(modes
+        .iter()
+        .zip(scores)
+        .map(|(mode, scores)| {
+            let (mean_dice, std_dice) = metrics::mean_std(&scores.iter().map(|s| s.dice).collect::<Vec<_>>());
+            let (mean_iou, std_iou) = metrics::mean_std(&scores.iter().map(|s| s.iou).collect::<Vec<_>>());
+            let summary = Summary {
+                mode: mode.to_string(),
+                images: scores.len(),
+                mean_dice,
+                std_dice,
+                mean_iou,
+                std_iou,
+                seconds,
+            };
+            (scores, summary)
+        })
+        .collect())
 }
 
 /// Grey image with true positives green, false positives red, false negatives blue.

@@ -4,6 +4,7 @@ pub mod backend;
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod experiment;
 pub mod import;
 pub mod infer;
 pub mod loss;

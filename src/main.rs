@@ -54,6 +54,21 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Train and evaluate every model x seed of a spec (experiments/*.toml) and write a report;
+    /// finished runs in --out are reused, cut-off ones resumed
+    Experiment {
+        #[arg(long)]
+        spec: PathBuf,
+        /// Run directory root (default runs/<spec file name>)
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Markdown report (a .png of the pruning trade-off is written beside it)
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// One seed, 3 steps, 2 test images: the whole pipeline in minutes
+        #[arg(long)]
+        quick: bool,
+    },
     /// Time forward passes (accurate, fast:4..1) and training steps of UNet++ L4 (modern)
     Bench {
         /// Repetitions per case (median reported)
@@ -296,6 +311,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Prune { checkpoint, level, out } => {
             let (before, after) = app::prune(&checkpoint, level, &out)?;
             println!("UNet++ L{level}: {after} parameters (from {before}), written to {}", out.display());
+            Ok(())
+        }
+        Command::Experiment { spec, out, report, quick } => {
+            let stem = spec.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+            let suffix = if quick { "-quick" } else { "" };
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{stem}{suffix}")));
+            let report = report.unwrap_or_else(|| out.join("results.md"));
+            let command: Vec<String> = std::env::args().skip(1).collect();
+            let command = format!("unetpp {}", command.join(" "));
+            let spec = unetpp::experiment::read_spec(&spec)?;
+            let results = unetpp::experiment::run(spec, &out, &report, &command, unetpp::experiment::Options { quick })?;
+            println!("{} runs; report written to {}", results.len(), report.display());
             Ok(())
         }
         Command::Bench { reps, dims, json, backend, train_only, compare, python, peer } => {

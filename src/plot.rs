@@ -62,3 +62,42 @@ pub fn curves(csv: &Path, png: &Path) -> anyhow::Result<()> {
     root.present().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", png.display()))?;
     Ok(())
 }
+
+/// The pruning trade-off: test IoU against inference time, one labelled point per level.
+pub fn pruning(points: &[(String, f64, f64)], png: &Path) -> anyhow::Result<()> {
+    if points.is_empty() {
+        return Ok(());
+    }
+    let labels = font();
+    let root = BitMapBackend::new(png, (640, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (x_hi, (y_lo, y_hi)) = points
+        .iter()
+        .fold((0f64, (f64::MAX, f64::MIN)), |(x, (a, b)), p| (x.max(p.1), (a.min(p.2), b.max(p.2))));
+    let pad = ((y_hi - y_lo) * 0.15).max(0.01);
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(20);
+    if labels {
+        builder.caption("UNet++ pruned: accuracy vs speed", ("sans-serif", 20)).x_label_area_size(35).y_label_area_size(55);
+    }
+    let mut chart = builder
+        .build_cartesian_2d(0.0..x_hi * 1.15, (y_lo - pad)..(y_hi + pad))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut mesh = chart.configure_mesh();
+    if labels {
+        mesh.x_desc("ms per 512x512 image").y_desc("test IoU");
+    } else {
+        mesh.disable_x_axis().disable_y_axis();
+    }
+    mesh.draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pts: Vec<(f64, f64)> = points.iter().map(|p| (p.1, p.2)).collect();
+    chart.draw_series(LineSeries::new(pts.clone(), BLUE.stroke_width(2))).map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart.draw_series(pts.iter().map(|&p| Circle::new(p, 5, BLUE.filled()))).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if labels {
+        chart
+            .draw_series(points.iter().map(|(l, x, y)| Text::new(l.clone(), (*x, *y), ("sans-serif", 16))))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    root.present().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", png.display()))?;
+    Ok(())
+}

@@ -61,6 +61,9 @@ pub struct State {
     pub best_iou: f64,
     pub best_epoch: usize,
     pub stopped_early: bool,
+    /// Wall time of all epochs so far, across resumes.
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 pub struct Run {
@@ -191,6 +194,7 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
     }
     while state.epoch < cfg.epochs && !state.stopped_early {
         let epoch = state.epoch + 1;
+        let epoch_start = Instant::now();
         // Seeded per epoch, so a resumed run sees the same patches as an uninterrupted one.
         let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
         device.seed(cfg.seed.wrapping_add(epoch as u64));
@@ -238,6 +242,7 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
             (s.mean_iou, s.mean_dice)
         };
         state.epoch = epoch;
+        state.seconds += epoch_start.elapsed().as_secs_f64();
         let meta = Meta {
             model: cfg.model.clone(),
             data: cfg.input.clone(),

@@ -407,26 +407,42 @@ impl<const D: usize> UNetPP<D> {
 
     /// Probabilities for inference in the given mode: sigmoid (binary) or softmax over classes.
     pub fn predict(&self, x: Tensor<D>, mode: Mode) -> anyhow::Result<Tensor<D>> {
+        Ok(self.predict_modes(x, &[mode])?.remove(0))
+    }
+
+    /// Probabilities in several modes from one pass over the grid: fast:j's head is the same
+    /// head whether or not the rest of the grid was evaluated, so scoring every pruning level
+    /// costs one accurate-mode pass.
+    pub fn predict_modes(&self, x: Tensor<D>, modes: &[Mode]) -> anyhow::Result<Vec<Tensor<D>>> {
         let cfg = self.config();
-        let level = match mode {
-            Mode::Accurate => cfg.depth,
-            Mode::Fast(l) => {
-                anyhow::ensure!(
-                    cfg.head_columns().contains(&l),
-                    "fast:{l} needs a head on X^0,{l}; this model has heads on columns {:?}",
-                    cfg.head_columns()
-                );
-                l
-            }
-        };
-        let heads = self.forward_level(x, level).heads;
-        let heads: Vec<Tensor<D>> = match mode {
-            Mode::Accurate => heads.into_iter().map(|(_, t)| t).collect(),
-            Mode::Fast(l) => heads.into_iter().filter(|(j, _)| *j == l).map(|(_, t)| t).collect(),
-        };
-        let n = heads.len() as f64;
-        let probs = heads.into_iter().map(|t| to_probs(t, cfg.classes)).reduce(|a, b| a + b).unwrap();
-        Ok(probs.div_scalar(n))
+        let mut level = 0;
+        for &mode in modes {
+            level = level.max(match mode {
+                Mode::Accurate => cfg.depth,
+                Mode::Fast(l) => {
+                    anyhow::ensure!(
+                        cfg.head_columns().contains(&l),
+                        "fast:{l} needs a head on X^0,{l}; this model has heads on columns {:?}",
+                        cfg.head_columns()
+                    );
+                    l
+                }
+            });
+        }
+        let probs: Vec<(usize, Tensor<D>)> =
+            self.forward_level(x, level).heads.into_iter().map(|(j, t)| (j, to_probs(t, cfg.classes))).collect();
+        Ok(modes
+            .iter()
+            .map(|&mode| {
+                let picked: Vec<Tensor<D>> = probs
+                    .iter()
+                    .filter(|(j, _)| mode == Mode::Accurate || mode == Mode::Fast(*j))
+                    .map(|(_, t)| t.clone())
+                    .collect();
+                let n = picked.len() as f64;
+                picked.into_iter().reduce(|a, b| a + b).unwrap().div_scalar(n)
+            })
+            .collect())
     }
 
     /// "UNet++ L_l": keeps only the nodes i + j <= l and the head on X^{0,l}. The result is a
