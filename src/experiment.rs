@@ -49,6 +49,9 @@ pub struct Spec {
     /// Image size [depth, height, width] at which each pruning level is timed.
     #[serde(default)]
     pub timing: Option<[usize; 3]>,
+    /// Names of labels 1..classes (multi-class data), for the per-class table.
+    #[serde(default)]
+    pub class_names: Vec<String>,
 }
 
 /// `--quick`: the whole pipeline in minutes (one seed, a few steps, few test images).
@@ -71,6 +74,9 @@ pub struct RunResult {
     pub modes: Vec<Summary>,
     /// Per test image IoU in accurate mode.
     pub images: Vec<(String, f64)>,
+    /// Dice of labels 1..classes in accurate mode, mean over test images.
+    #[serde(default)]
+    pub class_dice: Vec<f64>,
 }
 
 fn slug(s: &str) -> String {
@@ -162,7 +168,7 @@ fn run_one(cfg: TrainConfig, dir: &Path, name: &str, fold: Option<&str>, quick: 
         2 => evaluate::<4>(&cfg, &ck, quick)?,
         _ => evaluate::<5>(&cfg, &ck, quick)?,
     };
-    let (eval_seconds, modes, images) = result;
+    let (eval_seconds, modes, images, class_dice) = result;
     let r = RunResult {
         model: name.to_string(),
         seed: cfg.seed,
@@ -173,12 +179,13 @@ fn run_one(cfg: TrainConfig, dir: &Path, name: &str, fold: Option<&str>, quick: 
         eval_seconds,
         modes,
         images,
+        class_dice,
     };
     checkpoint::write_atomic(&cached, serde_json::to_string_pretty(&r)?.as_bytes())?;
     Ok(r)
 }
 
-type Eval = (f64, Vec<Summary>, Vec<(String, f64)>);
+type Eval = (f64, Vec<Summary>, Vec<(String, f64)>, Vec<f64>);
 
 fn test_samples(cfg: &TrainConfig, meta_data: &data::DataConfig, quick: bool) -> anyhow::Result<Vec<data::Sample>> {
     let splits = Splits::find(&cfg.data)?;
@@ -198,8 +205,12 @@ fn evaluate<const D: usize>(cfg: &TrainConfig, ck: &Path, quick: bool) -> anyhow
     let start = std::time::Instant::now();
     let all = infer::evaluate_modes(&model, &samples, &modes, cfg.tile, &device, None)?;
     let seconds = start.elapsed().as_secs_f64();
-    let images = all[0].0.iter().map(|s| (s.name.clone(), s.iou)).collect();
-    Ok((seconds, all.into_iter().map(|(_, s)| s).collect(), images))
+    let scores = &all[0].0;
+    let images = scores.iter().map(|s| (s.name.clone(), s.iou)).collect();
+    let class_dice = (0..scores[0].per_class.len())
+        .map(|c| scores.iter().map(|s| s.per_class[c].dice).sum::<f64>() / scores.len() as f64)
+        .collect();
+    Ok((seconds, all.into_iter().map(|(_, s)| s).collect(), images, class_dice))
 }
 
 /// Otsu's threshold on the normalised image (foreground = brighter), per test image.
@@ -297,7 +308,11 @@ pub fn run(spec: Spec, out: &Path, report: &Path, command: &str, o: Options) -> 
                 if let Some(f) = fold {
                     dir = dir.join(format!("fold-{f}"));
                 }
-                eprintln!("== {} seed {seed}{}", v.name, fold.as_ref().map(|f| format!(" test {f}")).unwrap_or_default());
+                eprintln!(
+                    "== {} seed {seed}{}",
+                    v.name,
+                    fold.as_ref().map(|f| format!(" test {f}")).unwrap_or_default()
+                );
                 let r = run_one(spec.config(v, *seed, data), &dir, &v.name, fold.as_deref(), o.quick)?;
                 results.push(r);
                 // Re-rendered after every run, so an interrupted experiment still has a report.
@@ -355,7 +370,9 @@ fn git_commit() -> String {
 fn cpu() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap().trim().to_string()))
+        .and_then(|t| {
+            t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap().trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
@@ -385,7 +402,10 @@ fn render(
          foreground share {}, early stopping after {} epochs without a better validation IoU; seeds {:?}.\n",
         t.epochs, t.steps_per_epoch, t.batch_size, t.patch, t.lr, t.foreground, t.patience, spec.seeds
     )?;
-    writeln!(s, "## Test scores (accurate mode, mean ± std over runs; each run's score is its mean over test images)\n")?;
+    writeln!(
+        s,
+        "## Test scores (accurate mode, mean ± std over runs; each run's score is its mean over test images)\n"
+    )?;
     writeln!(s, "| model | params | runs | IoU | Dice | train time per run | epochs run (best) |")?;
     writeln!(s, "|---|---|---|---|---|---|---|")?;
     if let Some(o) = otsu {
@@ -470,6 +490,21 @@ fn render(
             let png = report.with_extension("png");
             crate::plot::pruning(&points, &png)?;
             writeln!(s, "\n![pruning]({})", png.file_name().unwrap().to_string_lossy())?;
+        }
+    }
+    if t.model.classes > 1 {
+        let names: Vec<String> = (1..t.model.classes)
+            .map(|c| spec.class_names.get(c - 1).cloned().unwrap_or_else(|| format!("label {c}")))
+            .collect();
+        writeln!(s, "\n## Dice per label (accurate mode, mean over runs)\n")?;
+        writeln!(s, "| model | {} |", names.join(" | "))?;
+        writeln!(s, "|---|{}|", "---|".repeat(names.len()))?;
+        for v in &spec.models {
+            let runs: Vec<&RunResult> = results.iter().filter(|r| r.model == v.name).collect();
+            let cells: Vec<String> = (0..names.len())
+                .map(|c| pm(&runs.iter().filter_map(|r| r.class_dice.get(c).copied()).collect::<Vec<_>>()))
+                .collect();
+            writeln!(s, "| {} | {} |", v.name, cells.join(" | "))?;
         }
     }
     if spec.folds {

@@ -321,7 +321,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let command: Vec<String> = std::env::args().skip(1).collect();
             let command = format!("unetpp {}", command.join(" "));
             let spec = unetpp::experiment::read_spec(&spec)?;
-            let results = unetpp::experiment::run(spec, &out, &report, &command, unetpp::experiment::Options { quick })?;
+            let results =
+                unetpp::experiment::run(spec, &out, &report, &command, unetpp::experiment::Options { quick })?;
             println!("{} runs; report written to {}", results.len(), report.display());
             Ok(())
         }

@@ -71,18 +71,19 @@ pub fn pruning(points: &[(String, f64, f64)], png: &Path) -> anyhow::Result<()> 
     let labels = font();
     let root = BitMapBackend::new(png, (640, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (x_hi, (y_lo, y_hi)) = points
-        .iter()
-        .fold((0f64, (f64::MAX, f64::MIN)), |(x, (a, b)), p| (x.max(p.1), (a.min(p.2), b.max(p.2))));
+    let (x_hi, (y_lo, y_hi)) =
+        points.iter().fold((0f64, (f64::MAX, f64::MIN)), |(x, (a, b)), p| (x.max(p.1), (a.min(p.2), b.max(p.2))));
     let pad = ((y_hi - y_lo) * 0.15).max(0.01);
     let mut builder = ChartBuilder::on(&root);
     builder.margin(20);
     if labels {
-        builder.caption("UNet++ pruned: accuracy vs speed", ("sans-serif", 20)).x_label_area_size(35).y_label_area_size(55);
+        builder
+            .caption("UNet++ pruned: accuracy vs speed", ("sans-serif", 20))
+            .x_label_area_size(35)
+            .y_label_area_size(55);
     }
-    let mut chart = builder
-        .build_cartesian_2d(0.0..x_hi * 1.15, (y_lo - pad)..(y_hi + pad))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut chart =
+        builder.build_cartesian_2d(0.0..x_hi * 1.15, (y_lo - pad)..(y_hi + pad)).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut mesh = chart.configure_mesh();
     if labels {
         mesh.x_desc("ms per 512x512 image").y_desc("test IoU");

@@ -319,3 +319,91 @@ fn existing_runs_and_checkpoints_are_never_overwritten_or_misread() {
     std::fs::write(&cut, b"hello").unwrap();
     fails(&["info", "--checkpoint", s(&cut)], &["cut.unetpp", "not a unetpp checkpoint"]);
 }
+
+/// `experiment` on the bundled sample: every model trained and scored, the report written with
+/// the comparison, mode and pruning tables; a second call reuses the cached runs.
+#[test]
+fn experiment_runs_every_model_and_reuses_finished_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = samples("nuclei");
+    let spec = format!(
+        r#"
+title = "tiny"
+seeds = [1, 2]
+otsu = true
+timing = [1, 64, 64]
+
+[[models]]
+name = "U-Net"
+arch = "unet"
+deep_supervision = false
+
+[[models]]
+name = "UNet++ DS"
+arch = "unetpp"
+deep_supervision = true
+
+[train]
+data = "{}"
+epochs = 1
+steps_per_epoch = 2
+batch_size = 2
+lr = 0.001
+patch = [1, 32, 32]
+foreground = 0.5
+patience = 2
+seed = 0
+val_fraction = 0.2
+tile = [1, 64, 64]
+val_crop = [1, 64, 64]
+skip_bad = false
+
+[train.model]
+arch = "unetpp"
+preset = "modern"
+depth = 2
+width = 4
+in_channels = 1
+classes = 1
+dims = 2
+deep_supervision = true
+
+[train.input]
+channels = 1
+classes = 1
+
+[train.input.normalize]
+kind = "percentile"
+low = 0.5
+high = 99.5
+"#,
+        data.display()
+    );
+    let spec_path = tmp.path().join("tiny.toml");
+    std::fs::write(&spec_path, spec).unwrap();
+    let out = tmp.path().join("runs");
+    let report = tmp.path().join("docs/results.md");
+    let args = ["experiment", "--spec", s(&spec_path), "--out", s(&out), "--report", s(&report)];
+    assert!(ok(&args).contains("4 runs"));
+    let text = std::fs::read_to_string(&report).unwrap();
+    for needle in ["| Otsu threshold |", "| U-Net |", "| UNet++ DS |", "| fast:1 |", "UNet++ L1 (fast:1)", "pruning"] {
+        assert!(text.contains(needle), "report lacks `{needle}`:\n{text}");
+    }
+    assert!(report.with_extension("png").exists());
+    assert!(out.join("u-net/seed-2/result.json").exists());
+    // Cached: no run directory is touched again, the numbers are the same.
+    let stamp = std::fs::metadata(out.join("u-net/seed-1/result.json")).unwrap().modified().unwrap();
+    ok(&args);
+    assert_eq!(std::fs::metadata(out.join("u-net/seed-1/result.json")).unwrap().modified().unwrap(), stamp);
+    let again = std::fs::read_to_string(&report).unwrap();
+    let table = |t: &str| t.lines().filter(|l| l.starts_with("| U-Net")).map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(table(&again), table(&text));
+    // A reference run in the same format (as bench/train_ref.py writes) gets its own row.
+    let reference = out.join("pytorch/seed-1");
+    std::fs::create_dir_all(&reference).unwrap();
+    let r = std::fs::read_to_string(out.join("unet---ds/seed-1/result.json")).unwrap();
+    std::fs::write(reference.join("result.json"), r.replace("\"UNet++ DS\"", "\"UNet++ (deep supervision)\"")).unwrap();
+    ok(&args);
+    let text = std::fs::read_to_string(&report).unwrap();
+    assert!(text.contains("| PyTorch UNet++ (deep supervision) (reference) |"), "{text}");
+}
