@@ -41,16 +41,21 @@ fn check(model: &unetpp::model::UNetPP<4>, case: &str) -> f32 {
 
 const CASES: [&str; 4] = ["nested_c1_k1_ds", "nested_c3_k3_ds", "nested_c1_k3", "nested_c3_k1"];
 
+/// Imports `case.ext`, checks the report is complete and the outputs match PyTorch's.
+fn import_matches(case: &str, ext: &str) -> unetpp::model::UNetPP<4> {
+    let (model, report) = import::import(&data(&format!("{case}.{ext}")), &Device::flex()).unwrap();
+    assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{report}");
+    let err = check(&model, case);
+    eprintln!("{case}.{ext}: {} tensors, max abs error {err:.2e}", report.mapped.len());
+    assert!(err <= 1e-4, "{case}.{ext}: max abs error {err}");
+    model
+}
+
 #[test]
 fn nested_unet_matches_pytorch() {
-    let device = Device::flex();
     for case in CASES {
         for ext in ["pth", "safetensors"] {
-            let (model, report) = import::import(&data(&format!("{case}.{ext}")), &device).unwrap();
-            assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{report}");
-            let err = check(&model, case);
-            eprintln!("{case}.{ext}: {} tensors, max abs error {err:.2e}", report.mapped.len());
-            assert!(err <= 1e-4, "{case}.{ext}: max abs error {err}");
+            import_matches(case, ext);
         }
     }
 }
@@ -117,14 +122,8 @@ const SMP: [(&str, &str, unetpp::model::Encoder); 3] = [
 /// segmentation_models.pytorch UnetPlusPlus (float16 weights) on ResNet-18/34/50.
 #[test]
 fn smp_unetplusplus_matches_pytorch() {
-    let device = Device::flex();
     for (case, ext, encoder) in SMP {
-        let (model, report) = import::import(&data(&format!("{case}.{ext}")), &device).unwrap();
-        assert_eq!(model.config().encoder, encoder, "{case}");
-        assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{report}");
-        let err = check(&model, case);
-        eprintln!("{case}.{ext}: {} tensors, max abs error {err:.2e}", report.mapped.len());
-        assert!(err <= 1e-4, "{case}.{ext}: max abs error {err}");
+        assert_eq!(import_matches(case, ext).config().encoder, encoder, "{case}");
     }
 }
 
