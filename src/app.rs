@@ -70,6 +70,7 @@ fn eval_d<const D: usize>(
 ) -> anyhow::Result<Summary> {
     let device = opts.backend.device();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
+    let model = model.fold_batchnorm();
     let splits = Splits::find(data_dir)?;
     let dir = splits.test.or(splits.val).context("no test/ or val/ split to evaluate")?;
     let samples = data::load(&dir, &meta.data, true, skip_bad)?;
@@ -122,6 +123,7 @@ fn predict_d<const D: usize>(
 ) -> anyhow::Result<Vec<PathBuf>> {
     let device = opts.backend.device();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
+    let model = model.fold_batchnorm();
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let tile = opts.tile.unwrap_or(default_tile(&meta.model));
     let mut written = vec![];

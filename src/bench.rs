@@ -81,7 +81,7 @@ fn bench_d<const D: usize>(
     device.seed(0);
     let dims = crate::data::patch::batch_dims::<D>(batch, 1, shape);
     if !o.train_only {
-        let model = cfg.init::<D>(&device);
+        let model = cfg.init::<D>(&device).fold_batchnorm();
         let x = Tensor::<D>::random(dims, burn::tensor::Distribution::Default, &device);
         for mode in std::iter::once(Mode::Accurate).chain((1..=cfg.depth).rev().map(Mode::Fast)) {
             out.push(time(format!("forward {mode} {label}"), o.reps, || {

@@ -200,6 +200,7 @@ fn test_samples(cfg: &TrainConfig, meta_data: &data::DataConfig, quick: bool) ->
 fn evaluate<const D: usize>(cfg: &TrainConfig, ck: &Path, quick: bool) -> anyhow::Result<Eval> {
     let device = cfg.backend.device();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
+    let model = model.fold_batchnorm();
     let samples = test_samples(cfg, &meta.data, quick)?;
     let modes = modes_of(&meta.model);
     let start = std::time::Instant::now();
@@ -261,7 +262,8 @@ pub fn otsu_threshold(v: &[f32]) -> f32 {
 /// Parameters and median milliseconds of one image in each pruning level (and accurate).
 fn timing<const D: usize>(ck: &Path, size: [usize; 3], reps: usize) -> anyhow::Result<Vec<(Mode, usize, f64)>> {
     let device = Device::flex();
-    let (model, meta) = checkpoint::load::<D>(ck, &device)?;
+    let (raw, meta) = checkpoint::load::<D>(ck, &device)?;
+    let model = raw.clone().fold_batchnorm();
     let cfg = meta.model;
     let shape: [usize; D] = std::array::from_fn(|a| match a {
         0 => 1,
@@ -271,8 +273,8 @@ fn timing<const D: usize>(ck: &Path, size: [usize; 3], reps: usize) -> anyhow::R
     let mut rows = vec![];
     for mode in modes_of(&cfg) {
         let params = match mode {
-            Mode::Accurate => model.num_params(),
-            Mode::Fast(l) => model.clone().prune(l)?.num_params(),
+            Mode::Accurate => raw.num_params(),
+            Mode::Fast(l) => raw.clone().prune(l)?.num_params(),
         };
         let mut ms = vec![];
         for r in 0..=reps {

@@ -225,4 +225,29 @@ impl<const D: usize> Block<D> {
         let y = self.layer(x, &self.conv1, &self.norm1);
         self.layer(y, &self.conv2, &self.norm2)
     }
+
+    /// Inference only: each BatchNorm (running statistics) folded into the convolution before
+    /// it, which saves a pass over every activation. The block must not be trained afterwards.
+    pub fn fold_batchnorm(self) -> Self {
+        let (conv1, norm1) = fold(self.conv1, self.norm1);
+        let (conv2, norm2) = fold(self.conv2, self.norm2);
+        Self { conv1, norm1, conv2, norm2, ..self }
+    }
+}
+
+/// conv then BN(eval) == conv with weights scaled by gamma / sqrt(var + eps) per output channel
+/// and bias (b - mean) * scale + beta.
+pub fn fold<const D: usize>(conv: Conv<D>, norm: Option<BatchNorm>) -> (Conv<D>, Option<BatchNorm>) {
+    let Some(bn) = norm else { return (conv, None) };
+    let c = conv.weight.dims()[0];
+    let scale = bn.gamma.val() / bn.running_var.value().add_scalar(bn.epsilon).sqrt();
+    let shift = bn.beta.val() - bn.running_mean.value() * scale.clone();
+    let mut shape = [1usize; D];
+    shape[0] = c;
+    let weight = conv.weight.val() * scale.clone().reshape(shape);
+    let bias = match &conv.bias {
+        Some(b) => b.val() * scale + shift,
+        None => shift,
+    };
+    (Conv { weight: Param::from_tensor(weight), bias: Some(Param::from_tensor(bias)), stride: conv.stride }, None)
 }

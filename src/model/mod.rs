@@ -445,6 +445,17 @@ impl<const D: usize> UNetPP<D> {
             .collect())
     }
 
+    /// The model for inference: BatchNorm folded into the convolutions of every node (see
+    /// [`layers::Block::fold_batchnorm`]); same outputs, one pass less per layer.
+    pub fn fold_batchnorm(self) -> Self {
+        let grid = self
+            .grid
+            .into_iter()
+            .map(|row| row.into_iter().map(|n| n.map(|n| Node { block: n.block.fold_batchnorm(), ..n })).collect())
+            .collect();
+        Self { grid, ..self }
+    }
+
     /// "UNet++ L_l": keeps only the nodes i + j <= l and the head on X^{0,l}. The result is a
     /// depth-l network with one head, saved and loaded like any other model.
     pub fn prune(self, level: usize) -> anyhow::Result<UNetPP<D>> {

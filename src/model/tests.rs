@@ -185,3 +185,55 @@ fn encoders_are_2d_modern_only() {
     assert!(ModelConfig { preset: Preset::Paper, ..resnet(Encoder::Resnet34, 4, true) }.validate().is_err());
     assert!(ModelConfig { dense_top: false, ..resnet(Encoder::Resnet34, 4, true) }.validate().is_err());
 }
+
+/// Random BatchNorm statistics, so eval mode and folding have something to do.
+fn randomise_batchnorm<const D: usize>(m: UNetPP<D>) -> UNetPP<D> {
+    use burn::module::RunningState;
+    use burn::tensor::Distribution::Uniform;
+    let d = dev();
+    let grid = m
+        .grid
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
+                .map(|n| {
+                    n.map(|mut n| {
+                        for bn in [&mut n.block.norm1, &mut n.block.norm2].into_iter().flatten() {
+                            let c = bn.gamma.dims()[0];
+                            bn.running_mean = RunningState::new(Tensor::random([c], Uniform(-0.5, 0.5), &d));
+                            bn.running_var = RunningState::new(Tensor::random([c], Uniform(0.5, 1.5), &d));
+                            bn.gamma = burn::module::Param::from_tensor(Tensor::random([c], Uniform(0.5, 1.5), &d));
+                            bn.beta = burn::module::Param::from_tensor(Tensor::random([c], Uniform(0.0, 0.5), &d));
+                        }
+                        n
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    UNetPP { grid, ..m }
+}
+
+/// Folded BatchNorm gives the plain path's outputs (relative error <= 1e-4), 2D and 3D, every mode.
+#[test]
+fn folded_batchnorm_matches_the_plain_path() {
+    let d = dev();
+    let rel = |a: Tensor<4>, b: Tensor<4>| {
+        let scale = b.clone().abs().max().into_scalar::<f32>().max(1e-6);
+        (a - b).abs().max().into_scalar::<f32>() / scale
+    };
+    let m = randomise_batchnorm(small(Arch::Unetpp, Preset::Modern, 3, 2).init::<4>(&d)).valid();
+    let x = Tensor::<4>::random([2, 3, 16, 24], burn::tensor::Distribution::Default, &d);
+    let folded = m.clone().fold_batchnorm();
+    assert!(folded.grid[0][1].as_ref().unwrap().block.norm1.is_none());
+    for (a, b) in folded.forward(x.clone()).into_iter().zip(m.forward(x.clone())) {
+        assert!(rel(a, b) <= 1e-4);
+    }
+    let m3 = randomise_batchnorm(small(Arch::Unetpp, Preset::Modern, 2, 3).init::<5>(&d)).valid();
+    let x3 = Tensor::<5>::random([1, 3, 8, 8, 4], burn::tensor::Distribution::Default, &d);
+    let (a, b) = (
+        m3.clone().fold_batchnorm().predict(x3.clone(), Mode::Fast(1)).unwrap(),
+        m3.predict(x3, Mode::Fast(1)).unwrap(),
+    );
+    assert!((a - b).abs().max().into_scalar::<f32>() <= 1e-4);
+}
