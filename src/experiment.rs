@@ -500,7 +500,7 @@ fn render(
             .collect();
         writeln!(s, "\n## Dice per label (accurate mode, mean over runs)\n")?;
         writeln!(s, "| model | {} |", names.join(" | "))?;
-        writeln!(s, "|---|{}|", "---|".repeat(names.len()))?;
+        writeln!(s, "|---|{}", "---|".repeat(names.len()))?;
         for v in &spec.models {
             let runs: Vec<&RunResult> = results.iter().filter(|r| r.model == v.name).collect();
             let cells: Vec<String> = (0..names.len())
@@ -514,7 +514,7 @@ fn render(
         let mut cases: Vec<String> = results.iter().filter_map(|r| r.fold.clone()).collect();
         cases.dedup();
         writeln!(s, "| model | {} |", cases.join(" | "))?;
-        writeln!(s, "|---|{}|", "---|".repeat(cases.len()))?;
+        writeln!(s, "|---|{}", "---|".repeat(cases.len()))?;
         for v in &spec.models {
             let cells: Vec<String> = cases
                 .iter()
