@@ -158,17 +158,18 @@ fn smp_unused_stages_ignored_wrong_shapes_refused() {
     assert!(e.contains("bad.safetensors") && e.contains("layers.1.1.convs.1"), "{e}");
 }
 
+/// Runs the `unetpp` binary, which must succeed; returns stdout and stderr.
+fn run(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{args:?}:\n{text}");
+    text
+}
+
 /// `unetpp import`, then fine-tuning the imported model with `train --weights`, then `export`.
 #[test]
 fn import_fine_tune_export_cli() {
     let tmp = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_unetpp");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(bin).args(args).output().unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "{args:?}:\n{text}");
-        text
-    };
     let ck = tmp.path().join("imported.unetpp");
     let text = run(&["import", "--from", data("nested_c1_k1_ds.pth").to_str().unwrap(), "--out", ck.to_str().unwrap()]);
     assert!(text.contains("188 tensors mapped, 0 missing, 0 unexpected"), "{text}");
@@ -205,13 +206,6 @@ fn import_fine_tune_export_cli() {
 #[test]
 fn smp_import_fine_tune_and_encoder_training_cli() {
     let tmp = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_unetpp");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(bin).args(args).output().unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "{args:?}:\n{text}");
-        text
-    };
     let path = |p: &Path| p.to_str().unwrap().to_string();
     let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/nuclei");
     let ck = tmp.path().join("smp.unetpp");
