@@ -7,6 +7,7 @@ pub mod data;
 pub mod experiment;
 pub mod import;
 pub mod infer;
+pub mod kernel;
 pub mod loss;
 pub mod metrics;
 pub mod model;

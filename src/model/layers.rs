@@ -63,6 +63,17 @@ impl<const D: usize> Conv<D> {
 
     pub fn forward(&self, x: Tensor<D>) -> Tensor<D> {
         let [_, _, k, ..] = self.weight.dims()[..] else { unreachable!() };
+        if self.stride == 1 && k % 2 == 1 && crate::kernel::supported(&x) {
+            let c_out = self.weight.dims()[0];
+            let b = self.bias.as_ref().map(|b| b.val()).unwrap_or_else(|| Tensor::zeros([c_out], &x.device()));
+            return crate::kernel::same_conv(x, self.weight.val(), b);
+        }
+        self.forward_burn(x)
+    }
+
+    /// burn's own convolution: every backend, any stride (and the reference for our kernel).
+    pub fn forward_burn(&self, x: Tensor<D>) -> Tensor<D> {
+        let [_, _, k, ..] = self.weight.dims()[..] else { unreachable!() };
         let (p, s) = (k / 2, self.stride);
         let (w, b) = (self.weight.val(), self.bias.as_ref().map(|b| b.val()));
         let y: Tensor<D> = match D {
@@ -147,6 +158,9 @@ pub fn max_pool_3x3<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// axis of 3D volumes is up-sampled here, with the fixed 0.25/0.75 weights that
 /// align_corners=false gives at scale 2 (linear) or by repeating slices (nearest).
 pub fn upsample<const D: usize>(x: Tensor<D>, nearest: bool, align_corners: bool) -> Tensor<D> {
+    if !nearest && !align_corners && crate::kernel::supported(&x) {
+        return crate::kernel::upsample2x(x);
+    }
     let d = x.dims();
     let opts = |h: usize, w: usize| {
         let mode = if nearest { InterpolateMode::Nearest } else { InterpolateMode::Bilinear };

@@ -1,0 +1,665 @@
+//! Stride-1 "same" convolution (odd kernel, padding k/2) on contiguous NC(D)HW f32 slices, with
+//! its two backward products. The layout stays NCHW end to end: the image is unfolded a chunk of
+//! output pixels at a time into a (c_in·k^n) x pixels matrix whose rows are shifted copies of
+//! input rows (contiguous copies, no per-element index arithmetic), and one GEMM per chunk does
+//! the work. burn Flex instead converts every input to NHWC on one thread, unfolds per 512-pixel
+//! tile and scatters the result back element by element.
+
+use rayon::prelude::*;
+
+#[cfg(not(test))]
+const CHUNK_FLOATS: usize = 1 << 22;
+// Small in tests, so that chunks end inside images and span several.
+#[cfg(test)]
+const CHUNK_FLOATS: usize = 1 << 12;
+
+/// Shapes of one convolution. 2D uses `d = 1`, `kd = 1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geom {
+    pub n: usize,
+    pub c_in: usize,
+    pub c_out: usize,
+    /// Spatial size (d, h, w).
+    pub sp: [usize; 3],
+    /// Kernel size (kd, kh, kw), each odd.
+    pub k: [usize; 3],
+}
+
+impl Geom {
+    fn pixels(&self) -> usize {
+        self.sp.iter().product()
+    }
+    fn taps(&self) -> usize {
+        self.k.iter().product()
+    }
+    /// Rows of the unfolded matrix (GEMM's inner dimension).
+    fn rows(&self) -> usize {
+        self.c_in * self.taps()
+    }
+    fn pointwise(&self) -> bool {
+        self.taps() == 1
+    }
+    /// Output pixels per GEMM: the unfolded chunk stays near 16 MB, and never under 256 columns
+    /// so that the GEMM keeps its register tiles full.
+    fn chunk(&self) -> usize {
+        ((CHUNK_FLOATS / self.rows()).max(256)).min(self.n * self.pixels())
+    }
+}
+
+/// A run of columns of the flattened (image, pixel) axis that lies within one image.
+#[derive(Clone, Copy)]
+struct Seg {
+    image: usize,
+    p0: usize,
+    len: usize,
+}
+
+fn segments(g: &Geom, j0: usize, j1: usize) -> Vec<Seg> {
+    let p = g.pixels();
+    let mut out = vec![];
+    let mut j = j0;
+    while j < j1 {
+        let (image, p0) = (j / p, j % p);
+        let len = (p - p0).min(j1 - j);
+        out.push(Seg { image, p0, len });
+        j += len;
+    }
+    out
+}
+
+fn par() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        1 => gemm::Parallelism::None,
+        _ => gemm::Parallelism::Rayon(0),
+    }
+}
+
+/// dst (m x n) = [dst +] lhs (m x k) · rhs (k x n); each matrix given by (pointer, row stride,
+/// column stride).
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (&mut [f32], isize, isize),
+    accumulate: bool,
+    lhs: (&[f32], isize, isize),
+    rhs: (&[f32], isize, isize),
+) {
+    matmul_with(par(), m, n, k, dst, accumulate, lhs, rhs)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_with(
+    parallelism: gemm::Parallelism,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (&mut [f32], isize, isize),
+    accumulate: bool,
+    lhs: (&[f32], isize, isize),
+    rhs: (&[f32], isize, isize),
+) {
+    let span = |rows: usize, cols: usize, rs: isize, cs: isize| {
+        if rows == 0 || cols == 0 { 0 } else { (rows - 1) as isize * rs + (cols - 1) as isize * cs + 1 }
+    };
+    assert!(span(m, n, dst.1, dst.2) as usize <= dst.0.len());
+    assert!(span(m, k, lhs.1, lhs.2) as usize <= lhs.0.len());
+    assert!(span(k, n, rhs.1, rhs.2) as usize <= rhs.0.len());
+    // SAFETY: the asserts above keep every access of the three strided views inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0.as_mut_ptr(),
+            dst.2,
+            dst.1,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2,
+            lhs.1,
+            rhs.0.as_ptr(),
+            rhs.2,
+            rhs.1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// For each output line (d, h) crossed by the segment, the output w range and line start.
+fn lines(g: &Geom, s: Seg, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
+    let [_, h, w] = g.sp;
+    let mut p = s.p0;
+    let end = s.p0 + s.len;
+    let mut col = 0;
+    while p < end {
+        let (line, x0) = (p / w, p % w);
+        let x1 = w.min(x0 + end - p);
+        f(line / h, line % h, x0, x1, col);
+        col += x1 - x0;
+        p += x1 - x0;
+    }
+}
+
+/// Calls `f(tap row offset, source line or None, dx)` for every kernel tap of one output line.
+fn taps(g: &Geom, d: usize, y: usize, mut f: impl FnMut(usize, Option<usize>, isize)) {
+    let [sd, sh, _] = g.sp;
+    let [kd, kh, kw] = g.k;
+    let mut t = 0;
+    for a in 0..kd {
+        let zd = d as isize + a as isize - (kd / 2) as isize;
+        for b in 0..kh {
+            let zy = y as isize + b as isize - (kh / 2) as isize;
+            let inside = (0..sd as isize).contains(&zd) && (0..sh as isize).contains(&zy);
+            let src = inside.then(|| (zd as usize * sh + zy as usize) * g.sp[2]);
+            for c in 0..kw {
+                f(t, src, c as isize - (kw / 2) as isize);
+                t += 1;
+            }
+        }
+    }
+}
+
+/// The overlap of output columns [x0, x1) shifted by dx with the input line [0, w).
+fn overlap(x0: usize, x1: usize, dx: isize, w: usize) -> (usize, usize) {
+    let lo = (x0 as isize).max(-dx).min(x1 as isize) as usize;
+    let hi = ((x1 as isize).min(w as isize - dx)).max(lo as isize) as usize;
+    (lo, hi)
+}
+
+/// Unfolds the chunk's columns into `col` (rows x width, row-major).
+fn im2col(g: &Geom, x: &[f32], segs: &[Seg], width: usize, col: &mut [f32]) {
+    let (p, taps_n, w) = (g.pixels(), g.taps(), g.sp[2]);
+    col.par_chunks_mut(taps_n * width).enumerate().for_each(|(c, rows)| {
+        for (s, start) in with_offsets(segs) {
+            let plane = &x[(s.image * g.c_in + c) * p..][..p];
+            lines(g, s, |d, y, x0, x1, at| {
+                taps(g, d, y, |t, src, dx| {
+                    let dst = &mut rows[t * width + start + at..][..x1 - x0];
+                    match src {
+                        None => dst.fill(0.0),
+                        Some(line) => {
+                            let (lo, hi) = overlap(x0, x1, dx, w);
+                            dst[..lo - x0].fill(0.0);
+                            let from = (line as isize + lo as isize + dx) as usize;
+                            dst[lo - x0..hi - x0].copy_from_slice(&plane[from..from + hi - lo]);
+                            dst[hi - x0..].fill(0.0);
+                        }
+                    }
+                });
+            });
+        }
+    });
+}
+
+/// Each segment with the chunk column where it starts.
+fn with_offsets(segs: &[Seg]) -> impl Iterator<Item = (Seg, usize)> + '_ {
+    segs.iter().scan(0, |at, s| {
+        let start = *at;
+        *at += s.len;
+        Some((*s, start))
+    })
+}
+
+/// Adds the unfolded gradient `col` back onto the input gradient `dx` (the adjoint of im2col).
+fn col2im(g: &Geom, col: &[f32], segs: &[Seg], width: usize, dx: &mut [f32]) {
+    let (p, taps_n, w) = (g.pixels(), g.taps(), g.sp[2]);
+    let dx_ptr = SyncPtr(dx.as_mut_ptr());
+    let len = dx.len();
+    // Parallel over input channels: each owns its planes of dx in every image.
+    (0..g.c_in).into_par_iter().for_each(|c| {
+        let rows = &col[c * taps_n * width..][..taps_n * width];
+        for (s, start) in with_offsets(segs) {
+            let off = (s.image * g.c_in + c) * p;
+            assert!(off + p <= len);
+            // SAFETY: plane (image, c) is touched only by the task of channel c.
+            let plane = unsafe { std::slice::from_raw_parts_mut(dx_ptr.get().add(off), p) };
+            lines(g, s, |d, y, x0, x1, at| {
+                taps(g, d, y, |t, src, dxo| {
+                    if let Some(line) = src {
+                        let (lo, hi) = overlap(x0, x1, dxo, w);
+                        let from = &rows[t * width + start + at + lo - x0..][..hi - lo];
+                        let to = (line as isize + lo as isize + dxo) as usize;
+                        for (o, v) in plane[to..to + hi - lo].iter_mut().zip(from) {
+                            *o += v;
+                        }
+                    }
+                });
+            });
+        }
+    });
+}
+
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: used only for disjoint writes, see col2im.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Copies the chunk's columns of an (image, channel, pixel) tensor into a channels x width matrix.
+fn gather(g: &Geom, t: &[f32], channels: usize, segs: &[Seg], width: usize) -> Vec<f32> {
+    let p = g.pixels();
+    let mut m = vec![0.0; channels * width];
+    m.par_chunks_mut(width).enumerate().for_each(|(c, row)| {
+        let mut at = 0;
+        for s in segs {
+            row[at..at + s.len].copy_from_slice(&t[(s.image * channels + c) * p + s.p0..][..s.len]);
+            at += s.len;
+        }
+    });
+    m
+}
+
+/// The inverse of `gather`.
+fn scatter(g: &Geom, m: &[f32], channels: usize, segs: &[Seg], width: usize, t: &mut [f32]) {
+    let p = g.pixels();
+    for (c, row) in m.chunks(width).enumerate().take(channels) {
+        let mut at = 0;
+        for s in segs {
+            t[(s.image * channels + c) * p + s.p0..][..s.len].copy_from_slice(&row[at..at + s.len]);
+            at += s.len;
+        }
+    }
+}
+
+/// Runs `f(segments, width)` over the chunks of the (image, pixel) axis.
+fn chunks(g: &Geom, mut f: impl FnMut(&[Seg], usize)) {
+    let (total, step) = (g.n * g.pixels(), g.chunk());
+    for j0 in (0..total).step_by(step) {
+        let j1 = (j0 + step).min(total);
+        f(&segments(g, j0, j1), j1 - j0);
+    }
+}
+
+/// The zero-padded view behind the shifted-GEMM formulation: with the input padded by k/2 on
+/// every side and the output indexed in padded coordinates (q = (d·Hp + h)·Wp + w), tap t of
+/// the kernel reads the padded input at q + offset(t), so each tap is one GEMM over a contiguous
+/// range. Positions with h >= H or w >= W are computed and thrown away (2-6% extra at our sizes).
+struct Padded {
+    /// Padded spatial size (Dp, Hp, Wp).
+    sp: [usize; 3],
+    /// Output positions in padded coordinates: the last valid one plus one.
+    q: usize,
+}
+
+impl Padded {
+    fn new(g: &Geom) -> Self {
+        let sp = [0, 1, 2].map(|i| g.sp[i] + 2 * (g.k[i] / 2));
+        let [_, hp, wp] = sp;
+        let q = ((g.sp[0] - 1) * hp + (g.sp[1] - 1)) * wp + g.sp[2];
+        Padded { sp, q }
+    }
+    fn volume(&self) -> usize {
+        self.sp.iter().product()
+    }
+    /// Offset of each kernel tap, in the order of the weight's trailing axes.
+    fn offsets(&self, g: &Geom) -> Vec<usize> {
+        let [_, hp, wp] = self.sp;
+        let [kd, kh, kw] = g.k;
+        (0..kd).flat_map(|a| (0..kh).flat_map(move |b| (0..kw).map(move |c| (a * hp + b) * wp + c))).collect()
+    }
+    /// Padded index of each output row start (d, h) -> (valid index, padded index).
+    fn rows(&self, g: &Geom) -> impl Iterator<Item = (usize, usize)> {
+        let [sd, sh, sw] = g.sp;
+        let [_, hp, wp] = self.sp;
+        (0..sd).flat_map(move |d| (0..sh).map(move |h| ((d * sh + h) * sw, (d * hp + h) * wp)))
+    }
+    /// Copies `channels` planes of one image into the padded layout.
+    fn pad(&self, g: &Geom, t: &[f32], channels: usize) -> Vec<f32> {
+        let (p, v, w) = (g.pixels(), self.volume(), g.sp[2]);
+        let shift = (g.k[0] / 2 * self.sp[1] + g.k[1] / 2) * self.sp[2] + g.k[2] / 2;
+        let mut out = vec![0.0; channels * v];
+        out.par_chunks_mut(v).enumerate().for_each(|(c, plane)| {
+            for (src, dst) in self.rows(g) {
+                plane[shift + dst..][..w].copy_from_slice(&t[c * p + src..][..w]);
+            }
+        });
+        out
+    }
+    /// Spreads `channels` planes of one image over the first `q` padded-coordinate positions,
+    /// zero where there is no output.
+    fn spread(&self, g: &Geom, t: &[f32], channels: usize) -> Vec<f32> {
+        let (p, w) = (g.pixels(), g.sp[2]);
+        let mut out = vec![0.0; channels * self.q];
+        out.par_chunks_mut(self.q).enumerate().for_each(|(c, plane)| {
+            for (src, dst) in self.rows(g) {
+                plane[dst..][..w].copy_from_slice(&t[c * p + src..][..w]);
+            }
+        });
+        out
+    }
+}
+
+/// Forward by shifted GEMMs (see `Padded`): y[n] = b + sum over taps of W_t · shift_t(x[n]).
+/// Small GEMMs split badly across threads, so the work is cut into independent units (an image,
+/// or a range of one image's output positions when there are fewer images than threads), one
+/// single-threaded GEMM chain per unit.
+fn forward_shifted(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
+    let pd = Padded::new(g);
+    let (taps, p, q, v) = (g.taps() as isize, g.pixels(), pd.q, pd.volume());
+    let threads = rayon::current_num_threads();
+    let parts = (2 * threads).div_ceil(g.n).max(1);
+    let step = q.div_ceil(parts);
+    let padded: Vec<Vec<f32>> = (0..g.n).map(|n| pd.pad(g, &x[n * g.c_in * p..][..g.c_in * p], g.c_in)).collect();
+    let units: Vec<(usize, usize, usize)> =
+        (0..g.n).flat_map(|n| (0..q).step_by(step).map(move |q0| (n, q0, (q0 + step).min(q)))).collect();
+    let (y_ptr, y_len) = (SyncPtr(y.as_mut_ptr()), y.len());
+    units.into_par_iter().for_each(|(n, q0, q1)| {
+        let len = q1 - q0;
+        let mut acc: Vec<f32> = b.iter().flat_map(|&v| std::iter::repeat_n(v, len)).collect();
+        for (t, off) in pd.offsets(g).into_iter().enumerate() {
+            let wt = (&w[t..], g.c_in as isize * taps, taps);
+            let xs = (&padded[n][off + q0..], v as isize, 1);
+            matmul_with(gemm::Parallelism::None, g.c_out, len, g.c_in, (&mut acc, len as isize, 1), true, wt, xs);
+        }
+        // Keep the valid positions of [q0, q1): each unit owns distinct pixels of y.
+        for (dst, src) in pd.rows(g) {
+            let (a, z) = (src.max(q0), (src + g.sp[2]).min(q1));
+            if a >= z {
+                continue;
+            }
+            for c in 0..g.c_out {
+                let at = (n * g.c_out + c) * p + dst + a - src;
+                assert!(at + z - a <= y_len);
+                // SAFETY: in bounds (asserted); no other unit writes these positions.
+                let out = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add(at), z - a) };
+                out.copy_from_slice(&acc[c * len + a - q0..][..z - a]);
+            }
+        }
+    });
+}
+
+/// dL/dw by shifted GEMMs: dW_t = sum over images of dy[n] · shift_t(x[n])^T. Each product
+/// has a small output and a long inner dimension, which the GEMM does not split across threads,
+/// so the taps run in parallel instead, one thread each.
+fn backward_w_shifted(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    let pd = Padded::new(g);
+    let (taps, p, q, v) = (g.taps(), g.pixels(), pd.q, pd.volume());
+    let per_tap: Vec<Vec<f32>> = (0..g.n)
+        .map(|n| {
+            (
+                pd.pad(g, &x[n * g.c_in * p..][..g.c_in * p], g.c_in),
+                pd.spread(g, &dy[n * g.c_out * p..][..g.c_out * p], g.c_out),
+            )
+        })
+        .fold(vec![vec![0.0; g.c_out * g.c_in]; taps], |mut acc, (xp, dyq)| {
+            acc.par_iter_mut().zip(pd.offsets(g)).for_each(|(dst, off)| {
+                matmul_with(
+                    gemm::Parallelism::None,
+                    g.c_out,
+                    g.c_in,
+                    q,
+                    (dst, g.c_in as isize, 1),
+                    true,
+                    (&dyq, q as isize, 1),
+                    (&xp[off..], 1, v as isize),
+                );
+            });
+            acc
+        });
+    for (t, m) in per_tap.iter().enumerate() {
+        for (i, &val) in m.iter().enumerate() {
+            dw[i * taps + t] = val;
+        }
+    }
+}
+
+/// Shifted GEMMs stream the output once per tap, im2col streams a k^n-times copy of the input
+/// once: the first wins when the output is narrower than the unfolded input, and needs rows
+/// long enough that the thrown-away padding columns stay cheap.
+fn shifted(g: &Geom, c_out: usize) -> bool {
+    !g.pointwise() && c_out < g.rows() && g.sp[2] >= 16
+}
+
+/// See `backward_w_shifted`; im2col wins only on tiny images.
+fn shifted_w(g: &Geom) -> bool {
+    !g.pointwise() && g.sp[2] >= 16
+}
+
+/// y = conv(x, w) + b, NC(D)HW in and out.
+pub fn forward(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+    let (rows, p) = (g.rows(), g.pixels());
+    let mut y = vec![0.0; g.n * g.c_out * p];
+    if shifted(g, g.c_out) {
+        forward_shifted(g, x, w, b, &mut y);
+        return y;
+    }
+    let mut col = vec![];
+    chunks(g, |segs, width| {
+        let rhs = if g.pointwise() {
+            gather(g, x, g.c_in, segs, width)
+        } else {
+            col.resize(rows * width, 0.0);
+            im2col(g, x, segs, width, &mut col);
+            std::mem::take(&mut col)
+        };
+        let mut out: Vec<f32> = b.iter().flat_map(|&v| std::iter::repeat_n(v, width)).collect();
+        matmul(
+            g.c_out,
+            width,
+            rows,
+            (&mut out, width as isize, 1),
+            true,
+            (w, rows as isize, 1),
+            (&rhs, width as isize, 1),
+        );
+        scatter(g, &out, g.c_out, segs, width, &mut y);
+        if !g.pointwise() {
+            col = rhs;
+        }
+    });
+    y
+}
+
+/// dL/dx from dL/dy.
+pub fn backward_x(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let (rows, p) = (g.rows(), g.pixels());
+    let t = g.taps();
+    let flipped = Geom { c_in: g.c_out, c_out: g.c_in, ..*g };
+    if shifted(&flipped, g.c_in) {
+        // The input gradient is the convolution of dy with the flipped, transposed kernel.
+        let mut wf = vec![0.0; w.len()];
+        for o in 0..g.c_out {
+            for c in 0..g.c_in {
+                for k in 0..t {
+                    wf[(c * g.c_out + o) * t + k] = w[(o * g.c_in + c) * t + t - 1 - k];
+                }
+            }
+        }
+        return forward(&flipped, dy, &wf, &vec![0.0; g.c_in]);
+    }
+    let mut dx = vec![0.0; g.n * g.c_in * p];
+    chunks(g, |segs, width| {
+        let dyc = gather(g, dy, g.c_out, segs, width);
+        let mut dcol = vec![0.0; rows * width];
+        // w^T is the same buffer read with swapped strides.
+        matmul(
+            rows,
+            width,
+            g.c_out,
+            (&mut dcol, width as isize, 1),
+            false,
+            (w, 1, rows as isize),
+            (&dyc, width as isize, 1),
+        );
+        if g.pointwise() {
+            scatter(g, &dcol, g.c_in, segs, width, &mut dx);
+        } else {
+            col2im(g, &dcol, segs, width, &mut dx);
+        }
+    });
+    dx
+}
+
+/// (dL/dw, dL/db) from the forward input and dL/dy.
+pub fn backward_w(g: &Geom, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let rows = g.rows();
+    let mut dw = vec![0.0; g.c_out * rows];
+    let mut db = vec![0.0f32; g.c_out];
+    if shifted_w(g) {
+        backward_w_shifted(g, x, dy, &mut dw);
+        let p = g.pixels();
+        for (o, acc) in db.iter_mut().enumerate() {
+            *acc = (0..g.n)
+                .map(|n| dy[(n * g.c_out + o) * p..][..p].iter().map(|&v| v as f64).sum::<f64>())
+                .sum::<f64>() as f32;
+        }
+        return (dw, db);
+    }
+    let mut first = true;
+    chunks(g, |segs, width| {
+        let dyc = gather(g, dy, g.c_out, segs, width);
+        let col = if g.pointwise() {
+            gather(g, x, g.c_in, segs, width)
+        } else {
+            let mut col = vec![0.0; rows * width];
+            im2col(g, x, segs, width, &mut col);
+            col
+        };
+        // dw (c_out x rows) += dy (c_out x width) · col^T (width x rows)
+        matmul(
+            g.c_out,
+            rows,
+            width,
+            (&mut dw, rows as isize, 1),
+            !first,
+            (&dyc, width as isize, 1),
+            (&col, 1, width as isize),
+        );
+        first = false;
+        for (acc, row) in db.iter_mut().zip(dyc.chunks(width)) {
+            *acc += row.iter().map(|&v| v as f64).sum::<f64>() as f32;
+        }
+    });
+    (dw, db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct definition of the convolution, for checking.
+    fn naive(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+        let [sd, sh, sw] = g.sp;
+        let [kd, kh, kw] = g.k;
+        let mut y = vec![0.0; g.n * g.c_out * g.pixels()];
+        for n in 0..g.n {
+            for o in 0..g.c_out {
+                for z in 0..sd {
+                    for r in 0..sh {
+                        for c in 0..sw {
+                            let mut acc = b[o] as f64;
+                            for i in 0..g.c_in {
+                                for a in 0..kd {
+                                    for bb in 0..kh {
+                                        for cc in 0..kw {
+                                            let (zz, rr, ccc) = (
+                                                z as isize + a as isize - (kd / 2) as isize,
+                                                r as isize + bb as isize - (kh / 2) as isize,
+                                                c as isize + cc as isize - (kw / 2) as isize,
+                                            );
+                                            if zz < 0
+                                                || rr < 0
+                                                || ccc < 0
+                                                || zz >= sd as isize
+                                                || rr >= sh as isize
+                                                || ccc >= sw as isize
+                                            {
+                                                continue;
+                                            }
+                                            let xi = (((n * g.c_in + i) * sd + zz as usize) * sh + rr as usize) * sw
+                                                + ccc as usize;
+                                            let wi = (((o * g.c_in + i) * kd + a) * kh + bb) * kw + cc;
+                                            acc += x[xi] as f64 * w[wi] as f64;
+                                        }
+                                    }
+                                }
+                            }
+                            y[(((n * g.c_out + o) * sd + z) * sh + r) * sw + c] = acc as f32;
+                        }
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum()
+    }
+
+    fn close(a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: {x} vs {y}");
+        }
+    }
+
+    fn geoms() -> Vec<Geom> {
+        vec![
+            Geom { n: 2, c_in: 3, c_out: 4, sp: [1, 7, 5], k: [1, 3, 3] },
+            Geom { n: 3, c_in: 2, c_out: 5, sp: [1, 4, 6], k: [1, 1, 1] },
+            Geom { n: 1, c_in: 2, c_out: 3, sp: [3, 4, 5], k: [3, 3, 3] },
+            Geom { n: 2, c_in: 1, c_out: 2, sp: [1, 2, 3], k: [1, 5, 5] },
+            // more pixels than one chunk, so segments cross image borders
+            Geom { n: 3, c_in: 40, c_out: 3, sp: [1, 33, 17], k: [1, 3, 3] },
+            // rows of 16 or more: the shifted-GEMM paths
+            Geom { n: 2, c_in: 6, c_out: 5, sp: [1, 5, 18], k: [1, 3, 3] },
+            Geom { n: 1, c_in: 2, c_out: 2, sp: [3, 4, 16], k: [3, 3, 3] },
+            Geom { n: 2, c_in: 3, c_out: 2, sp: [1, 3, 20], k: [1, 5, 5] },
+        ]
+    }
+
+    #[test]
+    fn forward_matches_the_definition() {
+        for g in geoms() {
+            let x = rand(g.n * g.c_in * g.pixels(), 1);
+            let w = rand(g.c_out * g.rows(), 2);
+            let b = rand(g.c_out, 3);
+            close(&forward(&g, &x, &w, &b), &naive(&g, &x, &w, &b), 1e-5);
+        }
+    }
+
+    /// The backward products are the adjoints of the forward: <conv(x), dy> = <x, dx(dy)> and
+    /// <conv_w(x), dy> = <w, dw(dy)> for the bias-free linear maps.
+    #[test]
+    fn backward_is_the_adjoint_of_forward() {
+        for g in geoms() {
+            let x = rand(g.n * g.c_in * g.pixels(), 4);
+            let w = rand(g.c_out * g.rows(), 5);
+            let dy = rand(g.n * g.c_out * g.pixels(), 6);
+            let zero = vec![0.0; g.c_out];
+            let y = forward(&g, &x, &w, &zero);
+            let lhs = dot(&y, &dy);
+            let dx = backward_x(&g, &dy, &w);
+            let (dw, db) = backward_w(&g, &x, &dy);
+            assert!((lhs - dot(&x, &dx)).abs() < 1e-3 * (1.0 + lhs.abs()), "dx of {g:?}");
+            assert!((lhs - dot(&w, &dw)).abs() < 1e-3 * (1.0 + lhs.abs()), "dw of {g:?}");
+            let sums: Vec<f32> = (0..g.c_out)
+                .map(|o| (0..g.n).map(|n| dy[(n * g.c_out + o) * g.pixels()..][..g.pixels()].iter().sum::<f32>()).sum())
+                .collect();
+            close(&db, &sums, 1e-4);
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! Project-owned CPU kernels, hooked into burn through its backend-extension mechanism: they run
+//! when a tensor lives on Flex (with or without autodiff), and every other backend keeps burn's
+//! own ops. Only the convolution of the node blocks and heads is replaced; see `conv` for why.
+
+pub mod conv;
+pub mod upsample;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::{Autodiff, NodeId};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{AutodiffBackend, Backend as BurnBackend, Dispatch, Flex, TensorMetadata, backend_extension};
+use burn::prelude::*;
+use burn::tensor::{DType, TensorData};
+
+use conv::Geom;
+
+#[backend_extension(Flex, Autodiff)]
+pub trait SameConvBackend: BurnBackend {
+    /// Stride-1 convolution with padding k/2 (odd k): x [n, c_in, (d,) h, w], weight
+    /// [c_out, c_in, k..], bias [c_out].
+    fn same_conv(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// 2x linear up-sampling of every spatial axis, `align_corners = false`.
+    fn upsample2x(x: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+fn geom(x: &[usize], w: &[usize]) -> Geom {
+    let lift = |s: &[usize]| if s.len() == 2 { [1, s[0], s[1]] } else { [s[0], s[1], s[2]] };
+    Geom { n: x[0], c_in: x[1], c_out: w[0], sp: lift(&x[2..]), k: lift(&w[2..]) }
+}
+
+fn slice(t: &FlexTensor) -> FlexTensor {
+    t.to_contiguous()
+}
+
+fn data(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32 tensor")
+}
+
+fn tensor(v: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(v, shape))
+}
+
+impl SameConvBackend for Flex {
+    fn same_conv(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        let (x, w, b) = (slice(&x), slice(&weight), slice(&bias));
+        let shape = x.shape().to_vec();
+        let g = geom(&shape, w.shape().as_slice());
+        let mut out = shape;
+        out[1] = g.c_out;
+        tensor(conv::forward(&g, data(&x), data(&w), data(&b)), out)
+    }
+
+    fn upsample2x(x: FlexTensor) -> FlexTensor {
+        let x = slice(&x);
+        let shape = x.shape().to_vec();
+        let out: Vec<usize> = shape.iter().enumerate().map(|(i, &d)| if i >= 2 { 2 * d } else { d }).collect();
+        tensor(upsample::forward(data(&x), &shape), out)
+    }
+}
+
+#[derive(Debug)]
+struct UpsampleGrad;
+
+impl Backward<Flex, 1> for UpsampleGrad {
+    type State = Vec<usize>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let dy = slice(&grads.consume::<Flex>(&ops.node));
+        if let Some(node) = node {
+            grads.register::<Flex>(node.id, tensor(upsample::backward(data(&dy), &ops.state), ops.state));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SameConvGrad;
+
+impl Backward<Flex, 3> for SameConvGrad {
+    type State = (NodeId, NodeId);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [node_x, node_w, node_b] = ops.parents;
+        let dy = slice(&grads.consume::<Flex>(&ops.node));
+        let x = slice(&checkpointer.retrieve_node_output::<FlexTensor>(ops.state.0));
+        let w = slice(&checkpointer.retrieve_node_output::<FlexTensor>(ops.state.1));
+        let (xs, ws) = (x.shape().to_vec(), w.shape().to_vec());
+        let g = geom(&xs, &ws);
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, tensor(conv::backward_x(&g, data(&dy), data(&w)), xs));
+        }
+        if node_w.is_some() || node_b.is_some() {
+            let (dw, db) = conv::backward_w(&g, data(&x), data(&dy));
+            if let Some(node) = node_w {
+                grads.register::<Flex>(node.id, tensor(dw, ws));
+            }
+            if let Some(node) = node_b {
+                grads.register::<Flex>(node.id, tensor(db, vec![g.c_out]));
+            }
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> SameConvBackend for Autodiff<Flex, C> {
+    fn same_conv(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+        let inner = |t: &FloatTensor<Self>| <Self as AutodiffBackend>::inner(t.clone());
+        let forward = || Flex::same_conv(inner(&x), inner(&weight), inner(&bias));
+        match SameConvGrad.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), prep.checkpoint(&weight));
+                let y = forward();
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward()),
+        }
+    }
+
+    fn upsample2x(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let y = Flex::upsample2x(<Self as AutodiffBackend>::inner(x.clone()));
+        match UpsampleGrad.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(x.shape().to_vec(), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+}
+
+thread_local! {
+    static ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Switches the project kernels off (burn's own ops everywhere) on this thread: for the
+/// benchmark's before/after rows and the tests that compare both paths.
+pub fn set_enabled(on: bool) {
+    ENABLED.with(|e| e.set(on));
+}
+
+/// Whether `same_conv` can run for this input: f32 on Flex, with or without autodiff.
+pub fn supported<const D: usize>(x: &Tensor<D>) -> bool {
+    ENABLED.with(|e| e.get()) && x.dtype() == DType::F32 && x.device().inner() == Device::flex()
+}
+
+/// `upsample2x` on rank-4 (2D) or rank-5 (3D) tensors.
+pub fn upsample2x<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as SameConvBackend>::upsample2x(x.into_dispatch()))
+}
+
+/// `same_conv` on rank-4 (2D) or rank-5 (3D) tensors.
+pub fn same_conv<const D: usize>(x: Tensor<D>, weight: Tensor<D>, bias: Tensor<1>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as SameConvBackend>::same_conv(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::layers::Conv;
+    use burn::tensor::Distribution;
+
+    fn rel<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        let scale = b.clone().abs().max().into_scalar::<f32>().max(1e-6);
+        (a - b).abs().max().into_scalar::<f32>() / scale
+    }
+
+    /// Output and all three gradients equal burn's conv to 1e-4 relative, 2D and 3D, 3x3 and 1x1,
+    /// with and without bias.
+    fn check<const D: usize>(x_dims: [usize; D], c_out: usize, k: usize, bias: bool) {
+        let d = Device::flex().autodiff();
+        let mut conv = Conv::<D>::new(x_dims[1], c_out, k, &d);
+        if !bias {
+            conv = conv.without_bias();
+        }
+        let x = Tensor::<D>::random(x_dims, Distribution::Default, &d).require_grad();
+        assert!(supported(&x), "the kernel must run on autodiff Flex");
+        let y_ours = conv.forward(x.clone());
+        let y_burn = conv.forward_burn(x.clone());
+        let r = Tensor::<D>::random(y_burn.dims(), Distribution::Default, &d);
+        assert!(rel(y_ours.clone(), y_burn.clone()) <= 1e-4, "forward {x_dims:?} k{k}");
+        let g_ours = (y_ours * r.clone()).sum().backward();
+        let g_burn = (y_burn * r).sum().backward();
+        let gx = |g| x.grad(g).unwrap();
+        assert!(rel(gx(&g_ours), gx(&g_burn)) <= 1e-4, "dx {x_dims:?} k{k}");
+        let gw = |g| conv.weight.val().grad(g).unwrap();
+        assert!(rel(gw(&g_ours), gw(&g_burn)) <= 1e-4, "dw {x_dims:?} k{k}");
+        if let Some(b) = &conv.bias {
+            assert!(rel(b.val().grad(&g_ours).unwrap(), b.val().grad(&g_burn).unwrap()) <= 1e-4);
+        }
+    }
+
+    #[test]
+    fn same_conv_matches_burn_with_gradients() {
+        check([2, 3, 12, 10], 5, 3, true);
+        check([1, 4, 9, 7], 2, 1, true);
+        check([3, 2, 8, 8], 4, 3, false);
+        check([1, 2, 6, 5, 4], 3, 3, true);
+        check([2, 6, 7, 19], 5, 3, true);
+        check([1, 3, 4, 5, 17], 2, 3, false);
+    }
+
+    /// Up-sampling equals the burn path (bilinear in 2D, bilinear + depth lerp in 3D), with gradient.
+    #[test]
+    fn upsample_matches_burn_with_gradients() {
+        let d = Device::flex().autodiff();
+        let burn_path = |x: Tensor<5>| {
+            set_enabled(false);
+            let y = crate::model::layers::upsample(x, false, false);
+            set_enabled(true);
+            y
+        };
+        let x = Tensor::<5>::random([2, 3, 3, 4, 5], Distribution::Default, &d).require_grad();
+        assert!(supported(&x));
+        let (a, b) = (crate::model::layers::upsample(x.clone(), false, false), burn_path(x.clone()));
+        let r = Tensor::<5>::random(b.dims(), Distribution::Default, &d);
+        assert!(rel(a.clone(), b.clone()) <= 1e-5);
+        let (ga, gb) = ((a * r.clone()).sum().backward(), (b * r).sum().backward());
+        assert!(rel(x.grad(&ga).unwrap(), x.grad(&gb).unwrap()) <= 1e-5);
+        let x2 = Tensor::<4>::random([2, 3, 5, 7], Distribution::Default, &d).require_grad();
+        set_enabled(false);
+        let b2 = crate::model::layers::upsample(x2.clone(), false, false);
+        set_enabled(true);
+        assert!(rel(crate::model::layers::upsample(x2, false, false), b2) <= 1e-5);
+    }
+
+    #[test]
+    fn inference_device_runs_the_kernel_too() {
+        let d = Device::flex();
+        let conv = Conv::<4>::new(3, 4, 3, &d);
+        let x = Tensor::<4>::random([2, 3, 8, 8], Distribution::Default, &d);
+        assert!(supported(&x));
+        assert!(rel(conv.forward(x.clone()), conv.forward_burn(x)) <= 1e-4);
+    }
+}
