@@ -357,7 +357,10 @@ fn forward_shifted(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
     let (y_ptr, y_len) = (SyncPtr(y.as_mut_ptr()), y.len());
     units.into_par_iter().for_each(|(n, q0, q1)| {
         let len = q1 - q0;
-        let mut acc: Vec<f32> = b.iter().flat_map(|&v| std::iter::repeat_n(v, len)).collect();
+        let mut acc = vec![0.0f32; g.c_out * len];
+        for (row, &v) in acc.chunks_mut(len).zip(b) {
+            row.fill(v);
+        }
         for (t, off) in pd.offsets(g).into_iter().enumerate() {
             let wt = (&w[t..], g.c_in as isize * taps, taps);
             let xs = (&padded[n][off + q0..], v as isize, 1);
