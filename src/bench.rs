@@ -102,6 +102,45 @@ fn bench_d<const D: usize>(
     out
 }
 
+/// Layer shapes of UNet++ L4 (`modern`) at batch 4 of 96x96 for the per-op table: (c_in, c_out,
+/// side): X^{0,1} and X^{0,4} (narrow output, wide concatenated input), the second convolution of
+/// a level-0 block, X^{1,3}, X^{2,2} and the bottom X^{4,0}.
+const OP_SHAPES: [(usize, usize, usize); 6] =
+    [(96, 32, 96), (192, 32, 96), (32, 32, 96), (320, 64, 48), (512, 128, 24), (256, 512, 6)];
+
+/// Per-op timing of our kernels against burn Flex's own ops on the same tensors, medians in ms:
+/// 3x3 convolution forward and forward + backward at each layer shape, and 2x up-sampling.
+pub fn kernels(reps: usize) -> Vec<(String, f64, f64)> {
+    use crate::model::layers::{Conv, upsample};
+    let both = |case: String, f: &mut dyn FnMut()| {
+        crate::kernel::set_enabled(false);
+        let burn = time(case.clone(), reps, &mut *f).median_ms;
+        crate::kernel::set_enabled(true);
+        let ours = time(case.clone(), reps, f).median_ms;
+        (case, ours, burn)
+    };
+    let (dev, ad) = (Device::flex(), Device::flex().autodiff());
+    let mut out = vec![];
+    for (c_in, c_out, side) in OP_SHAPES {
+        let label = format!("{c_in}->{c_out} @ 4x{side}x{side}");
+        let conv = Conv::<4>::new(c_in, c_out, 3, &dev);
+        let x = Tensor::<4>::random([4, c_in, side, side], burn::tensor::Distribution::Default, &dev);
+        out.push(both(format!("conv3x3 forward {label}"), &mut || {
+            let _ = conv.forward(x.clone()).into_data();
+        }));
+        let conv = Conv::<4>::new(c_in, c_out, 3, &ad);
+        let x = Tensor::<4>::random([4, c_in, side, side], burn::tensor::Distribution::Default, &ad).require_grad();
+        out.push(both(format!("conv3x3 fwd+bwd {label}"), &mut || {
+            let _ = conv.forward(x.clone()).sum().backward();
+        }));
+    }
+    let x = Tensor::<4>::random([4, 64, 48, 48], burn::tensor::Distribution::Default, &ad).require_grad();
+    out.push(both("upsample2x fwd+bwd 4x64x48x48".into(), &mut || {
+        let _ = upsample(x.clone(), false, false).sum().backward();
+    }));
+    out
+}
+
 /// Peak resident memory of this process in MB (Linux `VmHWM`).
 pub fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -88,6 +88,9 @@ enum Command {
         /// Also run the PyTorch / ONNX Runtime peers (bench/peer.py) and print ratios
         #[arg(long)]
         compare: bool,
+        /// Per-op table instead: our CPU kernels against burn Flex's own ops, same tensors
+        #[arg(long)]
+        kernels: bool,
         /// Python with torch (and onnxruntime, onnx) installed, for --compare
         #[arg(long, default_value = ".venv/bin/python")]
         python: PathBuf,
@@ -326,7 +329,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{} runs; report written to {}", results.len(), report.display());
             Ok(())
         }
-        Command::Bench { reps, dims, json, backend, train_only, compare, python, peer } => {
+        Command::Bench { reps, dims, json, backend, train_only, compare, kernels, python, peer } => {
+            if kernels {
+                println!("| op | unetpp kernel ms | burn Flex ms | ratio |\n|---|---|---|---|");
+                for (case, ours, burn) in unetpp::bench::kernels(reps) {
+                    println!("| {case} | {ours:.1} | {burn:.1} | {:.2} |", ours / burn);
+                }
+                return Ok(());
+            }
             let o = unetpp::bench::BenchOptions { reps, dims, backend: backend.backend, train_only };
             if compare {
                 print!("{}", unetpp::bench::compare(&python, &peer, o)?);

@@ -383,6 +383,151 @@ fn forward_shifted(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
     });
 }
 
+/// Winograd F(2x2, 3x3) for 2D 3x3 convolutions of even-sized images: each 2x2 output tile
+/// comes from a 4x4 input tile through 16 element-wise products in a transformed domain, which
+/// batch over tiles into 16 GEMMs (c_out x c_in)·(c_in x tiles): 2.25x fewer multiplications
+/// than the direct form. F(2x2) transforms are sums of halves and whole values, so float32
+/// results stay within ~1e-6 relative of direct convolution. Work goes in blocks of tile rows
+/// (~256 tiles) so the transformed block stays in L2; an unblocked first version, streaming the
+/// whole transformed image through memory, was 2-3x slower than the shifted GEMMs.
+/// Below this many input channels the transforms cost more than the multiplications saved
+/// (measured: 32 -> 32 at 96x96 is 10% slower than shifted GEMMs, 96 -> 32 is 14% faster).
+#[cfg(not(test))]
+const WINOGRAD_MIN_C_IN: usize = 64;
+#[cfg(test)]
+const WINOGRAD_MIN_C_IN: usize = 8;
+
+fn winograd_ok(g: &Geom) -> bool {
+    // Smaller images give GEMMs over too few tiles to amortise their packing.
+    const MIN_SIDE: usize = if cfg!(test) { 6 } else { 24 };
+    let even = g.sp[1].is_multiple_of(2) && g.sp[2].is_multiple_of(2);
+    g.k == [1, 3, 3] && g.sp[0] == 1 && even && g.sp[2] >= MIN_SIDE && g.c_in >= WINOGRAD_MIN_C_IN && g.c_out >= 8
+}
+
+/// U = G w G^T for every (o, c), as 16 matrices c_out x c_in.
+fn winograd_weights(g: &Geom, w: &[f32]) -> Vec<f32> {
+    const G: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+    let pairs = g.c_out * g.c_in;
+    let mut u = vec![0.0f32; 16 * pairs];
+    for oc in 0..pairs {
+        let k = &w[oc * 9..][..9];
+        let mut t = [[0.0f32; 3]; 4];
+        for (i, row) in G.iter().enumerate() {
+            for j in 0..3 {
+                t[i][j] = (0..3).map(|l| row[l] * k[l * 3 + j]).sum();
+            }
+        }
+        for (i, ti) in t.iter().enumerate() {
+            for (j, gj) in G.iter().enumerate() {
+                u[(i * 4 + j) * pairs + oc] = (0..3).map(|l| ti[l] * gj[l]).sum();
+            }
+        }
+    }
+    u
+}
+
+fn forward_winograd(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
+    let u = winograd_weights(g, w);
+    let [_, h, wd] = g.sp;
+    let (th, tw, p) = (h / 2, wd / 2, h * wd);
+    // ~256 tiles per unit, but at least two units per thread where the image allows it.
+    let rows_per = (256 / tw).min(th * g.n / (2 * rayon::current_num_threads())).max(1);
+    let units: Vec<(usize, usize)> = (0..g.n).flat_map(|n| (0..th).step_by(rows_per).map(move |r0| (n, r0))).collect();
+    let (y_ptr, y_len) = (SyncPtr(y.as_mut_ptr()), y.len());
+    units.into_par_iter().for_each(|(n, r0)| {
+        let r1 = (r0 + rows_per).min(th);
+        let tb = (r1 - r0) * tw;
+        // V = B^T d B for every channel and tile of the block: 16 matrices c_in x tb. The four
+        // padded input rows of a tile row are split into even and odd columns, so that every
+        // d(i, j) over the tiles is a contiguous slice and the loops vectorise.
+        let mut v = vec![0.0f32; 16 * g.c_in * tb];
+        let half = tw + 1;
+        let mut eo = vec![0.0f32; 8 * half];
+        let mut ts = vec![0.0f32; 16 * tw];
+        for c in 0..g.c_in {
+            let plane = &x[(n * g.c_in + c) * p..][..p];
+            for ty in r0..r1 {
+                for i in 0..4 {
+                    let r = (2 * ty + i) as isize - 1;
+                    let (even, odd) = eo[i * 2 * half..][..2 * half].split_at_mut(half);
+                    if r < 0 || r >= h as isize {
+                        even.fill(0.0);
+                        odd.fill(0.0);
+                        continue;
+                    }
+                    // padded column q = input column q - 1: even q are odd inputs, and the ends are 0.
+                    let row = &plane[r as usize * wd..][..wd];
+                    even[0] = 0.0;
+                    odd[tw] = 0.0;
+                    for k in 0..tw {
+                        odd[k] = row[2 * k];
+                        even[k + 1] = row[2 * k + 1];
+                    }
+                }
+                let col = (ty - r0) * tw;
+                let d = |i: usize, j: usize| -> &[f32] { &eo[i * 2 * half + (j % 2) * half + j / 2..][..tw] };
+                // t = B^T d, row by row, then V = t B.
+                for j in 0..4 {
+                    let (d0, d1, d2, d3) = (d(0, j), d(1, j), d(2, j), d(3, j));
+                    for k in 0..tw {
+                        ts[j * tw + k] = d0[k] - d2[k];
+                        ts[(4 + j) * tw + k] = d1[k] + d2[k];
+                        ts[(8 + j) * tw + k] = d2[k] - d1[k];
+                        ts[(12 + j) * tw + k] = d1[k] - d3[k];
+                    }
+                }
+                for i in 0..4 {
+                    let tr = |j: usize| &ts[(i * 4 + j) * tw..][..tw];
+                    let (a0, a1, a2, a3) = (tr(0), tr(1), tr(2), tr(3));
+                    let at = |j: usize| ((i * 4 + j) * g.c_in + c) * tb + col;
+                    let (o0, o1, o2, o3) = (at(0), at(1), at(2), at(3));
+                    for k in 0..tw {
+                        v[o0 + k] = a0[k] - a2[k];
+                        v[o1 + k] = a1[k] + a2[k];
+                        v[o2 + k] = a2[k] - a1[k];
+                        v[o3 + k] = a1[k] - a3[k];
+                    }
+                }
+            }
+        }
+        let mut m = vec![0.0f32; 16 * g.c_out * tb];
+        for (k, mk) in m.chunks_mut(g.c_out * tb).enumerate() {
+            let uk = (&u[k * g.c_out * g.c_in..][..g.c_out * g.c_in], g.c_in as isize, 1);
+            let vk = (&v[k * g.c_in * tb..][..g.c_in * tb], tb as isize, 1);
+            matmul_with(gemm::Parallelism::None, g.c_out, tb, g.c_in, (mk, tb as isize, 1), false, uk, vk);
+        }
+        let mut tm = vec![0.0f32; 4 * tw];
+        // Y = A^T M A + bias, into output rows 2·r0 .. 2·r1 of every channel (owned by this unit).
+        for o in 0..g.c_out {
+            let at = (n * g.c_out + o) * p + 2 * r0 * wd;
+            let len = 2 * (r1 - r0) * wd;
+            assert!(at + len <= y_len);
+            // SAFETY: in bounds (asserted); units own disjoint row ranges of each plane.
+            let out = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add(at), len) };
+            for ty in r0..r1 {
+                let col = (ty - r0) * tw;
+                let mv = |i: usize, j: usize| &m[((i * 4 + j) * g.c_out + o) * tb + col..][..tw];
+                for r in 0..2 {
+                    // row r of A^T M, then its two outputs per tile (A^T M A).
+                    for j in 0..4 {
+                        let (m0, m1, m2, m3) = (mv(0, j), mv(1, j), mv(2, j), mv(3, j));
+                        let t = &mut tm[j * tw..][..tw];
+                        for k in 0..tw {
+                            t[k] = if r == 0 { m0[k] + m1[k] + m2[k] } else { m1[k] - m2[k] - m3[k] };
+                        }
+                    }
+                    let (t0, t1, t2, t3) = (&tm[..tw], &tm[tw..2 * tw], &tm[2 * tw..3 * tw], &tm[3 * tw..]);
+                    let line = &mut out[(2 * (ty - r0) + r) * wd..][..wd];
+                    for k in 0..tw {
+                        line[2 * k] = t0[k] + t1[k] + t2[k] + b[o];
+                        line[2 * k + 1] = t1[k] - t2[k] - t3[k] + b[o];
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// dL/dw by shifted GEMMs: dW_t = sum over images of dy[n] · shift_t(x[n])^T. Each product
 /// has a small output and a long inner dimension, which the GEMM does not split across threads,
 /// so the taps run in parallel instead, one thread each.
@@ -434,6 +579,10 @@ fn shifted_w(g: &Geom) -> bool {
 pub fn forward(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     let (rows, p) = (g.rows(), g.pixels());
     let mut y = vec![0.0; g.n * g.c_out * p];
+    if winograd_ok(g) {
+        forward_winograd(g, x, w, b, &mut y);
+        return y;
+    }
     if shifted(g, g.c_out) {
         forward_shifted(g, x, w, b, &mut y);
         return y;
@@ -631,6 +780,9 @@ mod tests {
             Geom { n: 2, c_in: 6, c_out: 5, sp: [1, 5, 18], k: [1, 3, 3] },
             Geom { n: 1, c_in: 2, c_out: 2, sp: [3, 4, 16], k: [3, 3, 3] },
             Geom { n: 2, c_in: 3, c_out: 2, sp: [1, 3, 20], k: [1, 5, 5] },
+            // even sizes, 8+ channels: Winograd (blocks of several tile rows, and of one)
+            Geom { n: 2, c_in: 9, c_out: 8, sp: [1, 10, 12], k: [1, 3, 3] },
+            Geom { n: 1, c_in: 8, c_out: 10, sp: [1, 6, 260], k: [1, 3, 3] },
         ]
     }
 
