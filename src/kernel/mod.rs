@@ -227,6 +227,36 @@ mod tests {
         assert!(rel(crate::model::layers::upsample(x2, false, false), b2) <= 1e-5);
     }
 
+    /// The whole model (every head, 2D and 3D) and its parameter gradients: our kernels against
+    /// burn's ops, random weights and inputs, 1e-4 relative.
+    #[test]
+    fn whole_model_matches_the_burn_path() {
+        use crate::model::{Arch, ModelConfig, Preset};
+        fn run<const D: usize>(cfg: ModelConfig, x_dims: [usize; D]) {
+            let d = Device::flex().autodiff();
+            d.seed(3);
+            let m = cfg.init::<D>(&d);
+            let x = Tensor::<D>::random(x_dims, Distribution::Default, &d);
+            let heads = |on: bool| {
+                set_enabled(on);
+                let h = m.forward(x.clone());
+                set_enabled(true);
+                h
+            };
+            let (ours, theirs) = (heads(true), heads(false));
+            let loss = |h: Vec<Tensor<D>>| h.into_iter().map(|t| t.powi_scalar(2).mean()).reduce(|a, b| a + b).unwrap();
+            for (a, b) in ours.iter().zip(&theirs) {
+                assert!(rel(a.clone(), b.clone()) <= 1e-4, "heads differ");
+            }
+            let (ga, gb) = (loss(ours).backward(), loss(theirs).backward());
+            let w = |g| m.grid[0][1].as_ref().unwrap().block.conv1.weight.val().grad(g).unwrap();
+            assert!(rel(w(&ga), w(&gb)) <= 1e-4, "gradients differ");
+        }
+        let cfg = |dims, width| ModelConfig { dims, width, ..ModelConfig::new(Arch::Unetpp, Preset::Modern, 3) };
+        run::<4>(cfg(2, 8), [2, 1, 32, 32]);
+        run::<5>(cfg(3, 4), [1, 1, 16, 16, 16]);
+    }
+
     #[test]
     fn inference_device_runs_the_kernel_too() {
         let d = Device::flex();
