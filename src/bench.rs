@@ -180,11 +180,25 @@ fn peer(python: &Path, script: &Path, o: BenchOptions, threads: usize) -> anyhow
     serde_json::from_slice(&out.stdout).context("the peer printed no JSON report")
 }
 
+fn backend_name(b: Backend) -> String {
+    use clap::ValueEnum;
+    b.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
+}
+
 /// Our timings and memory, measured in a child process so its peak RSS covers training only.
 fn ours_train_memory(o: BenchOptions) -> anyhow::Result<f64> {
     let exe = std::env::current_exe()?;
     let out = Command::new(exe)
-        .args(["bench", "--train-only", "--reps", "3", "--dims", &o.dims.to_string()])
+        .args([
+            "bench",
+            "--train-only",
+            "--reps",
+            "3",
+            "--dims",
+            &o.dims.to_string(),
+            "--backend",
+            &backend_name(o.backend),
+        ])
         .output()
         .context("cannot re-run unetpp for the memory reading")?;
     anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
