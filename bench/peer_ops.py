@@ -5,21 +5,15 @@ medians of 7 after a warm-up, 2 threads.
 
     .venv/bin/python bench/peer_ops.py
 """
-import time
-
 import torch
+
+from peer import median_ms
 
 torch.set_num_threads(2)
 
 
-def med(f, reps=7):
-    f()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return sorted(ts)[len(ts) // 2]
+def med(f):
+    return median_ms(f, 7)
 
 
 print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")

@@ -1,9 +1,10 @@
 //! Stride-1 "same" convolution (odd kernel, padding k/2) on contiguous NC(D)HW f32 slices, with
-//! its two backward products. The layout stays NCHW end to end: the image is unfolded a chunk of
-//! output pixels at a time into a (c_in·k^n) x pixels matrix whose rows are shifted copies of
-//! input rows (contiguous copies, no per-element index arithmetic), and one GEMM per chunk does
-//! the work. burn Flex instead converts every input to NHWC on one thread, unfolds per 512-pixel
-//! tile and scatters the result back element by element.
+//! its two backward products. The layout stays NCHW end to end and all the arithmetic is GEMMs
+//! of the `gemm` crate, in one of three forms picked per shape: Winograd F(2x2,3x3) for wide 2D
+//! layers, one GEMM per kernel tap over a padded copy of the image ("shifted"), or im2col (a
+//! chunk of output pixels unfolded with row copies, one GEMM). burn Flex instead converts every
+//! input to NHWC on one thread, unfolds per 512-pixel tile and scatters the result back element
+//! by element.
 
 use rayon::prelude::*;
 
@@ -74,23 +75,10 @@ fn par() -> gemm::Parallelism {
     }
 }
 
-/// dst (m x n) = [dst +] lhs (m x k) · rhs (k x n); each matrix given by (pointer, row stride,
+/// dst (m x n) = [dst +] lhs (m x k) · rhs (k x n); each matrix given by (slice, row stride,
 /// column stride).
 #[allow(clippy::too_many_arguments)]
 fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: (&mut [f32], isize, isize),
-    accumulate: bool,
-    lhs: (&[f32], isize, isize),
-    rhs: (&[f32], isize, isize),
-) {
-    matmul_with(par(), m, n, k, dst, accumulate, lhs, rhs)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn matmul_with(
     parallelism: gemm::Parallelism,
     m: usize,
     n: usize,
@@ -130,6 +118,15 @@ fn matmul_with(
             parallelism,
         )
     }
+}
+
+/// A c_out x len accumulator with every row set to its channel's bias.
+fn bias_rows(b: &[f32], len: usize) -> Vec<f32> {
+    let mut acc = vec![0.0f32; b.len() * len];
+    for (row, &v) in acc.chunks_mut(len).zip(b) {
+        row.fill(v);
+    }
+    acc
 }
 
 /// For each output line (d, h) crossed by the segment, the output w range and line start.
@@ -357,14 +354,11 @@ fn forward_shifted(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
     let (y_ptr, y_len) = (SyncPtr(y.as_mut_ptr()), y.len());
     units.into_par_iter().for_each(|(n, q0, q1)| {
         let len = q1 - q0;
-        let mut acc = vec![0.0f32; g.c_out * len];
-        for (row, &v) in acc.chunks_mut(len).zip(b) {
-            row.fill(v);
-        }
+        let mut acc = bias_rows(b, len);
         for (t, off) in pd.offsets(g).into_iter().enumerate() {
             let wt = (&w[t..], g.c_in as isize * taps, taps);
             let xs = (&padded[n][off + q0..], v as isize, 1);
-            matmul_with(gemm::Parallelism::None, g.c_out, len, g.c_in, (&mut acc, len as isize, 1), true, wt, xs);
+            matmul(gemm::Parallelism::None, g.c_out, len, g.c_in, (&mut acc, len as isize, 1), true, wt, xs);
         }
         // Keep the valid positions of [q0, q1): each unit owns distinct pixels of y.
         for (dst, src) in pd.rows(g) {
@@ -383,13 +377,6 @@ fn forward_shifted(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
     });
 }
 
-/// Winograd F(2x2, 3x3) for 2D 3x3 convolutions of even-sized images: each 2x2 output tile
-/// comes from a 4x4 input tile through 16 element-wise products in a transformed domain, which
-/// batch over tiles into 16 GEMMs (c_out x c_in)·(c_in x tiles): 2.25x fewer multiplications
-/// than the direct form. F(2x2) transforms are sums of halves and whole values, so float32
-/// results stay within ~1e-6 relative of direct convolution. Work goes in blocks of tile rows
-/// (~256 tiles) so the transformed block stays in L2; an unblocked first version, streaming the
-/// whole transformed image through memory, was 2-3x slower than the shifted GEMMs.
 /// Below this many input channels the transforms cost more than the multiplications saved
 /// (measured: 32 -> 32 at 96x96 is 10% slower than shifted GEMMs, 96 -> 32 is 14% faster).
 #[cfg(not(test))]
@@ -426,6 +413,13 @@ fn winograd_weights(g: &Geom, w: &[f32]) -> Vec<f32> {
     u
 }
 
+/// Winograd F(2x2, 3x3) for 2D 3x3 convolutions of even-sized images: each 2x2 output tile
+/// comes from a 4x4 input tile through 16 element-wise products in a transformed domain, which
+/// batch over tiles into 16 GEMMs (c_out x c_in)·(c_in x tiles): 2.25x fewer multiplications
+/// than the direct form. F(2x2) transforms are sums of halves and whole values, so float32
+/// results stay within ~1e-6 relative of direct convolution. Work goes in blocks of tile rows
+/// (~256 tiles) so the transformed block stays in L2; an unblocked first version, streaming the
+/// whole transformed image through memory, was 2-3x slower than the shifted GEMMs.
 fn forward_winograd(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
     let u = winograd_weights(g, w);
     let [_, h, wd] = g.sp;
@@ -494,7 +488,7 @@ fn forward_winograd(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
         for (k, mk) in m.chunks_mut(g.c_out * tb).enumerate() {
             let uk = (&u[k * g.c_out * g.c_in..][..g.c_out * g.c_in], g.c_in as isize, 1);
             let vk = (&v[k * g.c_in * tb..][..g.c_in * tb], tb as isize, 1);
-            matmul_with(gemm::Parallelism::None, g.c_out, tb, g.c_in, (mk, tb as isize, 1), false, uk, vk);
+            matmul(gemm::Parallelism::None, g.c_out, tb, g.c_in, (mk, tb as isize, 1), false, uk, vk);
         }
         let mut tm = vec![0.0f32; 4 * tw];
         // Y = A^T M A + bias, into output rows 2·r0 .. 2·r1 of every channel (owned by this unit).
@@ -543,7 +537,7 @@ fn backward_w_shifted(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
         })
         .fold(vec![vec![0.0; g.c_out * g.c_in]; taps], |mut acc, (xp, dyq)| {
             acc.par_iter_mut().zip(pd.offsets(g)).for_each(|(dst, off)| {
-                matmul_with(
+                matmul(
                     gemm::Parallelism::None,
                     g.c_out,
                     g.c_in,
@@ -566,8 +560,8 @@ fn backward_w_shifted(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
 /// Shifted GEMMs stream the output once per tap, im2col streams a k^n-times copy of the input
 /// once: the first wins when the output is narrower than the unfolded input, and needs rows
 /// long enough that the thrown-away padding columns stay cheap.
-fn shifted(g: &Geom, c_out: usize) -> bool {
-    !g.pointwise() && c_out < g.rows() && g.sp[2] >= 16
+fn shifted(g: &Geom) -> bool {
+    !g.pointwise() && g.c_out < g.rows() && g.sp[2] >= 16
 }
 
 /// See `backward_w_shifted`; im2col wins only on tiny images.
@@ -583,7 +577,7 @@ pub fn forward(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
         forward_winograd(g, x, w, b, &mut y);
         return y;
     }
-    if shifted(g, g.c_out) {
+    if shifted(g) {
         forward_shifted(g, x, w, b, &mut y);
         return y;
     }
@@ -592,12 +586,15 @@ pub fn forward(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
         let rhs = if g.pointwise() {
             gather(g, x, g.c_in, segs, width)
         } else {
-            col.resize(rows * width, 0.0);
-            im2col(g, x, segs, width, &mut col);
-            std::mem::take(&mut col)
+            // The unfolded chunk is reused from one chunk to the next.
+            let mut buf = std::mem::take(&mut col);
+            buf.resize(rows * width, 0.0);
+            im2col(g, x, segs, width, &mut buf);
+            buf
         };
-        let mut out: Vec<f32> = b.iter().flat_map(|&v| std::iter::repeat_n(v, width)).collect();
+        let mut out = bias_rows(b, width);
         matmul(
+            par(),
             g.c_out,
             width,
             rows,
@@ -619,7 +616,7 @@ pub fn backward_x(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let (rows, p) = (g.rows(), g.pixels());
     let t = g.taps();
     let flipped = Geom { c_in: g.c_out, c_out: g.c_in, ..*g };
-    if shifted(&flipped, g.c_in) {
+    if shifted(&flipped) {
         // The input gradient is the convolution of dy with the flipped, transposed kernel.
         let mut wf = vec![0.0; w.len()];
         for o in 0..g.c_out {
@@ -637,6 +634,7 @@ pub fn backward_x(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
         let mut dcol = vec![0.0; rows * width];
         // w^T is the same buffer read with swapped strides.
         matmul(
+            par(),
             rows,
             width,
             g.c_out,
@@ -656,17 +654,16 @@ pub fn backward_x(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
 
 /// (dL/dw, dL/db) from the forward input and dL/dy.
 pub fn backward_w(g: &Geom, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let rows = g.rows();
+    let (rows, p) = (g.rows(), g.pixels());
     let mut dw = vec![0.0; g.c_out * rows];
-    let mut db = vec![0.0f32; g.c_out];
+    let db: Vec<f32> = (0..g.c_out)
+        .map(|o| {
+            (0..g.n).map(|n| dy[(n * g.c_out + o) * p..][..p].iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>()
+                as f32
+        })
+        .collect();
     if shifted_w(g) {
         backward_w_shifted(g, x, dy, &mut dw);
-        let p = g.pixels();
-        for (o, acc) in db.iter_mut().enumerate() {
-            *acc = (0..g.n)
-                .map(|n| dy[(n * g.c_out + o) * p..][..p].iter().map(|&v| v as f64).sum::<f64>())
-                .sum::<f64>() as f32;
-        }
         return (dw, db);
     }
     let mut first = true;
@@ -681,6 +678,7 @@ pub fn backward_w(g: &Geom, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
         };
         // dw (c_out x rows) += dy (c_out x width) · col^T (width x rows)
         matmul(
+            par(),
             g.c_out,
             rows,
             width,
@@ -690,9 +688,6 @@ pub fn backward_w(g: &Geom, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
             (&col, 1, width as isize),
         );
         first = false;
-        for (acc, row) in db.iter_mut().zip(dyc.chunks(width)) {
-            *acc += row.iter().map(|&v| v as f64).sum::<f64>() as f32;
-        }
     });
     (dw, db)
 }

@@ -1,6 +1,7 @@
 //! Project-owned CPU kernels, hooked into burn through its backend-extension mechanism: they run
 //! when a tensor lives on Flex (with or without autodiff), and every other backend keeps burn's
-//! own ops. Only the convolution of the node blocks and heads is replaced; see `conv` for why.
+//! own ops. Only the stride-1 convolutions (node blocks, heads) and the 2x linear up-sampling are
+//! replaced; see `conv` and `upsample` for why.
 
 pub mod conv;
 pub mod upsample;
@@ -19,7 +20,7 @@ use burn::tensor::{DType, TensorData};
 use conv::Geom;
 
 #[backend_extension(Flex, Autodiff)]
-pub trait SameConvBackend: BurnBackend {
+pub trait KernelBackend: BurnBackend {
     /// Stride-1 convolution with padding k/2 (odd k): x [n, c_in, (d,) h, w], weight
     /// [c_out, c_in, k..], bias [c_out].
     fn same_conv(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -32,7 +33,7 @@ fn geom(x: &[usize], w: &[usize]) -> Geom {
     Geom { n: x[0], c_in: x[1], c_out: w[0], sp: lift(&x[2..]), k: lift(&w[2..]) }
 }
 
-fn slice(t: &FlexTensor) -> FlexTensor {
+fn contiguous(t: &FlexTensor) -> FlexTensor {
     t.to_contiguous()
 }
 
@@ -44,9 +45,9 @@ fn tensor(v: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(v, shape))
 }
 
-impl SameConvBackend for Flex {
+impl KernelBackend for Flex {
     fn same_conv(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
-        let (x, w, b) = (slice(&x), slice(&weight), slice(&bias));
+        let (x, w, b) = (contiguous(&x), contiguous(&weight), contiguous(&bias));
         let shape = x.shape().to_vec();
         let g = geom(&shape, w.shape().as_slice());
         let mut out = shape;
@@ -55,7 +56,7 @@ impl SameConvBackend for Flex {
     }
 
     fn upsample2x(x: FlexTensor) -> FlexTensor {
-        let x = slice(&x);
+        let x = contiguous(&x);
         let shape = x.shape().to_vec();
         let out: Vec<usize> = shape.iter().enumerate().map(|(i, &d)| if i >= 2 { 2 * d } else { d }).collect();
         tensor(upsample::forward(data(&x), &shape), out)
@@ -70,7 +71,7 @@ impl Backward<Flex, 1> for UpsampleGrad {
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node] = ops.parents;
-        let dy = slice(&grads.consume::<Flex>(&ops.node));
+        let dy = contiguous(&grads.consume::<Flex>(&ops.node));
         if let Some(node) = node {
             grads.register::<Flex>(node.id, tensor(upsample::backward(data(&dy), &ops.state), ops.state));
         }
@@ -85,9 +86,9 @@ impl Backward<Flex, 3> for SameConvGrad {
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
         let [node_x, node_w, node_b] = ops.parents;
-        let dy = slice(&grads.consume::<Flex>(&ops.node));
-        let x = slice(&checkpointer.retrieve_node_output::<FlexTensor>(ops.state.0));
-        let w = slice(&checkpointer.retrieve_node_output::<FlexTensor>(ops.state.1));
+        let dy = contiguous(&grads.consume::<Flex>(&ops.node));
+        let x = contiguous(&checkpointer.retrieve_node_output::<FlexTensor>(ops.state.0));
+        let w = contiguous(&checkpointer.retrieve_node_output::<FlexTensor>(ops.state.1));
         let (xs, ws) = (x.shape().to_vec(), w.shape().to_vec());
         let g = geom(&xs, &ws);
         if let Some(node) = node_x {
@@ -105,7 +106,7 @@ impl Backward<Flex, 3> for SameConvGrad {
     }
 }
 
-impl<C: CheckpointStrategy> SameConvBackend for Autodiff<Flex, C> {
+impl<C: CheckpointStrategy> KernelBackend for Autodiff<Flex, C> {
     fn same_conv(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
         let inner = |t: &FloatTensor<Self>| <Self as AutodiffBackend>::inner(t.clone());
         let forward = || Flex::same_conv(inner(&x), inner(&weight), inner(&bias));
@@ -145,12 +146,12 @@ pub fn supported<const D: usize>(x: &Tensor<D>) -> bool {
 
 /// `upsample2x` on rank-4 (2D) or rank-5 (3D) tensors.
 pub fn upsample2x<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    Tensor::from_dispatch(<Dispatch as SameConvBackend>::upsample2x(x.into_dispatch()))
+    Tensor::from_dispatch(<Dispatch as KernelBackend>::upsample2x(x.into_dispatch()))
 }
 
 /// `same_conv` on rank-4 (2D) or rank-5 (3D) tensors.
 pub fn same_conv<const D: usize>(x: Tensor<D>, weight: Tensor<D>, bias: Tensor<1>) -> Tensor<D> {
-    Tensor::from_dispatch(<Dispatch as SameConvBackend>::same_conv(
+    Tensor::from_dispatch(<Dispatch as KernelBackend>::same_conv(
         x.into_dispatch(),
         weight.into_dispatch(),
         bias.into_dispatch(),

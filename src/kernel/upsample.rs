@@ -10,6 +10,19 @@ fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
     (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
 }
 
+/// The two outputs around input `c`: 0.75 of it plus 0.25 of its low / high neighbour.
+fn lerp(c: f32, n: f32) -> f32 {
+    0.75 * c + 0.25 * n
+}
+
+/// `lerp` over slices: even[j], odd[j] from c[j] and its neighbours l[j], h[j].
+fn blend(c: &[f32], l: &[f32], h: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    for j in 0..c.len() {
+        even[j] = lerp(c[j], l[j]);
+        odd[j] = lerp(c[j], h[j]);
+    }
+}
+
 /// Doubles `axis` of `x` (shape `shape`).
 fn along(x: &[f32], shape: &[usize], axis: usize) -> Vec<f32> {
     let (outer, len, inner) = split(shape, axis);
@@ -20,10 +33,7 @@ fn along(x: &[f32], shape: &[usize], axis: usize) -> Vec<f32> {
                 let (lo, hi) = (i.saturating_sub(1), (i + 1).min(len - 1));
                 let (c, l, h) = (&x[i * inner..][..inner], &x[lo * inner..][..inner], &x[hi * inner..][..inner]);
                 let (even, odd) = y[2 * i * inner..][..2 * inner].split_at_mut(inner);
-                for j in 0..inner {
-                    even[j] = 0.75 * c[j] + 0.25 * l[j];
-                    odd[j] = 0.75 * c[j] + 0.25 * h[j];
-                }
+                blend(c, l, h, even, odd);
             }
         },
     );
@@ -57,8 +67,8 @@ fn plane2d(x: &[f32], h: usize, w: usize, y: &mut [f32]) {
     let widen = |r: &[f32], out: &mut [f32]| {
         for i in 0..w {
             let (l, c, hi) = (r[i.saturating_sub(1)], r[i], r[(i + 1).min(w - 1)]);
-            out[2 * i] = 0.75 * c + 0.25 * l;
-            out[2 * i + 1] = 0.75 * c + 0.25 * hi;
+            out[2 * i] = lerp(c, l);
+            out[2 * i + 1] = lerp(c, hi);
         }
     };
     let mut rows = vec![0.0f32; 2 * w * h];
@@ -69,10 +79,7 @@ fn plane2d(x: &[f32], h: usize, w: usize, y: &mut [f32]) {
     for (i, pair) in y.chunks_mut(4 * w).enumerate() {
         let (c, l, hi) = (row(i), row(i.saturating_sub(1)), row((i + 1).min(h - 1)));
         let (even, odd) = pair.split_at_mut(2 * w);
-        for j in 0..2 * w {
-            even[j] = 0.75 * c[j] + 0.25 * l[j];
-            odd[j] = 0.75 * c[j] + 0.25 * hi[j];
-        }
+        blend(c, l, hi, even, odd);
     }
 }
 
