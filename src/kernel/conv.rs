@@ -27,11 +27,14 @@ pub struct Geom {
 }
 
 impl Geom {
-    fn pixels(&self) -> usize {
+    pub(super) fn pixels(&self) -> usize {
         self.sp.iter().product()
     }
     fn taps(&self) -> usize {
         self.k.iter().product()
+    }
+    pub(super) fn taps_len(&self) -> usize {
+        self.taps()
     }
     /// Rows of the unfolded matrix (GEMM's inner dimension).
     fn rows(&self) -> usize {
@@ -234,12 +237,12 @@ fn col2im(g: &Geom, col: &[f32], segs: &[Seg], width: usize, dx: &mut [f32]) {
 }
 
 #[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
+pub(super) struct SyncPtr(pub(super) *mut f32);
 // SAFETY: used only for disjoint writes, see col2im.
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 impl SyncPtr {
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -283,37 +286,37 @@ fn chunks(g: &Geom, mut f: impl FnMut(&[Seg], usize)) {
 /// every side and the output indexed in padded coordinates (q = (d·Hp + h)·Wp + w), tap t of
 /// the kernel reads the padded input at q + offset(t), so each tap is one GEMM over a contiguous
 /// range. Positions with h >= H or w >= W are computed and thrown away (2-6% extra at our sizes).
-struct Padded {
+pub(super) struct Padded {
     /// Padded spatial size (Dp, Hp, Wp).
     sp: [usize; 3],
     /// Output positions in padded coordinates: the last valid one plus one.
-    q: usize,
+    pub(super) q: usize,
 }
 
 impl Padded {
-    fn new(g: &Geom) -> Self {
+    pub(super) fn new(g: &Geom) -> Self {
         let sp = [0, 1, 2].map(|i| g.sp[i] + 2 * (g.k[i] / 2));
         let [_, hp, wp] = sp;
         let q = ((g.sp[0] - 1) * hp + (g.sp[1] - 1)) * wp + g.sp[2];
         Padded { sp, q }
     }
-    fn volume(&self) -> usize {
+    pub(super) fn volume(&self) -> usize {
         self.sp.iter().product()
     }
     /// Offset of each kernel tap, in the order of the weight's trailing axes.
-    fn offsets(&self, g: &Geom) -> Vec<usize> {
+    pub(super) fn offsets(&self, g: &Geom) -> Vec<usize> {
         let [_, hp, wp] = self.sp;
         let [kd, kh, kw] = g.k;
         (0..kd).flat_map(|a| (0..kh).flat_map(move |b| (0..kw).map(move |c| (a * hp + b) * wp + c))).collect()
     }
     /// Padded index of each output row start (d, h) -> (valid index, padded index).
-    fn rows(&self, g: &Geom) -> impl Iterator<Item = (usize, usize)> {
+    pub(super) fn rows(&self, g: &Geom) -> impl Iterator<Item = (usize, usize)> {
         let [sd, sh, sw] = g.sp;
         let [_, hp, wp] = self.sp;
         (0..sd).flat_map(move |d| (0..sh).map(move |h| ((d * sh + h) * sw, (d * hp + h) * wp)))
     }
     /// Copies `channels` planes of one image into the padded layout.
-    fn pad(&self, g: &Geom, t: &[f32], channels: usize) -> Vec<f32> {
+    pub(super) fn pad(&self, g: &Geom, t: &[f32], channels: usize) -> Vec<f32> {
         let (p, v, w) = (g.pixels(), self.volume(), g.sp[2]);
         let shift = (g.k[0] / 2 * self.sp[1] + g.k[1] / 2) * self.sp[2] + g.k[2] / 2;
         let mut out = vec![0.0; channels * v];
@@ -569,10 +572,21 @@ fn shifted_w(g: &Geom) -> bool {
     !g.pointwise() && g.sp[2] >= 16
 }
 
+/// The direct kernel runs whole output rows in 16-pixel vectors: worth it where they waste
+/// under 10% of their lanes (rows of 16, 32, 48, 64, 96, ... pixels; not 24 or 12).
+fn direct_ok(g: &Geom) -> bool {
+    let lanes: usize = super::direct::segments(g.sp[2]).iter().map(|s| s.1.next_multiple_of(16)).sum();
+    super::direct::available() && !g.pointwise() && 10 * lanes <= 11 * g.sp[2]
+}
+
 /// y = conv(x, w) + b, NC(D)HW in and out.
 pub fn forward(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     let (rows, p) = (g.rows(), g.pixels());
     let mut y = vec![0.0; g.n * g.c_out * p];
+    if direct_ok(g) {
+        super::direct::forward(g, x, w, b, &mut y);
+        return y;
+    }
     if winograd_ok(g) {
         forward_winograd(g, x, w, b, &mut y);
         return y;
@@ -616,7 +630,7 @@ pub fn backward_x(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let (rows, p) = (g.rows(), g.pixels());
     let t = g.taps();
     let flipped = Geom { c_in: g.c_out, c_out: g.c_in, ..*g };
-    if shifted(&flipped) {
+    if shifted(&flipped) || direct_ok(&flipped) {
         // The input gradient is the convolution of dy with the flipped, transposed kernel.
         let mut wf = vec![0.0; w.len()];
         for o in 0..g.c_out {
@@ -662,6 +676,11 @@ pub fn backward_w(g: &Geom, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
                 as f32
         })
         .collect();
+    // The direct weight gradient beats the GEMMs from 8-pixel rows up (at 6x6: 1.6x slower).
+    if super::direct::available() && !g.pointwise() && g.sp[2] >= 8 {
+        super::direct::backward_w(g, x, dy, &mut dw);
+        return (dw, db);
+    }
     if shifted_w(g) {
         backward_w_shifted(g, x, dy, &mut dw);
         return (dw, db);
@@ -693,11 +712,11 @@ pub fn backward_w(g: &Geom, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// Direct definition of the convolution, for checking.
-    fn naive(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+    pub(crate) fn naive(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
         let [sd, sh, sw] = g.sp;
         let [kd, kh, kw] = g.k;
         let mut y = vec![0.0; g.n * g.c_out * g.pixels()];
@@ -742,7 +761,7 @@ mod tests {
         y
     }
 
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
@@ -756,7 +775,7 @@ mod tests {
         a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum()
     }
 
-    fn close(a: &[f32], b: &[f32], tol: f32) {
+    pub(crate) fn close(a: &[f32], b: &[f32], tol: f32) {
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
             assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: {x} vs {y}");

@@ -4,6 +4,7 @@
 //! replaced; see `conv` and `upsample` for why.
 
 pub mod conv;
+pub mod direct;
 pub mod upsample;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;

@@ -1,0 +1,560 @@
+//! Direct stride-1 "same" convolution with AVX-512 FMA register tiles, for the layers that GEMMs
+//! serve badly: few output channels over many pixels (UNet++'s full-resolution nodes, 32 output
+//! channels). A GEMM formulation of such a layer has a short output dimension, so its accumulator
+//! goes through memory once per kernel tap (shifted GEMMs) or its input is unfolded first
+//! (im2col); here a tile of up to 24 output channels x 16-48 pixels of one output row stays in
+//! the 32 vector registers for the whole reduction over input channels and taps, reading the
+//! zero-padded input (see `conv::Padded`) with one unaligned load per 16 pixels and each weight
+//! as an embedded broadcast. That is the shape of oneDNN's direct kernels, on NCHW.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::conv::{Geom, Padded, SyncPtr};
+use rayon::prelude::*;
+
+/// True where the CPU runs AVX-512F (checked once by std, cached).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Input channels per pass over a tile: the padded input rows of one block and its weights stay
+/// in L1 while every output-channel block of the row segment reads them.
+const CI_BLOCK: usize = 32;
+
+/// Weights rearranged as [c_in][tap][c_out'] with c_out' = c_out rounded up to 24, so that a
+/// tile's broadcasts for one (input channel, tap) are consecutive and every block width divides.
+fn pack(g: &Geom, w: &[f32]) -> (Vec<f32>, usize) {
+    let (taps, co) = (g.k.iter().product::<usize>(), g.c_out.next_multiple_of(24));
+    let mut out = vec![0.0; g.c_in * taps * co];
+    for o in 0..g.c_out {
+        for c in 0..g.c_in {
+            for t in 0..taps {
+                out[(c * taps + t) * co + o] = w[(o * g.c_in + c) * taps + t];
+            }
+        }
+    }
+    (out, co)
+}
+
+/// The pixels of one output row as segments of whole vectors: as few segments as the 3-vector
+/// tile allows, of equal width where possible (a 64-pixel row is 2 x 32, not 48 + 16).
+pub(super) fn segments(w: usize) -> Vec<(usize, usize)> {
+    let parts = w.div_ceil(48);
+    let width = w.div_ceil(parts).next_multiple_of(16);
+    (0..w).step_by(width).map(|x0| (x0, width.min(w - x0))).collect()
+}
+
+/// y = conv(x, w) + b for NC(D)HW slices, on AVX-512. Callers check `available()`.
+pub fn forward(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
+    let pd = Padded::new(g);
+    let (p, v) = (g.pixels(), pd.volume());
+    let (wp, co_pad) = pack(g, w);
+    let mut bias = b.to_vec();
+    bias.resize(co_pad, 0.0);
+    let padded: Vec<Vec<f32>> = (0..g.n).map(|n| pd.pad(g, &x[n * g.c_in * p..][..g.c_in * p], g.c_in)).collect();
+    let offsets = pd.offsets(g);
+    let rows: Vec<(usize, usize)> = pd.rows(g).collect();
+    let segs = segments(g.sp[2]);
+    // Units of whole output rows, at least four per thread over the batch.
+    let threads = rayon::current_num_threads();
+    let per = rows.len().div_ceil((4 * threads).div_ceil(g.n)).max(1);
+    let units: Vec<(usize, usize)> = (0..g.n).flat_map(|n| (0..rows.len()).step_by(per).map(move |r| (n, r))).collect();
+    let y_len = y.len();
+    assert_eq!(y_len, g.n * g.c_out * p);
+    let out = SyncPtr(y.as_mut_ptr());
+    units.into_par_iter().for_each(|(n, r0)| {
+        let xn = &padded[n];
+        for &(dst, src) in &rows[r0..(r0 + per).min(rows.len())] {
+            for &(x0, len) in &segs {
+                for c0 in (0..g.c_in).step_by(CI_BLOCK) {
+                    let cis = CI_BLOCK.min(g.c_in - c0);
+                    let mut o0 = 0;
+                    while o0 < g.c_out {
+                        let job = Job {
+                            x: &xn[c0 * v + src + x0..],
+                            stride: v,
+                            c_in: cis,
+                            offsets: &offsets,
+                            w: &wp[(c0 * offsets.len()) * co_pad + o0..],
+                            w_stride: co_pad,
+                            bias: &bias[o0..],
+                            first: c0 == 0,
+                            len,
+                            channels: g.c_out - o0,
+                            // SAFETY: in bounds: the output row segment of channels o0.. of
+                            // image n; units own distinct rows, so no two tasks write the same
+                            // element.
+                            y: out,
+                            y_len,
+                            y_at: (n * g.c_out + o0) * p + dst + x0,
+                            y_stride: p,
+                        };
+                        // SAFETY: `available()` was checked by the caller; `Job` bounds are
+                        // checked inside.
+                        o0 += unsafe { job.run() };
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// One register tile: `channels` (or fewer) output channels x `len` pixels of one output row,
+/// reduced over `c_in` input channels and all taps.
+struct Job<'a> {
+    /// Padded input at the tile's first output position, channel 0 of the block.
+    x: &'a [f32],
+    stride: usize,
+    c_in: usize,
+    offsets: &'a [usize],
+    /// Packed weights at (first input channel, tap 0, first output channel).
+    w: &'a [f32],
+    w_stride: usize,
+    bias: &'a [f32],
+    /// Start from the bias (first input-channel block) or from the partial sums in y.
+    first: bool,
+    len: usize,
+    /// Output channels left from this one on.
+    channels: usize,
+    y: SyncPtr,
+    y_len: usize,
+    y_at: usize,
+    y_stride: usize,
+}
+
+impl Job<'_> {
+    /// Runs the widest tile that fits and returns how many output channels it covered.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn run(&self) -> usize {
+        let vectors = self.len.div_ceil(16);
+        let max = self.offsets.iter().max().copied().unwrap_or(0);
+        // Every vector load of the tile stays inside the slice (the last one is masked).
+        assert!((self.c_in - 1) * self.stride + max + self.len <= self.x.len());
+        unsafe {
+            match (vectors, self.channels) {
+                (3, c) if c > 4 => self.tile::<8, 3>(),
+                (3, _) => self.tile::<4, 3>(),
+                (2, c) if c > 8 => self.tile::<12, 2>(),
+                (2, _) => self.tile::<8, 2>(),
+                (_, c) if c > 16 => self.tile::<24, 1>(),
+                (_, c) if c > 8 => self.tile::<16, 1>(),
+                _ => self.tile::<8, 1>(),
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run(&self) -> usize {
+        unreachable!("direct convolution needs x86-64 AVX-512")
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const CB: usize, const NV: usize>(&self) -> usize {
+        let valid = CB.min(self.channels);
+        assert!(self.y_at + (valid - 1) * self.y_stride + self.len <= self.y_len);
+        assert!(self.w.len() >= (self.c_in * self.offsets.len() - 1) * self.w_stride + CB);
+        assert!(self.bias.len() >= CB);
+        let tail = self.len - 16 * (NV - 1);
+        let mask: __mmask16 = if tail >= 16 { 0xffff } else { (1u16 << tail) - 1 };
+        let y = self.y.get();
+        let row = |c: usize| y.wrapping_add(self.y_at + c * self.y_stride);
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NV]; CB];
+            for (c, a) in acc.iter_mut().enumerate() {
+                for (j, v) in a.iter_mut().enumerate() {
+                    let m = if j + 1 == NV { mask } else { 0xffff };
+                    *v = if self.first {
+                        _mm512_set1_ps(self.bias[c])
+                    } else if c < valid {
+                        _mm512_maskz_loadu_ps(m, row(c).add(16 * j))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                }
+            }
+            let x = self.x.as_ptr();
+            let mut w = self.w.as_ptr();
+            for ci in 0..self.c_in {
+                let xc = x.add(ci * self.stride);
+                for &off in self.offsets {
+                    let xs = xc.add(off);
+                    let mut inp = [_mm512_setzero_ps(); NV];
+                    for (j, v) in inp.iter_mut().enumerate() {
+                        *v = if j + 1 == NV {
+                            _mm512_maskz_loadu_ps(mask, xs.add(16 * j))
+                        } else {
+                            _mm512_loadu_ps(xs.add(16 * j))
+                        };
+                    }
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        let wv = _mm512_set1_ps(*w.add(c));
+                        for (v, i) in a.iter_mut().zip(&inp) {
+                            *v = _mm512_fmadd_ps(wv, *i, *v);
+                        }
+                    }
+                    w = w.add(self.w_stride);
+                }
+            }
+            for (c, a) in acc.iter().enumerate().take(valid) {
+                for (j, v) in a.iter().enumerate() {
+                    let m = if j + 1 == NV { mask } else { 0xffff };
+                    _mm512_mask_storeu_ps(row(c).add(16 * j), m, *v);
+                }
+            }
+        }
+        valid
+    }
+}
+
+/// A zeroed f32 buffer whose element `at` is 64-byte aligned, so that whole-vector loads of
+/// rows whose length is a multiple of 16 never straddle two cache lines.
+/// The buffer comes from a per-thread pool and its contents are whatever the last user left:
+/// callers write every element they read (page faults and zero-filling of fresh buffers cost
+/// as much as the transposes they hold).
+fn aligned(len: usize) -> (Vec<f32>, usize) {
+    let mut buf = POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default();
+    buf.resize(len + 16, 0.0);
+    let at = buf.as_ptr().align_offset(64).min(16);
+    (buf, at)
+}
+
+/// Returns a buffer of `aligned` to the pool (two kept per thread).
+fn recycle(buf: Vec<f32>) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < 2 {
+            p.push(buf);
+        }
+    });
+}
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// dL/dw[o][c][t] = sum over images and output positions q of dy[o][q] · x_pad[c][q + offset(t)].
+/// Both operands go channels-last first (x padded, dy spread over the padded coordinates with
+/// zeros where there is no output), which makes every tap an outer-product reduction over
+/// positions: a tile of 8 output channels x 48 input channels stays in registers, each position
+/// costing 3 aligned vector loads and 8 broadcasts for 24 FMAs. Reducing over positions with
+/// pixels in the vector lanes instead (NCHW as it comes) needs 9 unaligned loads per 18 FMAs and
+/// ran at half this speed. Callers check `available()`.
+pub fn backward_w(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    let pd = Padded::new(g);
+    let (p, v, q, taps) = (g.pixels(), pd.volume(), pd.q, g.taps_len());
+    let (cp, op) = (g.c_in.next_multiple_of(16), g.c_out.next_multiple_of(16));
+    let offsets = pd.offsets(g);
+    let rows: Vec<(usize, usize)> = pd.rows(g).collect();
+    let w = g.sp[2];
+    let shift = offsets[offsets.len() / 2];
+    dw.fill(0.0);
+    // Channels-last copies, per image: x_pad [v][cp] and dy [q][op].
+    let lines = |per_image: usize, channels: usize, shift: usize| -> Vec<(usize, usize)> {
+        (0..g.n)
+            .flat_map(|n| rows.iter().map(move |&(src, dst)| (n * channels * p + src, n * per_image + shift + dst)))
+            .collect()
+    };
+    let (mut xbuf, xa) = aligned(g.n * v * cp);
+    channels_last(&lines(v, g.c_in, shift), w, x, g.c_in, p, &mut xbuf[xa..][..g.n * v * cp], cp);
+    let (mut dybuf, da) = aligned(g.n * q * op);
+    channels_last(&lines(q, g.c_out, 0), w, dy, g.c_out, p, &mut dybuf[da..][..g.n * q * op], op);
+    let (xt, dyt) = (&xbuf[xa..][..g.n * v * cp], &dybuf[da..][..g.n * q * op]);
+    // Tasks: (output-channel block, input-channel block) pairs, each over a share of every
+    // image's positions when there are fewer pairs than twice the threads; shares are summed.
+    let pairs: Vec<(usize, usize)> =
+        (0..op).step_by(8).flat_map(|o0| (0..cp).step_by(48).map(move |c0| (o0, c0))).collect();
+    let parts = (2 * rayon::current_num_threads()).div_ceil(pairs.len()).min(q.div_ceil(W_BLOCK)).max(1);
+    let tasks: Vec<(usize, usize)> = (0..pairs.len()).flat_map(|i| (0..parts).map(move |s| (i, s))).collect();
+    let sums: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(i, share)| {
+            let (o0, c0) = pairs[i];
+            let vectors = ((cp - c0) / 16).min(3);
+            let mut acc = vec![0.0f32; taps * 8 * 48];
+            let (q_lo, q_hi) = (share * q / parts, (share + 1) * q / parts);
+            for n in 0..g.n {
+                let (xn, dyn_) = (&xt[n * v * cp..][..v * cp], &dyt[n * q * op..][..q * op]);
+                for q0 in (q_lo..q_hi).step_by(W_BLOCK) {
+                    let len = W_BLOCK.min(q_hi - q0);
+                    for (off, a) in offsets.iter().zip(acc.chunks_mut(8 * 48)) {
+                        let tile = WTile {
+                            x: &xn[(q0 + off) * cp + c0..],
+                            x_stride: cp,
+                            dy: &dyn_[q0 * op + o0..],
+                            dy_stride: op,
+                            len,
+                            vectors,
+                        };
+                        // SAFETY: `available()` was checked by the caller; loads are
+                        // bounds-checked inside.
+                        unsafe { tile.run(a) };
+                    }
+                }
+            }
+            acc
+        })
+        .collect();
+    recycle(xbuf);
+    recycle(dybuf);
+    for (&(i, _), acc) in tasks.iter().zip(&sums) {
+        let (o0, c0) = pairs[i];
+        for (t, a) in acc.chunks(8 * 48).enumerate() {
+            for o in o0..g.c_out.min(o0 + 8) {
+                for c in c0..g.c_in.min(c0 + 48) {
+                    dw[(o * g.c_in + c) * taps + t] += a[(o - o0) * 48 + c - c0];
+                }
+            }
+        }
+    }
+}
+
+/// Positions per step of the weight gradient: all taps of a step read the same few input rows
+/// (the block's rows shifted by the tap offsets), which then stay in L1.
+const W_BLOCK: usize = 256;
+
+/// Writes NC(D)HW data channels-last into `out` ([position][stride], stride a multiple of 16,
+/// at least `channels`): line (from, dst) copies pixels from..from+w of every channel plane (`p` apart)
+/// to positions dst..dst+w, 16 x 16 blocks at a time through registers. Every other float of
+/// `out` (positions outside the lines, channels past `channels`) is set to zero.
+fn channels_last(
+    lines: &[(usize, usize)],
+    w: usize,
+    src: &[f32],
+    channels: usize,
+    p: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    assert!(stride.is_multiple_of(16) && stride >= channels);
+    // Split `out` into the lines' spans, zeroing what lies between them.
+    let mut spans: Vec<(usize, &mut [f32])> = Vec::with_capacity(lines.len());
+    let mut rest = out;
+    let mut at = 0;
+    for &(from, dst) in lines {
+        assert!(from + (channels - 1) * p + w <= src.len() && dst >= at);
+        let (gap, tail) = std::mem::take(&mut rest).split_at_mut((dst - at) * stride);
+        gap.fill(0.0);
+        let (row, tail) = tail.split_at_mut(w * stride);
+        spans.push((from, row));
+        rest = tail;
+        at = dst + w;
+    }
+    rest.fill(0.0);
+    spans.into_par_iter().for_each(|(from, row)| {
+        // SAFETY: the caller checked `available()`; loads stay in the line of each channel
+        // plane (asserted above), stores in this line's span.
+        unsafe { transpose_row(src, p, channels, from, w, row, stride) }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_row(
+    planes: &[f32],
+    p: usize,
+    channels: usize,
+    src: usize,
+    w: usize,
+    row: &mut [f32],
+    stride: usize,
+) {
+    unsafe {
+        for c0 in (0..stride).step_by(16) {
+            for i0 in (0..w).step_by(16) {
+                let n = 16.min(w - i0);
+                let m: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (k, v) in r.iter_mut().enumerate() {
+                    if c0 + k < channels {
+                        *v = _mm512_maskz_loadu_ps(m, planes.as_ptr().add((c0 + k) * p + src + i0));
+                    }
+                }
+                transpose16(&mut r);
+                for (j, v) in r.iter().enumerate().take(n) {
+                    _mm512_storeu_ps(row.as_mut_ptr().add((i0 + j) * stride + c0), *v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn transpose_row(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [f32], _: usize) {
+    unreachable!("direct convolution needs x86-64 AVX-512")
+}
+
+/// In-register transpose of a 16 x 16 block (row k = vector k): pairs interleaved 32 bits, then
+/// 64 bits, then 128-bit lanes twice.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: &mut [__m512; 16]) {
+    let mut t = [_mm512_setzero_ps(); 16];
+    for k in 0..8 {
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    for k in 0..4 {
+        let (a, b, c, d) = (t[4 * k], t[4 * k + 1], t[4 * k + 2], t[4 * k + 3]);
+        r[4 * k] = _mm512_shuffle_ps::<0x44>(a, c);
+        r[4 * k + 1] = _mm512_shuffle_ps::<0xee>(a, c);
+        r[4 * k + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+        r[4 * k + 3] = _mm512_shuffle_ps::<0xee>(b, d);
+    }
+    for h in 0..2 {
+        for k in 0..4 {
+            t[8 * h + k] = _mm512_shuffle_f32x4::<0x88>(r[8 * h + k], r[8 * h + 4 + k]);
+            t[8 * h + 4 + k] = _mm512_shuffle_f32x4::<0xdd>(r[8 * h + k], r[8 * h + 4 + k]);
+        }
+    }
+    for k in 0..8 {
+        r[k] = _mm512_shuffle_f32x4::<0x88>(t[k], t[8 + k]);
+        r[8 + k] = _mm512_shuffle_f32x4::<0xdd>(t[k], t[8 + k]);
+    }
+}
+
+/// 8 output channels x up to 48 input channels of one tap, over `len` positions.
+struct WTile<'a> {
+    /// Channels-last padded input at (first position + tap offset, first input channel).
+    x: &'a [f32],
+    x_stride: usize,
+    /// Channels-last output gradient at (first position, first output channel).
+    dy: &'a [f32],
+    dy_stride: usize,
+    len: usize,
+    /// Input-channel vectors of the tile (1 to 3).
+    vectors: usize,
+}
+
+impl WTile<'_> {
+    /// Adds the tile's sums to `acc` ([8][48]).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn run(&self, acc: &mut [f32]) {
+        assert!(acc.len() >= 8 * 48 && self.len > 0);
+        assert!((self.len - 1) * self.x_stride + 16 * self.vectors <= self.x.len());
+        assert!((self.len - 1) * self.dy_stride + 8 <= self.dy.len());
+        unsafe {
+            match self.vectors {
+                3 => self.tile::<3>(acc),
+                2 => self.tile::<2>(acc),
+                _ => self.tile::<1>(acc),
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run(&self, _: &mut [f32]) {
+        unreachable!("direct convolution needs x86-64 AVX-512")
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const NV: usize>(&self, mem: &mut [f32]) {
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NV]; 8];
+            for (c, a) in acc.iter_mut().enumerate() {
+                for (j, v) in a.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(mem.as_ptr().add(c * 48 + 16 * j));
+                }
+            }
+            let (mut xs, mut ds) = (self.x.as_ptr(), self.dy.as_ptr());
+            for _ in 0..self.len {
+                let mut xv = [_mm512_setzero_ps(); NV];
+                for (j, v) in xv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(xs.add(16 * j));
+                }
+                for (c, a) in acc.iter_mut().enumerate() {
+                    let d = _mm512_set1_ps(*ds.add(c));
+                    for (v, xj) in a.iter_mut().zip(&xv) {
+                        *v = _mm512_fmadd_ps(d, *xj, *v);
+                    }
+                }
+                xs = xs.add(self.x_stride);
+                ds = ds.add(self.dy_stride);
+            }
+            for (c, a) in acc.iter().enumerate() {
+                for (j, v) in a.iter().enumerate() {
+                    _mm512_storeu_ps(mem.as_mut_ptr().add(c * 48 + 16 * j), *v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::conv::tests::{close, naive, rand};
+    use super::*;
+
+    /// dL/dw by its definition, in f64.
+    fn naive_dw(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        let taps = g.taps_len();
+        let mut dw = vec![0.0; g.c_out * g.c_in * taps];
+        // Column (o, c, t) of the weight is the forward with a one-hot weight, read against dy.
+        for (i, d) in dw.iter_mut().enumerate() {
+            let mut e = vec![0.0; g.c_out * g.c_in * taps];
+            e[i] = 1.0;
+            let y = naive(g, x, &e, &vec![0.0; g.c_out]);
+            *d = y.iter().zip(dy).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32;
+        }
+        dw
+    }
+
+    fn geoms() -> Vec<Geom> {
+        vec![
+            // rows of one partial vector; channel tails of every tile width
+            Geom { n: 2, c_in: 3, c_out: 5, sp: [1, 4, 5], k: [1, 3, 3] },
+            Geom { n: 1, c_in: 40, c_out: 13, sp: [1, 3, 17], k: [1, 3, 3] },
+            Geom { n: 2, c_in: 5, c_out: 30, sp: [1, 3, 33], k: [1, 3, 3] },
+            Geom { n: 1, c_in: 2, c_out: 50, sp: [1, 2, 50], k: [1, 3, 3] },
+            Geom { n: 1, c_in: 17, c_out: 1, sp: [1, 5, 64], k: [1, 3, 3] },
+            Geom { n: 1, c_in: 3, c_out: 4, sp: [3, 4, 16], k: [3, 3, 3] },
+            Geom { n: 2, c_in: 2, c_out: 3, sp: [1, 6, 7], k: [1, 5, 5] },
+        ]
+    }
+
+    #[test]
+    fn forward_matches_the_definition() {
+        if !available() {
+            return;
+        }
+        for g in geoms() {
+            let x = rand(g.n * g.c_in * g.pixels(), 11);
+            let w = rand(g.c_out * g.c_in * g.taps_len(), 12);
+            let b = rand(g.c_out, 13);
+            let mut y = vec![f32::NAN; g.n * g.c_out * g.pixels()];
+            forward(&g, &x, &w, &b, &mut y);
+            close(&y, &naive(&g, &x, &w, &b), 1e-5);
+        }
+    }
+
+    #[test]
+    fn weight_gradient_matches_the_definition() {
+        if !available() {
+            return;
+        }
+        for g in geoms() {
+            let x = rand(g.n * g.c_in * g.pixels(), 14);
+            let dy = rand(g.n * g.c_out * g.pixels(), 15);
+            let mut dw = vec![0.0; g.c_out * g.c_in * g.taps_len()];
+            forward_and_back(&g, &x, &dy, &mut dw);
+            close(&dw, &naive_dw(&g, &x, &dy), 1e-4);
+        }
+    }
+
+    /// Twice, so that the second call gets the first one's pooled buffers, dirty.
+    fn forward_and_back(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+        let noise = rand(g.n * g.c_in * g.pixels(), 16);
+        backward_w(g, &noise, dy, dw);
+        dw.fill(0.0);
+        backward_w(g, x, dy, dw);
+    }
+}
