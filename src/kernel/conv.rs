@@ -582,11 +582,15 @@ fn direct_ok(g: &Geom) -> bool {
 /// y = conv(x, w) + b, NC(D)HW in and out.
 pub fn forward(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     let (rows, p) = (g.rows(), g.pixels());
-    let mut y = vec![0.0; g.n * g.c_out * p];
     if direct_ok(g) {
-        super::direct::forward(g, x, w, b, &mut y);
+        let len = g.n * g.c_out * p;
+        let mut y = Vec::with_capacity(len);
+        super::direct::forward(g, x, w, b, &mut y.spare_capacity_mut()[..len]);
+        // SAFETY: direct::forward writes every element of its output.
+        unsafe { y.set_len(len) };
         return y;
     }
+    let mut y = vec![0.0; g.n * g.c_out * p];
     if winograd_ok(g) {
         forward_winograd(g, x, w, b, &mut y);
         return y;
