@@ -268,6 +268,7 @@ struct TrainArgs {
 }
 
 fn main() {
+    unetpp::backend::keep_freed_memory();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
