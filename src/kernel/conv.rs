@@ -579,16 +579,40 @@ fn direct_ok(g: &Geom) -> bool {
     super::direct::available() && !g.pointwise() && 10 * lanes <= 11 * g.sp[2]
 }
 
+/// Concatenates NC(D)HW parts along channels.
+pub fn cat(n: usize, xs: &[&[f32]]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(xs.iter().map(|x| x.len()).sum());
+    for i in 0..n {
+        for x in xs {
+            let per = x.len() / n;
+            out.extend_from_slice(&x[i * per..][..per]);
+        }
+    }
+    out
+}
+
+/// y = conv(cat(xs), w) + b, NC(D)HW in and out: the input is the channel concatenation of the
+/// parts. The direct kernel reads the parts in place; the other paths get them copied together.
+pub fn forward_parts(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32]) -> Vec<f32> {
+    if direct_ok(g) {
+        let len = g.n * g.c_out * g.pixels();
+        let mut y = Vec::with_capacity(len);
+        super::direct::forward(g, xs, w, b, &mut y.spare_capacity_mut()[..len]);
+        // SAFETY: direct::forward writes every element of its output.
+        unsafe { y.set_len(len) };
+        return y;
+    }
+    match xs {
+        [x] => forward(g, x, w, b),
+        _ => forward(g, &cat(g.n, xs), w, b),
+    }
+}
+
 /// y = conv(x, w) + b, NC(D)HW in and out.
 pub fn forward(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     let (rows, p) = (g.rows(), g.pixels());
     if direct_ok(g) {
-        let len = g.n * g.c_out * p;
-        let mut y = Vec::with_capacity(len);
-        super::direct::forward(g, x, w, b, &mut y.spare_capacity_mut()[..len]);
-        // SAFETY: direct::forward writes every element of its output.
-        unsafe { y.set_len(len) };
-        return y;
+        return forward_parts(g, &[x], w, b);
     }
     let mut y = vec![0.0; g.n * g.c_out * p];
     if winograd_ok(g) {

@@ -85,10 +85,11 @@ pub(super) fn segments(w: usize) -> Vec<(usize, usize)> {
     (0..w).step_by(width).map(|x0| (x0, width.min(w - x0))).collect()
 }
 
-/// y = conv(x, w) + b for NC(D)HW slices, on AVX-512. Every element of `y` is written (it may
-/// come uninitialised: zero-filling the output costs a few percent of the convolution).
-/// Callers check `available()`.
-pub fn forward(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [MaybeUninit<f32>]) {
+/// y = conv(cat(xs), w) + b for NC(D)HW slices, where the input is the concatenation of the
+/// parts `xs` along channels (read in place: UNet++'s dense skip inputs are never copied
+/// together), on AVX-512. Every element of `y` is written (it may come uninitialised:
+/// zero-filling the output costs a few percent of the convolution). Callers check `available()`.
+pub fn forward(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], y: &mut [MaybeUninit<f32>]) {
     let [_, sh, _] = g.sp;
     let p = g.pixels();
     let segs = segments(g.sp[2]);
@@ -106,14 +107,26 @@ pub fn forward(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [MaybeUninit<f
     let units: Vec<(usize, usize)> = (0..g.n).flat_map(|n| (0..lines).step_by(per).map(move |r| (n, r))).collect();
     let y_len = y.len();
     assert_eq!(y_len, g.n * g.c_out * p);
-    assert_eq!(x.len(), g.n * g.c_in * p);
+    // Input-channel blocks (part, first channel in the part, first channel overall, count):
+    // no block straddles two parts.
+    let mut cblocks = vec![];
+    let mut c_all = 0;
+    for (k, x) in xs.iter().enumerate() {
+        let c_part = x.len() / (g.n * p);
+        assert_eq!(x.len(), g.n * c_part * p);
+        for c0 in (0..c_part).step_by(CI_BLOCK) {
+            cblocks.push((k, c0, c_all + c0, CI_BLOCK.min(c_part - c0)));
+        }
+        c_all += c_part;
+    }
+    assert_eq!(c_all, g.c_in);
     let out = SyncPtr(y.as_mut_ptr().cast());
     units.into_par_iter().for_each(|(n, r0)| {
         let mut tap_list = Vec::with_capacity(taps);
         // Input-channel blocks outermost: each block's weights stay in L1 over the unit's rows.
-        for c0 in (0..g.c_in).step_by(CI_BLOCK) {
-            let cis = CI_BLOCK.min(g.c_in - c0);
-            let xc = &x[(n * g.c_in + c0) * p..][..cis * p];
+        for &(k, c_in_part, c0, cis) in &cblocks {
+            let c_part = xs[k].len() / (g.n * p);
+            let xc = &xs[k][(n * c_part + c_in_part) * p..][..cis * p];
             for &(x0, len) in &segs {
                 let plan = &plans.iter().find(|p| p.0 == len.div_ceil(16)).expect("a plan per width").1;
                 for line in r0..(r0 + per).min(lines) {
@@ -617,7 +630,7 @@ mod tests {
             let w = rand(g.c_out * g.c_in * g.taps_len(), 12);
             let b = rand(g.c_out, 13);
             let mut y = vec![MaybeUninit::new(f32::NAN); g.n * g.c_out * g.pixels()];
-            forward(&g, &x, &w, &b, &mut y);
+            forward(&g, &[&x], &w, &b, &mut y);
             // SAFETY: initialised above (an element the kernel missed stays NaN and fails).
             let y: Vec<f32> = y.into_iter().map(|v| unsafe { v.assume_init() }).collect();
             close(&y, &naive(&g, &x, &w, &b), 1e-5);

@@ -22,9 +22,21 @@ use conv::Geom;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait KernelBackend: BurnBackend {
-    /// Stride-1 convolution with padding k/2 (odd k): x [n, c_in, (d,) h, w], weight
-    /// [c_out, c_in, k..], bias [c_out].
-    fn same_conv(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Stride-1 convolution with padding k/2 (odd k) of the channel concatenation of x0..x5
+    /// (each [n, c_k, (d,) h, w]; unused ones have 0 channels), never copied together where
+    /// the kernel can read them in place; weight [c_out, sum c_k, k..], bias [c_out]. burn's
+    /// extension macro takes neither tensor lists nor optional tensors, hence six of them.
+    #[allow(clippy::too_many_arguments)]
+    fn same_conv(
+        x0: FloatTensor<Self>,
+        x1: FloatTensor<Self>,
+        x2: FloatTensor<Self>,
+        x3: FloatTensor<Self>,
+        x4: FloatTensor<Self>,
+        x5: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
     /// 2x linear up-sampling of every spatial axis, `align_corners = false`.
     fn upsample2x(x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
@@ -47,13 +59,25 @@ fn tensor(v: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
 }
 
 impl KernelBackend for Flex {
-    fn same_conv(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
-        let (x, w, b) = (contiguous(&x), contiguous(&weight), contiguous(&bias));
-        let shape = x.shape().to_vec();
+    fn same_conv(
+        x0: FlexTensor,
+        x1: FlexTensor,
+        x2: FlexTensor,
+        x3: FlexTensor,
+        x4: FlexTensor,
+        x5: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+    ) -> FlexTensor {
+        let xs: Vec<FlexTensor> =
+            [x0, x1, x2, x3, x4, x5].iter().filter(|x| x.shape()[1] > 0).map(contiguous).collect();
+        let (w, b) = (contiguous(&weight), contiguous(&bias));
+        let mut shape = xs[0].shape().to_vec();
+        shape[1] = xs.iter().map(|x| x.shape()[1]).sum();
         let g = geom(&shape, w.shape().as_slice());
-        let mut out = shape;
-        out[1] = g.c_out;
-        tensor(conv::forward(&g, data(&x), data(&w), data(&b)), out)
+        shape[1] = g.c_out;
+        let parts: Vec<&[f32]> = xs.iter().map(data).collect();
+        tensor(conv::forward_parts(&g, &parts, data(&w), data(&b)), shape)
     }
 
     fn upsample2x(x: FlexTensor) -> FlexTensor {
@@ -79,24 +103,50 @@ impl Backward<Flex, 1> for UpsampleGrad {
     }
 }
 
+/// The backward of `same_conv` (parents: the six parts, weight, bias).
 #[derive(Debug)]
 struct SameConvGrad;
 
-impl Backward<Flex, 3> for SameConvGrad {
-    type State = (NodeId, NodeId);
+const N: usize = PARTS + 2;
 
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
-        let [node_x, node_w, node_b] = ops.parents;
+impl Backward<Flex, N> for SameConvGrad {
+    /// Checkpoints of the parts that have channels, of the weight, and which parts have them.
+    type State = (Vec<NodeId>, NodeId, [bool; PARTS]);
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
         let dy = contiguous(&grads.consume::<Flex>(&ops.node));
-        let x = contiguous(&checkpointer.retrieve_node_output::<FlexTensor>(ops.state.0));
+        let xs: Vec<FlexTensor> =
+            ops.state.0.iter().map(|&id| contiguous(&checkpointer.retrieve_node_output::<FlexTensor>(id))).collect();
         let w = contiguous(&checkpointer.retrieve_node_output::<FlexTensor>(ops.state.1));
-        let (xs, ws) = (x.shape().to_vec(), w.shape().to_vec());
-        let g = geom(&xs, &ws);
-        if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, tensor(conv::backward_x(&g, data(&dy), data(&w)), xs));
+        let ws = w.shape().to_vec();
+        let mut xs_shape = xs[0].shape().to_vec();
+        let widths: Vec<usize> = xs.iter().map(|x| x.shape()[1]).collect();
+        xs_shape[1] = widths.iter().sum();
+        let g = geom(&xs_shape, &ws);
+        let (node_w, node_b) = (&ops.parents[N - 2], &ops.parents[N - 1]);
+        // Each part's input gradient is its own (flipped) convolution with its slice of the
+        // weight's input channels, so the gradient is never split by copying.
+        let mut c0 = 0;
+        let parents = ops.parents[..PARTS].iter().zip(&ops.state.2).filter(|(_, used)| **used).map(|(p, _)| p);
+        for ((node, x), &c) in parents.zip(&xs).zip(&widths) {
+            if let Some(node) = node {
+                let gk = Geom { c_in: c, ..g };
+                let taps = g.k.iter().product::<usize>();
+                let wk: Vec<f32> = data(&w)
+                    .chunks(g.c_in * taps)
+                    .flat_map(|row| row[c0 * taps..(c0 + c) * taps].iter().copied())
+                    .collect();
+                grads.register::<Flex>(node.id, tensor(conv::backward_x(&gk, data(&dy), &wk), x.shape().to_vec()));
+            }
+            c0 += c;
         }
         if node_w.is_some() || node_b.is_some() {
-            let (dw, db) = conv::backward_w(&g, data(&x), data(&dy));
+            let parts: Vec<&[f32]> = xs.iter().map(data).collect();
+            let x = match parts[..] {
+                [x] => std::borrow::Cow::Borrowed(x),
+                _ => std::borrow::Cow::Owned(conv::cat(g.n, &parts)),
+            };
+            let (dw, db) = conv::backward_w(&g, &x, data(&dy));
             if let Some(node) = node_w {
                 grads.register::<Flex>(node.id, tensor(dw, ws));
             }
@@ -108,12 +158,29 @@ impl Backward<Flex, 3> for SameConvGrad {
 }
 
 impl<C: CheckpointStrategy> KernelBackend for Autodiff<Flex, C> {
-    fn same_conv(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn same_conv(
+        x0: FloatTensor<Self>,
+        x1: FloatTensor<Self>,
+        x2: FloatTensor<Self>,
+        x3: FloatTensor<Self>,
+        x4: FloatTensor<Self>,
+        x5: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let xs = [x0, x1, x2, x3, x4, x5];
         let inner = |t: &FloatTensor<Self>| <Self as AutodiffBackend>::inner(t.clone());
-        let forward = || Flex::same_conv(inner(&x), inner(&weight), inner(&bias));
-        match SameConvGrad.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
+        let forward = || {
+            let [a, b, c, d, e, f] = xs.each_ref().map(inner);
+            Flex::same_conv(a, b, c, d, e, f, inner(&weight), inner(&bias))
+        };
+        let all: Vec<&FloatTensor<Self>> = xs.iter().chain([&weight, &bias]).collect();
+        let nodes = std::array::from_fn(|i| all[i].node());
+        match SameConvGrad.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(mut prep) => {
-                let state = (prep.checkpoint(&x), prep.checkpoint(&weight));
+                let used = xs.each_ref().map(|x| x.shape()[1] > 0);
+                let parts = xs.iter().zip(used).filter(|(_, u)| *u).map(|(x, _)| prep.checkpoint(x)).collect();
+                let state = (parts, prep.checkpoint(&weight), used);
                 let y = forward();
                 prep.finish(state, y)
             }
@@ -150,10 +217,29 @@ pub fn upsample2x<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as KernelBackend>::upsample2x(x.into_dispatch()))
 }
 
-/// `same_conv` on rank-4 (2D) or rank-5 (3D) tensors.
-pub fn same_conv<const D: usize>(x: Tensor<D>, weight: Tensor<D>, bias: Tensor<1>) -> Tensor<D> {
+/// Input parts `same_conv` reads in place (UNet++ needs depth + 1 <= 6).
+const PARTS: usize = 6;
+
+/// `same_conv` on rank-4 (2D) or rank-5 (3D) tensors: the convolution of the channel
+/// concatenation of `xs` (up to six read in place, more are concatenated first).
+pub fn same_conv<const D: usize>(mut xs: Vec<Tensor<D>>, weight: Tensor<D>, bias: Tensor<1>) -> Tensor<D> {
+    if xs.len() > PARTS {
+        let rest = xs.split_off(PARTS - 1);
+        xs.push(Tensor::cat(rest, 1));
+    }
+    let mut empty = xs[0].dims();
+    empty[1] = 0;
+    let device = xs[0].device();
+    xs.resize_with(PARTS, || Tensor::empty(empty, &device));
+    let Ok(parts) = <[Tensor<D>; PARTS]>::try_from(xs) else { unreachable!("resized to six") };
+    let [a, b, c, d, e, f] = parts.map(|x| x.into_dispatch());
     Tensor::from_dispatch(<Dispatch as KernelBackend>::same_conv(
-        x.into_dispatch(),
+        a,
+        b,
+        c,
+        d,
+        e,
+        f,
         weight.into_dispatch(),
         bias.into_dispatch(),
     ))

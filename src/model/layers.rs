@@ -62,12 +62,19 @@ impl<const D: usize> Conv<D> {
     }
 
     pub fn forward(&self, x: Tensor<D>) -> Tensor<D> {
+        self.forward_parts(vec![x])
+    }
+
+    /// The convolution of the channel concatenation of `xs` (UNet++'s dense skip inputs): our
+    /// kernel reads the parts in place, other backends get them concatenated.
+    pub fn forward_parts(&self, mut xs: Vec<Tensor<D>>) -> Tensor<D> {
         let [_, _, k, ..] = self.weight.dims()[..] else { unreachable!() };
-        if self.stride == 1 && k % 2 == 1 && crate::kernel::supported(&x) {
+        if self.stride == 1 && k % 2 == 1 && crate::kernel::supported(&xs[0]) {
             let c_out = self.weight.dims()[0];
-            let b = self.bias.as_ref().map(|b| b.val()).unwrap_or_else(|| Tensor::zeros([c_out], &x.device()));
-            return crate::kernel::same_conv(x, self.weight.val(), b);
+            let b = self.bias.as_ref().map(|b| b.val()).unwrap_or_else(|| Tensor::zeros([c_out], &xs[0].device()));
+            return crate::kernel::same_conv(xs, self.weight.val(), b);
         }
+        let x = if xs.len() == 1 { xs.remove(0) } else { Tensor::cat(xs, 1) };
         self.forward_burn(x)
     }
 
@@ -223,8 +230,8 @@ impl<const D: usize> Block<D> {
         }
     }
 
-    fn layer(&self, x: Tensor<D>, conv: &Conv<D>, norm: &Option<BatchNorm>) -> Tensor<D> {
-        let mut y = conv.forward(x);
+    fn layer(&self, xs: Vec<Tensor<D>>, conv: &Conv<D>, norm: &Option<BatchNorm>) -> Tensor<D> {
+        let mut y = conv.forward_parts(xs);
         if let Some(norm) = norm {
             y = norm.forward(y);
         }
@@ -236,8 +243,14 @@ impl<const D: usize> Block<D> {
     }
 
     pub fn forward(&self, x: Tensor<D>) -> Tensor<D> {
-        let y = self.layer(x, &self.conv1, &self.norm1);
-        self.layer(y, &self.conv2, &self.norm2)
+        self.forward_parts(vec![x])
+    }
+
+    /// The block on the channel concatenation of `xs`, without copying them together first
+    /// where the convolution kernel can read them in place.
+    pub fn forward_parts(&self, xs: Vec<Tensor<D>>) -> Tensor<D> {
+        let y = self.layer(xs, &self.conv1, &self.norm1);
+        self.layer(vec![y], &self.conv2, &self.norm2)
     }
 
     /// Inference only: each BatchNorm (running statistics) folded into the convolution before

@@ -375,7 +375,7 @@ impl<const D: usize> UNetPP<D> {
             }
             let node = self.node(i, j);
             let input = if j == 0 {
-                if i == 0 { x.clone() } else { max_pool(out[i - 1][0].clone().unwrap()) }
+                vec![if i == 0 { x.clone() } else { max_pool(out[i - 1][0].clone().unwrap()) }]
             } else {
                 let below = out[i + 1][j - 1].clone().unwrap();
                 let up = match &node.up {
@@ -385,9 +385,9 @@ impl<const D: usize> UNetPP<D> {
                 let mut parts: Vec<Tensor<D>> =
                     cfg.lateral_inputs(i, j).iter().map(|&k| out[i][k].clone().unwrap()).collect();
                 parts.push(up);
-                Tensor::cat(parts, 1)
+                parts
             };
-            out[i][j] = Some(node.block.forward(input));
+            out[i][j] = Some(node.block.forward_parts(input));
         }
         let heads = cfg
             .head_columns()
