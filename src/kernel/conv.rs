@@ -694,21 +694,43 @@ pub fn backward_x(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     dx
 }
 
-/// (dL/dw, dL/db) from the forward input and dL/dy.
-pub fn backward_w(g: &Geom, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let (rows, p) = (g.rows(), g.pixels());
-    let mut dw = vec![0.0; g.c_out * rows];
-    let db: Vec<f32> = (0..g.c_out)
+/// (dL/dw, dL/db) from the forward input, given as the parts of a channel concatenation, and
+/// dL/dy. The direct kernel reads the parts in place; the GEMM paths get them copied together.
+pub fn backward_w_parts(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    if direct_w_ok(g) {
+        let mut dw = vec![0.0; g.c_out * g.rows()];
+        super::direct::backward_w(g, xs, dy, &mut dw);
+        return (dw, bias_grad(g, dy));
+    }
+    match xs {
+        [x] => backward_w(g, x, dy),
+        _ => backward_w(g, &cat(g.n, xs), dy),
+    }
+}
+
+/// The direct weight gradient beats the GEMMs from 8-pixel rows up (at 6x6: 1.6x slower).
+fn direct_w_ok(g: &Geom) -> bool {
+    super::direct::available() && !g.pointwise() && g.sp[2] >= 8
+}
+
+fn bias_grad(g: &Geom, dy: &[f32]) -> Vec<f32> {
+    let p = g.pixels();
+    (0..g.c_out)
         .map(|o| {
             (0..g.n).map(|n| dy[(n * g.c_out + o) * p..][..p].iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>()
                 as f32
         })
-        .collect();
-    // The direct weight gradient beats the GEMMs from 8-pixel rows up (at 6x6: 1.6x slower).
-    if super::direct::available() && !g.pointwise() && g.sp[2] >= 8 {
-        super::direct::backward_w(g, x, dy, &mut dw);
-        return (dw, db);
+        .collect()
+}
+
+/// (dL/dw, dL/db) from the forward input and dL/dy.
+pub fn backward_w(g: &Geom, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    if direct_w_ok(g) {
+        return backward_w_parts(g, &[x], dy);
     }
+    let rows = g.rows();
+    let mut dw = vec![0.0; g.c_out * rows];
+    let db = bias_grad(g, dy);
     if shifted_w(g) {
         backward_w_shifted(g, x, dy, &mut dw);
         return (dw, db);

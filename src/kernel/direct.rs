@@ -347,7 +347,7 @@ thread_local! {
 /// costing 3 aligned vector loads and 8 broadcasts for 24 FMAs. Reducing over positions with
 /// pixels in the vector lanes instead (NCHW as it comes) needs 9 unaligned loads per 18 FMAs and
 /// ran at half this speed. Callers check `available()`.
-pub fn backward_w(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32], dw: &mut [f32]) {
     let pd = Padded::new(g);
     let (p, v, q, taps) = (g.pixels(), pd.volume(), pd.q, g.taps_len());
     let (cp, op) = (g.c_in.next_multiple_of(16), g.c_out.next_multiple_of(16));
@@ -362,10 +362,18 @@ pub fn backward_w(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
             .flat_map(|n| rows.iter().map(move |&(src, dst)| (n * channels * p + src, n * per_image + shift + dst)))
             .collect()
     };
+    // The input's parts (a channel concatenation) go to their lane ranges one after another.
     let (mut xbuf, xa) = aligned(g.n * v * cp);
-    channels_last(&lines(v, g.c_in, shift), w, x, g.c_in, p, &mut xbuf[xa..][..g.n * v * cp], cp);
+    let mut c_off = 0;
+    for (k, x) in xs.iter().enumerate() {
+        let c = x.len() / (g.n * p);
+        let c_end = if k + 1 == xs.len() { cp } else { c_off + c };
+        channels_last(&lines(v, c, shift), w, x, c, p, &mut xbuf[xa..][..g.n * v * cp], cp, (c_off, c_end));
+        c_off += c;
+    }
+    assert_eq!(c_off, g.c_in);
     let (mut dybuf, da) = aligned(g.n * q * op);
-    channels_last(&lines(q, g.c_out, 0), w, dy, g.c_out, p, &mut dybuf[da..][..g.n * q * op], op);
+    channels_last(&lines(q, g.c_out, 0), w, dy, g.c_out, p, &mut dybuf[da..][..g.n * q * op], op, (0, op));
     let (xt, dyt) = (&xbuf[xa..][..g.n * v * cp], &dybuf[da..][..g.n * q * op]);
     // Tasks: (output-channel block, input-channel block) pairs, each over a share of every
     // image's positions when there are fewer pairs than twice the threads; shares are summed.
@@ -420,10 +428,12 @@ pub fn backward_w(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
 /// (the block's rows shifted by the tap offsets), which then stay in L1.
 const W_BLOCK: usize = 256;
 
-/// Writes NC(D)HW data channels-last into `out` ([position][stride], stride a multiple of 16,
-/// at least `channels`): line (from, dst) copies pixels from..from+w of every channel plane (`p` apart)
-/// to positions dst..dst+w, 16 x 16 blocks at a time through registers. Every other float of
-/// `out` (positions outside the lines, channels past `channels`) is set to zero.
+/// Writes NC(D)HW data channels-last into lanes [c_off, c_end) of `out` ([position][stride]):
+/// line (from, dst) copies pixels from..from+w of every channel plane (`p` apart) to positions
+/// dst..dst+w, 16 x 16 blocks at a time through registers; lanes from c_off + channels to c_end
+/// get zeros. The first call (c_off = 0) also zeroes every position outside the lines; later
+/// calls add the next parts of a channel concatenation.
+#[allow(clippy::too_many_arguments)]
 fn channels_last(
     lines: &[(usize, usize)],
     w: usize,
@@ -432,8 +442,9 @@ fn channels_last(
     p: usize,
     out: &mut [f32],
     stride: usize,
+    (c_off, c_end): (usize, usize),
 ) {
-    assert!(stride.is_multiple_of(16) && stride >= channels);
+    assert!(c_off + channels <= c_end && c_end <= stride);
     // Split `out` into the lines' spans, zeroing what lies between them.
     let mut spans: Vec<(usize, &mut [f32])> = Vec::with_capacity(lines.len());
     let mut rest = out;
@@ -441,22 +452,27 @@ fn channels_last(
     for &(from, dst) in lines {
         assert!(from + (channels - 1) * p + w <= src.len() && dst >= at);
         let (gap, tail) = std::mem::take(&mut rest).split_at_mut((dst - at) * stride);
-        gap.fill(0.0);
+        if c_off == 0 {
+            gap.fill(0.0);
+        }
         let (row, tail) = tail.split_at_mut(w * stride);
         spans.push((from, row));
         rest = tail;
         at = dst + w;
     }
-    rest.fill(0.0);
+    if c_off == 0 {
+        rest.fill(0.0);
+    }
     spans.into_par_iter().for_each(|(from, row)| {
         // SAFETY: the caller checked `available()`; loads stay in the line of each channel
-        // plane (asserted above), stores in this line's span.
-        unsafe { transpose_row(src, p, channels, from, w, row, stride) }
+        // plane (asserted above), stores in this line's span (lanes below c_end <= stride).
+        unsafe { transpose_row(src, p, channels, from, w, row, stride, (c_off, c_end)) }
     });
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn transpose_row(
     planes: &[f32],
     p: usize,
@@ -465,9 +481,12 @@ unsafe fn transpose_row(
     w: usize,
     row: &mut [f32],
     stride: usize,
+    (c_off, c_end): (usize, usize),
 ) {
     unsafe {
-        for c0 in (0..stride).step_by(16) {
+        for c0 in (0..c_end - c_off).step_by(16) {
+            let lanes = 16.min(c_end - c_off - c0);
+            let keep: __mmask16 = if lanes == 16 { 0xffff } else { (1u16 << lanes) - 1 };
             for i0 in (0..w).step_by(16) {
                 let n = 16.min(w - i0);
                 let m: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
@@ -479,7 +498,7 @@ unsafe fn transpose_row(
                 }
                 transpose16(&mut r);
                 for (j, v) in r.iter().enumerate().take(n) {
-                    _mm512_storeu_ps(row.as_mut_ptr().add((i0 + j) * stride + c0), *v);
+                    _mm512_mask_storeu_ps(row.as_mut_ptr().add((i0 + j) * stride + c_off + c0), keep, *v);
                 }
             }
         }
@@ -487,7 +506,8 @@ unsafe fn transpose_row(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn transpose_row(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [f32], _: usize) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn transpose_row(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [f32], _: usize, _: (usize, usize)) {
     unreachable!("direct convolution needs x86-64 AVX-512")
 }
 
@@ -651,11 +671,39 @@ mod tests {
         }
     }
 
+    /// The input as a concatenation of parts of 1, 5 and the remaining channels (unaligned lane
+    /// offsets) gives the same weight gradient as the whole.
+    #[test]
+    fn weight_gradient_of_parts() {
+        if !available() {
+            return;
+        }
+        let g = Geom { n: 2, c_in: 23, c_out: 5, sp: [1, 4, 18], k: [1, 3, 3] };
+        let p = g.pixels();
+        let x = rand(g.n * g.c_in * p, 17);
+        let dy = rand(g.n * g.c_out * p, 18);
+        let part = |c0: usize, c1: usize| -> Vec<f32> {
+            (0..g.n).flat_map(|n| x[(n * g.c_in + c0) * p..(n * g.c_in + c1) * p].iter().copied()).collect()
+        };
+        let (a, b, c) = (part(0, 1), part(1, 6), part(6, 23));
+        let mut whole = vec![0.0; g.c_out * g.c_in * 9];
+        let mut parts = whole.clone();
+        backward_w(&g, &[&x], &dy, &mut whole);
+        backward_w(&g, &[&a, &b, &c], &dy, &mut parts);
+        close(&parts, &whole, 1e-6);
+        close(&whole, &naive_dw(&g, &x, &dy), 1e-4);
+        let mut y = vec![MaybeUninit::new(f32::NAN); g.n * g.c_out * p];
+        let w = rand(g.c_out * g.c_in * 9, 19);
+        forward(&g, &[&a, &b, &c], &w, &[0.5; 5], &mut y);
+        // SAFETY: initialised above.
+        let y: Vec<f32> = y.into_iter().map(|v| unsafe { v.assume_init() }).collect();
+        close(&y, &naive(&g, &x, &w, &[0.5; 5]), 1e-5);
+    }
+
     /// Twice, so that the second call gets the first one's pooled buffers, dirty.
     fn forward_and_back(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
         let noise = rand(g.n * g.c_in * g.pixels(), 16);
-        backward_w(g, &noise, dy, dw);
-        dw.fill(0.0);
-        backward_w(g, x, dy, dw);
+        backward_w(g, &[&noise], dy, dw);
+        backward_w(g, &[x], dy, dw);
     }
 }

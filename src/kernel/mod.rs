@@ -142,11 +142,7 @@ impl Backward<Flex, N> for SameConvGrad {
         }
         if node_w.is_some() || node_b.is_some() {
             let parts: Vec<&[f32]> = xs.iter().map(data).collect();
-            let x = match parts[..] {
-                [x] => std::borrow::Cow::Borrowed(x),
-                _ => std::borrow::Cow::Owned(conv::cat(g.n, &parts)),
-            };
-            let (dw, db) = conv::backward_w(&g, &x, data(&dy));
+            let (dw, db) = conv::backward_w_parts(&g, &parts, data(&dy));
             if let Some(node) = node_w {
                 grads.register::<Flex>(node.id, tensor(dw, ws));
             }
