@@ -88,6 +88,10 @@ enum Command {
         /// Also run the PyTorch / ONNX Runtime peers (bench/peer.py) and print ratios
         #[arg(long)]
         compare: bool,
+        /// With --compare: alternate ours and the peers this many times and keep each side's
+        /// best median per case (the host is shared; one slow minute should not decide a ratio)
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
         /// Per-op table instead: our CPU kernels against burn Flex's own ops, same tensors
         #[arg(long)]
         kernels: bool,
@@ -330,7 +334,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{} runs; report written to {}", results.len(), report.display());
             Ok(())
         }
-        Command::Bench { reps, dims, json, backend, train_only, compare, kernels, python, peer } => {
+        Command::Bench { reps, dims, json, backend, train_only, compare, rounds, kernels, python, peer } => {
             if kernels {
                 println!("| op | unetpp kernel ms | burn Flex ms | ratio |\n|---|---|---|---|");
                 for (case, ours, burn) in unetpp::bench::kernels(reps) {
@@ -340,7 +344,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let o = unetpp::bench::BenchOptions { reps, dims, backend: backend.backend, train_only };
             if compare {
-                print!("{}", unetpp::bench::compare(&python, &peer, o)?);
+                print!("{}", unetpp::bench::compare(&python, &peer, o, rounds)?);
                 return Ok(());
             }
             let timings = unetpp::bench::run(o);

@@ -1,7 +1,7 @@
 //! Project-owned CPU kernels, hooked into burn through its backend-extension mechanism: they run
 //! when a tensor lives on Flex (with or without autodiff), and every other backend keeps burn's
 //! own ops. Only the stride-1 convolutions (node blocks, heads) and the 2x linear up-sampling are
-//! replaced; see `conv` and `upsample` for why.
+//! replaced; see `conv`, `direct` and `upsample` for why.
 
 pub mod conv;
 pub mod direct;
