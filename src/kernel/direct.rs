@@ -67,7 +67,7 @@ fn blocks(g: &Geom, w: &[f32], b: &[f32], vectors: usize) -> Vec<Block> {
             bias[o - o0] = b[o];
             for c in 0..g.c_in {
                 for t in 0..taps {
-                    wb[(c * taps + t) * width + o - o0] = w[(o * g.c_in + c) * taps + t];
+                    wb[(t * g.c_in + c) * width + o - o0] = w[(o * g.c_in + c) * taps + t];
                 }
             }
         }
@@ -139,7 +139,8 @@ pub fn forward(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], y: &mut [MaybeUnin
                             c_in: cis,
                             taps: &tap_list,
                             tap_count: taps,
-                            w: &block.w[c0 * taps * block.width..],
+                            w: &block.w[c0 * block.width..],
+                            w_tap: g.c_in * block.width,
                             bias: &block.bias,
                             first: c0 == 0,
                             len,
@@ -207,8 +208,10 @@ struct Job<'a> {
     stride: usize,
     c_in: usize,
     taps: &'a [Tap],
-    /// Taps of the kernel (the weights' step per input channel).
+    /// Taps of the kernel.
     tap_count: usize,
+    /// The weights' step from one tap to the next.
+    w_tap: usize,
     /// The block's packed weights from the first input channel of the tile on.
     w: &'a [f32],
     /// Output channels of the block (the tile's width).
@@ -264,7 +267,7 @@ impl Job<'_> {
     unsafe fn tile<const CB: usize, const NV: usize>(&self) {
         let valid = self.channels;
         assert!(self.y_at + (valid - 1) * self.y_stride + self.len <= self.y_len);
-        assert!(self.w.len() >= self.c_in * self.tap_count * CB && valid <= CB);
+        assert!(self.w.len() >= (self.tap_count - 1) * self.w_tap + self.c_in * CB && valid <= CB);
         assert!(self.bias.len() >= CB);
         let tail = self.len - 16 * (NV - 1);
         let mask: __mmask16 = if tail >= 16 { 0xffff } else { (1u16 << tail) - 1 };
@@ -284,24 +287,25 @@ impl Job<'_> {
                     };
                 }
             }
-            let x = self.x.as_ptr();
-            for ci in 0..self.c_in {
-                let xc = x.add(ci * self.stride);
-                let wc = self.w.as_ptr().add(ci * self.tap_count * CB);
-                for tap in self.taps {
-                    // Lanes outside the image are masked off: never read, zero in the vector.
-                    let xs = xc.wrapping_offset(tap.off);
+            // Taps outermost: their masks stay in mask registers over the input channels.
+            for tap in self.taps {
+                let masks = tap.masks;
+                // Lanes outside the image are masked off: never read, zero in the vector.
+                let mut xs = self.x.as_ptr().wrapping_offset(tap.off);
+                let mut w = self.w.as_ptr().add(tap.t * self.w_tap);
+                for _ in 0..self.c_in {
                     let mut inp = [_mm512_setzero_ps(); NV];
                     for (j, v) in inp.iter_mut().enumerate() {
-                        *v = _mm512_maskz_loadu_ps(tap.masks[j], xs.wrapping_add(16 * j));
+                        *v = _mm512_maskz_loadu_ps(masks[j], xs.wrapping_add(16 * j));
                     }
-                    let w = wc.add(tap.t * CB);
                     for (c, a) in acc.iter_mut().enumerate() {
                         let wv = _mm512_set1_ps(*w.add(c));
                         for (v, i) in a.iter_mut().zip(&inp) {
                             *v = _mm512_fmadd_ps(wv, *i, *v);
                         }
                     }
+                    xs = xs.wrapping_add(self.stride);
+                    w = w.add(CB);
                 }
             }
             for (c, a) in acc.iter().enumerate().take(valid) {
