@@ -591,28 +591,33 @@ pub fn cat(n: usize, xs: &[&[f32]]) -> Vec<f32> {
     out
 }
 
-/// y = conv(cat(xs), w) + b, NC(D)HW in and out: the input is the channel concatenation of the
-/// parts. The direct kernel reads the parts in place; the other paths get them copied together.
-pub fn forward_parts(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32]) -> Vec<f32> {
+/// y = conv(cat(xs), w) + b, NC(D)HW in and out, then max(0, y) if `relu`: the input is the
+/// channel concatenation of the parts. The direct kernel reads the parts in place and applies
+/// the ReLU as it stores; the other paths get the parts copied together.
+pub fn forward_parts(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], relu: bool) -> Vec<f32> {
     if direct_ok(g) {
         let len = g.n * g.c_out * g.pixels();
         let mut y = Vec::with_capacity(len);
-        super::direct::forward(g, xs, w, b, &mut y.spare_capacity_mut()[..len]);
+        super::direct::forward(g, xs, w, b, relu, &mut y.spare_capacity_mut()[..len]);
         // SAFETY: direct::forward writes every element of its output.
         unsafe { y.set_len(len) };
         return y;
     }
-    match xs {
+    let mut y = match xs {
         [x] => forward(g, x, w, b),
         _ => forward(g, &cat(g.n, xs), w, b),
+    };
+    if relu {
+        y.iter_mut().for_each(|v| *v = v.max(0.0));
     }
+    y
 }
 
 /// y = conv(x, w) + b, NC(D)HW in and out.
 pub fn forward(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     let (rows, p) = (g.rows(), g.pixels());
     if direct_ok(g) {
-        return forward_parts(g, &[x], w, b);
+        return forward_parts(g, &[x], w, b, false);
     }
     let mut y = vec![0.0; g.n * g.c_out * p];
     if winograd_ok(g) {

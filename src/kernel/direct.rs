@@ -89,7 +89,7 @@ pub(super) fn segments(w: usize) -> Vec<(usize, usize)> {
 /// parts `xs` along channels (read in place: UNet++'s dense skip inputs are never copied
 /// together), on AVX-512. Every element of `y` is written (it may come uninitialised:
 /// zero-filling the output costs a few percent of the convolution). Callers check `available()`.
-pub fn forward(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], y: &mut [MaybeUninit<f32>]) {
+pub fn forward(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], relu: bool, y: &mut [MaybeUninit<f32>]) {
     let [_, sh, _] = g.sp;
     let p = g.pixels();
     let segs = segments(g.sp[2]);
@@ -143,6 +143,7 @@ pub fn forward(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], y: &mut [MaybeUnin
                             w_tap: g.c_in * block.width,
                             bias: &block.bias,
                             first: c0 == 0,
+                            relu: relu && c0 + cis == g.c_in,
                             len,
                             width: block.width,
                             channels: block.width.min(g.c_out - block.o0),
@@ -219,6 +220,8 @@ struct Job<'a> {
     bias: &'a [f32],
     /// Start from the bias (first input-channel block) or from the partial sums in y.
     first: bool,
+    /// Store max(0, .): the last input-channel block of a convolution followed by ReLU.
+    relu: bool,
     len: usize,
     /// Output channels of the block that exist (the rest are padding).
     channels: usize,
@@ -308,10 +311,12 @@ impl Job<'_> {
                     w = w.add(CB);
                 }
             }
+            let zero = _mm512_setzero_ps();
             for (c, a) in acc.iter().enumerate().take(valid) {
                 for (j, v) in a.iter().enumerate() {
                     let m = if j + 1 == NV { mask } else { 0xffff };
-                    _mm512_mask_storeu_ps(row(c).add(16 * j), m, *v);
+                    let v = if self.relu { _mm512_max_ps(*v, zero) } else { *v };
+                    _mm512_mask_storeu_ps(row(c).add(16 * j), m, v);
                 }
             }
         }
@@ -654,7 +659,7 @@ mod tests {
             let w = rand(g.c_out * g.c_in * g.taps_len(), 12);
             let b = rand(g.c_out, 13);
             let mut y = vec![MaybeUninit::new(f32::NAN); g.n * g.c_out * g.pixels()];
-            forward(&g, &[&x], &w, &b, &mut y);
+            forward(&g, &[&x], &w, &b, false, &mut y);
             // SAFETY: initialised above (an element the kernel missed stays NaN and fails).
             let y: Vec<f32> = y.into_iter().map(|v| unsafe { v.assume_init() }).collect();
             close(&y, &naive(&g, &x, &w, &b), 1e-5);
@@ -676,7 +681,8 @@ mod tests {
     }
 
     /// The input as a concatenation of parts of 1, 5 and the remaining channels (unaligned lane
-    /// offsets) gives the same weight gradient as the whole.
+    /// offsets, input-channel blocks ending inside a part) gives the same weight gradient as the
+    /// whole, and the forward of the parts with ReLU fused is relu(conv).
     #[test]
     fn weight_gradient_of_parts() {
         if !available() {
@@ -698,10 +704,11 @@ mod tests {
         close(&whole, &naive_dw(&g, &x, &dy), 1e-4);
         let mut y = vec![MaybeUninit::new(f32::NAN); g.n * g.c_out * p];
         let w = rand(g.c_out * g.c_in * 9, 19);
-        forward(&g, &[&a, &b, &c], &w, &[0.5; 5], &mut y);
+        forward(&g, &[&a, &b, &c], &w, &[0.5; 5], true, &mut y);
         // SAFETY: initialised above.
         let y: Vec<f32> = y.into_iter().map(|v| unsafe { v.assume_init() }).collect();
-        close(&y, &naive(&g, &x, &w, &[0.5; 5]), 1e-5);
+        let relu: Vec<f32> = naive(&g, &x, &w, &[0.5; 5]).into_iter().map(|v| v.max(0.0)).collect();
+        close(&y, &relu, 1e-5);
     }
 
     /// Twice, so that the second call gets the first one's pooled buffers, dirty.

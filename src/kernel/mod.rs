@@ -13,6 +13,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::FlexTensor;
+use burn::backend::ops::ActivationOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{AutodiffBackend, Backend as BurnBackend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
@@ -26,6 +27,7 @@ pub trait KernelBackend: BurnBackend {
     /// (each [n, c_k, (d,) h, w]; unused ones have 0 channels), never copied together where
     /// the kernel can read them in place; weight [c_out, sum c_k, k..], bias [c_out]. burn's
     /// extension macro takes neither tensor lists nor optional tensors, hence six of them.
+    /// `relu` applies max(0, .) to the result (fused into the kernel's stores where it can).
     #[allow(clippy::too_many_arguments)]
     fn same_conv(
         x0: FloatTensor<Self>,
@@ -36,6 +38,7 @@ pub trait KernelBackend: BurnBackend {
         x5: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        relu: bool,
     ) -> FloatTensor<Self>;
     /// 2x linear up-sampling of every spatial axis, `align_corners = false`.
     fn upsample2x(x: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -68,6 +71,7 @@ impl KernelBackend for Flex {
         x5: FlexTensor,
         weight: FlexTensor,
         bias: FlexTensor,
+        relu: bool,
     ) -> FlexTensor {
         let xs: Vec<FlexTensor> =
             [x0, x1, x2, x3, x4, x5].iter().filter(|x| x.shape()[1] > 0).map(contiguous).collect();
@@ -77,7 +81,7 @@ impl KernelBackend for Flex {
         let g = geom(&shape, w.shape().as_slice());
         shape[1] = g.c_out;
         let parts: Vec<&[f32]> = xs.iter().map(data).collect();
-        tensor(conv::forward_parts(&g, &parts, data(&w), data(&b)), shape)
+        tensor(conv::forward_parts(&g, &parts, data(&w), data(&b), relu), shape)
     }
 
     fn upsample2x(x: FlexTensor) -> FlexTensor {
@@ -163,16 +167,17 @@ impl<C: CheckpointStrategy> KernelBackend for Autodiff<Flex, C> {
         x5: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        relu: bool,
     ) -> FloatTensor<Self> {
         let xs = [x0, x1, x2, x3, x4, x5];
         let inner = |t: &FloatTensor<Self>| <Self as AutodiffBackend>::inner(t.clone());
         let forward = || {
             let [a, b, c, d, e, f] = xs.each_ref().map(inner);
-            Flex::same_conv(a, b, c, d, e, f, inner(&weight), inner(&bias))
+            Flex::same_conv(a, b, c, d, e, f, inner(&weight), inner(&bias), false)
         };
         let all: Vec<&FloatTensor<Self>> = xs.iter().chain([&weight, &bias]).collect();
         let nodes = std::array::from_fn(|i| all[i].node());
-        match SameConvGrad.prepare::<C>(nodes).compute_bound().stateful() {
+        let y = match SameConvGrad.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(mut prep) => {
                 let used = xs.each_ref().map(|x| x.shape()[1] > 0);
                 let parts = xs.iter().zip(used).filter(|(_, u)| *u).map(|(x, _)| prep.checkpoint(x)).collect();
@@ -181,7 +186,9 @@ impl<C: CheckpointStrategy> KernelBackend for Autodiff<Flex, C> {
                 prep.finish(state, y)
             }
             OpsKind::UnTracked(prep) => prep.finish(forward()),
-        }
+        };
+        // With gradients the activation stays burn's own op (and its backward).
+        if relu { <Self as ActivationOps<Self>>::relu(y) } else { y }
     }
 
     fn upsample2x(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -217,8 +224,9 @@ pub fn upsample2x<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 const PARTS: usize = 6;
 
 /// `same_conv` on rank-4 (2D) or rank-5 (3D) tensors: the convolution of the channel
-/// concatenation of `xs` (up to six read in place, more are concatenated first).
-pub fn same_conv<const D: usize>(mut xs: Vec<Tensor<D>>, weight: Tensor<D>, bias: Tensor<1>) -> Tensor<D> {
+/// concatenation of `xs` (up to six read in place, more are concatenated first), followed by
+/// ReLU when `relu` is set.
+pub fn same_conv<const D: usize>(mut xs: Vec<Tensor<D>>, weight: Tensor<D>, bias: Tensor<1>, relu: bool) -> Tensor<D> {
     if xs.len() > PARTS {
         let rest = xs.split_off(PARTS - 1);
         xs.push(Tensor::cat(rest, 1));
@@ -238,6 +246,7 @@ pub fn same_conv<const D: usize>(mut xs: Vec<Tensor<D>>, weight: Tensor<D>, bias
         f,
         weight.into_dispatch(),
         bias.into_dispatch(),
+        relu,
     ))
 }
 
@@ -347,6 +356,12 @@ mod tests {
         let conv = Conv::<4>::new(3, 4, 3, &d);
         let x = Tensor::<4>::random([2, 3, 8, 8], Distribution::Default, &d);
         assert!(supported(&x));
-        assert!(rel(conv.forward(x.clone()), conv.forward_burn(x)) <= 1e-4);
+        assert!(rel(conv.forward(x.clone()), conv.forward_burn(x.clone())) <= 1e-4);
+        // ReLU fused into the kernel's stores, on the direct path (16-pixel rows) and a GEMM one.
+        for side in [16, 8] {
+            let x = Tensor::<4>::random([2, 3, side, side], Distribution::Default, &d);
+            let fused = conv.forward_relu(vec![x.clone()]);
+            assert!(rel(fused, burn::tensor::activation::relu(conv.forward_burn(x))) <= 1e-4);
+        }
     }
 }

@@ -67,15 +67,25 @@ impl<const D: usize> Conv<D> {
 
     /// The convolution of the channel concatenation of `xs` (UNet++'s dense skip inputs): our
     /// kernel reads the parts in place, other backends get them concatenated.
-    pub fn forward_parts(&self, mut xs: Vec<Tensor<D>>) -> Tensor<D> {
+    pub fn forward_parts(&self, xs: Vec<Tensor<D>>) -> Tensor<D> {
+        self.forward_act(xs, false)
+    }
+
+    /// relu(conv(cat(xs))), the ReLU fused into our kernel's stores where it runs.
+    pub fn forward_relu(&self, xs: Vec<Tensor<D>>) -> Tensor<D> {
+        self.forward_act(xs, true)
+    }
+
+    fn forward_act(&self, mut xs: Vec<Tensor<D>>, act: bool) -> Tensor<D> {
         let [_, _, k, ..] = self.weight.dims()[..] else { unreachable!() };
         if self.stride == 1 && k % 2 == 1 && crate::kernel::supported(&xs[0]) {
             let c_out = self.weight.dims()[0];
             let b = self.bias.as_ref().map(|b| b.val()).unwrap_or_else(|| Tensor::zeros([c_out], &xs[0].device()));
-            return crate::kernel::same_conv(xs, self.weight.val(), b);
+            return crate::kernel::same_conv(xs, self.weight.val(), b, act);
         }
         let x = if xs.len() == 1 { xs.remove(0) } else { Tensor::cat(xs, 1) };
-        self.forward_burn(x)
+        let y = self.forward_burn(x);
+        if act { relu(y) } else { y }
     }
 
     /// burn's own convolution: every backend, any stride (and the reference for our kernel).
@@ -231,11 +241,12 @@ impl<const D: usize> Block<D> {
     }
 
     fn layer(&self, xs: Vec<Tensor<D>>, conv: &Conv<D>, norm: &Option<BatchNorm>) -> Tensor<D> {
-        let mut y = conv.forward_parts(xs);
-        if let Some(norm) = norm {
-            y = norm.forward(y);
-        }
-        y = relu(y);
+        // Without BatchNorm (or with it folded, at inference) ReLU follows the convolution
+        // directly and goes into its kernel.
+        let y = match norm {
+            None => conv.forward_relu(xs),
+            Some(norm) => relu(norm.forward(conv.forward_parts(xs))),
+        };
         match &self.dropout {
             Some(dropout) => dropout.forward(y),
             None => y,
