@@ -27,8 +27,9 @@ pub fn available() -> bool {
     }
 }
 
-/// Input channels per pass over a tile: the padded input rows of one block and its weights stay
-/// in L1 while every output-channel block of the row segment reads them.
+/// Input channels per pass over a tile: a block's packed weights (32 x 9 taps x 8-24 output
+/// channels) stay in L1 over the unit's rows; the partial sums go through the output between
+/// blocks. 16, 64 and 128 measured within 5% of 32.
 const CI_BLOCK: usize = 32;
 
 /// Output channels per tile for rows of `vectors` vectors, with `left` channels still to do:
@@ -323,8 +324,8 @@ impl Job<'_> {
     }
 }
 
-/// A zeroed f32 buffer whose element `at` is 64-byte aligned, so that whole-vector loads of
-/// rows whose length is a multiple of 16 never straddle two cache lines.
+/// An f32 buffer whose element `at` is 64-byte aligned, so that whole-vector loads of rows
+/// whose length is a multiple of 16 never straddle two cache lines.
 /// The buffer comes from a per-thread pool and its contents are whatever the last user left:
 /// callers write every element they read (page faults and zero-filling of fresh buffers cost
 /// as much as the transposes they hold).
@@ -433,8 +434,8 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32], dw: &mut [f32]) {
     }
 }
 
-/// Positions per step of the weight gradient: all taps of a step read the same few input rows
-/// (the block's rows shifted by the tap offsets), which then stay in L1.
+/// Positions per step of the weight gradient: all taps of a step read the block's rows shifted
+/// by the tap offsets, so they share them in cache (64 to 512 measured the same).
 const W_BLOCK: usize = 256;
 
 /// Writes NC(D)HW data channels-last into lanes [c_off, c_end) of `out` ([position][stride]):
