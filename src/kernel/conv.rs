@@ -572,11 +572,14 @@ fn shifted_w(g: &Geom) -> bool {
     !g.pointwise() && g.sp[2] >= 16
 }
 
-/// The direct kernel runs whole output rows in 16-pixel vectors: worth it where they waste
-/// under 10% of their lanes (rows of 16, 32, 48, 64, 96, ... pixels; not 24 or 12).
+/// The direct kernel runs spans of output positions in 16-pixel vectors: worth it where they
+/// waste under 10% of their lanes (not on 6x6 images: 36 pixels in 48 lanes). Where rows do
+/// not fill vectors (spans cross rows, with per-lane border masks) Winograd is faster if it
+/// applies (24x24 with 64+ input channels: 7.9 vs 8.7 ms at 512 -> 128).
 fn direct_ok(g: &Geom) -> bool {
-    let lanes: usize = super::direct::segments(g.sp[2]).iter().map(|s| s.1.next_multiple_of(16)).sum();
-    super::direct::available() && !g.pointwise() && 10 * lanes <= 11 * g.sp[2]
+    let lanes: usize = super::direct::spans(g).iter().map(|s| s.1.next_multiple_of(16)).sum();
+    let winograd_better = winograd_ok(g) && !super::direct::rows_fill_vectors(g.sp[2]);
+    super::direct::available() && !g.pointwise() && 10 * lanes <= 11 * g.pixels() && !winograd_better
 }
 
 /// Concatenates NC(D)HW parts along channels.

@@ -86,26 +86,46 @@ pub(super) fn segments(w: usize) -> Vec<(usize, usize)> {
     (0..w).step_by(width).map(|x0| (x0, width.min(w - x0))).collect()
 }
 
+/// Whether rows of `w` pixels split into vectors wasting under 10% of their lanes.
+pub(super) fn rows_fill_vectors(w: usize) -> bool {
+    let lanes: usize = segments(w).iter().map(|s| s.1.next_multiple_of(16)).sum();
+    10 * lanes <= 11 * w
+}
+
+/// The output positions of one image (flattened (d, h, w)) as the runs one tile computes, of at
+/// most 48 pixels: row segments (`segments`) where rows fill whole vectors, else runs of 48
+/// consecutive positions across rows (24x24 and 12x12 images), whose lanes each get their own
+/// border masks.
+pub(super) fn spans(g: &Geom) -> Vec<(usize, usize)> {
+    let (w, p) = (g.sp[2], g.pixels());
+    let row = segments(w);
+    if rows_fill_vectors(w) {
+        (0..g.sp[0] * g.sp[1]).flat_map(|l| row.iter().map(move |&(x0, len)| (l * w + x0, len))).collect()
+    } else {
+        (0..p).step_by(48).map(|q0| (q0, 48.min(p - q0))).collect()
+    }
+}
+
 /// y = conv(cat(xs), w) + b for NC(D)HW slices, where the input is the concatenation of the
 /// parts `xs` along channels (read in place: UNet++'s dense skip inputs are never copied
 /// together), on AVX-512. Every element of `y` is written (it may come uninitialised:
 /// zero-filling the output costs a few percent of the convolution). Callers check `available()`.
 pub fn forward(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], relu: bool, y: &mut [MaybeUninit<f32>]) {
-    let [_, sh, _] = g.sp;
     let p = g.pixels();
-    let segs = segments(g.sp[2]);
-    // Blocks for each row-segment width in use (at most two).
+    let spans = spans(g);
+    // Blocks for each span width in use (at most two).
     let plans: Vec<(usize, Vec<Block>)> = {
-        let mut widths: Vec<usize> = segs.iter().map(|s| s.1.div_ceil(16)).collect();
+        let mut widths: Vec<usize> = spans.iter().map(|s| s.1.div_ceil(16)).collect();
+        widths.sort_unstable();
         widths.dedup();
         widths.into_iter().map(|nv| (nv, blocks(g, w, b, nv))).collect()
     };
     let taps = g.taps_len();
-    let lines = g.sp[0] * sh;
-    // Units of whole output rows, at least four per thread over the batch.
+    // Units of whole spans, at least four per thread over the batch.
     let threads = rayon::current_num_threads();
-    let per = lines.div_ceil((4 * threads).div_ceil(g.n)).max(1);
-    let units: Vec<(usize, usize)> = (0..g.n).flat_map(|n| (0..lines).step_by(per).map(move |r| (n, r))).collect();
+    let per = spans.len().div_ceil((4 * threads).div_ceil(g.n)).max(1);
+    let units: Vec<(usize, usize)> =
+        (0..g.n).flat_map(|n| (0..spans.len()).step_by(per).map(move |r| (n, r))).collect();
     let y_len = y.len();
     assert_eq!(y_len, g.n * g.c_out * p);
     // Input-channel blocks (part, first channel in the part, first channel overall, count):
@@ -123,52 +143,48 @@ pub fn forward(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], relu: bool, y: &mu
     assert_eq!(c_all, g.c_in);
     let out = SyncPtr(y.as_mut_ptr().cast());
     units.into_par_iter().for_each(|(n, r0)| {
-        let mut tap_list = Vec::with_capacity(taps);
-        // Input-channel blocks outermost: each block's weights stay in L1 over the unit's rows.
+        let mine = &spans[r0..(r0 + per).min(spans.len())];
+        let tap_lists: Vec<Vec<Tap>> = mine.iter().map(|&(q0, len)| span_taps(g, q0, len).collect()).collect();
+        // Input-channel blocks outermost: each block's weights stay in L1 over the unit's spans.
         for &(k, c_in_part, c0, cis) in &cblocks {
             let c_part = xs[k].len() / (g.n * p);
             let xc = &xs[k][(n * c_part + c_in_part) * p..][..cis * p];
-            for &(x0, len) in &segs {
+            for (&(q0, len), tap_list) in mine.iter().zip(&tap_lists) {
                 let plan = &plans.iter().find(|p| p.0 == len.div_ceil(16)).expect("a plan per width").1;
-                for line in r0..(r0 + per).min(lines) {
-                    tap_list.clear();
-                    tap_list.extend(line_taps(g, line, x0, len));
-                    for block in plan {
-                        let job = Job {
-                            x: xc,
-                            stride: p,
-                            c_in: cis,
-                            taps: &tap_list,
-                            tap_count: taps,
-                            w: &block.w[c0 * block.width..],
-                            w_tap: g.c_in * block.width,
-                            bias: &block.bias,
-                            first: c0 == 0,
-                            relu: relu && c0 + cis == g.c_in,
-                            len,
-                            width: block.width,
-                            channels: block.width.min(g.c_out - block.o0),
-                            // SAFETY: in bounds: the output row segment of the block's
-                            // channels in image n; units own distinct rows, so no two tasks
-                            // write the same element.
-                            y: out,
-                            y_len,
-                            y_at: (n * g.c_out + block.o0) * p + line * g.sp[2] + x0,
-                            y_stride: p,
-                        };
-                        // SAFETY: `available()` was checked by the caller; `Job` bounds are
-                        // checked inside.
-                        unsafe { job.run() };
-                    }
+                for block in plan {
+                    let job = Job {
+                        x: xc,
+                        stride: p,
+                        c_in: cis,
+                        taps: tap_list,
+                        tap_count: taps,
+                        w: &block.w[c0 * block.width..],
+                        w_tap: g.c_in * block.width,
+                        bias: &block.bias,
+                        first: c0 == 0,
+                        relu: relu && c0 + cis == g.c_in,
+                        len,
+                        width: block.width,
+                        channels: block.width.min(g.c_out - block.o0),
+                        // SAFETY: in bounds: the output span of the block's channels in image
+                        // n; units own distinct spans, so no two tasks write the same element.
+                        y: out,
+                        y_len,
+                        y_at: (n * g.c_out + block.o0) * p + q0,
+                        y_stride: p,
+                    };
+                    // SAFETY: `available()` was checked by the caller; `Job` bounds are checked
+                    // inside.
+                    unsafe { job.run() };
                 }
             }
         }
     });
 }
 
-/// A kernel tap as one output row segment sees it: the tap's index in the weights, where its
-/// input starts relative to the plane (may be -1 and the like: those lanes are masked), and
-/// which lanes of each of the segment's vectors read inside the image.
+/// A kernel tap as one output span sees it: the tap's index in the weights, where its input
+/// starts relative to the plane (may be -1 and the like: those lanes are masked), and which
+/// lanes of each of the span's vectors read inside the image.
 #[derive(Clone, Copy)]
 struct Tap {
     t: usize,
@@ -176,29 +192,35 @@ struct Tap {
     masks: [u16; 3],
 }
 
-/// The taps of output row `line` (= d·H + h) that land inside the image, for pixels
-/// x0..x0+len (at most 48): the zero padding of "same" convolution, without a padded copy.
-fn line_taps(g: &Geom, line: usize, x0: usize, len: usize) -> impl Iterator<Item = Tap> + '_ {
+/// The taps of the output span q0..q0+len (flattened (d, h, w) positions, at most 48) that land
+/// inside the image for some of its pixels: the zero padding of "same" convolution, without a
+/// padded copy. Each lane keeps its own (d, h, w), so spans may cross rows.
+fn span_taps(g: &Geom, q0: usize, len: usize) -> impl Iterator<Item = Tap> + '_ {
     let [sd, sh, sw] = g.sp;
     let [kd, kh, kw] = g.k;
-    let (d, h) = ((line / sh) as isize, (line % sh) as isize);
+    let start = [q0 / (sh * sw), q0 / sw % sh, q0 % sw];
     (0..kd * kh * kw).filter_map(move |t| {
-        let (a, bb, c) = (t / (kh * kw), t / kw % kh, t % kw);
-        let (zd, zh) = (d + a as isize - (kd / 2) as isize, h + bb as isize - (kh / 2) as isize);
-        if zd < 0 || zh < 0 || zd >= sd as isize || zh >= sh as isize {
-            return None;
-        }
-        let dx = c as isize - (kw / 2) as isize;
+        let index = [t / (kh * kw), t / kw % kh, t % kw];
+        let shift: [isize; 3] = std::array::from_fn(|i| index[i] as isize - (g.k[i] / 2) as isize);
         let mut masks = [0u16; 3];
-        for (j, m) in masks.iter_mut().enumerate() {
-            for l in 0..16 {
-                let (at, col) = (16 * j + l, x0 as isize + (16 * j + l) as isize + dx);
-                if at < len && col >= 0 && col < sw as isize {
-                    *m |= 1 << l;
+        let [mut z, mut y, mut x] = start;
+        for l in 0..len {
+            let inside = |v: usize, d: isize, n: usize| (0..n as isize).contains(&(v as isize + d));
+            if inside(z, shift[0], sd) && inside(y, shift[1], sh) && inside(x, shift[2], sw) {
+                masks[l / 16] |= 1 << (l % 16);
+            }
+            x += 1;
+            if x == sw {
+                x = 0;
+                y += 1;
+                if y == sh {
+                    y = 0;
+                    z += 1;
                 }
             }
         }
-        Some(Tap { t, off: (zd * sh as isize + zh) * sw as isize + x0 as isize + dx, masks })
+        let off = q0 as isize + (shift[0] * sh as isize + shift[1]) * sw as isize + shift[2];
+        (masks != [0; 3]).then_some(Tap { t, off, masks })
     })
 }
 
@@ -646,6 +668,9 @@ mod tests {
             Geom { n: 1, c_in: 2, c_out: 50, sp: [1, 2, 50], k: [1, 3, 3] },
             Geom { n: 1, c_in: 17, c_out: 1, sp: [1, 5, 64], k: [1, 3, 3] },
             Geom { n: 1, c_in: 3, c_out: 4, sp: [3, 4, 16], k: [3, 3, 3] },
+            // short rows: spans of 48 positions across rows and planes
+            Geom { n: 2, c_in: 2, c_out: 3, sp: [3, 4, 5], k: [3, 3, 3] },
+            Geom { n: 1, c_in: 9, c_out: 20, sp: [1, 12, 12], k: [1, 3, 3] },
             Geom { n: 2, c_in: 2, c_out: 3, sp: [1, 6, 7], k: [1, 5, 5] },
         ]
     }
