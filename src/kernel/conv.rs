@@ -616,11 +616,36 @@ pub fn forward_parts(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], relu: bool) 
     y
 }
 
+/// A 1x1 convolution to a few channels (UNet++'s heads, 32 -> 1): each output plane is a
+/// weighted sum of the input planes, streamed once in L1-sized blocks. The GEMM path would copy
+/// the input into a matrix first and run a one-row product on it.
+fn forward_pointwise_narrow(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+    // Small in tests, so that planes end inside a block.
+    const BLOCK: usize = if cfg!(test) { 8 } else { 4096 };
+    let p = g.pixels();
+    let mut y = vec![0.0; g.n * g.c_out * p];
+    y.par_chunks_mut(p).enumerate().for_each(|(plane, out)| {
+        let (n, o) = (plane / g.c_out, plane % g.c_out);
+        for (k, acc) in out.chunks_mut(BLOCK).enumerate() {
+            acc.fill(b[o]);
+            for c in 0..g.c_in {
+                let wc = w[o * g.c_in + c];
+                let xs = &x[(n * g.c_in + c) * p + k * BLOCK..][..acc.len()];
+                acc.iter_mut().zip(xs).for_each(|(a, &v)| *a += wc * v);
+            }
+        }
+    });
+    y
+}
+
 /// y = conv(x, w) + b, NC(D)HW in and out.
 pub fn forward(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     let (rows, p) = (g.rows(), g.pixels());
     if direct_ok(g) {
         return forward_parts(g, &[x], w, b, false);
+    }
+    if g.pointwise() && g.c_out <= 4 {
+        return forward_pointwise_narrow(g, x, w, b);
     }
     let mut y = vec![0.0; g.n * g.c_out * p];
     if winograd_ok(g) {
@@ -844,6 +869,9 @@ pub(super) mod tests {
         vec![
             Geom { n: 2, c_in: 3, c_out: 4, sp: [1, 7, 5], k: [1, 3, 3] },
             Geom { n: 3, c_in: 2, c_out: 5, sp: [1, 4, 6], k: [1, 1, 1] },
+            // 1x1 to few channels: the heads' weighted sums
+            Geom { n: 2, c_in: 3, c_out: 2, sp: [1, 5, 7], k: [1, 1, 1] },
+            Geom { n: 1, c_in: 4, c_out: 1, sp: [2, 3, 3], k: [1, 1, 1] },
             Geom { n: 1, c_in: 2, c_out: 3, sp: [3, 4, 5], k: [3, 3, 3] },
             Geom { n: 2, c_in: 1, c_out: 2, sp: [1, 2, 3], k: [1, 5, 5] },
             // more pixels than one chunk, so segments cross image borders
