@@ -693,14 +693,16 @@ pub fn backward_x(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let flipped = Geom { c_in: g.c_out, c_out: g.c_in, ..*g };
     if shifted(&flipped) || direct_ok(&flipped) {
         // The input gradient is the convolution of dy with the flipped, transposed kernel.
+        // Written in order (reads of one weight row each), in parallel over input channels.
         let mut wf = vec![0.0; w.len()];
-        for o in 0..g.c_out {
-            for c in 0..g.c_in {
-                for k in 0..t {
-                    wf[(c * g.c_out + o) * t + k] = w[(o * g.c_in + c) * t + t - 1 - k];
+        wf.par_chunks_mut(g.c_out * t).enumerate().for_each(|(c, rows)| {
+            for (o, row) in rows.chunks_mut(t).enumerate() {
+                let src = &w[(o * g.c_in + c) * t..][..t];
+                for (k, v) in row.iter_mut().enumerate() {
+                    *v = src[t - 1 - k];
                 }
             }
-        }
+        });
         return forward(&flipped, dy, &wf, &vec![0.0; g.c_in]);
     }
     let mut dx = vec![0.0; g.n * g.c_in * p];
