@@ -30,11 +30,8 @@ impl Geom {
     pub(super) fn pixels(&self) -> usize {
         self.sp.iter().product()
     }
-    fn taps(&self) -> usize {
+    pub(super) fn taps(&self) -> usize {
         self.k.iter().product()
-    }
-    pub(super) fn taps_len(&self) -> usize {
-        self.taps()
     }
     /// Rows of the unfolded matrix (GEMM's inner dimension).
     fn rows(&self) -> usize {
@@ -607,8 +604,8 @@ pub fn forward_parts(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], relu: bool) 
         return y;
     }
     let mut y = match xs {
-        [x] => forward(g, x, w, b),
-        _ => forward(g, &cat(g.n, xs), w, b),
+        [x] => forward_gemm(g, x, w, b),
+        _ => forward_gemm(g, &cat(g.n, xs), w, b),
     };
     if relu {
         y.iter_mut().for_each(|v| *v = v.max(0.0));
@@ -640,10 +637,12 @@ fn forward_pointwise_narrow(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f3
 
 /// y = conv(x, w) + b, NC(D)HW in and out.
 pub fn forward(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+    forward_parts(g, &[x], w, b, false)
+}
+
+/// The forward paths for shapes the direct kernel does not take.
+fn forward_gemm(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     let (rows, p) = (g.rows(), g.pixels());
-    if direct_ok(g) {
-        return forward_parts(g, &[x], w, b, false);
-    }
     if g.pointwise() && g.c_out <= 4 {
         return forward_pointwise_narrow(g, x, w, b);
     }
@@ -738,8 +737,8 @@ pub fn backward_w_parts(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> (Vec<f32>, Vec<f
         return (dw, bias_grad(g, dy));
     }
     match xs {
-        [x] => backward_w(g, x, dy),
-        _ => backward_w(g, &cat(g.n, xs), dy),
+        [x] => backward_w_gemm(g, x, dy),
+        _ => backward_w_gemm(g, &cat(g.n, xs), dy),
     }
 }
 
@@ -760,9 +759,11 @@ fn bias_grad(g: &Geom, dy: &[f32]) -> Vec<f32> {
 
 /// (dL/dw, dL/db) from the forward input and dL/dy.
 pub fn backward_w(g: &Geom, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    if direct_w_ok(g) {
-        return backward_w_parts(g, &[x], dy);
-    }
+    backward_w_parts(g, &[x], dy)
+}
+
+/// The weight-gradient paths for shapes the direct kernel does not take.
+fn backward_w_gemm(g: &Geom, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let rows = g.rows();
     let mut dw = vec![0.0; g.c_out * rows];
     let db = bias_grad(g, dy);

@@ -57,7 +57,7 @@ struct Block {
 }
 
 fn blocks(g: &Geom, w: &[f32], b: &[f32], vectors: usize) -> Vec<Block> {
-    let taps = g.taps_len();
+    let taps = g.taps();
     let mut starts = vec![];
     let mut o0 = 0;
     while o0 < g.c_out {
@@ -91,7 +91,7 @@ fn blocks(g: &Geom, w: &[f32], b: &[f32], vectors: usize) -> Vec<Block> {
 
 /// The pixels of one output row as segments of whole vectors: as few segments as the 3-vector
 /// tile allows, of equal width where possible (a 64-pixel row is 2 x 32, not 48 + 16).
-pub(super) fn segments(w: usize) -> Vec<(usize, usize)> {
+fn segments(w: usize) -> Vec<(usize, usize)> {
     let parts = w.div_ceil(48);
     let width = w.div_ceil(parts).next_multiple_of(16);
     (0..w).step_by(width).map(|x0| (x0, width.min(w - x0))).collect()
@@ -131,7 +131,7 @@ pub fn forward(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], relu: bool, y: &mu
         widths.dedup();
         widths.into_iter().map(|nv| (nv, blocks(g, w, b, nv))).collect()
     };
-    let taps = g.taps_len();
+    let taps = g.taps();
     // Units of whole spans, at least four per thread over the batch.
     let threads = rayon::current_num_threads();
     let per = spans.len().div_ceil((4 * threads).div_ceil(g.n)).max(1);
@@ -335,12 +335,7 @@ impl Job<'_> {
                     for (j, v) in inp.iter_mut().enumerate() {
                         *v = _mm512_maskz_loadu_ps(masks[j], xs.wrapping_add(16 * j));
                     }
-                    for (c, a) in acc.iter_mut().enumerate() {
-                        let wv = _mm512_set1_ps(*w.add(c));
-                        for (v, i) in a.iter_mut().zip(&inp) {
-                            *v = _mm512_fmadd_ps(wv, *i, *v);
-                        }
-                    }
+                    rank1(&mut acc, &inp, w);
                     xs = xs.wrapping_add(self.stride);
                     w = w.add(CB);
                 }
@@ -353,6 +348,21 @@ impl Job<'_> {
                     _mm512_mask_storeu_ps(row(c).add(16 * j), m, v);
                 }
             }
+        }
+    }
+}
+
+/// acc[c][j] += s[c] · v[j] for c < CB: the outer-product step both register tiles (forward and
+/// weight gradient) are made of. `s` must point to CB readable floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn rank1<const CB: usize, const NV: usize>(acc: &mut [[__m512; NV]; CB], v: &[__m512; NV], s: *const f32) {
+    for (c, a) in acc.iter_mut().enumerate() {
+        // SAFETY: the caller guarantees s[..CB] is readable.
+        let sc = _mm512_set1_ps(unsafe { *s.add(c) });
+        for (x, y) in a.iter_mut().zip(v) {
+            *x = _mm512_fmadd_ps(sc, *y, *x);
         }
     }
 }
@@ -392,7 +402,7 @@ thread_local! {
 /// ran at half this speed. Callers check `available()`.
 pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32], dw: &mut [f32]) {
     let pd = Padded::new(g);
-    let (p, v, q, taps) = (g.pixels(), pd.volume(), pd.q, g.taps_len());
+    let (p, v, q, taps) = (g.pixels(), pd.volume(), pd.q, g.taps());
     let (cp, op) = (g.c_in.next_multiple_of(16), g.c_out.next_multiple_of(16));
     let offsets = pd.offsets(g);
     let rows: Vec<(usize, usize)> = pd.rows(g).collect();
@@ -633,12 +643,7 @@ impl WTile<'_> {
                 for (j, v) in xv.iter_mut().enumerate() {
                     *v = _mm512_loadu_ps(xs.add(16 * j));
                 }
-                for (c, a) in acc.iter_mut().enumerate() {
-                    let d = _mm512_set1_ps(*ds.add(c));
-                    for (v, xj) in a.iter_mut().zip(&xv) {
-                        *v = _mm512_fmadd_ps(d, *xj, *v);
-                    }
-                }
+                rank1(&mut acc, &xv, ds);
                 xs = xs.add(self.x_stride);
                 ds = ds.add(self.dy_stride);
             }
@@ -658,7 +663,7 @@ mod tests {
 
     /// dL/dw by its definition, in f64.
     fn naive_dw(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
-        let taps = g.taps_len();
+        let taps = g.taps();
         let mut dw = vec![0.0; g.c_out * g.c_in * taps];
         // Column (o, c, t) of the weight is the forward with a one-hot weight, read against dy.
         for (i, d) in dw.iter_mut().enumerate() {
@@ -693,7 +698,7 @@ mod tests {
         }
         for g in geoms() {
             let x = rand(g.n * g.c_in * g.pixels(), 11);
-            let w = rand(g.c_out * g.c_in * g.taps_len(), 12);
+            let w = rand(g.c_out * g.c_in * g.taps(), 12);
             let b = rand(g.c_out, 13);
             let mut y = vec![MaybeUninit::new(f32::NAN); g.n * g.c_out * g.pixels()];
             forward(&g, &[&x], &w, &b, false, &mut y);
@@ -711,7 +716,7 @@ mod tests {
         for g in geoms() {
             let x = rand(g.n * g.c_in * g.pixels(), 14);
             let dy = rand(g.n * g.c_out * g.pixels(), 15);
-            let mut dw = vec![0.0; g.c_out * g.c_in * g.taps_len()];
+            let mut dw = vec![0.0; g.c_out * g.c_in * g.taps()];
             forward_and_back(&g, &x, &dy, &mut dw);
             close(&dw, &naive_dw(&g, &x, &dy), 1e-4);
         }

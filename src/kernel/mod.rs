@@ -135,7 +135,7 @@ impl Backward<Flex, N> for SameConvGrad {
         for ((node, x), &c) in parents.zip(&xs).zip(&widths) {
             if let Some(node) = node {
                 let gk = Geom { c_in: c, ..g };
-                let taps = g.k.iter().product::<usize>();
+                let taps = g.taps();
                 let wk: Vec<f32> = data(&w)
                     .chunks(g.c_in * taps)
                     .flat_map(|row| row[c0 * taps..(c0 + c) * taps].iter().copied())
