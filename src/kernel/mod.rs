@@ -5,6 +5,7 @@
 
 pub mod conv;
 pub mod direct;
+pub mod norm;
 pub mod upsample;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -42,6 +43,19 @@ pub trait KernelBackend: BurnBackend {
     ) -> FloatTensor<Self>;
     /// 2x linear up-sampling of every spatial axis, `align_corners = false`.
     fn upsample2x(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Per-channel mean (row 0) and biased variance (row 1) of x [n, c, ...], as [2, c]. Never
+    /// differentiated: `batch_norm` differentiates through the statistics itself.
+    fn batch_stats(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Training-mode BatchNorm of x with its own batch statistics `stats` (from `batch_stats`),
+    /// then ReLU when `relu` is set; the gradient treats the statistics as functions of x.
+    fn batch_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        epsilon: f64,
+        relu: bool,
+    ) -> FloatTensor<Self>;
 }
 
 fn geom(x: &[usize], w: &[usize]) -> Geom {
@@ -89,6 +103,62 @@ impl KernelBackend for Flex {
         let shape = x.shape().to_vec();
         let out: Vec<usize> = shape.iter().enumerate().map(|(i, &d)| if i >= 2 { 2 * d } else { d }).collect();
         tensor(upsample::forward(data(&x), &shape), out)
+    }
+
+    fn batch_stats(x: FlexTensor) -> FlexTensor {
+        let x = contiguous(&x);
+        let (mean, var) = norm::stats(layout(x.shape().as_slice()), data(&x));
+        let c = mean.len();
+        tensor([mean, var].concat(), vec![2, c])
+    }
+
+    fn batch_norm(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        stats: FlexTensor,
+        epsilon: f64,
+        relu: bool,
+    ) -> FlexTensor {
+        let (x, gamma, beta, stats) = (contiguous(&x), contiguous(&gamma), contiguous(&beta), contiguous(&stats));
+        let (mean, var) = data(&stats).split_at(gamma.shape()[0]);
+        let y =
+            norm::forward(layout(x.shape().as_slice()), data(&x), data(&gamma), data(&beta), mean, var, epsilon, relu);
+        tensor(y, x.shape().to_vec())
+    }
+}
+
+fn layout(shape: &[usize]) -> norm::Layout {
+    norm::Layout { n: shape[0], c: shape[1], p: shape[2..].iter().product() }
+}
+
+/// The backward of `batch_norm` (parents: x, gamma, beta).
+#[derive(Debug)]
+struct BatchNormGrad;
+
+impl Backward<Flex, 3> for BatchNormGrad {
+    /// x's checkpoint; gamma, beta and the statistics (per channel, small); epsilon; ReLU.
+    type State = (NodeId, [FlexTensor; 3], f64, bool);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let dy = contiguous(&grads.consume::<Flex>(&ops.node));
+        let x = contiguous(&checkpointer.retrieve_node_output::<FlexTensor>(ops.state.0));
+        let [gamma, beta, stats] = ops.state.1.each_ref().map(contiguous);
+        let (mean, var) = data(&stats).split_at(gamma.shape()[0]);
+        let (epsilon, relu) = (ops.state.2, ops.state.3);
+        let l = layout(x.shape().as_slice());
+        let (dx, dgamma, dbeta) =
+            norm::backward(l, data(&x), data(&dy), data(&gamma), data(&beta), mean, var, epsilon, relu);
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        for (node, (v, shape)) in [node_x, node_gamma, node_beta].into_iter().zip([
+            (dx, x.shape().to_vec()),
+            (dgamma, vec![l.c]),
+            (dbeta, vec![l.c]),
+        ]) {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, tensor(v, shape));
+            }
+        }
     }
 }
 
@@ -198,6 +268,31 @@ impl<C: CheckpointStrategy> KernelBackend for Autodiff<Flex, C> {
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }
+
+    fn batch_stats(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(Flex::batch_stats(<Self as AutodiffBackend>::inner(x)))
+    }
+
+    fn batch_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        epsilon: f64,
+        relu: bool,
+    ) -> FloatTensor<Self> {
+        let inner = |t: &FloatTensor<Self>| <Self as AutodiffBackend>::inner(t.clone());
+        let (g, b, s) = (inner(&gamma), inner(&beta), inner(&stats));
+        let forward = || Flex::batch_norm(inner(&x), g.clone(), b.clone(), s.clone(), epsilon, relu);
+        match BatchNormGrad.prepare::<C>([x.node(), gamma.node(), beta.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), [g.clone(), b.clone(), s.clone()], epsilon, relu);
+                let y = forward();
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward()),
+        }
+    }
 }
 
 thread_local! {
@@ -218,6 +313,31 @@ pub fn supported<const D: usize>(x: &Tensor<D>) -> bool {
 /// `upsample2x` on rank-4 (2D) or rank-5 (3D) tensors.
 pub fn upsample2x<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as KernelBackend>::upsample2x(x.into_dispatch()))
+}
+
+/// Training-mode BatchNorm of x (rank 4 or 5) with its batch statistics, then ReLU when `relu`
+/// is set: (output, batch mean, biased batch variance), as burn's `batch_norm_train` returns
+/// them for the running statistics.
+pub fn batch_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    epsilon: f64,
+    relu: bool,
+) -> (Tensor<D>, Tensor<1>, Tensor<1>) {
+    let c = x.dims()[1];
+    let x = x.into_dispatch();
+    let stats: Tensor<2> = Tensor::from_dispatch(<Dispatch as KernelBackend>::batch_stats(x.clone()));
+    let y = <Dispatch as KernelBackend>::batch_norm(
+        x,
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        stats.clone().into_dispatch(),
+        epsilon,
+        relu,
+    );
+    let row = |i: usize| stats.clone().slice([i..i + 1]).reshape([c]);
+    (Tensor::from_dispatch(y), row(0), row(1))
 }
 
 /// Input parts `same_conv` reads in place (UNet++ needs depth + 1 <= 6).
@@ -318,6 +438,42 @@ mod tests {
         let b2 = crate::model::layers::upsample(x2.clone(), false, false);
         set_enabled(true);
         assert!(rel(crate::model::layers::upsample(x2, false, false), b2) <= 1e-5);
+    }
+
+    /// Training BatchNorm + ReLU equals burn's BatchNorm then ReLU: output, the gradients of the
+    /// input, gamma and beta, and the running statistics, 2D and 3D.
+    #[test]
+    fn batch_norm_matches_burn_with_gradients() {
+        fn check<const D: usize>(dims: [usize; D]) {
+            use burn::module::Param;
+            use burn::nn::{BatchNorm, BatchNormConfig};
+            let d = Device::flex().autodiff();
+            let c = dims[1];
+            // Non-trivial affine parameters, and inputs off zero mean and unit variance.
+            let gamma = Tensor::<1>::random([c], Distribution::Uniform(0.5, 1.5), &d);
+            let beta = Tensor::<1>::random([c], Distribution::Uniform(-0.5, 0.5), &d);
+            let norm = || BatchNorm {
+                gamma: Param::from_tensor(gamma.clone()),
+                beta: Param::from_tensor(beta.clone()),
+                ..BatchNormConfig::new(c).init(&d)
+            };
+            let (a, b) = (norm(), norm());
+            let x = Tensor::<D>::random(dims, Distribution::Uniform(-1.0, 3.0), &d).require_grad();
+            let r = Tensor::<D>::random(dims, Distribution::Default, &d);
+            assert!(supported(&x));
+            let ours = crate::model::layers::norm_relu(&a, x.clone());
+            let theirs = burn::tensor::activation::relu(b.forward(x.clone()));
+            assert!(rel(ours.clone(), theirs.clone()) <= 1e-4, "forward {dims:?}");
+            assert!(rel(a.running_mean.value_sync(), b.running_mean.value_sync()) <= 1e-5, "running mean {dims:?}");
+            assert!(rel(a.running_var.value_sync(), b.running_var.value_sync()) <= 1e-5, "running var {dims:?}");
+            let (ga, gb) = ((ours * r.clone()).sum().backward(), (theirs * r).sum().backward());
+            assert!(rel(x.grad(&ga).unwrap(), x.grad(&gb).unwrap()) <= 1e-4, "dx {dims:?}");
+            let g = |p: &Param<Tensor<1>>, grads| p.val().grad(grads).unwrap();
+            assert!(rel(g(&a.gamma, &ga), g(&b.gamma, &gb)) <= 1e-4, "dgamma {dims:?}");
+            assert!(rel(g(&a.beta, &ga), g(&b.beta, &gb)) <= 1e-4, "dbeta {dims:?}");
+        }
+        check([4, 5, 6, 7]);
+        check([2, 3, 4, 5, 6]);
     }
 
     /// The whole model (every head, 2D and 3D) and its parameter gradients: our kernels against

@@ -83,35 +83,60 @@ fn plane2d(x: &[f32], h: usize, w: usize, y: &mut [f32]) {
     }
 }
 
-/// Up-samples every spatial axis (2 or 3 of them after N, C) by 2.
-pub fn forward(x: &[f32], shape: &[usize]) -> Vec<f32> {
-    if let [_, _, h, w] = *shape {
-        let mut y = vec![0.0; x.len() * 4];
-        y.par_chunks_mut(4 * h * w).zip(x.par_chunks(h * w)).for_each(|(y, x)| plane2d(x, h, w, y));
-        return y;
+/// The adjoint of `plane2d`: `dy` is (2h x 2w), `dx` (h x w). Input row i collects output rows
+/// 2i and 2i+1 (0.75 each) and its neighbours' near rows (0.25), edge-clamped; each collected
+/// row is narrowed the same way along the width. One pass over `dy`, no scatter.
+fn plane2d_adjoint(dy: &[f32], h: usize, w: usize, dx: &mut [f32]) {
+    let row = |i: usize| &dy[i * 2 * w..][..2 * w];
+    let mut t = vec![0.0f32; 2 * w];
+    for (i, out) in dx.chunks_mut(w).enumerate() {
+        // Even output row 2i' draws 0.25 from row max(i'-1, 0), odd row 2i'+1 from min(i'+1, h-1).
+        let (lo, hi) =
+            (if i + 1 < h { row(2 * i + 2) } else { row(2 * i + 1) }, if i > 0 { row(2 * i - 1) } else { row(0) });
+        let (e, o) = (row(2 * i), row(2 * i + 1));
+        for j in 0..2 * w {
+            t[j] = 0.75 * (e[j] + o[j]) + 0.25 * (lo[j] + hi[j]);
+        }
+        for (j, d) in out.iter_mut().enumerate() {
+            let lo = if j + 1 < w { t[2 * j + 2] } else { t[2 * j + 1] };
+            let hi = if j > 0 { t[2 * j - 1] } else { t[0] };
+            *d = 0.75 * (t[2 * j] + t[2 * j + 1]) + 0.25 * (lo + hi);
+        }
     }
-    let mut shape = shape.to_vec();
-    let mut y = x.to_vec();
-    for axis in 2..shape.len() {
-        y = along(&y, &shape, axis);
-        shape[axis] *= 2;
-    }
-    y
 }
 
-/// The gradient of `forward` w.r.t. its input (shape = the input's shape).
+/// Up-samples every spatial axis (2 or 3 of them after N, C) by 2: (H, W) planes first, then
+/// the depth axis of 3D volumes.
+pub fn forward(x: &[f32], shape: &[usize]) -> Vec<f32> {
+    let (h, w) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+    let mut y = vec![0.0; x.len() * 4];
+    y.par_chunks_mut(4 * h * w).zip(x.par_chunks(h * w)).for_each(|(y, x)| plane2d(x, h, w, y));
+    if shape.len() == 4 {
+        return y;
+    }
+    let mut wide = shape.to_vec();
+    wide[3] *= 2;
+    wide[4] *= 2;
+    along(&y, &wide, 2)
+}
+
+/// The gradient of `forward` w.r.t. its input (shape = the input's shape): the depth axis
+/// first (the adjoints commute), then each (H, W) plane.
 pub fn backward(dy: &[f32], shape: &[usize]) -> Vec<f32> {
-    let mut shapes = vec![shape.to_vec()];
-    for axis in 2..shape.len() {
-        let mut s = shapes.last().unwrap().clone();
-        s[axis] *= 2;
-        shapes.push(s);
-    }
-    let mut g = dy.to_vec();
-    for axis in (2..shape.len()).rev() {
-        g = along_adjoint(&g, &shapes[axis - 2], axis);
-    }
-    g
+    let (h, w) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+    let narrowed;
+    let dy = if shape.len() == 5 {
+        let mut wide = shape.to_vec();
+        wide[3] *= 2;
+        wide[4] *= 2;
+        narrowed = along_adjoint(dy, &wide, 2);
+        &narrowed[..]
+    } else {
+        dy
+    };
+    let mut dx = vec![0.0; dy.len() / 4];
+    dx.par_chunks_mut(h * w).zip(dy.par_chunks(4 * h * w)).for_each(|(dx, dy)| plane2d_adjoint(dy, h, w, dx));
+    dx
 }
 
 #[cfg(test)]
@@ -131,6 +156,8 @@ mod tests {
     fn backward_is_the_adjoint() {
         adjoint(&[2, 3, 3, 4, 5]);
         adjoint(&[2, 3, 6, 5]);
+        adjoint(&[1, 2, 1, 1]);
+        adjoint(&[1, 1, 1, 3, 1]);
     }
 
     fn adjoint(shape: &[usize]) {

@@ -245,7 +245,7 @@ impl<const D: usize> Block<D> {
         // directly and goes into its kernel.
         let y = match norm {
             None => conv.forward_relu(xs),
-            Some(norm) => relu(norm.forward(conv.forward_parts(xs))),
+            Some(norm) => norm_relu(norm, conv.forward_parts(xs)),
         };
         match &self.dropout {
             Some(dropout) => dropout.forward(y),
@@ -271,6 +271,25 @@ impl<const D: usize> Block<D> {
         let (conv2, norm2) = fold(self.conv2, self.norm2);
         Self { conv1, norm1, conv2, norm2, ..self }
     }
+}
+
+/// relu(BatchNorm(y)). In training on Flex both run as one kernel (statistics, normalisation and
+/// ReLU in two passes, two for the backward) instead of burn's generic ops; the running
+/// statistics are updated exactly as burn's `BatchNorm::forward` does.
+pub fn norm_relu<const D: usize>(norm: &BatchNorm, y: Tensor<D>) -> Tensor<D> {
+    if !(crate::kernel::supported(&y) && y.device().is_autodiff() && norm.training.is_enabled()) {
+        return relu(norm.forward(y));
+    }
+    let (out, mean, var) = crate::kernel::batch_norm(y, norm.gamma.val(), norm.beta.val(), norm.epsilon, true);
+    let m = norm.momentum;
+    let update = |state: &burn::module::RunningState<Tensor<1>>, batch: Tensor<1>| {
+        let device = batch.device();
+        let old = state.value_sync().to_device(&device);
+        state.update(old.mul_scalar(1.0 - m).add(batch.mul_scalar(m)).detach());
+    };
+    update(&norm.running_mean, mean);
+    update(&norm.running_var, var);
+    out
 }
 
 /// conv then BN(eval) == conv with weights scaled by gamma / sqrt(var + eps) per output channel

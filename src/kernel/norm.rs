@@ -1,0 +1,206 @@
+//! Training-mode BatchNorm (batch statistics) with the ReLU that follows it, on contiguous
+//! N C (D) H W f32 data. burn's generic version records a dozen full-tensor passes (two of them
+//! transposing copies) plus the ReLU's own; here the statistics are one pass, the normalisation
+//! with ReLU one, and the backward two (the ReLU mask is recomputed from the input, so the
+//! normalised activation is never stored).
+
+use rayon::prelude::*;
+
+/// The layout: `n` images of `c` channel planes of `p` values.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    pub n: usize,
+    pub c: usize,
+    pub p: usize,
+}
+
+impl Layout {
+    /// The planes of channel `ch`, one per image.
+    fn planes<'a>(&self, x: &'a [f32], ch: usize) -> impl Iterator<Item = &'a [f32]> + 'a {
+        let (c, p) = (self.c, self.p);
+        (0..self.n).map(move |i| &x[(i * c + ch) * p..][..p])
+    }
+
+    fn count(&self) -> f64 {
+        (self.n * self.p) as f64
+    }
+}
+
+/// Per channel: the mean and the biased variance (what burn's `batch_norm_train` returns).
+/// Sums run in f64 per plane, so E[x²] - E[x]² does not cancel at f32 precision.
+pub fn stats(l: Layout, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    assert_eq!(x.len(), l.n * l.c * l.p);
+    let sums: Vec<(f64, f64)> = (0..l.c)
+        .into_par_iter()
+        .map(|ch| {
+            l.planes(x, ch).fold((0.0, 0.0), |(s, q), plane| {
+                // f32 partial sums over short runs keep the loop vectorised; runs are added in f64.
+                plane.chunks(64).fold((s, q), |(s, q), run| {
+                    let (a, b) = run.iter().fold((0.0f32, 0.0f32), |(a, b), &v| (a + v, b + v * v));
+                    (s + a as f64, q + b as f64)
+                })
+            })
+        })
+        .collect();
+    let m = l.count();
+    sums.iter()
+        .map(|&(s, q)| {
+            let mean = s / m;
+            (mean as f32, (q / m - mean * mean).max(0.0) as f32)
+        })
+        .unzip()
+}
+
+/// Per channel scale and shift of the normalisation: y = a·x + b.
+fn affine(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>) {
+    (0..gamma.len())
+        .map(|ch| {
+            let a = gamma[ch] as f64 / (var[ch] as f64 + eps).sqrt();
+            (a as f32, (beta[ch] as f64 - mean[ch] as f64 * a) as f32)
+        })
+        .unzip()
+}
+
+/// gamma · (x - mean) / sqrt(var + eps) + beta, then max(0, .) when `relu`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    l: Layout,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f64,
+    relu: bool,
+) -> Vec<f32> {
+    let (a, b) = affine(gamma, beta, mean, var, eps);
+    let lo = if relu { 0.0 } else { f32::NEG_INFINITY };
+    let mut y = vec![0.0f32; x.len()];
+    y.par_chunks_mut(l.p).zip(x.par_chunks(l.p)).enumerate().for_each(|(plane, (y, x))| {
+        let (a, b) = (a[plane % l.c], b[plane % l.c]);
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = (a * x + b).max(lo);
+        }
+    });
+    y
+}
+
+/// Gradients of `forward` with the batch statistics as functions of `x`: (dx, dgamma, dbeta).
+/// With g = dy masked by the ReLU and x̂ the normalised input,
+/// dx = gamma / sqrt(var + eps) · (g - mean(g) - x̂ · mean(g · x̂)), dgamma = Σ g · x̂, dbeta = Σ g.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    l: Layout,
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f64,
+    relu: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert!(x.len() == dy.len() && x.len() == l.n * l.c * l.p);
+    let (a, b) = affine(gamma, beta, mean, var, eps);
+    let inv_std: Vec<f32> = var.iter().map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32).collect();
+    let lo = if relu { 0.0 } else { f32::NEG_INFINITY };
+    // The ReLU passes the gradient where its input a·x + b was positive.
+    let masked = |dy: f32, x: f32, ch: usize| if a[ch] * x + b[ch] > lo { dy } else { 0.0 };
+    let sums: Vec<(f64, f64)> = (0..l.c)
+        .into_par_iter()
+        .map(|ch| {
+            l.planes(x, ch).zip(l.planes(dy, ch)).fold((0.0, 0.0), |acc, (x, dy)| {
+                x.chunks(64).zip(dy.chunks(64)).fold(acc, |(s, q), (x, dy)| {
+                    let (m, r) = (mean[ch], inv_std[ch]);
+                    let (gs, gx) = x.iter().zip(dy).fold((0.0f32, 0.0f32), |(gs, gx), (&x, &dy)| {
+                        let g = masked(dy, x, ch);
+                        (gs + g, gx + g * (x - m) * r)
+                    });
+                    (s + gs as f64, q + gx as f64)
+                })
+            })
+        })
+        .collect();
+    let m = l.count();
+    let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+    let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+    let mut dx = vec![0.0f32; x.len()];
+    dx.par_chunks_mut(l.p).zip(x.par_chunks(l.p).zip(dy.par_chunks(l.p))).enumerate().for_each(
+        |(plane, (dx, (x, dy)))| {
+            let ch = plane % l.c;
+            let (mu, r) = (mean[ch], inv_std[ch]);
+            let (mg, mgx) = ((sums[ch].0 / m) as f32, (sums[ch].1 / m) as f32);
+            let k = gamma[ch] * r;
+            for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                *dx = k * (masked(dy, x, ch) - mg - (x - mu) * r * mgx);
+            }
+        },
+    );
+    (dx, dgamma, dbeta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hand-computed: one channel of [1, 2, 3, 6] has mean 3 and biased variance 3.5; with
+    /// gamma 2, beta -1 and eps 0 the output is 2·(x - 3)/sqrt(3.5) - 1, ReLU'd.
+    #[test]
+    fn forward_matches_hand_computed_values() {
+        let l = Layout { n: 2, c: 1, p: 2 };
+        let x = [1.0, 2.0, 3.0, 6.0];
+        let (mean, var) = stats(l, &x);
+        assert_eq!((mean[0], var[0]), (3.0, 3.5));
+        let y = forward(l, &x, &[2.0], &[-1.0], &mean, &var, 0.0, true);
+        let s = 3.5f32.sqrt();
+        let want = [0.0, 0.0, 0.0, 2.0 * 3.0 / s - 1.0];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{y:?}");
+        }
+    }
+
+    /// The backward against central differences of the loss sum(r · forward(x)), statistics
+    /// recomputed from x each time, in f64 arithmetic on a small case.
+    #[test]
+    fn backward_matches_finite_differences() {
+        let l = Layout { n: 2, c: 3, p: 5 };
+        let len = l.n * l.c * l.p;
+        let x: Vec<f32> = (0..len).map(|i| ((i * 37 % 29) as f32 / 7.0) - 2.0).collect();
+        let r: Vec<f32> = (0..len).map(|i| ((i * 53 % 31) as f32 / 15.0) - 1.0).collect();
+        let (gamma, beta) = ([1.5f32, -0.7, 0.9], [0.3f32, 0.1, -0.2]);
+        let eps = 1e-5;
+        for relu in [false, true] {
+            let loss = |x: &[f32], gamma: &[f32], beta: &[f32]| -> f64 {
+                let (mean, var) = stats(l, x);
+                let y = forward(l, x, gamma, beta, &mean, &var, eps, relu);
+                y.iter().zip(&r).map(|(&a, &b)| a as f64 * b as f64).sum()
+            };
+            let (mean, var) = stats(l, &x);
+            let (dx, dgamma, dbeta) = backward(l, &x, &r, &gamma, &beta, &mean, &var, eps, relu);
+            let h = 1e-2f32;
+            let numeric = |f: &dyn Fn(f32) -> f64| (f(h) - f(-h)) / (2.0 * h as f64);
+            for i in 0..len {
+                let d = numeric(&|e| {
+                    let mut x = x.clone();
+                    x[i] += e;
+                    loss(&x, &gamma, &beta)
+                });
+                assert!((d - dx[i] as f64).abs() < 2e-2 * d.abs().max(0.1), "dx[{i}] {d} vs {} relu {relu}", dx[i]);
+            }
+            for ch in 0..l.c {
+                let dg = numeric(&|e| {
+                    let mut g = gamma;
+                    g[ch] += e;
+                    loss(&x, &g, &beta)
+                });
+                let db = numeric(&|e| {
+                    let mut b = beta;
+                    b[ch] += e;
+                    loss(&x, &gamma, &b)
+                });
+                assert!((dg - dgamma[ch] as f64).abs() < 2e-2 * dg.abs().max(0.1), "dgamma {dg} vs {}", dgamma[ch]);
+                assert!((db - dbeta[ch] as f64).abs() < 2e-2 * db.abs().max(0.1), "dbeta {db} vs {}", dbeta[ch]);
+            }
+        }
+    }
+}
