@@ -336,7 +336,7 @@ pub fn batch_norm<const D: usize>(
         epsilon,
         relu,
     );
-    let row = |i: usize| stats.clone().slice([i..i + 1]).reshape([c]);
+    let row = |i: usize| stats.clone().narrow(0, i, 1).reshape([c]);
     (Tensor::from_dispatch(y), row(0), row(1))
 }
 
