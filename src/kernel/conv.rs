@@ -751,8 +751,12 @@ fn bias_grad(g: &Geom, dy: &[f32]) -> Vec<f32> {
     let p = g.pixels();
     (0..g.c_out)
         .map(|o| {
-            (0..g.n).map(|n| dy[(n * g.c_out + o) * p..][..p].iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>()
-                as f32
+            (0..g.n)
+                .map(|n| {
+                    let plane = &dy[(n * g.c_out + o) * p..][..p];
+                    super::norm::lane_sums(plane, plane, |v, _| [v])[0]
+                })
+                .sum::<f64>() as f32
         })
         .collect()
 }

@@ -26,19 +26,47 @@ impl Layout {
     }
 }
 
+/// Sums of K values per element pair (a[i], b[i]) in f64, vectorised: 16 f32 lanes per value
+/// over runs of 1024 elements (64 terms per lane), the runs added in f64. A plain f32 fold is a
+/// chain of dependent adds, one per 4 cycles, and does not vectorise (no reassociation).
+pub(crate) fn lane_sums<const K: usize>(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> [f32; K]) -> [f64; K] {
+    assert_eq!(a.len(), b.len());
+    let mut total = [0.0f64; K];
+    for (a, b) in a.chunks(1024).zip(b.chunks(1024)) {
+        let mut acc = [[0.0f32; 16]; K];
+        let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (a, b) in ca.zip(cb) {
+            for j in 0..16 {
+                let v = f(a[j], b[j]);
+                for k in 0..K {
+                    acc[k][j] += v[k];
+                }
+            }
+        }
+        for (&a, &b) in ra.iter().zip(rb) {
+            let v = f(a, b);
+            for k in 0..K {
+                acc[k][0] += v[k];
+            }
+        }
+        for k in 0..K {
+            total[k] += acc[k].iter().map(|&v| v as f64).sum::<f64>();
+        }
+    }
+    total
+}
+
 /// Per channel: the mean and the biased variance (what burn's `batch_norm_train` returns).
-/// Sums run in f64 per plane, so E[x²] - E[x]² does not cancel at f32 precision.
+/// Sums run in f64 (`lane_sums`), so E[x²] - E[x]² does not cancel at f32 precision.
 pub fn stats(l: Layout, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
     assert_eq!(x.len(), l.n * l.c * l.p);
     let sums: Vec<(f64, f64)> = (0..l.c)
         .into_par_iter()
         .map(|ch| {
             l.planes(x, ch).fold((0.0, 0.0), |(s, q), plane| {
-                // f32 partial sums over short runs keep the loop vectorised; runs are added in f64.
-                plane.chunks(64).fold((s, q), |(s, q), run| {
-                    let (a, b) = run.iter().fold((0.0f32, 0.0f32), |(a, b), &v| (a + v, b + v * v));
-                    (s + a as f64, q + b as f64)
-                })
+                let [a, b] = lane_sums(plane, plane, |v, _| [v, v * v]);
+                (s + a, q + b)
             })
         })
         .collect();
@@ -109,15 +137,13 @@ pub fn backward(
     let sums: Vec<(f64, f64)> = (0..l.c)
         .into_par_iter()
         .map(|ch| {
-            l.planes(x, ch).zip(l.planes(dy, ch)).fold((0.0, 0.0), |acc, (x, dy)| {
-                x.chunks(64).zip(dy.chunks(64)).fold(acc, |(s, q), (x, dy)| {
-                    let (m, r) = (mean[ch], inv_std[ch]);
-                    let (gs, gx) = x.iter().zip(dy).fold((0.0f32, 0.0f32), |(gs, gx), (&x, &dy)| {
-                        let g = masked(dy, x, ch);
-                        (gs + g, gx + g * (x - m) * r)
-                    });
-                    (s + gs as f64, q + gx as f64)
-                })
+            let (m, r) = (mean[ch], inv_std[ch]);
+            l.planes(x, ch).zip(l.planes(dy, ch)).fold((0.0, 0.0), |(s, q), (x, dy)| {
+                let [gs, gx] = lane_sums(x, dy, |x, dy| {
+                    let g = masked(dy, x, ch);
+                    [g, g * (x - m) * r]
+                });
+                (s + gs, q + gx)
             })
         })
         .collect();
