@@ -7,6 +7,7 @@
 //! unfolds per 512-pixel tile and scatters the result back element by element.
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 #[cfg(not(test))]
 const CHUNK_FLOATS: usize = 1 << 22;
@@ -420,21 +421,23 @@ fn winograd_weights(g: &Geom, w: &[f32]) -> Vec<f32> {
 /// results stay within ~1e-6 relative of direct convolution. Work goes in blocks of tile rows
 /// (~256 tiles) so the transformed block stays in L2; an unblocked first version, streaming the
 /// whole transformed image through memory, was 2-3x slower than the shifted GEMMs.
-fn forward_winograd(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
+fn forward_winograd(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [MaybeUninit<f32>]) {
     let u = winograd_weights(g, w);
     let [_, h, wd] = g.sp;
     let (th, tw, p) = (h / 2, wd / 2, h * wd);
     // ~256 tiles per unit, but at least two units per thread where the image allows it.
     let rows_per = (256 / tw).min(th * g.n / (2 * rayon::current_num_threads())).max(1);
     let units: Vec<(usize, usize)> = (0..g.n).flat_map(|n| (0..th).step_by(rows_per).map(move |r0| (n, r0))).collect();
-    let (y_ptr, y_len) = (SyncPtr(y.as_mut_ptr()), y.len());
+    let (y_ptr, y_len) = (SyncPtr(y.as_mut_ptr().cast::<f32>()), y.len());
     units.into_par_iter().for_each(|(n, r0)| {
         let r1 = (r0 + rows_per).min(th);
         let tb = (r1 - r0) * tw;
         // V = B^T d B for every channel and tile of the block: 16 matrices c_in x tb. The four
         // padded input rows of a tile row are split into even and odd columns, so that every
         // d(i, j) over the tiles is a contiguous slice and the loops vectorise.
-        let mut v = vec![0.0f32; 16 * g.c_in * tb];
+        // V and M are written whole before they are read: pooled, not zeroed (megabytes each).
+        let (mut v_buf, va) = super::direct::aligned(16 * g.c_in * tb);
+        let v = &mut v_buf[va..][..16 * g.c_in * tb];
         let half = tw + 1;
         let mut eo = vec![0.0f32; 8 * half];
         let mut ts = vec![0.0f32; 16 * tw];
@@ -484,7 +487,8 @@ fn forward_winograd(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
                 }
             }
         }
-        let mut m = vec![0.0f32; 16 * g.c_out * tb];
+        let (mut m_buf, ma) = super::direct::aligned(16 * g.c_out * tb);
+        let m = &mut m_buf[ma..][..16 * g.c_out * tb];
         for (k, mk) in m.chunks_mut(g.c_out * tb).enumerate() {
             let uk = (&u[k * g.c_out * g.c_in..][..g.c_out * g.c_in], g.c_in as isize, 1);
             let vk = (&v[k * g.c_in * tb..][..g.c_in * tb], tb as isize, 1);
@@ -497,7 +501,7 @@ fn forward_winograd(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
             let len = 2 * (r1 - r0) * wd;
             assert!(at + len <= y_len);
             // SAFETY: in bounds (asserted); units own disjoint row ranges of each plane.
-            let out = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add(at), len) };
+            let out = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add(at).cast::<MaybeUninit<f32>>(), len) };
             for ty in r0..r1 {
                 let col = (ty - r0) * tw;
                 let mv = |i: usize, j: usize| &m[((i * 4 + j) * g.c_out + o) * tb + col..][..tw];
@@ -513,12 +517,14 @@ fn forward_winograd(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
                     let (t0, t1, t2, t3) = (&tm[..tw], &tm[tw..2 * tw], &tm[2 * tw..3 * tw], &tm[3 * tw..]);
                     let line = &mut out[(2 * (ty - r0) + r) * wd..][..wd];
                     for k in 0..tw {
-                        line[2 * k] = t0[k] + t1[k] + t2[k] + b[o];
-                        line[2 * k + 1] = t1[k] - t2[k] - t3[k] + b[o];
+                        line[2 * k].write(t0[k] + t1[k] + t2[k] + b[o]);
+                        line[2 * k + 1].write(t1[k] - t2[k] - t3[k] + b[o]);
                     }
                 }
             }
         }
+        super::direct::recycle(v_buf);
+        super::direct::recycle(m_buf);
     });
 }
 
@@ -646,11 +652,15 @@ fn forward_gemm(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     if g.pointwise() && g.c_out <= 4 {
         return forward_pointwise_narrow(g, x, w, b);
     }
-    let mut y = vec![0.0; g.n * g.c_out * p];
     if winograd_ok(g) {
-        forward_winograd(g, x, w, b, &mut y);
+        let len = g.n * g.c_out * p;
+        let mut y = Vec::with_capacity(len);
+        forward_winograd(g, x, w, b, &mut y.spare_capacity_mut()[..len]);
+        // SAFETY: the output transform writes every element.
+        unsafe { y.set_len(len) };
         return y;
     }
+    let mut y = vec![0.0; g.n * g.c_out * p];
     if shifted(g) {
         forward_shifted(g, x, w, b, &mut y);
         return y;

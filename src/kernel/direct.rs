@@ -152,15 +152,17 @@ pub fn forward(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], relu: bool, y: &mu
         c_all += c_part;
     }
     assert_eq!(c_all, g.c_in);
+    // The taps of a span are the same in every image.
+    let all_taps: Vec<Vec<Tap>> = spans.par_iter().map(|&(q0, len)| span_taps(g, q0, len).collect()).collect();
     let out = SyncPtr(y.as_mut_ptr().cast());
     units.into_par_iter().for_each(|(n, r0)| {
         let mine = &spans[r0..(r0 + per).min(spans.len())];
-        let tap_lists: Vec<Vec<Tap>> = mine.iter().map(|&(q0, len)| span_taps(g, q0, len).collect()).collect();
+        let tap_lists = &all_taps[r0..r0 + mine.len()];
         // Input-channel blocks outermost: each block's weights stay in L1 over the unit's spans.
         for &(k, c_in_part, c0, cis) in &cblocks {
             let c_part = xs[k].len() / (g.n * p);
             let xc = &xs[k][(n * c_part + c_in_part) * p..][..cis * p];
-            for (&(q0, len), tap_list) in mine.iter().zip(&tap_lists) {
+            for (&(q0, len), tap_list) in mine.iter().zip(tap_lists) {
                 let plan = &plans.iter().find(|p| p.0 == len.div_ceil(16)).expect("a plan per width").1;
                 for block in plan {
                     let job = Job {
@@ -372,7 +374,7 @@ unsafe fn rank1<const CB: usize, const NV: usize>(acc: &mut [[__m512; NV]; CB], 
 /// The buffer comes from a per-thread pool and its contents are whatever the last user left:
 /// callers write every element they read (page faults and zero-filling of fresh buffers cost
 /// as much as the transposes they hold).
-fn aligned(len: usize) -> (Vec<f32>, usize) {
+pub(super) fn aligned(len: usize) -> (Vec<f32>, usize) {
     let mut buf = POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default();
     buf.resize(len + 16, 0.0);
     let at = buf.as_ptr().align_offset(64).min(16);
@@ -380,7 +382,7 @@ fn aligned(len: usize) -> (Vec<f32>, usize) {
 }
 
 /// Returns a buffer of `aligned` to the pool (two kept per thread).
-fn recycle(buf: Vec<f32>) {
+pub(super) fn recycle(buf: Vec<f32>) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         if p.len() < 2 {

@@ -103,14 +103,15 @@ pub fn forward(
 ) -> Vec<f32> {
     let (a, b) = affine(gamma, beta, mean, var, eps);
     let lo = if relu { 0.0 } else { f32::NEG_INFINITY };
-    let mut y = vec![0.0f32; x.len()];
-    y.par_chunks_mut(l.p).zip(x.par_chunks(l.p)).enumerate().for_each(|(plane, (y, x))| {
-        let (a, b) = (a[plane % l.c], b[plane % l.c]);
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = (a * x + b).max(lo);
-        }
-    });
-    y
+    // SAFETY: each chunk is one plane, written whole.
+    unsafe {
+        super::par_written(x.len(), l.p, |plane, y| {
+            let (a, b) = (a[plane % l.c], b[plane % l.c]);
+            for (y, &x) in y.iter_mut().zip(&x[plane * l.p..][..l.p]) {
+                y.write((a * x + b).max(lo));
+            }
+        })
+    }
 }
 
 /// Gradients of `forward` with the batch statistics as functions of `x`: (dx, dgamma, dbeta).
@@ -150,18 +151,20 @@ pub fn backward(
     let m = l.count();
     let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
     let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
-    let mut dx = vec![0.0f32; x.len()];
-    dx.par_chunks_mut(l.p).zip(x.par_chunks(l.p).zip(dy.par_chunks(l.p))).enumerate().for_each(
-        |(plane, (dx, (x, dy)))| {
+    // SAFETY: each chunk is one plane, written whole.
+    let dx = unsafe {
+        super::par_written(x.len(), l.p, |plane, dx| {
             let ch = plane % l.c;
-            let (mu, r) = (mean[ch], inv_std[ch]);
+            let (x, dy) = (&x[plane * l.p..][..l.p], &dy[plane * l.p..][..l.p]);
+            let (mu, r, a, b) = (mean[ch], inv_std[ch], a[ch], b[ch]);
             let (mg, mgx) = ((sums[ch].0 / m) as f32, (sums[ch].1 / m) as f32);
             let k = gamma[ch] * r;
             for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                *dx = k * (masked(dy, x, ch) - mg - (x - mu) * r * mgx);
+                let g = if a * x + b > lo { dy } else { 0.0 };
+                dx.write(k * (g - mg - (x - mu) * r * mgx));
             }
-        },
-    );
+        })
+    };
     (dx, dgamma, dbeta)
 }
 

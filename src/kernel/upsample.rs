@@ -4,6 +4,7 @@
 //! streaming pass; burn Flex computes general source coordinates per element instead.
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Splits a contiguous shape at `axis` into (outer, len, inner).
 fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
@@ -16,28 +17,28 @@ fn lerp(c: f32, n: f32) -> f32 {
 }
 
 /// `lerp` over slices: even[j], odd[j] from c[j] and its neighbours l[j], h[j].
-fn blend(c: &[f32], l: &[f32], h: &[f32], even: &mut [f32], odd: &mut [f32]) {
+fn blend(c: &[f32], l: &[f32], h: &[f32], even: &mut [MaybeUninit<f32>], odd: &mut [MaybeUninit<f32>]) {
     for j in 0..c.len() {
-        even[j] = lerp(c[j], l[j]);
-        odd[j] = lerp(c[j], h[j]);
+        even[j].write(lerp(c[j], l[j]));
+        odd[j].write(lerp(c[j], h[j]));
     }
 }
 
 /// Doubles `axis` of `x` (shape `shape`).
 fn along(x: &[f32], shape: &[usize], axis: usize) -> Vec<f32> {
-    let (outer, len, inner) = split(shape, axis);
-    let mut y = vec![0.0; x.len() * 2];
-    y.par_chunks_mut(2 * len * inner).zip(x.par_chunks(len * inner)).with_min_len(outer.div_ceil(64).max(1)).for_each(
-        |(y, x)| {
+    let (_, len, inner) = split(shape, axis);
+    // SAFETY: chunk k (input slab k) writes its 2·len·inner outputs, every row pair once.
+    unsafe {
+        super::par_written(x.len() * 2, 2 * len * inner, |k, y| {
+            let x = &x[k * len * inner..][..len * inner];
             for i in 0..len {
                 let (lo, hi) = (i.saturating_sub(1), (i + 1).min(len - 1));
                 let (c, l, h) = (&x[i * inner..][..inner], &x[lo * inner..][..inner], &x[hi * inner..][..inner]);
                 let (even, odd) = y[2 * i * inner..][..2 * inner].split_at_mut(inner);
                 blend(c, l, h, even, odd);
             }
-        },
-    );
-    y
+        })
+    }
 }
 
 /// The adjoint of `along`: `dy` has `axis` doubled relative to `shape`.
@@ -63,7 +64,7 @@ fn along_adjoint(dy: &[f32], shape: &[usize], axis: usize) -> Vec<f32> {
 
 /// One 2D plane (h x w) to (2h x 2w): each input row is widened once into a scratch row, and
 /// output rows blend two widened rows, so the whole plane is one pass over memory.
-fn plane2d(x: &[f32], h: usize, w: usize, y: &mut [f32]) {
+fn plane2d(x: &[f32], h: usize, w: usize, y: &mut [MaybeUninit<f32>]) {
     let widen = |r: &[f32], out: &mut [f32]| {
         for i in 0..w {
             let (l, c, hi) = (r[i.saturating_sub(1)], r[i], r[(i + 1).min(w - 1)]);
@@ -86,21 +87,22 @@ fn plane2d(x: &[f32], h: usize, w: usize, y: &mut [f32]) {
 /// The adjoint of `plane2d`: `dy` is (2h x 2w), `dx` (h x w). Input row i collects output rows
 /// 2i and 2i+1 (0.75 each) and its neighbours' near rows (0.25), edge-clamped; each collected
 /// row is narrowed the same way along the width. One pass over `dy`, no scatter.
-fn plane2d_adjoint(dy: &[f32], h: usize, w: usize, dx: &mut [f32]) {
+fn plane2d_adjoint(dy: &[f32], h: usize, w: usize, dx: &mut [MaybeUninit<f32>]) {
     let row = |i: usize| &dy[i * 2 * w..][..2 * w];
     let mut t = vec![0.0f32; 2 * w];
     for (i, out) in dx.chunks_mut(w).enumerate() {
-        // Even output row 2i' draws 0.25 from row max(i'-1, 0), odd row 2i'+1 from min(i'+1, h-1).
-        let (lo, hi) =
-            (if i + 1 < h { row(2 * i + 2) } else { row(2 * i + 1) }, if i > 0 { row(2 * i - 1) } else { row(0) });
-        let (e, o) = (row(2 * i), row(2 * i + 1));
+        // Even output row 2i' draws 0.25 from input row max(i'-1, 0), odd row 2i'+1 from
+        // min(i'+1, h-1): row i gets it from rows 2i+2 and 2i-1, and at the edges from its own.
+        let next = if i + 1 < h { row(2 * i + 2) } else { row(2 * i + 1) };
+        let prev = if i > 0 { row(2 * i - 1) } else { row(0) };
+        let (even, odd) = (row(2 * i), row(2 * i + 1));
         for j in 0..2 * w {
-            t[j] = 0.75 * (e[j] + o[j]) + 0.25 * (lo[j] + hi[j]);
+            t[j] = 0.75 * (even[j] + odd[j]) + 0.25 * (next[j] + prev[j]);
         }
         for (j, d) in out.iter_mut().enumerate() {
-            let lo = if j + 1 < w { t[2 * j + 2] } else { t[2 * j + 1] };
-            let hi = if j > 0 { t[2 * j - 1] } else { t[0] };
-            *d = 0.75 * (t[2 * j] + t[2 * j + 1]) + 0.25 * (lo + hi);
+            let next = if j + 1 < w { t[2 * j + 2] } else { t[2 * j + 1] };
+            let prev = if j > 0 { t[2 * j - 1] } else { t[0] };
+            d.write(0.75 * (t[2 * j] + t[2 * j + 1]) + 0.25 * (next + prev));
         }
     }
 }
@@ -109,8 +111,8 @@ fn plane2d_adjoint(dy: &[f32], h: usize, w: usize, dx: &mut [f32]) {
 /// the depth axis of 3D volumes.
 pub fn forward(x: &[f32], shape: &[usize]) -> Vec<f32> {
     let (h, w) = (shape[shape.len() - 2], shape[shape.len() - 1]);
-    let mut y = vec![0.0; x.len() * 4];
-    y.par_chunks_mut(4 * h * w).zip(x.par_chunks(h * w)).for_each(|(y, x)| plane2d(x, h, w, y));
+    // SAFETY: `plane2d` writes every element of its (2h x 2w) plane.
+    let y = unsafe { super::par_written(x.len() * 4, 4 * h * w, |k, y| plane2d(&x[k * h * w..][..h * w], h, w, y)) };
     if shape.len() == 4 {
         return y;
     }
@@ -134,9 +136,10 @@ pub fn backward(dy: &[f32], shape: &[usize]) -> Vec<f32> {
     } else {
         dy
     };
-    let mut dx = vec![0.0; dy.len() / 4];
-    dx.par_chunks_mut(h * w).zip(dy.par_chunks(4 * h * w)).for_each(|(dx, dy)| plane2d_adjoint(dy, h, w, dx));
-    dx
+    // SAFETY: `plane2d_adjoint` writes every element of its (h x w) plane.
+    unsafe {
+        super::par_written(dy.len() / 4, h * w, |k, dx| plane2d_adjoint(&dy[k * 4 * h * w..][..4 * h * w], h, w, dx))
+    }
 }
 
 #[cfg(test)]
