@@ -427,27 +427,28 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32], dw: &mut [f32]) {
         c_off += c;
     }
     assert_eq!(c_off, g.c_in);
-    let (mut dybuf, da) = aligned(g.n * q * op);
+    // WO lanes of slack: a tile's last output channels may read past the last position's op.
+    let (mut dybuf, da) = aligned(g.n * q * op + WO);
     channels_last(&lines(q, g.c_out, 0), w, dy, g.c_out, p, &mut dybuf[da..][..g.n * q * op], op, (0, op));
-    let (xt, dyt) = (&xbuf[xa..][..g.n * v * cp], &dybuf[da..][..g.n * q * op]);
+    let (xt, dyt) = (&xbuf[xa..][..g.n * v * cp], &dybuf[da..][..g.n * q * op + WO]);
     // Tasks: (output-channel block, input-channel block) pairs, each over a share of every
     // image's positions when there are fewer pairs than twice the threads; shares are summed.
     let pairs: Vec<(usize, usize)> =
-        (0..op).step_by(8).flat_map(|o0| (0..cp).step_by(48).map(move |c0| (o0, c0))).collect();
+        (0..op).step_by(WO).flat_map(|o0| (0..cp).step_by(WC).map(move |c0| (o0, c0))).collect();
     let parts = (2 * rayon::current_num_threads()).div_ceil(pairs.len()).min(q.div_ceil(W_BLOCK)).max(1);
     let tasks: Vec<(usize, usize)> = (0..pairs.len()).flat_map(|i| (0..parts).map(move |s| (i, s))).collect();
     let sums: Vec<Vec<f32>> = tasks
         .par_iter()
         .map(|&(i, share)| {
             let (o0, c0) = pairs[i];
-            let vectors = ((cp - c0) / 16).min(3);
-            let mut acc = vec![0.0f32; taps * 8 * 48];
+            let vectors = ((cp - c0) / 16).min(WC / 16);
+            let mut acc = vec![0.0f32; taps * WO * WC];
             let (q_lo, q_hi) = (share * q / parts, (share + 1) * q / parts);
             for n in 0..g.n {
-                let (xn, dyn_) = (&xt[n * v * cp..][..v * cp], &dyt[n * q * op..][..q * op]);
+                let (xn, dyn_) = (&xt[n * v * cp..][..v * cp], &dyt[n * q * op..]);
                 for q0 in (q_lo..q_hi).step_by(W_BLOCK) {
                     let len = W_BLOCK.min(q_hi - q0);
-                    for (off, a) in offsets.iter().zip(acc.chunks_mut(8 * 48)) {
+                    for (off, a) in offsets.iter().zip(acc.chunks_mut(WO * WC)) {
                         let tile = WTile {
                             x: &xn[(q0 + off) * cp + c0..],
                             x_stride: cp,
@@ -469,15 +470,19 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32], dw: &mut [f32]) {
     recycle(dybuf);
     for (&(i, _), acc) in tasks.iter().zip(&sums) {
         let (o0, c0) = pairs[i];
-        for (t, a) in acc.chunks(8 * 48).enumerate() {
-            for o in o0..g.c_out.min(o0 + 8) {
-                for c in c0..g.c_in.min(c0 + 48) {
-                    dw[(o * g.c_in + c) * taps + t] += a[(o - o0) * 48 + c - c0];
+        for (t, a) in acc.chunks(WO * WC).enumerate() {
+            for o in o0..g.c_out.min(o0 + WO) {
+                for c in c0..g.c_in.min(c0 + WC) {
+                    dw[(o * g.c_in + c) * taps + t] += a[(o - o0) * WC + c - c0];
                 }
             }
         }
     }
 }
+
+/// The weight gradient's register tile: WO output channels x WC input channels.
+const WO: usize = 8;
+const WC: usize = 48;
 
 /// Positions per step of the weight gradient: all taps of a step read the block's rows shifted
 /// by the tap offsets, so they share them in cache (64 to 512 measured the same).
@@ -612,11 +617,14 @@ impl WTile<'_> {
     /// Adds the tile's sums to `acc` ([8][48]).
     #[cfg(target_arch = "x86_64")]
     unsafe fn run(&self, acc: &mut [f32]) {
-        assert!(acc.len() >= 8 * 48 && self.len > 0);
+        assert!(acc.len() >= WO * WC && self.len > 0);
         assert!((self.len - 1) * self.x_stride + 16 * self.vectors <= self.x.len());
-        assert!((self.len - 1) * self.dy_stride + 8 <= self.dy.len());
+        assert!((self.len - 1) * self.dy_stride + WO <= self.dy.len());
         unsafe {
             match self.vectors {
+                6 => self.tile::<6>(acc),
+                5 => self.tile::<5>(acc),
+                4 => self.tile::<4>(acc),
                 3 => self.tile::<3>(acc),
                 2 => self.tile::<2>(acc),
                 _ => self.tile::<1>(acc),
@@ -633,10 +641,10 @@ impl WTile<'_> {
     #[target_feature(enable = "avx512f")]
     unsafe fn tile<const NV: usize>(&self, mem: &mut [f32]) {
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); NV]; 8];
+            let mut acc = [[_mm512_setzero_ps(); NV]; WO];
             for (c, a) in acc.iter_mut().enumerate() {
                 for (j, v) in a.iter_mut().enumerate() {
-                    *v = _mm512_loadu_ps(mem.as_ptr().add(c * 48 + 16 * j));
+                    *v = _mm512_loadu_ps(mem.as_ptr().add(c * WC + 16 * j));
                 }
             }
             let (mut xs, mut ds) = (self.x.as_ptr(), self.dy.as_ptr());
@@ -651,7 +659,7 @@ impl WTile<'_> {
             }
             for (c, a) in acc.iter().enumerate() {
                 for (j, v) in a.iter().enumerate() {
-                    _mm512_storeu_ps(mem.as_mut_ptr().add(c * 48 + 16 * j), *v);
+                    _mm512_storeu_ps(mem.as_mut_ptr().add(c * WC + 16 * j), *v);
                 }
             }
         }
