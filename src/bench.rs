@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -91,7 +91,7 @@ fn bench_d<const D: usize>(
     }
     let ad = device.autodiff();
     let mut model = cfg.init::<D>(&ad);
-    let mut optim = AdamConfig::new().with_epsilon(1e-8).init();
+    let mut optim = crate::optim::adam(1e-8);
     let x = Tensor::<D>::random(dims, burn::tensor::Distribution::Default, &ad);
     let y = Tensor::<D>::random(dims, burn::tensor::Distribution::Bernoulli(0.3), &ad);
     out.push(time(format!("train step {label}"), o.reps, || {

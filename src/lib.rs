@@ -11,5 +11,6 @@ pub mod kernel;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod optim;
 pub mod plot;
 pub mod train;

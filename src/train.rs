@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::GradientsParams;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::{SeedableRng, rngs::StdRng};
@@ -162,7 +162,7 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
     let ck = checkpoints(dir);
     std::fs::create_dir_all(&ck).with_context(|| format!("cannot create {}", ck.display()))?;
     let device = cfg.backend.device().autodiff();
-    let mut optim = AdamConfig::new().with_epsilon(1e-8).init();
+    let mut optim = crate::optim::adam(1e-8);
     let (mut model, mut state): (UNetPP<D>, State) = if resume {
         let state: State = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
         let (model, _) = checkpoint::load::<D>(&ck.join("last.unetpp"), &device)?;
