@@ -697,28 +697,37 @@ fn forward_gemm(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
 
 /// dL/dx from dL/dy.
 pub fn backward_x(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
-    let (rows, p) = (g.rows(), g.pixels());
-    let t = g.taps();
-    let flipped = Geom { c_in: g.c_out, c_out: g.c_in, ..*g };
+    backward_x_part(g, dy, w, 0, g.c_in)
+}
+
+/// dL/dx for input channels c0..c0+c of the convolution `g` (one part of a channel
+/// concatenation), from dL/dy and the whole weight, whose slice for the part is read in place.
+pub fn backward_x_part(g: &Geom, dy: &[f32], w: &[f32], c0: usize, c: usize) -> Vec<f32> {
+    let part = Geom { c_in: c, ..*g };
+    let (rows, p, t) = (part.rows(), g.pixels(), g.taps());
+    assert!(c0 + c <= g.c_in && w.len() == g.c_out * g.rows());
+    let flipped = Geom { c_in: g.c_out, c_out: c, ..*g };
     if shifted(&flipped) || direct_ok(&flipped) {
         // The input gradient is the convolution of dy with the flipped, transposed kernel.
         // Written in order (reads of one weight row each), in parallel over input channels.
-        let mut wf = vec![0.0; w.len()];
-        wf.par_chunks_mut(g.c_out * t).enumerate().for_each(|(c, rows)| {
-            for (o, row) in rows.chunks_mut(t).enumerate() {
-                let src = &w[(o * g.c_in + c) * t..][..t];
-                for (k, v) in row.iter_mut().enumerate() {
-                    *v = src[t - 1 - k];
+        // SAFETY: chunk ci holds the c_out rows of t taps of input channel c0 + ci, all written.
+        let wf = unsafe {
+            super::par_written(g.c_out * c * t, g.c_out * t, |ci, rows| {
+                for (o, row) in rows.chunks_mut(t).enumerate() {
+                    let src = &w[(o * g.c_in + c0 + ci) * t..][..t];
+                    for (k, v) in row.iter_mut().enumerate() {
+                        v.write(src[t - 1 - k]);
+                    }
                 }
-            }
-        });
-        return forward(&flipped, dy, &wf, &vec![0.0; g.c_in]);
+            })
+        };
+        return forward(&flipped, dy, &wf, &vec![0.0; c]);
     }
-    let mut dx = vec![0.0; g.n * g.c_in * p];
-    chunks(g, |segs, width| {
-        let dyc = gather(g, dy, g.c_out, segs, width);
+    let mut dx = vec![0.0; g.n * c * p];
+    chunks(&part, |segs, width| {
+        let dyc = gather(&part, dy, g.c_out, segs, width);
         let mut dcol = vec![0.0; rows * width];
-        // w^T is the same buffer read with swapped strides.
+        // The part's w^T is the weight buffer read with swapped strides from its first column.
         matmul(
             par(),
             rows,
@@ -726,13 +735,13 @@ pub fn backward_x(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
             g.c_out,
             (&mut dcol, width as isize, 1),
             false,
-            (w, 1, rows as isize),
+            (&w[c0 * t..], 1, g.rows() as isize),
             (&dyc, width as isize, 1),
         );
         if g.pointwise() {
-            scatter(g, &dcol, g.c_in, segs, width, &mut dx);
+            scatter(&part, &dcol, c, segs, width, &mut dx);
         } else {
-            col2im(g, &dcol, segs, width, &mut dx);
+            col2im(&part, &dcol, segs, width, &mut dx);
         }
     });
     dx
@@ -932,6 +941,23 @@ pub(super) mod tests {
                 .map(|o| (0..g.n).map(|n| dy[(n * g.c_out + o) * g.pixels()..][..g.pixels()].iter().sum::<f32>()).sum())
                 .collect();
             close(&db, &sums, 1e-4);
+        }
+    }
+
+    /// A part's input gradient (channels c0..c0+c) is that slice of the whole input gradient,
+    /// on every path (the part's weights are read in place, with the whole weight's strides).
+    #[test]
+    fn part_input_gradient_is_a_slice_of_the_whole() {
+        for g in geoms().into_iter().filter(|g| g.c_in >= 3) {
+            let w = rand(g.c_out * g.rows(), 5);
+            let dy = rand(g.n * g.c_out * g.pixels(), 6);
+            let whole = backward_x(&g, &dy, &w);
+            let (c0, c) = (1, g.c_in - 2);
+            let part = backward_x_part(&g, &dy, &w, c0, c);
+            let p = g.pixels();
+            let want: Vec<f32> =
+                (0..g.n).flat_map(|n| whole[(n * g.c_in + c0) * p..][..c * p].iter().copied()).collect();
+            close(&part, &want, 1e-5);
         }
     }
 }

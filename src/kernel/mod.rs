@@ -222,13 +222,8 @@ impl Backward<Flex, N> for SameConvGrad {
         let parents = ops.parents[..PARTS].iter().zip(&ops.state.2).filter(|(_, used)| **used).map(|(p, _)| p);
         for ((node, x), &c) in parents.zip(&xs).zip(&widths) {
             if let Some(node) = node {
-                let gk = Geom { c_in: c, ..g };
-                let taps = g.taps();
-                let wk: Vec<f32> = data(&w)
-                    .chunks(g.c_in * taps)
-                    .flat_map(|row| row[c0 * taps..(c0 + c) * taps].iter().copied())
-                    .collect();
-                grads.register::<Flex>(node.id, tensor(conv::backward_x(&gk, data(&dy), &wk), x.shape().to_vec()));
+                let dx = conv::backward_x_part(&g, data(&dy), data(&w), c0, c);
+                grads.register::<Flex>(node.id, tensor(dx, x.shape().to_vec()));
             }
             c0 += c;
         }
