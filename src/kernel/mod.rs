@@ -6,6 +6,7 @@
 pub mod conv;
 pub mod direct;
 pub mod norm;
+pub mod pool;
 pub mod upsample;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -43,6 +44,8 @@ pub trait KernelBackend: BurnBackend {
     ) -> FloatTensor<Self>;
     /// 2x linear up-sampling of every spatial axis, `align_corners = false`.
     fn upsample2x(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// 2x max pooling of every spatial axis, stride 2.
+    fn max_pool2x(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Per-channel mean (row 0) and biased variance (row 1) of x [n, c, ...], as [2, c]. Never
     /// differentiated: `batch_norm` differentiates through the statistics itself.
     fn batch_stats(x: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -123,6 +126,12 @@ impl KernelBackend for Flex {
         tensor(upsample::forward(data(&x), &shape), out)
     }
 
+    fn max_pool2x(x: FlexTensor) -> FlexTensor {
+        let x = contiguous(&x);
+        let shape = x.shape().to_vec();
+        tensor(pool::forward(data(&x), &shape), pool::pooled_shape(&shape))
+    }
+
     fn batch_stats(x: FlexTensor) -> FlexTensor {
         let x = contiguous(&x);
         let (mean, var) = norm::stats(layout(x.shape().as_slice()), data(&x));
@@ -148,6 +157,24 @@ impl KernelBackend for Flex {
 
 fn layout(shape: &[usize]) -> norm::Layout {
     norm::Layout { n: shape[0], c: shape[1], p: shape[2..].iter().product() }
+}
+
+/// The backward of `max_pool2x`: the windows' maxima are found again in the checkpointed input.
+#[derive(Debug)]
+struct MaxPoolGrad;
+
+impl Backward<Flex, 1> for MaxPoolGrad {
+    type State = NodeId;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let dy = contiguous(&grads.consume::<Flex>(&ops.node));
+        if let Some(node) = node {
+            let x = contiguous(&checkpointer.retrieve_node_output::<FlexTensor>(ops.state));
+            let shape = x.shape().to_vec();
+            grads.register::<Flex>(node.id, tensor(pool::backward(data(&x), data(&dy), &shape), shape));
+        }
+    }
 }
 
 /// The backward of `batch_norm` (parents: x, gamma, beta).
@@ -282,6 +309,17 @@ impl<C: CheckpointStrategy> KernelBackend for Autodiff<Flex, C> {
         }
     }
 
+    fn max_pool2x(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let inner = <Self as AutodiffBackend>::inner(x.clone());
+        match MaxPoolGrad.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let state = prep.checkpoint(&x);
+                prep.finish(state, Flex::max_pool2x(inner))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::max_pool2x(inner)),
+        }
+    }
+
     fn batch_stats(x: FloatTensor<Self>) -> FloatTensor<Self> {
         <Self as AutodiffBackend>::from_inner(Flex::batch_stats(<Self as AutodiffBackend>::inner(x)))
     }
@@ -326,6 +364,11 @@ pub fn supported<const D: usize>(x: &Tensor<D>) -> bool {
 /// `upsample2x` on rank-4 (2D) or rank-5 (3D) tensors.
 pub fn upsample2x<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as KernelBackend>::upsample2x(x.into_dispatch()))
+}
+
+/// `max_pool2x` on rank-4 (2D) or rank-5 (3D) tensors.
+pub fn max_pool2x<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as KernelBackend>::max_pool2x(x.into_dispatch()))
 }
 
 /// Training-mode BatchNorm of x (rank 4 or 5) with its batch statistics, then ReLU when `relu`
@@ -451,6 +494,26 @@ mod tests {
         let b2 = crate::model::layers::upsample(x2.clone(), false, false);
         set_enabled(true);
         assert!(rel(crate::model::layers::upsample(x2, false, false), b2) <= 1e-5);
+    }
+
+    /// Max pooling equals burn's path (2D pool, 3D as 2D pool + depth max), with gradient.
+    #[test]
+    fn max_pool_matches_burn_with_gradients() {
+        fn check<const D: usize>(dims: [usize; D]) {
+            let d = Device::flex().autodiff();
+            let x = Tensor::<D>::random(dims, Distribution::Default, &d).require_grad();
+            let ours = crate::model::layers::max_pool(x.clone());
+            set_enabled(false);
+            let theirs = crate::model::layers::max_pool(x.clone());
+            set_enabled(true);
+            assert_eq!(ours.dims(), theirs.dims());
+            assert!(rel(ours.clone(), theirs.clone()) <= 1e-6, "forward {dims:?}");
+            let r = Tensor::<D>::random(ours.dims(), Distribution::Default, &d);
+            let (ga, gb) = ((ours * r.clone()).sum().backward(), (theirs * r).sum().backward());
+            assert!(rel(x.grad(&ga).unwrap(), x.grad(&gb).unwrap()) <= 1e-6, "dx {dims:?}");
+        }
+        check([2, 3, 8, 6]);
+        check([1, 2, 4, 6, 8]);
     }
 
     /// Training BatchNorm + ReLU equals burn's BatchNorm then ReLU: output, the gradients of the

@@ -147,6 +147,9 @@ impl<const D: usize> UpConv<D> {
 /// 2^n max pooling with stride 2. burn has no 3D max pool, so depth pairs are folded into a
 /// trailing axis and reduced with `max_dim` after a 2D pool over (H, W).
 pub fn max_pool<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if crate::kernel::supported(&x) {
+        return crate::kernel::max_pool2x(x);
+    }
     let d = x.dims();
     let opts = MaxPoolOptions::new([2, 2]);
     match D {
