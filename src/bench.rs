@@ -90,14 +90,16 @@ fn bench_d<const D: usize>(
         }
     }
     let ad = device.autodiff();
-    let mut model = cfg.init::<D>(&ad);
+    // Moved through each step as `train` does, so that Adam may update parameters it owns.
+    let mut model = Some(cfg.init::<D>(&ad));
     let mut optim = crate::optim::adam(1e-8);
     let x = Tensor::<D>::random(dims, burn::tensor::Distribution::Default, &ad);
     let y = Tensor::<D>::random(dims, burn::tensor::Distribution::Bernoulli(0.3), &ad);
     out.push(time(format!("train step {label}"), o.reps, || {
-        let l = loss::deep_supervision(model.forward(x.clone()), y.clone());
-        let grads = GradientsParams::from_grads(l.backward(), &model);
-        model = optim.step(3e-4, model.clone(), grads);
+        let m = model.take().expect("the model is put back after each step");
+        let l = loss::deep_supervision(m.forward(x.clone()), y.clone());
+        let grads = GradientsParams::from_grads(l.backward(), &m);
+        model = Some(optim.step(3e-4, m, grads));
     }));
     out
 }

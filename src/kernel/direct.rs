@@ -402,7 +402,10 @@ unsafe fn rank1<const CB: usize, const NV: usize>(acc: &mut [[__m512; NV]; CB], 
 /// as much as the transposes they hold).
 pub(super) fn aligned(len: usize) -> (Vec<f32>, usize) {
     let mut buf = POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default();
-    buf.resize(len + 16, 0.0);
+    // Grown, never shrunk: zero-filling happens only when a buffer first reaches a size.
+    if buf.len() < len + 16 {
+        buf.resize(len + 16, 0.0);
+    }
     let at = buf.as_ptr().align_offset(64).min(16);
     (buf, at)
 }
