@@ -362,6 +362,7 @@ impl Job<'_> {
                     let mut inp = [_mm512_setzero_ps(); NV];
                     for (j, v) in inp.iter_mut().enumerate() {
                         *v = _mm512_maskz_loadu_ps(masks[j], xs.wrapping_add(16 * j));
+                        _mm_prefetch::<_MM_HINT_T0>(xs.wrapping_add(PFF * self.stride + 16 * j).cast());
                     }
                     rank1(&mut acc, &inp, w);
                     xs = xs.wrapping_add(self.stride);
@@ -511,6 +512,11 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32], dw: &mut [f32]) {
 
 /// The weight gradient's register tile: WO output channels x WC input channels.
 const WO: usize = 8;
+/// How many positions (weight gradient) and input channels (forward) ahead the tiles prefetch:
+/// the hardware prefetchers do not follow these strided streams well enough (measured +10% on
+/// the weight gradient, +5% on the forward of 96x96 layers; 2-16 all within a few percent).
+const PF: usize = 8;
+const PFF: usize = 4;
 const WC: usize = 48;
 
 /// Positions per step of the weight gradient: all taps of a step read the block's rows shifted
@@ -681,7 +687,9 @@ impl WTile<'_> {
                 let mut xv = [_mm512_setzero_ps(); NV];
                 for (j, v) in xv.iter_mut().enumerate() {
                     *v = _mm512_loadu_ps(xs.add(16 * j));
+                    _mm_prefetch::<_MM_HINT_T0>(xs.wrapping_add(PF * self.x_stride + 16 * j).cast());
                 }
+                _mm_prefetch::<_MM_HINT_T0>(ds.wrapping_add(PF * self.dy_stride).cast());
                 rank1(&mut acc, &xv, ds);
                 xs = xs.add(self.x_stride);
                 ds = ds.add(self.dy_stride);
