@@ -512,12 +512,13 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32], dw: &mut [f32]) {
 
 /// The weight gradient's register tile: WO output channels x WC input channels.
 const WO: usize = 8;
+const WC: usize = 48;
+
 /// How many positions (weight gradient) and input channels (forward) ahead the tiles prefetch:
 /// the hardware prefetchers do not follow these strided streams well enough (measured +10% on
 /// the weight gradient, +5% on the forward of 96x96 layers; 2-16 all within a few percent).
 const PF: usize = 8;
 const PFF: usize = 4;
-const WC: usize = 48;
 
 /// Positions per step of the weight gradient: all taps of a step read the block's rows shifted
 /// by the tap offsets, so they share them in cache (64 to 512 measured the same).
