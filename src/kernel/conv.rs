@@ -421,8 +421,7 @@ fn winograd_weights(g: &Geom, w: &[f32]) -> Vec<f32> {
 /// results stay within ~1e-6 relative of direct convolution. Work goes in blocks of tile rows
 /// (~256 tiles) so the transformed block stays in L2; an unblocked first version, streaming the
 /// whole transformed image through memory, was 2-3x slower than the shifted GEMMs.
-fn forward_winograd(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [MaybeUninit<f32>]) {
-    let u = winograd_weights(g, w);
+fn forward_winograd(g: &Geom, x: &[f32], u: &[f32], b: &[f32], y: &mut [MaybeUninit<f32>]) {
     let [_, h, wd] = g.sp;
     let (th, tw, p) = (h / 2, wd / 2, h * wd);
     // ~256 tiles per unit, but at least two units per thread where the image allows it.
@@ -601,13 +600,60 @@ pub fn cat(n: usize, xs: &[&[f32]]) -> Vec<f32> {
 /// channel concatenation of the parts. The direct kernel reads the parts in place and applies
 /// the ReLU as it stores; the other paths get the parts copied together.
 pub fn forward_parts(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], relu: bool) -> Vec<f32> {
+    forward_prepared(g, xs, w, b, relu, prepare(g, w, b).as_ref())
+}
+
+/// Weights rearranged for the path that `g` takes, which `forward_parts` otherwise does on
+/// every call: blocked for the direct kernel, transformed for Winograd.
+pub enum Prepared {
+    Direct(super::direct::Packed),
+    Winograd(Vec<f32>),
+}
+
+/// The prepared weights for `g`'s path (`None` where the path reads them as they are).
+pub fn prepare(g: &Geom, w: &[f32], b: &[f32]) -> Option<Prepared> {
     if direct_ok(g) {
-        let len = g.n * g.c_out * g.pixels();
-        let mut y = Vec::with_capacity(len);
-        super::direct::forward(g, xs, w, b, relu, &mut y.spare_capacity_mut()[..len]);
-        // SAFETY: direct::forward writes every element of its output.
-        unsafe { y.set_len(len) };
-        return y;
+        Some(Prepared::Direct(super::direct::pack(g, w, b)))
+    } else if winograd_ok(g) {
+        Some(Prepared::Winograd(winograd_weights(g, w)))
+    } else {
+        None
+    }
+}
+
+/// `forward_parts` with the weights prepared beforehand (`prepare`, for the same geometry).
+pub fn forward_prepared(
+    g: &Geom,
+    xs: &[&[f32]],
+    w: &[f32],
+    b: &[f32],
+    relu: bool,
+    prep: Option<&Prepared>,
+) -> Vec<f32> {
+    let len = g.n * g.c_out * g.pixels();
+    match prep {
+        Some(Prepared::Direct(packed)) => {
+            let mut y = Vec::with_capacity(len);
+            super::direct::forward_packed(g, xs, packed, relu, &mut y.spare_capacity_mut()[..len]);
+            // SAFETY: direct::forward writes every element of its output.
+            unsafe { y.set_len(len) };
+            return y;
+        }
+        Some(Prepared::Winograd(u)) => {
+            let x = match xs {
+                [x] => std::borrow::Cow::Borrowed(*x),
+                _ => std::borrow::Cow::Owned(cat(g.n, xs)),
+            };
+            let mut y = Vec::with_capacity(len);
+            forward_winograd(g, &x, u, b, &mut y.spare_capacity_mut()[..len]);
+            // SAFETY: the output transform writes every element.
+            unsafe { y.set_len(len) };
+            if relu {
+                y.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+            return y;
+        }
+        None => {}
     }
     let mut y = match xs {
         [x] => forward_gemm(g, x, w, b),
@@ -651,14 +697,6 @@ fn forward_gemm(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     let (rows, p) = (g.rows(), g.pixels());
     if g.pointwise() && g.c_out <= 4 {
         return forward_pointwise_narrow(g, x, w, b);
-    }
-    if winograd_ok(g) {
-        let len = g.n * g.c_out * p;
-        let mut y = Vec::with_capacity(len);
-        forward_winograd(g, x, w, b, &mut y.spare_capacity_mut()[..len]);
-        // SAFETY: the output transform writes every element.
-        unsafe { y.set_len(len) };
-        return y;
     }
     let mut y = vec![0.0; g.n * g.c_out * p];
     if shifted(g) {

@@ -122,16 +122,26 @@ pub(super) fn spans(g: &Geom) -> Vec<(usize, usize)> {
 /// together), on AVX-512. Every element of `y` is written (it may come uninitialised:
 /// zero-filling the output costs a few percent of the convolution). Callers check `available()`.
 pub fn forward(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], relu: bool, y: &mut [MaybeUninit<f32>]) {
+    forward_packed(g, xs, &pack(g, w, b), relu, y)
+}
+
+/// The weights and biases packed for `forward_packed` on images of `g`'s size: blocks for each
+/// span width in use (at most two).
+pub struct Packed(Vec<(usize, Vec<Block>)>);
+
+pub fn pack(g: &Geom, w: &[f32], b: &[f32]) -> Packed {
+    let mut widths: Vec<usize> = span_plan(g).0.iter().map(|s| s.1.div_ceil(16)).collect();
+    widths.sort_unstable();
+    widths.dedup();
+    Packed(widths.into_iter().map(|nv| (nv, blocks(g, w, b, nv))).collect())
+}
+
+/// `forward` with weights packed beforehand (`pack`, for the same geometry).
+pub fn forward_packed(g: &Geom, xs: &[&[f32]], packed: &Packed, relu: bool, y: &mut [MaybeUninit<f32>]) {
     let p = g.pixels();
     let plan = span_plan(g);
     let (spans, all_taps) = (&plan.0, &plan.1);
-    // Blocks for each span width in use (at most two).
-    let plans: Vec<(usize, Vec<Block>)> = {
-        let mut widths: Vec<usize> = spans.iter().map(|s| s.1.div_ceil(16)).collect();
-        widths.sort_unstable();
-        widths.dedup();
-        widths.into_iter().map(|nv| (nv, blocks(g, w, b, nv))).collect()
-    };
+    let plans = &packed.0;
     let taps = g.taps();
     // Units of whole spans, at least four per thread over the batch.
     let threads = rayon::current_num_threads();

@@ -22,6 +22,8 @@ use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 
 use conv::Geom;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait KernelBackend: BurnBackend {
@@ -108,15 +110,8 @@ impl KernelBackend for Flex {
         bias: FlexTensor,
         relu: bool,
     ) -> FlexTensor {
-        let xs: Vec<FlexTensor> =
-            [x0, x1, x2, x3, x4, x5].iter().filter(|x| x.shape()[1] > 0).map(contiguous).collect();
-        let (w, b) = (contiguous(&weight), contiguous(&bias));
-        let mut shape = xs[0].shape().to_vec();
-        shape[1] = xs.iter().map(|x| x.shape()[1]).sum();
-        let g = geom(&shape, w.shape().as_slice());
-        shape[1] = g.c_out;
-        let parts: Vec<&[f32]> = xs.iter().map(data).collect();
-        tensor(conv::forward_parts(&g, &parts, data(&w), data(&b), relu), shape)
+        // Without autodiff the weights are a fixed model's: prepared once, kept while it lives.
+        conv_flex([x0, x1, x2, x3, x4, x5], weight, bias, relu, true)
     }
 
     fn upsample2x(x: FlexTensor) -> FlexTensor {
@@ -153,6 +148,43 @@ impl KernelBackend for Flex {
             norm::forward(layout(x.shape().as_slice()), data(&x), data(&gamma), data(&beta), mean, var, epsilon, relu);
         tensor(y, x.shape().to_vec())
     }
+}
+
+fn conv_flex(xs: [FlexTensor; PARTS], weight: FlexTensor, bias: FlexTensor, relu: bool, keep: bool) -> FlexTensor {
+    let xs: Vec<FlexTensor> = xs.iter().filter(|x| x.shape()[1] > 0).map(contiguous).collect();
+    let (w, b) = (contiguous(&weight), contiguous(&bias));
+    let mut shape = xs[0].shape().to_vec();
+    shape[1] = xs.iter().map(|x| x.shape()[1]).sum();
+    let g = geom(&shape, w.shape().as_slice());
+    shape[1] = g.c_out;
+    let parts: Vec<&[f32]> = xs.iter().map(data).collect();
+    let prep = if keep { prepared(&g, &w, &b) } else { conv::prepare(&g, data(&w), data(&b)).map(Arc::new) };
+    tensor(conv::forward_prepared(&g, &parts, data(&w), data(&b), relu, prep.as_deref()), shape)
+}
+
+/// Prepared weights (`conv::prepare`) of inference convolutions, by weight and bias buffer
+/// (and shapes): packing them on every call was 5-7% of a batch-1 forward pass. An entry holds
+/// clones of both tensors, so while it exists their buffers can be neither freed (and the
+/// address reused) nor changed in place (Flex only writes in place into unshared buffers):
+/// a hit is the same weights. Entries whose tensors nobody else holds any more are dropped.
+fn prepared(g: &Geom, w: &FlexTensor, b: &FlexTensor) -> Option<Arc<conv::Prepared>> {
+    type Key = (usize, Vec<usize>, usize, usize, [usize; 3]);
+    type Cache = Mutex<HashMap<Key, (FlexTensor, FlexTensor, Option<Arc<conv::Prepared>>)>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let key = (data(w).as_ptr() as usize, w.shape().to_vec(), data(b).as_ptr() as usize, data(b).len(), g.sp);
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(entry) = cache.lock().expect("weight cache").get(&key) {
+        return entry.2.clone();
+    }
+    let prep = conv::prepare(g, data(w), data(b)).map(Arc::new);
+    let mut cache = cache.lock().expect("weight cache");
+    cache.retain(|_, (w, b, _)| !w.is_unique() && !b.is_unique());
+    // One live model over many image sizes (prepared per size): a few models' worth at most.
+    if cache.len() >= 256 {
+        cache.clear();
+    }
+    cache.insert(key, (w.clone(), b.clone(), prep.clone()));
+    prep
 }
 
 fn layout(shape: &[usize]) -> norm::Layout {
@@ -281,10 +313,8 @@ impl<C: CheckpointStrategy> KernelBackend for Autodiff<Flex, C> {
     ) -> FloatTensor<Self> {
         let xs = [x0, x1, x2, x3, x4, x5];
         let inner = |t: &FloatTensor<Self>| <Self as AutodiffBackend>::inner(t.clone());
-        let forward = || {
-            let [a, b, c, d, e, f] = xs.each_ref().map(inner);
-            Flex::same_conv(a, b, c, d, e, f, inner(&weight), inner(&bias), false)
-        };
+        // Training weights change every step: prepared on every call, never kept.
+        let forward = || conv_flex(xs.each_ref().map(inner), inner(&weight), inner(&bias), false, false);
         let all: Vec<&FloatTensor<Self>> = xs.iter().chain([&weight, &bias]).collect();
         let nodes = std::array::from_fn(|i| all[i].node());
         let y = match SameConvGrad.prepare::<C>(nodes).compute_bound().stateful() {
@@ -580,6 +610,21 @@ mod tests {
         let cfg = |dims, width| ModelConfig { dims, width, ..ModelConfig::new(Arch::Unetpp, Preset::Modern, 3) };
         run::<4>(cfg(2, 8), [2, 1, 32, 32]);
         run::<5>(cfg(3, 4), [1, 1, 16, 16, 16]);
+    }
+
+    /// Inference keeps prepared weights per weight tensor: fresh weights of the same shapes
+    /// (allocated while older ones are dropped, so addresses get reused) and weights replaced in
+    /// a module must never see another tensor's prepared copy.
+    #[test]
+    fn prepared_weights_follow_the_weights() {
+        let d = Device::flex();
+        let x = Tensor::<4>::random([1, 3, 16, 16], Distribution::Default, &d);
+        for _ in 0..10 {
+            let mut conv = Conv::<4>::new(3, 4, 3, &d);
+            assert!(rel(conv.forward(x.clone()), conv.forward_burn(x.clone())) <= 1e-4);
+            conv.weight = burn::module::Param::from_tensor(conv.weight.val().mul_scalar(-2.0));
+            assert!(rel(conv.forward(x.clone()), conv.forward_burn(x.clone())) <= 1e-4);
+        }
     }
 
     #[test]
