@@ -384,6 +384,11 @@ fn forward_shifted(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
 const WINOGRAD_MIN_C_IN: usize = 64;
 #[cfg(test)]
 const WINOGRAD_MIN_C_IN: usize = 8;
+/// Tiles of one 24x24 image, and the channel pairs (c_in · c_out) from which Winograd beats the
+/// direct kernel on twice that many tiles (`direct_ok`); 1 in tests, whose small shapes must
+/// still reach the Winograd path.
+const WINOGRAD_BATCH_TILES: usize = if cfg!(test) { 1 } else { 144 };
+const WINOGRAD_MIN_PAIRS: usize = if cfg!(test) { 1 } else { 256 * 128 };
 
 fn winograd_ok(g: &Geom) -> bool {
     // Smaller images give GEMMs over too few tiles to amortise their packing.
@@ -577,10 +582,16 @@ fn shifted_w(g: &Geom) -> bool {
 /// The direct kernel runs spans of output positions in 16-pixel vectors: worth it where they
 /// waste under 10% of their lanes (not on 6x6 images: 36 pixels in 48 lanes). Where rows do
 /// not fill vectors (spans cross rows, with per-lane border masks) Winograd is faster if it
-/// applies (24x24 with 64+ input channels: 7.9 vs 8.7 ms at 512 -> 128).
+/// applies to enough tiles and channel pairs (24x24, batch 4, 512 -> 128: 6.2 vs 7.3 ms with
+/// weights prepared, 7.4 vs 7.8 ms packing them; batch 1, or 128 -> 128: the direct kernel is
+/// as fast or faster).
 fn direct_ok(g: &Geom) -> bool {
     let lanes: usize = super::direct::spans(g).iter().map(|s| s.1.next_multiple_of(16)).sum();
-    let winograd_better = winograd_ok(g) && !super::direct::rows_fill_vectors(g.sp[2]);
+    let tiles = g.n * (g.sp[1] / 2) * (g.sp[2] / 2);
+    let winograd_better = winograd_ok(g)
+        && !super::direct::rows_fill_vectors(g.sp[2])
+        && tiles >= 2 * WINOGRAD_BATCH_TILES
+        && g.c_in * g.c_out >= WINOGRAD_MIN_PAIRS;
     super::direct::available() && !g.pointwise() && 10 * lanes <= 11 * g.pixels() && !winograd_better
 }
 
