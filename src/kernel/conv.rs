@@ -756,8 +756,15 @@ pub fn backward_x_part(g: &Geom, dy: &[f32], w: &[f32], c0: usize, c: usize) -> 
     let (rows, p, t) = (part.rows(), g.pixels(), g.taps());
     assert!(c0 + c <= g.c_in && w.len() == g.c_out * g.rows());
     let flipped = Geom { c_in: g.c_out, c_out: c, ..*g };
-    if shifted(&flipped) || direct_ok(&flipped) {
-        // The input gradient is the convolution of dy with the flipped, transposed kernel.
+    let zeros = vec![0.0; c];
+    // The input gradient is the convolution of dy with the flipped, transposed kernel.
+    if direct_ok(&flipped) {
+        // Packed straight from the forward's weights: input channel c0 + o of the part is the
+        // flipped convolution's output channel o.
+        let packed = super::direct::pack_with(&flipped, &zeros, |o, ci, k| w[(ci * g.c_in + c0 + o) * t + t - 1 - k]);
+        return forward_prepared(&flipped, &[dy], &[], &zeros, false, Some(&Prepared::Direct(packed)));
+    }
+    if shifted(&flipped) {
         // Written in order (reads of one weight row each), in parallel over input channels.
         // SAFETY: chunk ci holds the c_out rows of t taps of input channel c0 + ci, all written.
         let wf = unsafe {
@@ -770,7 +777,7 @@ pub fn backward_x_part(g: &Geom, dy: &[f32], w: &[f32], c0: usize, c: usize) -> 
                 }
             })
         };
-        return forward(&flipped, dy, &wf, &vec![0.0; c]);
+        return forward(&flipped, dy, &wf, &zeros);
     }
     let mut dx = vec![0.0; g.n * c * p];
     chunks(&part, |segs, width| {

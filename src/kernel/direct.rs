@@ -56,7 +56,8 @@ struct Block {
     bias: Vec<f32>,
 }
 
-fn blocks(g: &Geom, w: &[f32], b: &[f32], vectors: usize) -> Vec<Block> {
+/// The blocks of weight(o, c, t) (output channel, input channel, tap) and bias `b`.
+fn blocks(g: &Geom, b: &[f32], vectors: usize, weight: &(impl Fn(usize, usize, usize) -> f32 + Sync)) -> Vec<Block> {
     let taps = g.taps();
     let mut starts = vec![];
     let mut o0 = 0;
@@ -78,7 +79,7 @@ fn blocks(g: &Geom, w: &[f32], b: &[f32], vectors: usize) -> Vec<Block> {
                 for c in 0..g.c_in {
                     let run = &mut wb[(t * g.c_in + c) * width..][..valid];
                     for (i, v) in run.iter_mut().enumerate() {
-                        *v = w[((o0 + i) * g.c_in + c) * taps + t];
+                        *v = weight(o0 + i, c, t);
                     }
                 }
             }
@@ -130,10 +131,17 @@ pub fn forward(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], relu: bool, y: &mu
 pub struct Packed(Vec<(usize, Vec<Block>)>);
 
 pub fn pack(g: &Geom, w: &[f32], b: &[f32]) -> Packed {
+    let taps = g.taps();
+    pack_with(g, b, |o, c, t| w[(o * g.c_in + c) * taps + t])
+}
+
+/// `pack` of the weights weight(o, c, t) (output channel, input channel, tap), which the input
+/// gradient reads flipped and transposed straight from the forward's weights.
+pub fn pack_with(g: &Geom, b: &[f32], weight: impl Fn(usize, usize, usize) -> f32 + Sync) -> Packed {
     let mut widths: Vec<usize> = span_plan(g).0.iter().map(|s| s.1.div_ceil(16)).collect();
     widths.sort_unstable();
     widths.dedup();
-    Packed(widths.into_iter().map(|nv| (nv, blocks(g, w, b, nv))).collect())
+    Packed(widths.into_iter().map(|nv| (nv, blocks(g, b, nv, &weight))).collect())
 }
 
 /// `forward` with weights packed beforehand (`pack`, for the same geometry).
