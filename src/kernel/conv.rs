@@ -642,33 +642,31 @@ pub fn forward_prepared(
     prep: Option<&Prepared>,
 ) -> Vec<f32> {
     let len = g.n * g.c_out * g.pixels();
-    match prep {
-        Some(Prepared::Direct(packed)) => {
-            let mut y = Vec::with_capacity(len);
-            super::direct::forward_packed(g, xs, packed, relu, &mut y.spare_capacity_mut()[..len]);
-            // SAFETY: direct::forward writes every element of its output.
-            unsafe { y.set_len(len) };
-            return y;
+    if let Some(Prepared::Direct(packed)) = prep {
+        let mut y = Vec::with_capacity(len);
+        super::direct::forward_packed(g, xs, packed, relu, &mut y.spare_capacity_mut()[..len]);
+        // SAFETY: direct::forward writes every element of its output.
+        unsafe { y.set_len(len) };
+        return y;
+    }
+    // The other paths read one input: parts are concatenated first.
+    let joined;
+    let x = match xs {
+        [x] => *x,
+        _ => {
+            joined = cat(g.n, xs);
+            &joined
         }
+    };
+    let mut y = match prep {
         Some(Prepared::Winograd(u)) => {
-            let x = match xs {
-                [x] => std::borrow::Cow::Borrowed(*x),
-                _ => std::borrow::Cow::Owned(cat(g.n, xs)),
-            };
             let mut y = Vec::with_capacity(len);
-            forward_winograd(g, &x, u, b, &mut y.spare_capacity_mut()[..len]);
+            forward_winograd(g, x, u, b, &mut y.spare_capacity_mut()[..len]);
             // SAFETY: the output transform writes every element.
             unsafe { y.set_len(len) };
-            if relu {
-                y.iter_mut().for_each(|v| *v = v.max(0.0));
-            }
-            return y;
+            y
         }
-        None => {}
-    }
-    let mut y = match xs {
-        [x] => forward_gemm(g, x, w, b),
-        _ => forward_gemm(g, &cat(g.n, xs), w, b),
+        _ => forward_gemm(g, x, w, b),
     };
     if relu {
         y.iter_mut().for_each(|v| *v = v.max(0.0));
@@ -703,7 +701,7 @@ pub fn forward(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     forward_parts(g, &[x], w, b, false)
 }
 
-/// The forward paths for shapes the direct kernel does not take.
+/// The forward paths for shapes neither the direct kernel nor Winograd takes.
 fn forward_gemm(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     let (rows, p) = (g.rows(), g.pixels());
     if g.pointwise() && g.c_out <= 4 {
