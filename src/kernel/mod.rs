@@ -145,8 +145,11 @@ impl KernelBackend for Flex {
     ) -> FlexTensor {
         let (x, gamma, beta, stats) = (contiguous(&x), contiguous(&gamma), contiguous(&beta), contiguous(&stats));
         let (mean, var) = data(&stats).split_at(gamma.shape()[0]);
-        let y =
-            norm::forward(layout(x.shape().as_slice()), data(&x), data(&gamma), data(&beta), mean, var, epsilon, relu);
+        let y = norm::forward(
+            layout(x.shape().as_slice()),
+            data(&x),
+            &norm::Norm { gamma: data(&gamma), beta: data(&beta), mean, var, eps: epsilon, relu },
+        );
         tensor(y, x.shape().to_vec())
     }
 }
@@ -225,8 +228,12 @@ impl Backward<Flex, 3> for BatchNormGrad {
         let (mean, var) = data(&stats).split_at(gamma.shape()[0]);
         let (epsilon, relu) = (ops.state.2, ops.state.3);
         let l = layout(x.shape().as_slice());
-        let (dx, dgamma, dbeta) =
-            norm::backward(l, data(&x), data(&dy), data(&gamma), data(&beta), mean, var, epsilon, relu);
+        let (dx, dgamma, dbeta) = norm::backward(
+            l,
+            data(&x),
+            data(&dy),
+            &norm::Norm { gamma: data(&gamma), beta: data(&beta), mean, var, eps: epsilon, relu },
+        );
         let [node_x, node_gamma, node_beta] = ops.parents;
         for (node, (v, shape)) in [node_x, node_gamma, node_beta].into_iter().zip([
             (dx, x.shape().to_vec()),

@@ -79,30 +79,38 @@ pub fn stats(l: Layout, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
         .unzip()
 }
 
-/// Per channel scale and shift of the normalisation: y = a·x + b.
-fn affine(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>) {
-    (0..gamma.len())
-        .map(|ch| {
-            let a = gamma[ch] as f64 / (var[ch] as f64 + eps).sqrt();
-            (a as f32, (beta[ch] as f64 - mean[ch] as f64 * a) as f32)
-        })
-        .unzip()
+/// One BatchNorm's affine parameters and batch statistics (per channel), and whether ReLU follows.
+pub struct Norm<'a> {
+    pub gamma: &'a [f32],
+    pub beta: &'a [f32],
+    pub mean: &'a [f32],
+    pub var: &'a [f32],
+    pub eps: f64,
+    pub relu: bool,
+}
+
+impl Norm<'_> {
+    /// Per channel scale and shift of the normalisation (y = a·x + b), and the output's floor
+    /// (0 with ReLU).
+    fn affine(&self) -> (Vec<f32>, Vec<f32>, f32) {
+        let (a, b) = (0..self.gamma.len())
+            .map(|ch| {
+                let a = self.gamma[ch] as f64 / (self.var[ch] as f64 + self.eps).sqrt();
+                (a as f32, (self.beta[ch] as f64 - self.mean[ch] as f64 * a) as f32)
+            })
+            .unzip();
+        (a, b, if self.relu { 0.0 } else { f32::NEG_INFINITY })
+    }
+}
+
+/// The gradient the ReLU passes back: dy where its input a·x + b was above the floor.
+fn gate(a: f32, b: f32, lo: f32, x: f32, dy: f32) -> f32 {
+    if a * x + b > lo { dy } else { 0.0 }
 }
 
 /// gamma · (x - mean) / sqrt(var + eps) + beta, then max(0, .) when `relu`.
-#[allow(clippy::too_many_arguments)]
-pub fn forward(
-    l: Layout,
-    x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    mean: &[f32],
-    var: &[f32],
-    eps: f64,
-    relu: bool,
-) -> Vec<f32> {
-    let (a, b) = affine(gamma, beta, mean, var, eps);
-    let lo = if relu { 0.0 } else { f32::NEG_INFINITY };
+pub fn forward(l: Layout, x: &[f32], norm: &Norm) -> Vec<f32> {
+    let (a, b, lo) = norm.affine();
     // SAFETY: each chunk is one plane, written whole.
     unsafe {
         super::par_written(x.len(), l.p, |plane, y| {
@@ -117,31 +125,17 @@ pub fn forward(
 /// Gradients of `forward` with the batch statistics as functions of `x`: (dx, dgamma, dbeta).
 /// With g = dy masked by the ReLU and x̂ the normalised input,
 /// dx = gamma / sqrt(var + eps) · (g - mean(g) - x̂ · mean(g · x̂)), dgamma = Σ g · x̂, dbeta = Σ g.
-#[allow(clippy::too_many_arguments)]
-pub fn backward(
-    l: Layout,
-    x: &[f32],
-    dy: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    mean: &[f32],
-    var: &[f32],
-    eps: f64,
-    relu: bool,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn backward(l: Layout, x: &[f32], dy: &[f32], norm: &Norm) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     assert!(x.len() == dy.len() && x.len() == l.n * l.c * l.p);
-    let (a, b) = affine(gamma, beta, mean, var, eps);
-    let inv_std: Vec<f32> = var.iter().map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32).collect();
-    let lo = if relu { 0.0 } else { f32::NEG_INFINITY };
-    // The ReLU passes the gradient where its input a·x + b was positive.
-    let masked = |dy: f32, x: f32, ch: usize| if a[ch] * x + b[ch] > lo { dy } else { 0.0 };
+    let (a, b, lo) = norm.affine();
+    let inv_std: Vec<f32> = norm.var.iter().map(|&v| (1.0 / (v as f64 + norm.eps).sqrt()) as f32).collect();
     let sums: Vec<(f64, f64)> = (0..l.c)
         .into_par_iter()
         .map(|ch| {
-            let (m, r) = (mean[ch], inv_std[ch]);
+            let (m, r, a, b) = (norm.mean[ch], inv_std[ch], a[ch], b[ch]);
             l.planes(x, ch).zip(l.planes(dy, ch)).fold((0.0, 0.0), |(s, q), (x, dy)| {
                 let [gs, gx] = lane_sums(x, dy, |x, dy| {
-                    let g = masked(dy, x, ch);
+                    let g = gate(a, b, lo, x, dy);
                     [g, g * (x - m) * r]
                 });
                 (s + gs, q + gx)
@@ -156,12 +150,11 @@ pub fn backward(
         super::par_written(x.len(), l.p, |plane, dx| {
             let ch = plane % l.c;
             let (x, dy) = (&x[plane * l.p..][..l.p], &dy[plane * l.p..][..l.p]);
-            let (mu, r, a, b) = (mean[ch], inv_std[ch], a[ch], b[ch]);
+            let (mu, r, a, b) = (norm.mean[ch], inv_std[ch], a[ch], b[ch]);
             let (mg, mgx) = ((sums[ch].0 / m) as f32, (sums[ch].1 / m) as f32);
-            let k = gamma[ch] * r;
+            let k = norm.gamma[ch] * r;
             for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                let g = if a * x + b > lo { dy } else { 0.0 };
-                dx.write(k * (g - mg - (x - mu) * r * mgx));
+                dx.write(k * (gate(a, b, lo, x, dy) - mg - (x - mu) * r * mgx));
             }
         })
     };
@@ -180,7 +173,7 @@ mod tests {
         let x = [1.0, 2.0, 3.0, 6.0];
         let (mean, var) = stats(l, &x);
         assert_eq!((mean[0], var[0]), (3.0, 3.5));
-        let y = forward(l, &x, &[2.0], &[-1.0], &mean, &var, 0.0, true);
+        let y = forward(l, &x, &Norm { gamma: &[2.0], beta: &[-1.0], mean: &mean, var: &var, eps: 0.0, relu: true });
         let s = 3.5f32.sqrt();
         let want = [0.0, 0.0, 0.0, 2.0 * 3.0 / s - 1.0];
         for (a, b) in y.iter().zip(want) {
@@ -201,11 +194,12 @@ mod tests {
         for relu in [false, true] {
             let loss = |x: &[f32], gamma: &[f32], beta: &[f32]| -> f64 {
                 let (mean, var) = stats(l, x);
-                let y = forward(l, x, gamma, beta, &mean, &var, eps, relu);
+                let y = forward(l, x, &Norm { gamma, beta, mean: &mean, var: &var, eps, relu });
                 y.iter().zip(&r).map(|(&a, &b)| a as f64 * b as f64).sum()
             };
             let (mean, var) = stats(l, &x);
-            let (dx, dgamma, dbeta) = backward(l, &x, &r, &gamma, &beta, &mean, &var, eps, relu);
+            let norm = Norm { gamma: &gamma, beta: &beta, mean: &mean, var: &var, eps, relu };
+            let (dx, dgamma, dbeta) = backward(l, &x, &r, &norm);
             let h = 1e-2f32;
             let numeric = |f: &dyn Fn(f32) -> f64| (f(h) - f(-h)) / (2.0 * h as f64);
             for i in 0..len {
