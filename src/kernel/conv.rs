@@ -7,7 +7,6 @@
 //! unfolds per 512-pixel tile and scatters the result back element by element.
 
 use rayon::prelude::*;
-use std::mem::MaybeUninit;
 
 #[cfg(not(test))]
 const CHUNK_FLOATS: usize = 1 << 22;
@@ -378,160 +377,6 @@ fn forward_shifted(g: &Geom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
     });
 }
 
-/// Below this many input channels the transforms cost more than the multiplications saved
-/// (measured: 32 -> 32 at 96x96 is 10% slower than shifted GEMMs, 96 -> 32 is 14% faster).
-#[cfg(not(test))]
-const WINOGRAD_MIN_C_IN: usize = 64;
-#[cfg(test)]
-const WINOGRAD_MIN_C_IN: usize = 8;
-/// Tiles of one 24x24 image, and the channel pairs (c_in · c_out) from which Winograd beats the
-/// direct kernel on twice that many tiles (`direct_ok`); 1 in tests, whose small shapes must
-/// still reach the Winograd path.
-const WINOGRAD_BATCH_TILES: usize = if cfg!(test) { 1 } else { 144 };
-const WINOGRAD_MIN_PAIRS: usize = if cfg!(test) { 1 } else { 256 * 128 };
-
-fn winograd_ok(g: &Geom) -> bool {
-    // Smaller images give GEMMs over too few tiles to amortise their packing.
-    const MIN_SIDE: usize = if cfg!(test) { 6 } else { 24 };
-    let even = g.sp[1].is_multiple_of(2) && g.sp[2].is_multiple_of(2);
-    g.k == [1, 3, 3] && g.sp[0] == 1 && even && g.sp[2] >= MIN_SIDE && g.c_in >= WINOGRAD_MIN_C_IN && g.c_out >= 8
-}
-
-/// U = G w G^T for every (o, c), as 16 matrices c_out x c_in.
-fn winograd_weights(g: &Geom, w: &[f32]) -> Vec<f32> {
-    const G: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
-    let pairs = g.c_out * g.c_in;
-    let mut u = vec![0.0f32; 16 * pairs];
-    for oc in 0..pairs {
-        let k = &w[oc * 9..][..9];
-        let mut t = [[0.0f32; 3]; 4];
-        for (i, row) in G.iter().enumerate() {
-            for j in 0..3 {
-                t[i][j] = (0..3).map(|l| row[l] * k[l * 3 + j]).sum();
-            }
-        }
-        for (i, ti) in t.iter().enumerate() {
-            for (j, gj) in G.iter().enumerate() {
-                u[(i * 4 + j) * pairs + oc] = (0..3).map(|l| ti[l] * gj[l]).sum();
-            }
-        }
-    }
-    u
-}
-
-/// Winograd F(2x2, 3x3) for 2D 3x3 convolutions of even-sized images: each 2x2 output tile
-/// comes from a 4x4 input tile through 16 element-wise products in a transformed domain, which
-/// batch over tiles into 16 GEMMs (c_out x c_in)·(c_in x tiles): 2.25x fewer multiplications
-/// than the direct form. F(2x2) transforms are sums of halves and whole values, so float32
-/// results stay within ~1e-6 relative of direct convolution. Work goes in blocks of tile rows
-/// (~256 tiles) so the transformed block stays in L2; an unblocked first version, streaming the
-/// whole transformed image through memory, was 2-3x slower than the shifted GEMMs.
-fn forward_winograd(g: &Geom, x: &[f32], u: &[f32], b: &[f32], y: &mut [MaybeUninit<f32>]) {
-    let [_, h, wd] = g.sp;
-    let (th, tw, p) = (h / 2, wd / 2, h * wd);
-    // ~256 tiles per unit, but at least two units per thread where the image allows it.
-    let rows_per = (256 / tw).min(th * g.n / (2 * rayon::current_num_threads())).max(1);
-    let units: Vec<(usize, usize)> = (0..g.n).flat_map(|n| (0..th).step_by(rows_per).map(move |r0| (n, r0))).collect();
-    let (y_ptr, y_len) = (SyncPtr(y.as_mut_ptr().cast::<f32>()), y.len());
-    units.into_par_iter().for_each(|(n, r0)| {
-        let r1 = (r0 + rows_per).min(th);
-        let tb = (r1 - r0) * tw;
-        // V = B^T d B for every channel and tile of the block: 16 matrices c_in x tb. The four
-        // padded input rows of a tile row are split into even and odd columns, so that every
-        // d(i, j) over the tiles is a contiguous slice and the loops vectorise.
-        // V and M are written whole before they are read: pooled, not zeroed (megabytes each).
-        let (mut v_buf, va) = super::direct::aligned(16 * g.c_in * tb);
-        let v = &mut v_buf[va..][..16 * g.c_in * tb];
-        let half = tw + 1;
-        let mut eo = vec![0.0f32; 8 * half];
-        let mut ts = vec![0.0f32; 16 * tw];
-        for c in 0..g.c_in {
-            let plane = &x[(n * g.c_in + c) * p..][..p];
-            for ty in r0..r1 {
-                for i in 0..4 {
-                    let r = (2 * ty + i) as isize - 1;
-                    let (even, odd) = eo[i * 2 * half..][..2 * half].split_at_mut(half);
-                    if r < 0 || r >= h as isize {
-                        even.fill(0.0);
-                        odd.fill(0.0);
-                        continue;
-                    }
-                    // padded column q = input column q - 1: even q are odd inputs, and the ends are 0.
-                    let row = &plane[r as usize * wd..][..wd];
-                    even[0] = 0.0;
-                    odd[tw] = 0.0;
-                    for k in 0..tw {
-                        odd[k] = row[2 * k];
-                        even[k + 1] = row[2 * k + 1];
-                    }
-                }
-                let col = (ty - r0) * tw;
-                let d = |i: usize, j: usize| -> &[f32] { &eo[i * 2 * half + (j % 2) * half + j / 2..][..tw] };
-                // t = B^T d, row by row, then V = t B.
-                for j in 0..4 {
-                    let (d0, d1, d2, d3) = (d(0, j), d(1, j), d(2, j), d(3, j));
-                    for k in 0..tw {
-                        ts[j * tw + k] = d0[k] - d2[k];
-                        ts[(4 + j) * tw + k] = d1[k] + d2[k];
-                        ts[(8 + j) * tw + k] = d2[k] - d1[k];
-                        ts[(12 + j) * tw + k] = d1[k] - d3[k];
-                    }
-                }
-                for i in 0..4 {
-                    let tr = |j: usize| &ts[(i * 4 + j) * tw..][..tw];
-                    let (a0, a1, a2, a3) = (tr(0), tr(1), tr(2), tr(3));
-                    let at = |j: usize| ((i * 4 + j) * g.c_in + c) * tb + col;
-                    let (o0, o1, o2, o3) = (at(0), at(1), at(2), at(3));
-                    for k in 0..tw {
-                        v[o0 + k] = a0[k] - a2[k];
-                        v[o1 + k] = a1[k] + a2[k];
-                        v[o2 + k] = a2[k] - a1[k];
-                        v[o3 + k] = a1[k] - a3[k];
-                    }
-                }
-            }
-        }
-        let (mut m_buf, ma) = super::direct::aligned(16 * g.c_out * tb);
-        let m = &mut m_buf[ma..][..16 * g.c_out * tb];
-        for (k, mk) in m.chunks_mut(g.c_out * tb).enumerate() {
-            let uk = (&u[k * g.c_out * g.c_in..][..g.c_out * g.c_in], g.c_in as isize, 1);
-            let vk = (&v[k * g.c_in * tb..][..g.c_in * tb], tb as isize, 1);
-            matmul(gemm::Parallelism::None, g.c_out, tb, g.c_in, (mk, tb as isize, 1), false, uk, vk);
-        }
-        let mut tm = vec![0.0f32; 4 * tw];
-        // Y = A^T M A + bias, into output rows 2·r0 .. 2·r1 of every channel (owned by this unit).
-        for o in 0..g.c_out {
-            let at = (n * g.c_out + o) * p + 2 * r0 * wd;
-            let len = 2 * (r1 - r0) * wd;
-            assert!(at + len <= y_len);
-            // SAFETY: in bounds (asserted); units own disjoint row ranges of each plane.
-            let out = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add(at).cast::<MaybeUninit<f32>>(), len) };
-            for ty in r0..r1 {
-                let col = (ty - r0) * tw;
-                let mv = |i: usize, j: usize| &m[((i * 4 + j) * g.c_out + o) * tb + col..][..tw];
-                for r in 0..2 {
-                    // row r of A^T M, then its two outputs per tile (A^T M A).
-                    for j in 0..4 {
-                        let (m0, m1, m2, m3) = (mv(0, j), mv(1, j), mv(2, j), mv(3, j));
-                        let t = &mut tm[j * tw..][..tw];
-                        for k in 0..tw {
-                            t[k] = if r == 0 { m0[k] + m1[k] + m2[k] } else { m1[k] - m2[k] - m3[k] };
-                        }
-                    }
-                    let (t0, t1, t2, t3) = (&tm[..tw], &tm[tw..2 * tw], &tm[2 * tw..3 * tw], &tm[3 * tw..]);
-                    let line = &mut out[(2 * (ty - r0) + r) * wd..][..wd];
-                    for k in 0..tw {
-                        line[2 * k].write(t0[k] + t1[k] + t2[k] + b[o]);
-                        line[2 * k + 1].write(t1[k] - t2[k] - t3[k] + b[o]);
-                    }
-                }
-            }
-        }
-        super::direct::recycle(v_buf);
-        super::direct::recycle(m_buf);
-    });
-}
-
 /// dL/dw by shifted GEMMs: dW_t = sum over images of dy[n] · shift_t(x[n])^T. Each product
 /// has a small output and a long inner dimension, which the GEMM does not split across threads,
 /// so the taps run in parallel instead, one thread each.
@@ -579,6 +424,13 @@ fn shifted_w(g: &Geom) -> bool {
     !g.pointwise() && g.sp[2] >= 16
 }
 
+/// Winograd F(2x2, 3x3) on AVX-512 wherever it applies (2D 3x3, even sizes) but on narrow inputs
+/// (1 -> 32 at 96x96: 4.5x slower than direct, 16 -> 32: 1.2-1.6x faster) and 6x6 images (9
+/// tiles per image fill a third of the 48-tile register tile; even with the im2col GEMM).
+fn winograd_ok(g: &Geom) -> bool {
+    super::winograd::applies(g) && g.c_in >= 16 && g.sp[1].min(g.sp[2]) >= 12
+}
+
 /// The direct kernel runs spans of output positions in 16-pixel vectors: worth it where they
 /// waste under 10% of their lanes (not on 6x6 images: 36 pixels in 48 lanes). Where rows do
 /// not fill vectors (spans cross rows, with per-lane border masks) Winograd is faster if it
@@ -587,12 +439,7 @@ fn shifted_w(g: &Geom) -> bool {
 /// as fast or faster).
 fn direct_ok(g: &Geom) -> bool {
     let lanes: usize = super::direct::spans(g).iter().map(|s| s.1.next_multiple_of(16)).sum();
-    let tiles = g.n * (g.sp[1] / 2) * (g.sp[2] / 2);
-    let winograd_better = winograd_ok(g)
-        && !super::direct::rows_fill_vectors(g.sp[2])
-        && tiles >= 2 * WINOGRAD_BATCH_TILES
-        && g.c_in * g.c_out >= WINOGRAD_MIN_PAIRS;
-    super::direct::available() && !g.pointwise() && 10 * lanes <= 11 * g.pixels() && !winograd_better
+    super::direct::available() && !g.pointwise() && 10 * lanes <= 11 * g.pixels()
 }
 
 /// Concatenates NC(D)HW parts along channels.
@@ -618,15 +465,15 @@ pub fn forward_parts(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], relu: bool) 
 /// every call: blocked for the direct kernel, transformed for Winograd.
 pub enum Prepared {
     Direct(super::direct::Packed),
-    Winograd(Vec<f32>),
+    Winograd(super::winograd::Weights),
 }
 
 /// The prepared weights for `g`'s path (`None` where the path reads them as they are).
 pub fn prepare(g: &Geom, w: &[f32], b: &[f32]) -> Option<Prepared> {
-    if direct_ok(g) {
+    if winograd_ok(g) {
+        Some(Prepared::Winograd(super::winograd::prepare(g, w)))
+    } else if direct_ok(g) {
         Some(Prepared::Direct(super::direct::pack(g, w, b)))
-    } else if winograd_ok(g) {
-        Some(Prepared::Winograd(winograd_weights(g, w)))
     } else {
         None
     }
@@ -642,35 +489,22 @@ pub fn forward_prepared(
     prep: Option<&Prepared>,
 ) -> Vec<f32> {
     let len = g.n * g.c_out * g.pixels();
-    if let Some(Prepared::Direct(packed)) = prep {
-        let mut y = Vec::with_capacity(len);
-        super::direct::forward_packed(g, xs, packed, relu, &mut y.spare_capacity_mut()[..len]);
-        // SAFETY: direct::forward writes every element of its output.
-        unsafe { y.set_len(len) };
-        return y;
-    }
-    // The other paths read one input: parts are concatenated first.
-    let joined;
-    let x = match xs {
-        [x] => *x,
-        _ => {
-            joined = cat(g.n, xs);
-            &joined
+    let mut y = Vec::with_capacity(len);
+    let out = &mut y.spare_capacity_mut()[..len];
+    match prep {
+        Some(Prepared::Direct(packed)) => super::direct::forward_packed(g, xs, packed, relu, out),
+        Some(Prepared::Winograd(u)) => super::winograd::forward(g, xs, u, b, relu, out),
+        None => {
+            // The GEMM paths read one input: parts are concatenated first.
+            let y = match xs {
+                [x] => forward_gemm(g, x, w, b),
+                _ => forward_gemm(g, &cat(g.n, xs), w, b),
+            };
+            return if relu { y.into_iter().map(|v| v.max(0.0)).collect() } else { y };
         }
-    };
-    let mut y = match prep {
-        Some(Prepared::Winograd(u)) => {
-            let mut y = Vec::with_capacity(len);
-            forward_winograd(g, x, u, b, &mut y.spare_capacity_mut()[..len]);
-            // SAFETY: the output transform writes every element.
-            unsafe { y.set_len(len) };
-            y
-        }
-        _ => forward_gemm(g, x, w, b),
-    };
-    if relu {
-        y.iter_mut().for_each(|v| *v = v.max(0.0));
     }
+    // SAFETY: the direct and Winograd kernels write every element of their output.
+    unsafe { y.set_len(len) };
     y
 }
 
@@ -755,11 +589,16 @@ pub fn backward_x_part(g: &Geom, dy: &[f32], w: &[f32], c0: usize, c: usize) -> 
     assert!(c0 + c <= g.c_in && w.len() == g.c_out * g.rows());
     let flipped = Geom { c_in: g.c_out, c_out: c, ..*g };
     let zeros = vec![0.0; c];
-    // The input gradient is the convolution of dy with the flipped, transposed kernel.
+    // The input gradient is the convolution of dy with the flipped, transposed kernel, whose
+    // weights are prepared straight from the forward's: input channel c0 + o of the part is the
+    // flipped convolution's output channel o.
+    let weight = |o: usize, ci: usize, k: usize| w[(ci * g.c_in + c0 + o) * t + t - 1 - k];
+    if winograd_ok(&flipped) {
+        let u = super::winograd::prepare_with(&flipped, weight);
+        return forward_prepared(&flipped, &[dy], &[], &zeros, false, Some(&Prepared::Winograd(u)));
+    }
     if direct_ok(&flipped) {
-        // Packed straight from the forward's weights: input channel c0 + o of the part is the
-        // flipped convolution's output channel o.
-        let packed = super::direct::pack_with(&flipped, &zeros, |o, ci, k| w[(ci * g.c_in + c0 + o) * t + t - 1 - k]);
+        let packed = super::direct::pack_with(&flipped, &zeros, weight);
         return forward_prepared(&flipped, &[dy], &[], &zeros, false, Some(&Prepared::Direct(packed)));
     }
     if shifted(&flipped) {
@@ -960,9 +799,10 @@ pub(super) mod tests {
             Geom { n: 2, c_in: 6, c_out: 5, sp: [1, 5, 18], k: [1, 3, 3] },
             Geom { n: 1, c_in: 2, c_out: 2, sp: [3, 4, 16], k: [3, 3, 3] },
             Geom { n: 2, c_in: 3, c_out: 2, sp: [1, 3, 20], k: [1, 5, 5] },
-            // even sizes, 8+ channels: Winograd (blocks of several tile rows, and of one)
-            Geom { n: 2, c_in: 9, c_out: 8, sp: [1, 10, 12], k: [1, 3, 3] },
-            Geom { n: 1, c_in: 8, c_out: 10, sp: [1, 6, 260], k: [1, 3, 3] },
+            // even sizes from 12, 16+ channels: Winograd, forward and input gradient (units of
+            // several tile rows and of one, output channels not a multiple of its 8)
+            Geom { n: 2, c_in: 17, c_out: 16, sp: [1, 12, 14], k: [1, 3, 3] },
+            Geom { n: 1, c_in: 16, c_out: 18, sp: [1, 12, 260], k: [1, 3, 3] },
         ]
     }
 

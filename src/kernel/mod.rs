@@ -9,6 +9,7 @@ pub mod direct;
 pub mod norm;
 pub mod pool;
 pub mod upsample;
+pub mod winograd;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

@@ -1,0 +1,394 @@
+//! Winograd F(2x2, 3x3) for 2D 3x3 "same" convolutions of even-sized images, on AVX-512.
+//!
+//! Each 2x2 output tile comes from a 4x4 input tile d through 16 element-wise products in a
+//! transformed domain: Y = A^T [ (G w G^T) ⊙ (B^T d B) ] A. Over the tiles these products are 16
+//! matrix products M_k = U_k · V_k (c_out x c_in times c_in x tiles), 2.25x fewer multiplications
+//! than the direct form. F(2x2) transforms are sums of halves and whole values, so float32 results
+//! stay within ~1e-6 relative of direct convolution.
+//!
+//! The work goes in units of a few tile rows of one image (and, where that leaves threads idle, a
+//! range of output channels): the input transform writes V for the unit's tiles (vectorised over
+//! 16 tiles, even and odd input columns split by permutes, the zero padding by load masks), the
+//! products run in an 8-channel x 48-tile register tile that reads V and U where they lie (V's
+//! rows are as long as the unit's tiles, so a tile's operand is one contiguous run that stays in
+//! L1 across the output-channel blocks), and the output transform adds the bias, applies the ReLU
+//! and interleaves the two columns of each tile as it stores. The `gemm` crate's products, which
+//! pack both operands on every call, left this at the direct kernel's speed.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::conv::{Geom, SyncPtr};
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// Output channels per register tile (x 3 vectors of 16 tiles: 24 accumulators).
+const OB: usize = 8;
+/// Tiles per register tile.
+const TT: usize = 48;
+
+/// Whether `g` is a convolution this path computes, on this CPU.
+pub fn applies(g: &Geom) -> bool {
+    let even = g.sp[1].is_multiple_of(2) && g.sp[2].is_multiple_of(2);
+    g.k == [1, 3, 3] && g.sp[0] == 1 && even && super::direct::available()
+}
+
+/// U = G w G^T for every (output, input) channel pair, as [k][c_out / 8][c_in][8] (the eight
+/// weights one register tile broadcasts for an input channel are consecutive), output channels
+/// zero-padded to a multiple of 8.
+pub struct Weights {
+    u: Vec<f32>,
+    c_out_pad: usize,
+}
+
+/// The weights of a forward convolution, `w` as [c_out][c_in][3][3].
+pub fn prepare(g: &Geom, w: &[f32]) -> Weights {
+    prepare_with(g, |o, c, t| w[(o * g.c_in + c) * 9 + t])
+}
+
+/// The weights given as weight(o, c, t) (output channel, input channel, tap), which lets the
+/// input gradient transform the flipped, transposed kernel straight from the forward's.
+/// Per call in training, so cheap: blocks of 8 output channels in parallel, each input channel's
+/// 16 values computed for the 8 at once and stored as the runs the register tile reads.
+pub fn prepare_with(g: &Geom, weight: impl Fn(usize, usize, usize) -> f32 + Sync) -> Weights {
+    let cp = g.c_out.next_multiple_of(OB);
+    let slab = cp * g.c_in;
+    let run = g.c_in * OB;
+    let mut u = Vec::with_capacity(16 * slab);
+    let u_ptr = SyncPtr(u.as_mut_ptr());
+    (0..cp / OB).into_par_iter().for_each(|ob| {
+        for c in 0..g.c_in {
+            // k[t][o]: tap t of the block's 8 output channels (zero past c_out).
+            let mut k = [[0.0f32; OB]; 9];
+            for (t, kt) in k.iter_mut().enumerate() {
+                for (o, v) in kt.iter_mut().enumerate() {
+                    if ob * OB + o < g.c_out {
+                        *v = weight(ob * OB + o, c, t);
+                    }
+                }
+            }
+            let comb = |a: &[f32; OB], b: &[f32; OB], c: &[f32; OB], s: f32| -> [f32; OB] {
+                std::array::from_fn(|o| s * (a[o] + b[o] + c[o]))
+            };
+            let neg = |a: &[f32; OB]| -> [f32; OB] { std::array::from_fn(|o| -a[o]) };
+            // G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]: rows of G k, then of (G k) G^T.
+            let gk =
+                |a: &[f32; OB], b: &[f32; OB], c: &[f32; OB]| [*a, comb(a, b, c, 0.5), comb(a, &neg(b), c, 0.5), *c];
+            let cols: [[[f32; OB]; 4]; 3] = std::array::from_fn(|j| gk(&k[j], &k[3 + j], &k[6 + j]));
+            for (i, ((c0, c1), c2)) in cols[0].iter().zip(&cols[1]).zip(&cols[2]).enumerate() {
+                let row = gk(c0, c1, c2);
+                for (j, vals) in row.iter().enumerate() {
+                    // SAFETY: block ob alone writes runs [k][ob][c][..8] of the 16 · slab floats.
+                    unsafe {
+                        let at = u_ptr.get().add((i * 4 + j) * slab + ob * run + c * OB);
+                        std::ptr::copy_nonoverlapping(vals.as_ptr(), at, OB);
+                    }
+                }
+            }
+        }
+    });
+    // SAFETY: the blocks wrote every (k, ob, c) run.
+    unsafe { u.set_len(16 * slab) };
+    Weights { u, c_out_pad: cp }
+}
+
+/// Tile rows per unit and output-channel groups: the unit's V and M (64 bytes per tile and
+/// channel each) near 1 MB so they stay in L2, tile counts in whole vectors where the rows allow
+/// it, and at least two units per thread; where the image has too few tile rows for that, the
+/// output channels are split too (each group redoes the cheap input transform).
+fn units(g: &Geom) -> (usize, usize) {
+    let (th, tw) = (g.sp[1] / 2, g.sp[2] / 2);
+    let target = if cfg!(test) { 16 } else { (16384 / (g.c_in + g.c_out)).max(TT) };
+    let mut rows = (target / tw).clamp(1, th);
+    while !(rows * tw).is_multiple_of(16) && rows < th && rows * tw < 2 * target {
+        rows += 1;
+    }
+    let want = 2 * rayon::current_num_threads();
+    let blocks = |rows: usize| g.n * th.div_ceil(rows);
+    // Smaller blocks for the threads, while they keep a register tile's worth of tiles.
+    while blocks(rows) < want && rows.div_ceil(2) * tw >= TT {
+        rows = rows.div_ceil(2);
+    }
+    let per_group = |groups: usize| g.c_out.div_ceil(groups).next_multiple_of(OB);
+    let mut groups = 1;
+    while blocks(rows) * groups < want && per_group(groups + 1) < per_group(groups) {
+        groups += 1;
+    }
+    (rows, per_group(groups))
+}
+
+/// y = conv(cat(xs), w) + b, then max(0, y) if `relu`, for NCHW slices; the input is the channel
+/// concatenation of the parts `xs`, read in place. Every element of `y` is written.
+pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, y: &mut [MaybeUninit<f32>]) {
+    let [_, h, wd] = g.sp;
+    let (th, tw, p) = (h / 2, wd / 2, h * wd);
+    assert!(applies(g) && y.len() == g.n * g.c_out * p && wt.u.len() == 16 * wt.c_out_pad * g.c_in);
+    // Input channel c as (part, channel within the part): planes are read where they lie.
+    let planes: Vec<(&[f32], usize, usize)> = xs
+        .iter()
+        .flat_map(|x| {
+            let cp = x.len() / (g.n * p);
+            (0..cp).map(move |c| (*x, cp, c))
+        })
+        .collect();
+    assert_eq!(planes.len(), g.c_in, "parts must add up to c_in channels");
+    let (rows, group) = units(g);
+    let work: Vec<(usize, usize, usize)> = (0..g.n)
+        .flat_map(|n| (0..th).step_by(rows).flat_map(move |r0| (0..g.c_out).step_by(group).map(move |o0| (n, r0, o0))))
+        .collect();
+    let y_ptr = SyncPtr(y.as_mut_ptr().cast::<f32>());
+    work.into_par_iter().for_each(|(n, r0, o0)| {
+        let r1 = (r0 + rows).min(th);
+        let o1 = (o0 + group).min(g.c_out);
+        let tb = (r1 - r0) * tw;
+        let tbp = tb.next_multiple_of(16);
+        let (mut v_buf, va) = super::direct::aligned(16 * g.c_in * tbp);
+        let (mut m_buf, ma) = super::direct::aligned(16 * group * tbp);
+        let v = v_buf[va..].as_mut_ptr();
+        let m = m_buf[ma..].as_mut_ptr();
+        // SAFETY: V has 16 rows of c_in · tbp and M 16 rows of `group` · tbp floats, 64-byte
+        // aligned; the plane reads stay inside each plane (load masks); this unit alone writes
+        // output rows 2·r0 .. 2·r1 of channels o0 .. o1 of image n (asserted lengths above).
+        unsafe {
+            for (c, &(x, cp, ci)) in planes.iter().enumerate() {
+                let plane = x[(n * cp + ci) * p..][..p].as_ptr();
+                input_rows(plane, h, wd, r0, r1, v.add(c * tbp), g.c_in * tbp);
+                // The padding tiles feed only padding columns of M, but must not be NaN or
+                // denormal (pooled memory holds anything).
+                for k in 0..16 {
+                    std::ptr::write_bytes(v.add((k * g.c_in + c) * tbp + tb), 0, tbp - tb);
+                }
+            }
+            let slab = wt.c_out_pad * g.c_in;
+            for k in 0..16 {
+                let vk = v.add(k * g.c_in * tbp);
+                let mk = m.add(k * group * tbp);
+                for t0 in (0..tbp).step_by(TT) {
+                    for ob in (0..o1 - o0).step_by(OB) {
+                        let uk = wt.u.as_ptr().add(k * slab + (o0 + ob) * g.c_in);
+                        let (vt, mt) = (vk.add(t0), mk.add(ob * tbp + t0));
+                        match (tbp - t0).min(TT) / 16 {
+                            3 => tile::<3>(uk, vt, tbp, g.c_in, mt),
+                            2 => tile::<2>(uk, vt, tbp, g.c_in, mt),
+                            _ => tile::<1>(uk, vt, tbp, g.c_in, mt),
+                        }
+                    }
+                }
+            }
+            for (o, &bias) in b.iter().enumerate().take(o1).skip(o0) {
+                for ty in r0..r1 {
+                    let out = y_ptr.get().add((n * g.c_out + o) * p + 2 * ty * wd);
+                    output_row(m.add((o - o0) * tbp + (ty - r0) * tw), group * tbp, out, wd, bias, relu);
+                }
+            }
+        }
+        super::direct::recycle(v_buf);
+        super::direct::recycle(m_buf);
+    });
+}
+
+/// Lanes `l` of 16 whose column `start + l` lies in `0..wd`.
+fn columns(start: isize, wd: usize) -> u16 {
+    let lo = (-start).clamp(0, 16) as u32;
+    let hi = (wd as isize - start).clamp(0, 16) as u32;
+    let upto = |b: u32| if b >= 16 { u16::MAX } else { (1u16 << b) - 1 };
+    upto(hi) & !upto(lo)
+}
+
+/// The first `lanes` of 16.
+fn first(lanes: usize) -> u16 {
+    if lanes >= 16 { u16::MAX } else { (1u16 << lanes) - 1 }
+}
+
+/// V = B^T d B for the tiles of tile rows r0..r1 of one channel's plane: V_k for tile t (counted
+/// from the first tile of row r0) at `v + k · kstride + t`. Consecutive tile rows share two input
+/// rows, which are split into even and odd columns once.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn input_rows(plane: *const f32, h: usize, wd: usize, r0: usize, r1: usize, v: *mut f32, kstride: usize) {
+    // SAFETY: the caller passes a plane of h x wd floats and room for 16 rows of V at stride
+    // `kstride` from `v`; loads outside the plane's rows and columns are not made or masked off.
+    unsafe {
+        let tw = wd / 2;
+        for k0 in (0..tw).step_by(16) {
+            // padded column 2·t + j of tile t = k0 + l is input column 2·k0 - 1 + 2·l + j.
+            let col0 = 2 * k0 as isize - 1;
+            // padded row 2·ty + i is input row 2·ty + i - 1; rows outside are the zero padding.
+            let split = |r: isize| {
+                if r < 0 || r >= h as isize {
+                    [_mm512_setzero_ps(); 4]
+                } else {
+                    split_row(plane.add(r as usize * wd), col0, wd)
+                }
+            };
+            let mut d = [
+                split(2 * r0 as isize - 1),
+                split(2 * r0 as isize),
+                [_mm512_setzero_ps(); 4],
+                [_mm512_setzero_ps(); 4],
+            ];
+            let mask = first(tw - k0);
+            for ty in r0..r1 {
+                d[2] = split(2 * ty as isize + 1);
+                d[3] = split(2 * ty as isize + 2);
+                let mut t = [[_mm512_setzero_ps(); 4]; 4];
+                for j in 0..4 {
+                    t[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
+                    t[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
+                    t[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
+                    t[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
+                }
+                let at = v.add((ty - r0) * tw + k0);
+                for (i, ti) in t.iter().enumerate() {
+                    let vi = [
+                        _mm512_sub_ps(ti[0], ti[2]),
+                        _mm512_add_ps(ti[1], ti[2]),
+                        _mm512_sub_ps(ti[2], ti[1]),
+                        _mm512_sub_ps(ti[1], ti[3]),
+                    ];
+                    for (j, x) in vi.into_iter().enumerate() {
+                        _mm512_mask_storeu_ps(at.add((i * 4 + j) * kstride), mask, x);
+                    }
+                }
+                d[0] = d[2];
+                d[1] = d[3];
+            }
+        }
+    }
+}
+
+/// Columns col0 + 2·l + j (j = 0..4) of a row of `wd` floats, as 4 vectors over l = 0..16, zero
+/// outside the row.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn split_row(row: *const f32, col0: isize, wd: usize) -> [__m512; 4] {
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let mut q = [_mm512_setzero_ps(); 4];
+    for (s, off) in [0isize, 16, 2, 18].into_iter().enumerate() {
+        // SAFETY: lanes outside the row are masked off (and masked lanes are never read).
+        q[s] = unsafe { _mm512_maskz_loadu_ps(columns(col0 + off, wd), row.wrapping_offset(col0 + off)) };
+    }
+    [
+        _mm512_permutex2var_ps(q[0], even, q[1]),
+        _mm512_permutex2var_ps(q[0], odd, q[1]),
+        _mm512_permutex2var_ps(q[2], even, q[3]),
+        _mm512_permutex2var_ps(q[2], odd, q[3]),
+    ]
+}
+
+/// M_k[o][t..t+16·NV] = Σ_c U_k[o][c] · V_k[c][t..] for 8 output channels, in registers.
+#[target_feature(enable = "avx512f")]
+unsafe fn tile<const NV: usize>(u: *const f32, v: *const f32, tbp: usize, c_in: usize, m: *mut f32) {
+    // SAFETY: the caller passes U rows of 8 weights for c_in channels, 64-byte aligned V rows
+    // of 16·NV floats at stride tbp, and room for 8 such rows of M.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); NV]; OB];
+        for c in 0..c_in {
+            let row = v.add(c * tbp);
+            let mut x = [_mm512_setzero_ps(); NV];
+            for (j, xj) in x.iter_mut().enumerate() {
+                *xj = _mm512_load_ps(row.add(16 * j));
+            }
+            let uc = u.add(c * OB);
+            for (o, acc_o) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*uc.add(o));
+                for j in 0..NV {
+                    acc_o[j] = _mm512_fmadd_ps(w, x[j], acc_o[j]);
+                }
+            }
+        }
+        for (o, acc_o) in acc.iter().enumerate() {
+            for (j, a) in acc_o.iter().enumerate() {
+                _mm512_store_ps(m.add(o * tbp + 16 * j), *a);
+            }
+        }
+    }
+}
+
+/// Y = A^T M A + bias (then the ReLU) for the tiles of one tile row of one output channel: two
+/// output rows from `out`, M_k for tile t at `m + k · kstride + t`.
+#[target_feature(enable = "avx512f")]
+unsafe fn output_row(m: *const f32, kstride: usize, out: *mut f32, wd: usize, bias: f32, relu: bool) {
+    // SAFETY: the caller passes M rows of the tile row's tiles at stride `kstride` and two
+    // writable output rows of wd floats from `out`.
+    unsafe {
+        let tw = wd / 2;
+        let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        let bv = _mm512_set1_ps(bias);
+        let zero = _mm512_setzero_ps();
+        for k0 in (0..tw).step_by(16) {
+            let lanes = (tw - k0).min(16);
+            let mask = first(lanes);
+            // Rows of A^T M: m0 + m1 + m2 and m1 - m2 - m3, for each column j.
+            let mut s = [[zero; 4]; 2];
+            for j in 0..4 {
+                let mv = |i: usize| _mm512_maskz_loadu_ps(mask, m.add((i * 4 + j) * kstride + k0));
+                let (m0, m1, m2, m3) = (mv(0), mv(1), mv(2), mv(3));
+                let [s0, s1] = &mut s;
+                s0[j] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+                s1[j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+            }
+            for (r, sr) in s.iter().enumerate() {
+                let mut y0 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(sr[0], sr[1]), sr[2]), bv);
+                let mut y1 = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(sr[1], sr[2]), sr[3]), bv);
+                if relu {
+                    y0 = _mm512_max_ps(y0, zero);
+                    y1 = _mm512_max_ps(y1, zero);
+                }
+                let row = out.add(r * wd + 2 * k0);
+                _mm512_mask_storeu_ps(row, first(2 * lanes), _mm512_permutex2var_ps(y0, lo, y1));
+                if lanes > 8 {
+                    _mm512_mask_storeu_ps(row.add(16), first(2 * lanes - 16), _mm512_permutex2var_ps(y0, hi, y1));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::conv::tests::{close, naive, rand};
+
+    fn run(g: &Geom, split: &[usize], relu: bool) {
+        let x = rand(g.n * g.c_in * g.pixels(), 3);
+        let w = rand(g.c_out * g.c_in * 9, 5);
+        let b = rand(g.c_out, 7);
+        let mut want = naive(g, &x, &w, &b);
+        if relu {
+            want.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+        // The parts as NCHW slices of their own channel counts.
+        let p = g.pixels();
+        let mut parts = vec![];
+        let mut c0 = 0;
+        for &c in split {
+            let part: Vec<f32> = (0..g.n).flat_map(|n| x[(n * g.c_in + c0) * p..][..c * p].to_vec()).collect();
+            parts.push(part);
+            c0 += c;
+        }
+        let xs: Vec<&[f32]> = parts.iter().map(|v| v.as_slice()).collect();
+        let wt = prepare(g, &w);
+        let mut y = vec![MaybeUninit::new(f32::NAN); want.len()];
+        forward(g, &xs, &wt, &b, relu, &mut y);
+        // SAFETY: forward writes every element (NaN left anywhere fails the comparison).
+        let y: Vec<f32> = y.into_iter().map(|v| unsafe { v.assume_init() }).collect();
+        close(&y, &want, 1e-5);
+    }
+
+    #[test]
+    fn matches_the_definition() {
+        if !super::super::direct::available() {
+            return;
+        }
+        let g = |n, c_in, c_out, h, w| Geom { n, c_in, c_out, sp: [1, h, w], k: [1, 3, 3] };
+        // tile rows of 3, 7 (a masked vector), 16, 24 (one and a half) and 34 tiles (a tail of 2).
+        run(&g(2, 5, 11, 6, 6), &[5], false);
+        run(&g(1, 9, 8, 10, 14), &[4, 5], true);
+        run(&g(2, 16, 20, 8, 32), &[16], true);
+        run(&g(1, 3, 17, 4, 48), &[1, 2], false);
+        run(&g(3, 7, 9, 12, 68), &[7], true);
+    }
+}
