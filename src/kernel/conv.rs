@@ -7,6 +7,7 @@
 //! unfolds per 512-pixel tile and scatters the result back element by element.
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 #[cfg(not(test))]
 const CHUNK_FLOATS: usize = 1 << 22;
@@ -493,7 +494,7 @@ pub fn forward_prepared(
     let out = &mut y.spare_capacity_mut()[..len];
     match prep {
         Some(Prepared::Direct(packed)) => super::direct::forward_packed(g, xs, packed, relu, out),
-        Some(Prepared::Winograd(u)) => super::winograd::forward(g, xs, u, b, relu, out),
+        Some(Prepared::Winograd(u)) => super::winograd::forward(g, xs, u, b, relu, &mut [out]),
         None => {
             // The GEMM paths read one input: parts are concatenated first.
             let y = match xs {
@@ -578,12 +579,37 @@ fn forward_gemm(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
 
 /// dL/dx from dL/dy.
 pub fn backward_x(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
-    backward_x_part(g, dy, w, 0, g.c_in)
+    backward_x_parts(g, dy, w, &[(0, g.c_in)]).remove(0)
+}
+
+/// dL/dx for the parts (first channel, channels) of the input of `g` (a channel concatenation),
+/// from dL/dy and the whole weight. Winograd computes them in one pass whose outputs are the
+/// parts (dL/dy is transformed once for all of them); the other paths one part at a time.
+pub fn backward_x_parts(g: &Geom, dy: &[f32], w: &[f32], parts: &[(usize, usize)]) -> Vec<Vec<f32>> {
+    let chans: Vec<usize> = parts.iter().flat_map(|&(c0, c)| c0..c0 + c).collect();
+    let flipped = Geom { c_in: g.c_out, c_out: chans.len(), ..*g };
+    if chans.is_empty() || !winograd_ok(&flipped) {
+        return parts.iter().map(|&(c0, c)| backward_x_part(g, dy, w, c0, c)).collect();
+    }
+    assert!(chans.iter().all(|&c| c < g.c_in) && w.len() == g.c_out * g.rows());
+    // Output channel o of the flipped, transposed kernel is input channel chans[o].
+    let u = super::winograd::prepare_with(&flipped, |o, ci, k| w[(ci * g.c_in + chans[o]) * 9 + 8 - k]);
+    let mut dxs: Vec<Vec<f32>> = parts.iter().map(|&(_, c)| Vec::with_capacity(g.n * c * g.pixels())).collect();
+    {
+        let mut outs: Vec<&mut [MaybeUninit<f32>]> = dxs.iter_mut().map(|d| d.spare_capacity_mut()).collect();
+        super::winograd::forward(&flipped, &[dy], &u, &vec![0.0; chans.len()], false, &mut outs);
+    }
+    for (d, &(_, c)) in dxs.iter_mut().zip(parts) {
+        // SAFETY: the Winograd forward writes every element of its output parts.
+        unsafe { d.set_len(g.n * c * g.pixels()) };
+    }
+    dxs
 }
 
 /// dL/dx for input channels c0..c0+c of the convolution `g` (one part of a channel
-/// concatenation), from dL/dy and the whole weight, whose slice for the part is read in place.
-pub fn backward_x_part(g: &Geom, dy: &[f32], w: &[f32], c0: usize, c: usize) -> Vec<f32> {
+/// concatenation), from dL/dy and the whole weight, whose slice for the part is read in place,
+/// on the paths other than Winograd.
+fn backward_x_part(g: &Geom, dy: &[f32], w: &[f32], c0: usize, c: usize) -> Vec<f32> {
     let part = Geom { c_in: c, ..*g };
     let (rows, p, t) = (part.rows(), g.pixels(), g.taps());
     assert!(c0 + c <= g.c_in && w.len() == g.c_out * g.rows());
@@ -593,10 +619,6 @@ pub fn backward_x_part(g: &Geom, dy: &[f32], w: &[f32], c0: usize, c: usize) -> 
     // weights are prepared straight from the forward's: input channel c0 + o of the part is the
     // flipped convolution's output channel o.
     let weight = |o: usize, ci: usize, k: usize| w[(ci * g.c_in + c0 + o) * t + t - 1 - k];
-    if winograd_ok(&flipped) {
-        let u = super::winograd::prepare_with(&flipped, weight);
-        return forward_prepared(&flipped, &[dy], &[], &zeros, false, Some(&Prepared::Winograd(u)));
-    }
     if direct_ok(&flipped) {
         let packed = super::direct::pack_with(&flipped, &zeros, weight);
         return forward_prepared(&flipped, &[dy], &[], &zeros, false, Some(&Prepared::Direct(packed)));
@@ -846,12 +868,15 @@ pub(super) mod tests {
             let w = rand(g.c_out * g.rows(), 5);
             let dy = rand(g.n * g.c_out * g.pixels(), 6);
             let whole = backward_x(&g, &dy, &w);
-            let (c0, c) = (1, g.c_in - 2);
-            let part = backward_x_part(&g, &dy, &w, c0, c);
+            // Two parts, channel 0 left out (a part that needs no gradient); or none at all.
+            assert!(backward_x_parts(&g, &dy, &w, &[]).is_empty());
+            let parts = [(1, 1), (2, g.c_in - 2)];
             let p = g.pixels();
-            let want: Vec<f32> =
-                (0..g.n).flat_map(|n| whole[(n * g.c_in + c0) * p..][..c * p].iter().copied()).collect();
-            close(&part, &want, 1e-5);
+            for (dx, (c0, c)) in backward_x_parts(&g, &dy, &w, &parts).iter().zip(parts) {
+                let want: Vec<f32> =
+                    (0..g.n).flat_map(|n| whole[(n * g.c_in + c0) * p..][..c * p].iter().copied()).collect();
+                close(dx, &want, 1e-5);
+            }
         }
     }
 }

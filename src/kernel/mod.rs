@@ -287,13 +287,18 @@ impl Backward<Flex, N> for SameConvGrad {
         // Each part's input gradient is its own (flipped) convolution with its slice of the
         // weight's input channels, so the gradient is never split by copying.
         let mut c0 = 0;
+        let mut wanted = vec![];
         let parents = ops.parents[..PARTS].iter().zip(&ops.state.2).filter(|(_, used)| **used).map(|(p, _)| p);
         for ((node, x), &c) in parents.zip(&xs).zip(&widths) {
             if let Some(node) = node {
-                let dx = conv::backward_x_part(&g, data(&dy), data(&w), c0, c);
-                grads.register::<Flex>(node.id, tensor(dx, x.shape().to_vec()));
+                wanted.push((node.id, x.shape().to_vec(), (c0, c)));
             }
             c0 += c;
+        }
+        let ranges: Vec<(usize, usize)> = wanted.iter().map(|w| w.2).collect();
+        let dxs = conv::backward_x_parts(&g, data(&dy), data(&w), &ranges);
+        for ((id, shape, _), dx) in wanted.into_iter().zip(dxs) {
+            grads.register::<Flex>(id, tensor(dx, shape));
         }
         if node_w.is_some() || node_b.is_some() {
             let parts: Vec<&[f32]> = xs.iter().map(data).collect();

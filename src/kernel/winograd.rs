@@ -118,11 +118,24 @@ fn units(g: &Geom) -> (usize, usize) {
 }
 
 /// y = conv(cat(xs), w) + b, then max(0, y) if `relu`, for NCHW slices; the input is the channel
-/// concatenation of the parts `xs`, read in place. Every element of `y` is written.
-pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, y: &mut [MaybeUninit<f32>]) {
+/// concatenation of the parts `xs`, read in place, and so is the output of the parts `ys` (the
+/// input gradient of a concatenation transforms dL/dy once for all its parts). Every element of
+/// `ys` is written.
+pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, ys: &mut [&mut [MaybeUninit<f32>]]) {
     let [_, h, wd] = g.sp;
     let (th, tw, p) = (h / 2, wd / 2, h * wd);
-    assert!(applies(g) && y.len() == g.n * g.c_out * p && wt.u.len() == 16 * wt.c_out_pad * g.c_in);
+    assert!(applies(g) && wt.u.len() == 16 * wt.c_out_pad * g.c_in);
+    // Output channel o as (its part's first element, channels in the part, channel within it).
+    let outs: Vec<(SyncPtr, usize, usize)> = ys
+        .iter_mut()
+        .flat_map(|y| {
+            let cp = y.len() / (g.n * p);
+            assert_eq!(y.len(), g.n * cp * p, "output parts must be whole NCHW tensors");
+            let at = SyncPtr(y.as_mut_ptr().cast::<f32>());
+            (0..cp).map(move |c| (at, cp, c))
+        })
+        .collect();
+    assert_eq!(outs.len(), g.c_out, "output parts must add up to c_out channels");
     // Input channel c as (part, channel within the part): planes are read where they lie.
     let planes: Vec<(&[f32], usize, usize)> = xs
         .iter()
@@ -136,7 +149,6 @@ pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, y: 
     let work: Vec<(usize, usize, usize)> = (0..g.n)
         .flat_map(|n| (0..th).step_by(rows).flat_map(move |r0| (0..g.c_out).step_by(group).map(move |o0| (n, r0, o0))))
         .collect();
-    let y_ptr = SyncPtr(y.as_mut_ptr().cast::<f32>());
     work.into_par_iter().for_each(|(n, r0, o0)| {
         let r1 = (r0 + rows).min(th);
         let o1 = (o0 + group).min(g.c_out);
@@ -176,8 +188,9 @@ pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, y: 
                 }
             }
             for (o, &bias) in b.iter().enumerate().take(o1).skip(o0) {
+                let (y, cp, co) = outs[o];
                 for ty in r0..r1 {
-                    let out = y_ptr.get().add((n * g.c_out + o) * p + 2 * ty * wd);
+                    let out = y.get().add((n * cp + co) * p + 2 * ty * wd);
                     output_row(m.add((o - o0) * tbp + (ty - r0) * tw), group * tbp, out, wd, bias, relu);
                 }
             }
@@ -371,11 +384,20 @@ mod tests {
         }
         let xs: Vec<&[f32]> = parts.iter().map(|v| v.as_slice()).collect();
         let wt = prepare(g, &w);
-        let mut y = vec![MaybeUninit::new(f32::NAN); want.len()];
-        forward(g, &xs, &wt, &b, relu, &mut y);
+        // The output in two parts (the first output channel alone, then the rest).
+        let mut y0 = vec![MaybeUninit::new(f32::NAN); g.n * p];
+        let mut y1 = vec![MaybeUninit::new(f32::NAN); want.len() - g.n * p];
+        forward(g, &xs, &wt, &b, relu, &mut [&mut y0, &mut y1]);
         // SAFETY: forward writes every element (NaN left anywhere fails the comparison).
-        let y: Vec<f32> = y.into_iter().map(|v| unsafe { v.assume_init() }).collect();
+        let init =
+            |y: Vec<MaybeUninit<f32>>| -> Vec<f32> { y.into_iter().map(|v| unsafe { v.assume_init() }).collect() };
+        let (y0, y1) = (init(y0), init(y1));
+        let p0 = g.n * p;
+        let y: Vec<f32> = (0..g.n)
+            .flat_map(|n| [&y0[n * p..][..p], &y1[n * (g.c_out - 1) * p..][..(g.c_out - 1) * p]].concat())
+            .collect();
         close(&y, &want, 1e-5);
+        assert_eq!(y.len(), p0 + y1.len());
     }
 
     #[test]
