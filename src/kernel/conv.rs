@@ -665,6 +665,9 @@ fn backward_x_part(g: &Geom, dy: &[f32], w: &[f32], c0: usize, c: usize) -> Vec<
 /// (dL/dw, dL/db) from the forward input, given as the parts of a channel concatenation, and
 /// dL/dy. The direct kernel reads the parts in place; the GEMM paths get them copied together.
 pub fn backward_w_parts(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    if winograd_ok(g) {
+        return (super::winograd::backward_w(g, xs, dy), bias_grad(g, dy));
+    }
     if direct_w_ok(g) {
         let mut dw = vec![0.0; g.c_out * g.rows()];
         super::direct::backward_w(g, xs, dy, &mut dw);

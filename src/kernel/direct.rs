@@ -587,7 +587,7 @@ fn channels_last(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn transpose_row(
+pub(super) unsafe fn transpose_row(
     planes: &[f32],
     p: usize,
     channels: usize,
@@ -621,7 +621,7 @@ unsafe fn transpose_row(
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn transpose_row(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [f32], _: usize, _: (usize, usize)) {
+pub(super) unsafe fn transpose_row(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [f32], _: usize, _: (usize, usize)) {
     unreachable!("direct convolution needs x86-64 AVX-512")
 }
 

@@ -117,6 +117,21 @@ fn units(g: &Geom) -> (usize, usize) {
     (rows, per_group(groups))
 }
 
+/// Input channel c as (part, channels in the part, channel within it): planes are read where they
+/// lie.
+fn channel_planes<'a>(g: &Geom, xs: &[&'a [f32]]) -> Vec<(&'a [f32], usize, usize)> {
+    let p = g.pixels();
+    let planes: Vec<_> = xs
+        .iter()
+        .flat_map(|x| {
+            let cp = x.len() / (g.n * p);
+            (0..cp).map(move |c| (*x, cp, c))
+        })
+        .collect();
+    assert_eq!(planes.len(), g.c_in, "parts must add up to c_in channels");
+    planes
+}
+
 /// y = conv(cat(xs), w) + b, then max(0, y) if `relu`, for NCHW slices; the input is the channel
 /// concatenation of the parts `xs`, read in place, and so is the output of the parts `ys` (the
 /// input gradient of a concatenation transforms dL/dy once for all its parts). Every element of
@@ -136,15 +151,7 @@ pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, ys:
         })
         .collect();
     assert_eq!(outs.len(), g.c_out, "output parts must add up to c_out channels");
-    // Input channel c as (part, channel within the part): planes are read where they lie.
-    let planes: Vec<(&[f32], usize, usize)> = xs
-        .iter()
-        .flat_map(|x| {
-            let cp = x.len() / (g.n * p);
-            (0..cp).map(move |c| (*x, cp, c))
-        })
-        .collect();
-    assert_eq!(planes.len(), g.c_in, "parts must add up to c_in channels");
+    let planes = channel_planes(g, xs);
     let (rows, group) = units(g);
     let work: Vec<(usize, usize, usize)> = (0..g.n)
         .flat_map(|n| (0..th).step_by(rows).flat_map(move |r0| (0..g.c_out).step_by(group).map(move |o0| (n, r0, o0))))
@@ -198,6 +205,174 @@ pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, ys:
         super::direct::recycle(v_buf);
         super::direct::recycle(m_buf);
     });
+}
+
+/// dL/dw ([c_out][c_in][3][3]) from the forward input (the parts `xs` of a channel
+/// concatenation, read in place) and dL/dy: with dM = A dY A^T per tile (4x4 from the 2x2 output
+/// gradient), dL/dU_k = Σ_tiles dM_k · V_k^T, 16 products over the tiles with 2.25x fewer
+/// multiplications than the direct weight gradient, and dL/dw = G^T dL/dU G. dM is built from a
+/// channels-last copy of the unit's dy rows, so that its vectors run over output channels and the
+/// register tile (8-12 input channels x 32-48 output channels) broadcasts V, which the forward's
+/// input transform writes. Each thread sums its units into its own dL/dU; the threads' sums are
+/// added at the end.
+pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
+    let [_, h, wd] = g.sp;
+    let (th, tw, p) = (h / 2, wd / 2, h * wd);
+    assert!(applies(g) && dy.len() == g.n * g.c_out * p);
+    let planes = channel_planes(g, xs);
+    let cpo = g.c_out.next_multiple_of(16);
+    // V rows padded to whole register tiles of input channels (8 or 12), zero.
+    let cpi = g.c_in.next_multiple_of(24);
+    let (rows, _) = units(&Geom { c_out: cpo, ..*g });
+    let work: Vec<(usize, usize)> = (0..g.n).flat_map(|n| (0..th).step_by(rows).map(move |r0| (n, r0))).collect();
+    let per = work.len().div_ceil(rayon::current_num_threads());
+    let sums: Vec<Vec<f32>> = work
+        .par_chunks(per)
+        .map(|chunk| {
+            let mut du = vec![0.0f32; 16 * cpi * cpo];
+            for &(n, r0) in chunk {
+                let r1 = (r0 + rows).min(th);
+                let tb = (r1 - r0) * tw;
+                let tbp = tb.next_multiple_of(16);
+                let (mut v_buf, va) = super::direct::aligned(16 * cpi * tbp);
+                let (mut cl_buf, ca) = super::direct::aligned(2 * (r1 - r0) * wd * cpo);
+                let (mut dm_buf, da) = super::direct::aligned(16 * tbp * cpo);
+                let v = v_buf[va..].as_mut_ptr();
+                let cl = &mut cl_buf[ca..][..2 * (r1 - r0) * wd * cpo];
+                let dm = dm_buf[da..].as_mut_ptr();
+                // SAFETY: V holds 16 rows of cpi · tbp floats, the channels-last rows 2(r1 - r0)
+                // rows of wd · cpo, dM 16 · tbp · cpo, all 64-byte aligned; planes are read
+                // inside (load masks); `du` holds 16 · cpi · cpo.
+                unsafe {
+                    for k in 0..16 {
+                        let slab = v.add(k * cpi * tbp);
+                        for c in 0..g.c_in {
+                            std::ptr::write_bytes(slab.add(c * tbp + tb), 0, tbp - tb);
+                        }
+                        std::ptr::write_bytes(slab.add(g.c_in * tbp), 0, (cpi - g.c_in) * tbp);
+                    }
+                    for (c, &(x, cp, ci)) in planes.iter().enumerate() {
+                        let plane = x[(n * cp + ci) * p..][..p].as_ptr();
+                        input_rows(plane, h, wd, r0, r1, v.add(c * tbp), cpi * tbp);
+                    }
+                    let image = &dy[n * g.c_out * p..][..g.c_out * p];
+                    for y in 2 * r0..2 * r1 {
+                        let row = &mut cl[(y - 2 * r0) * wd * cpo..];
+                        super::direct::transpose_row(image, p, g.c_out, y * wd, wd, row, cpo, (0, cpo));
+                    }
+                    output_gradient(cl, wd, r1 - r0, cpo, dm, tbp);
+                    let nv = (cpo / 16).min(3);
+                    for k in 0..16 {
+                        let (vk, dmk) = (v.add(k * cpi * tbp), dm.add(k * tbp * cpo));
+                        let duk = du.as_mut_ptr().add(k * cpi * cpo);
+                        for oc in (0..cpo).step_by(16 * nv) {
+                            let at = |c: usize| (vk.add(c * tbp), dmk.add(oc), duk.add(c * cpo + oc));
+                            match (cpo - oc) / 16 {
+                                1 => (0..cpi).step_by(24).for_each(|c| { let (a, b, d) = at(c); wtile::<1, 24>(a, b, tbp, cpo, d) }),
+                                2 => (0..cpi).step_by(12).for_each(|c| { let (a, b, d) = at(c); wtile::<2, 12>(a, b, tbp, cpo, d) }),
+                                _ => (0..cpi).step_by(8).for_each(|c| { let (a, b, d) = at(c); wtile::<3, 8>(a, b, tbp, cpo, d) }),
+                            }
+                        }
+                    }
+                }
+                super::direct::recycle(v_buf);
+                super::direct::recycle(cl_buf);
+                super::direct::recycle(dm_buf);
+            }
+            du
+        })
+        .collect();
+    // dL/dw[o][c] = G^T dL/dU[.][c][o] G, from the sum of the threads' dL/dU.
+    let du_at = |k: usize, c: usize, o: usize| -> f32 { sums.iter().map(|du| du[(k * cpi + c) * cpo + o]).sum() };
+    let mut dw = vec![0.0f32; g.c_out * g.c_in * 9];
+    dw.par_chunks_mut(g.c_in * 9).enumerate().for_each(|(o, row)| {
+        for (c, out) in row.chunks_mut(9).enumerate() {
+            let u: [f32; 16] = std::array::from_fn(|k| du_at(k, c, o));
+            // (dU G)[i][m], then G^T of that; G's columns are (1, .5, .5, 0), (0, .5, -.5, 0),
+            // (0, .5, .5, 1).
+            let ug: [[f32; 3]; 4] = std::array::from_fn(|i| {
+                let r = &u[i * 4..][..4];
+                [r[0] + 0.5 * (r[1] + r[2]), 0.5 * (r[1] - r[2]), 0.5 * (r[1] + r[2]) + r[3]]
+            });
+            for m in 0..3 {
+                let col = [ug[0][m], ug[1][m], ug[2][m], ug[3][m]];
+                out[m] = col[0] + 0.5 * (col[1] + col[2]);
+                out[3 + m] = 0.5 * (col[1] - col[2]);
+                out[6 + m] = 0.5 * (col[1] + col[2]) + col[3];
+            }
+        }
+    });
+    dw
+}
+
+/// dM = A dY A^T for the tiles of `rows` tile rows, from their output-gradient rows channels-last
+/// (`cl`: 2 · rows rows of wd pixels x cpo channels): dM_k for tile t at `dm + (k · tbp + t) · cpo`,
+/// padding tiles zero.
+#[target_feature(enable = "avx512f")]
+unsafe fn output_gradient(cl: &[f32], wd: usize, rows: usize, cpo: usize, dm: *mut f32, tbp: usize) {
+    // SAFETY: `cl` holds 2 · rows · wd · cpo floats; the caller gives dM room for 16 · tbp · cpo.
+    unsafe {
+        let tw = wd / 2;
+        let zero = _mm512_setzero_ps();
+        for t in rows * tw..tbp {
+            for k in 0..16 {
+                for ov in (0..cpo).step_by(16) {
+                    _mm512_store_ps(dm.add((k * tbp + t) * cpo + ov), zero);
+                }
+            }
+        }
+        for ty in 0..rows {
+            for tx in 0..tw {
+                let t = ty * tw + tx;
+                for ov in (0..cpo).step_by(16) {
+                    let px = |y: usize, x: usize| _mm512_loadu_ps(cl.as_ptr().add(((2 * ty + y) * wd + 2 * tx + x) * cpo + ov));
+                    let (a, b, c, d) = (px(0, 0), px(0, 1), px(1, 0), px(1, 1));
+                    // Rows of A dY: (a, b), (a + c, b + d), (a - c, b - d), (-c, -d); each row
+                    // (p, q) times A^T: (p, p + q, p - q, -q).
+                    let rows4 = [
+                        (a, b),
+                        (_mm512_add_ps(a, c), _mm512_add_ps(b, d)),
+                        (_mm512_sub_ps(a, c), _mm512_sub_ps(b, d)),
+                        (_mm512_sub_ps(zero, c), _mm512_sub_ps(zero, d)),
+                    ];
+                    for (i, (p, q)) in rows4.into_iter().enumerate() {
+                        let vals = [p, _mm512_add_ps(p, q), _mm512_sub_ps(p, q), _mm512_sub_ps(zero, q)];
+                        for (j, x) in vals.into_iter().enumerate() {
+                            _mm512_store_ps(dm.add(((i * 4 + j) * tbp + t) * cpo + ov), x);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// dU_k[c][o..o + 16·NV] += Σ_t V_k[c][t] · dM_k[t][o..] for CB input channels, in registers.
+#[target_feature(enable = "avx512f")]
+unsafe fn wtile<const NV: usize, const CB: usize>(v: *const f32, dm: *const f32, tbp: usize, cpo: usize, du: *mut f32) {
+    // SAFETY: the caller passes CB rows of V of tbp floats at stride tbp, dM rows of 16·NV floats
+    // (64-byte aligned) at stride cpo for tbp tiles, and CB rows of dU at stride cpo.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); NV]; CB];
+        for t in 0..tbp {
+            let mut x = [_mm512_setzero_ps(); NV];
+            for (j, xj) in x.iter_mut().enumerate() {
+                *xj = _mm512_load_ps(dm.add(t * cpo + 16 * j));
+            }
+            for (c, acc_c) in acc.iter_mut().enumerate() {
+                let s = _mm512_set1_ps(*v.add(c * tbp + t));
+                for j in 0..NV {
+                    acc_c[j] = _mm512_fmadd_ps(s, x[j], acc_c[j]);
+                }
+            }
+        }
+        for (c, acc_c) in acc.iter().enumerate() {
+            for (j, a) in acc_c.iter().enumerate() {
+                let at = du.add(c * cpo + 16 * j);
+                _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), *a));
+            }
+        }
+    }
 }
 
 /// Lanes `l` of 16 whose column `start + l` lies in `0..wd`.
@@ -398,6 +573,41 @@ mod tests {
             .collect();
         close(&y, &want, 1e-5);
         assert_eq!(y.len(), p0 + y1.len());
+    }
+
+    /// The weight gradient against its definition, Σ dy(o, y, x) · x(c, y + l - 1, x + m - 1).
+    #[test]
+    fn weight_gradient_matches_the_definition() {
+        if !super::super::direct::available() {
+            return;
+        }
+        for (n, c_in, c_out, h, w, split) in
+            [(2, 5, 11, 6, 6, vec![5]), (1, 9, 40, 10, 14, vec![4, 5]), (3, 26, 17, 8, 36, vec![1, 25])]
+        {
+            let g = Geom { n, c_in, c_out, sp: [1, h, w], k: [1, 3, 3] };
+            let p = h * w;
+            let x = rand(n * c_in * p, 11);
+            let dy = rand(n * c_out * p, 13);
+            let mut want = vec![0.0f64; c_out * c_in * 9];
+            for (b, o, c) in (0..n).flat_map(|b| (0..c_out).flat_map(move |o| (0..c_in).map(move |c| (b, o, c)))) {
+                for (y, xx, t) in (0..h).flat_map(|y| (0..w).flat_map(move |xx| (0..9).map(move |t| (y, xx, t)))) {
+                    let (sy, sx) = ((y + t / 3) as isize - 1, (xx + t % 3) as isize - 1);
+                    if sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w {
+                        let xv = x[(b * c_in + c) * p + sy as usize * w + sx as usize];
+                        want[(o * c_in + c) * 9 + t] += (dy[(b * c_out + o) * p + y * w + xx] * xv) as f64;
+                    }
+                }
+            }
+            let mut parts = vec![];
+            let mut c0 = 0;
+            for &c in &split {
+                parts.push((0..n).flat_map(|b| x[(b * c_in + c0) * p..][..c * p].to_vec()).collect::<Vec<f32>>());
+                c0 += c;
+            }
+            let xs: Vec<&[f32]> = parts.iter().map(|v| v.as_slice()).collect();
+            let want: Vec<f32> = want.into_iter().map(|v| v as f32).collect();
+            close(&backward_w(&g, &xs, &dy), &want, 1e-5);
+        }
     }
 
     #[test]
