@@ -621,7 +621,16 @@ pub(super) unsafe fn transpose_row(
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn transpose_row(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [f32], _: usize, _: (usize, usize)) {
+pub(super) unsafe fn transpose_row(
+    _: &[f32],
+    _: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: &mut [f32],
+    _: usize,
+    _: (usize, usize),
+) {
     unreachable!("direct convolution needs x86-64 AVX-512")
 }
 

@@ -26,6 +26,8 @@ use std::mem::MaybeUninit;
 const OB: usize = 8;
 /// Tiles per register tile.
 const TT: usize = 48;
+/// Input channels ahead whose rows the input transform prefetches.
+const PF: usize = 2;
 
 /// Whether `g` is a convolution this path computes, on this CPU.
 pub fn applies(g: &Geom) -> bool {
@@ -171,6 +173,7 @@ pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, ys:
         unsafe {
             for (c, &(x, cp, ci)) in planes.iter().enumerate() {
                 let plane = x[(n * cp + ci) * p..][..p].as_ptr();
+                prefetch_rows(&planes, c + PF, n, p, wd, h, r0, r1);
                 input_rows(plane, h, wd, r0, r1, v.add(c * tbp), g.c_in * tbp);
                 // The padding tiles feed only padding columns of M, but must not be NaN or
                 // denormal (pooled memory holds anything).
@@ -253,6 +256,7 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
                     }
                     for (c, &(x, cp, ci)) in planes.iter().enumerate() {
                         let plane = x[(n * cp + ci) * p..][..p].as_ptr();
+                        prefetch_rows(&planes, c + PF, n, p, wd, h, r0, r1);
                         input_rows(plane, h, wd, r0, r1, v.add(c * tbp), cpi * tbp);
                     }
                     let image = &dy[n * g.c_out * p..][..g.c_out * p];
@@ -268,9 +272,18 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
                         for oc in (0..cpo).step_by(16 * nv) {
                             let at = |c: usize| (vk.add(c * tbp), dmk.add(oc), duk.add(c * cpo + oc));
                             match (cpo - oc) / 16 {
-                                1 => (0..cpi).step_by(24).for_each(|c| { let (a, b, d) = at(c); wtile::<1, 24>(a, b, tbp, cpo, d) }),
-                                2 => (0..cpi).step_by(12).for_each(|c| { let (a, b, d) = at(c); wtile::<2, 12>(a, b, tbp, cpo, d) }),
-                                _ => (0..cpi).step_by(8).for_each(|c| { let (a, b, d) = at(c); wtile::<3, 8>(a, b, tbp, cpo, d) }),
+                                1 => (0..cpi).step_by(24).for_each(|c| {
+                                    let (a, b, d) = at(c);
+                                    wtile::<1, 24>(a, b, tbp, cpo, d)
+                                }),
+                                2 => (0..cpi).step_by(12).for_each(|c| {
+                                    let (a, b, d) = at(c);
+                                    wtile::<2, 12>(a, b, tbp, cpo, d)
+                                }),
+                                _ => (0..cpi).step_by(8).for_each(|c| {
+                                    let (a, b, d) = at(c);
+                                    wtile::<3, 8>(a, b, tbp, cpo, d)
+                                }),
                             }
                         }
                     }
@@ -282,27 +295,51 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
             du
         })
         .collect();
-    // dL/dw[o][c] = G^T dL/dU[.][c][o] G, from the sum of the threads' dL/dU.
-    let du_at = |k: usize, c: usize, o: usize| -> f32 { sums.iter().map(|du| du[(k * cpi + c) * cpo + o]).sum() };
+    // The threads' sums added (vectorised, in parallel), then dL/dw[o][c] = G^T dL/dU[.][c][o] G
+    // for 16 output channels at a time (dU's runs over o are contiguous).
+    let mut sums = sums.into_iter();
+    let mut du = sums.next().unwrap_or_default();
+    for s in sums {
+        du.par_chunks_mut(1 << 14)
+            .zip(s.par_chunks(1 << 14))
+            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+    }
     let mut dw = vec![0.0f32; g.c_out * g.c_in * 9];
-    dw.par_chunks_mut(g.c_in * 9).enumerate().for_each(|(o, row)| {
-        for (c, out) in row.chunks_mut(9).enumerate() {
-            let u: [f32; 16] = std::array::from_fn(|k| du_at(k, c, o));
+    dw.par_chunks_mut(16 * g.c_in * 9).enumerate().for_each(|(ob, rows)| {
+        let o0 = 16 * ob;
+        let valid = rows.len() / (g.c_in * 9);
+        for c in 0..g.c_in {
+            let u: [&[f32]; 16] = std::array::from_fn(|k| &du[(k * cpi + c) * cpo + o0..][..16]);
             // (dU G)[i][m], then G^T of that; G's columns are (1, .5, .5, 0), (0, .5, -.5, 0),
             // (0, .5, .5, 1).
-            let ug: [[f32; 3]; 4] = std::array::from_fn(|i| {
+            let ug: [[[f32; 16]; 3]; 4] = std::array::from_fn(|i| {
                 let r = &u[i * 4..][..4];
-                [r[0] + 0.5 * (r[1] + r[2]), 0.5 * (r[1] - r[2]), 0.5 * (r[1] + r[2]) + r[3]]
+                [
+                    lanes(|l| r[0][l] + 0.5 * (r[1][l] + r[2][l])),
+                    lanes(|l| 0.5 * (r[1][l] - r[2][l])),
+                    lanes(|l| 0.5 * (r[1][l] + r[2][l]) + r[3][l]),
+                ]
             });
             for m in 0..3 {
-                let col = [ug[0][m], ug[1][m], ug[2][m], ug[3][m]];
-                out[m] = col[0] + 0.5 * (col[1] + col[2]);
-                out[3 + m] = 0.5 * (col[1] - col[2]);
-                out[6 + m] = 0.5 * (col[1] + col[2]) + col[3];
+                let col = [&ug[0][m], &ug[1][m], &ug[2][m], &ug[3][m]];
+                let taps = [
+                    lanes(|l| col[0][l] + 0.5 * (col[1][l] + col[2][l])),
+                    lanes(|l| 0.5 * (col[1][l] - col[2][l])),
+                    lanes(|l| 0.5 * (col[1][l] + col[2][l]) + col[3][l]),
+                ];
+                for (l3, tap) in taps.iter().enumerate() {
+                    for (o, v) in tap.iter().enumerate().take(valid) {
+                        rows[(o * g.c_in + c) * 9 + l3 * 3 + m] = *v;
+                    }
+                }
             }
         }
     });
     dw
+}
+
+fn lanes(f: impl Fn(usize) -> f32) -> [f32; 16] {
+    std::array::from_fn(f)
 }
 
 /// dM = A dY A^T for the tiles of `rows` tile rows, from their output-gradient rows channels-last
@@ -325,7 +362,9 @@ unsafe fn output_gradient(cl: &[f32], wd: usize, rows: usize, cpo: usize, dm: *m
             for tx in 0..tw {
                 let t = ty * tw + tx;
                 for ov in (0..cpo).step_by(16) {
-                    let px = |y: usize, x: usize| _mm512_loadu_ps(cl.as_ptr().add(((2 * ty + y) * wd + 2 * tx + x) * cpo + ov));
+                    let px = |y: usize, x: usize| {
+                        _mm512_loadu_ps(cl.as_ptr().add(((2 * ty + y) * wd + 2 * tx + x) * cpo + ov))
+                    };
                     let (a, b, c, d) = (px(0, 0), px(0, 1), px(1, 0), px(1, 1));
                     // Rows of A dY: (a, b), (a + c, b + d), (a - c, b - d), (-c, -d); each row
                     // (p, q) times A^T: (p, p + q, p - q, -q).
@@ -371,6 +410,30 @@ unsafe fn wtile<const NV: usize, const CB: usize>(v: *const f32, dm: *const f32,
                 let at = du.add(c * cpo + 16 * j);
                 _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), *a));
             }
+        }
+    }
+}
+
+/// Prefetches the rows a unit of tile rows r0..r1 reads from channel c's plane of image n (rows
+/// 2·r0 - 1 ..= 2·r1, clipped): the planes are a page or more apart and a few lines are read from
+/// each, a pattern the hardware prefetchers miss.
+#[allow(clippy::too_many_arguments)]
+fn prefetch_rows(
+    planes: &[(&[f32], usize, usize)],
+    c: usize,
+    n: usize,
+    p: usize,
+    wd: usize,
+    h: usize,
+    r0: usize,
+    r1: usize,
+) {
+    if let Some(&(x, cp, ci)) = planes.get(c) {
+        let (i0, i1) = ((2 * r0).saturating_sub(1), (2 * r1 + 1).min(h));
+        let rows = &x[(n * cp + ci) * p + i0 * wd..][..(i1 - i0) * wd];
+        for l in (0..rows.len()).step_by(16) {
+            // SAFETY: prefetching an address inside the slice.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(rows.as_ptr().add(l).cast()) };
         }
     }
 }
