@@ -429,11 +429,12 @@ pub(super) fn aligned(len: usize) -> (Vec<f32>, usize) {
     (buf, at)
 }
 
-/// Returns a buffer of `aligned` to the pool (two kept per thread).
+/// Returns a buffer of `aligned` to the pool (three kept per thread: the Winograd weight
+/// gradient holds three at once).
 pub(super) fn recycle(buf: Vec<f32>) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
-        if p.len() < 2 {
+        if p.len() < 3 {
             p.push(buf);
         }
     });
