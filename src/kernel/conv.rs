@@ -1,10 +1,11 @@
 //! Stride-1 "same" convolution (odd kernel, padding k/2) on contiguous NC(D)HW f32 slices, with
-//! its two backward products, picking a path per shape: the direct AVX-512 kernels of `direct`
-//! where output rows fill whole vectors (and the CPU has AVX-512), else GEMMs of the `gemm`
-//! crate in one of three forms: Winograd F(2x2,3x3) for wide 2D layers, one GEMM per kernel tap
-//! over a padded copy of the image ("shifted"), or im2col (a chunk of output pixels unfolded
-//! with row copies, one GEMM). burn Flex instead converts every input to NHWC on one thread,
-//! unfolds per 512-pixel tile and scatters the result back element by element.
+//! its two backward products, picking a path per shape (and CPU): Winograd F(2x2,3x3) of
+//! `winograd` for 2D 3x3 layers from 16 input channels and 12x12 up, the direct kernels of
+//! `direct` for the other shapes whose output rows fill whole vectors (3D, odd sizes, the first
+//! layer), else GEMMs of the `gemm` crate: one GEMM per kernel tap over a padded copy of the image
+//! ("shifted"), or im2col (a chunk of output pixels unfolded with row copies, one GEMM). The last
+//! two are also what CPUs without AVX-512 run. burn Flex instead converts every input to NHWC on
+//! one thread, unfolds per 512-pixel tile and scatters the result back element by element.
 
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
