@@ -146,7 +146,8 @@ fn channel_planes<'a>(g: &Geom, xs: &[&'a [f32]]) -> Vec<(&'a [f32], usize, usiz
 pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, ys: &mut [&mut [MaybeUninit<f32>]]) {
     let [_, h, wd] = g.sp;
     let (th, tw, p) = (h / 2, wd / 2, h * wd);
-    assert!(applies(g) && wt.u.len() == 16 * wt.c_out_pad * g.c_in);
+    assert!(applies(g) && b.len() == g.c_out && wt.c_out_pad == g.c_out.next_multiple_of(OB));
+    assert_eq!(wt.u.len(), 16 * wt.c_out_pad * g.c_in, "weights prepared for another geometry");
     // Output channel o as (its part's first element, channels in the part, channel within it).
     let outs: Vec<(SyncPtr, usize, usize)> = ys
         .iter_mut()
@@ -224,8 +225,8 @@ pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, ys:
 /// multiplications than the direct weight gradient, and dL/dw = G^T dL/dU G. dM is built from a
 /// channels-last copy of the unit's dy rows, so that its vectors run over output channels and the
 /// register tile (8-12 input channels x 32-48 output channels) broadcasts V, which the forward's
-/// input transform writes. Each thread sums its units into its own dL/dU; the threads' sums are
-/// added at the end.
+/// input transform writes. The threads split the input channels, each summing its units into its
+/// own rows of dL/dU.
 pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
     let [_, h, wd] = g.sp;
     let (th, tw, p) = (h / 2, wd / 2, h * wd);
