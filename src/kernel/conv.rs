@@ -434,11 +434,8 @@ fn winograd_ok(g: &Geom) -> bool {
 }
 
 /// The direct kernel runs spans of output positions in 16-pixel vectors: worth it where they
-/// waste under 10% of their lanes (not on 6x6 images: 36 pixels in 48 lanes). Where rows do
-/// not fill vectors (spans cross rows, with per-lane border masks) Winograd is faster if it
-/// applies to enough tiles and channel pairs (24x24, batch 4, 512 -> 128: 6.2 vs 7.3 ms with
-/// weights prepared, 7.4 vs 7.8 ms packing them; batch 1, or 128 -> 128: the direct kernel is
-/// as fast or faster).
+/// waste under 10% of their lanes (not on 6x6 images: 36 pixels in 48 lanes). Where Winograd
+/// applies as well, Winograd is taken (`prepare`, `backward_x_parts`, `backward_w_parts`).
 fn direct_ok(g: &Geom) -> bool {
     let lanes: usize = super::direct::spans(g).iter().map(|s| s.1.next_multiple_of(16)).sum();
     super::direct::available() && !g.pointwise() && 10 * lanes <= 11 * g.pixels()
