@@ -177,19 +177,7 @@ pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, ys:
         // aligned; the plane reads stay inside each plane (load masks); this unit alone writes
         // output rows 2·r0 .. 2·r1 of channels o0 .. o1 of image n (asserted lengths above).
         unsafe {
-            for (c, &(x, cp, ci)) in planes.iter().enumerate() {
-                let plane = x[(n * cp + ci) * p..][..p].as_ptr();
-                prefetch_rows(&planes, c + PF, n, p, wd, h, r0, r1);
-                input_rows(plane, h, wd, r0, r1, v.add(c * tbp), g.c_in * tbp);
-                // The padding tiles feed only padding columns of M, but must not be NaN or
-                // denormal (pooled memory holds anything). Most units have none (and a memset
-                // call per row, even of nothing, was 5% of a forward pass).
-                if tbp > tb {
-                    for k in 0..16 {
-                        std::ptr::write_bytes(v.add((k * g.c_in + c) * tbp + tb), 0, tbp - tb);
-                    }
-                }
-            }
+            transform_input(&planes, n, g.sp, (r0, r1), v, g.c_in * tbp);
             let slab = wt.c_out_pad * g.c_in;
             for k in 0..16 {
                 let vk = v.add(k * g.c_in * tbp);
@@ -264,22 +252,10 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
                 // rows of wd · cpo, dM 16 · tbp · cpo, all 64-byte aligned; planes are read
                 // inside (load masks); `du` holds 16 · cpi · cpo.
                 unsafe {
+                    transform_input(&planes[c0..c1], n, g.sp, (r0, r1), v, cpi * tbp);
+                    // The register tiles' rows past the group's last channel: zero.
                     for k in 0..16 {
-                        let slab = v.add(k * cpi * tbp);
-                        if tbp > tb {
-                            for c in 0..c1 - c0 {
-                                std::ptr::write_bytes(slab.add(c * tbp + tb), 0, tbp - tb);
-                            }
-                        }
-                        std::ptr::write_bytes(slab.add((c1 - c0) * tbp), 0, (cpi - (c1 - c0)) * tbp);
-                    }
-                    for c in c0..c1 {
-                        let (x, cp, ci) = planes[c];
-                        let plane = x[(n * cp + ci) * p..][..p].as_ptr();
-                        if c + PF < c1 {
-                            prefetch_rows(&planes, c + PF, n, p, wd, h, r0, r1);
-                        }
-                        input_rows(plane, h, wd, r0, r1, v.add((c - c0) * tbp), cpi * tbp);
+                        std::ptr::write_bytes(v.add(k * cpi * tbp + (c1 - c0) * tbp), 0, (cpi - (c1 - c0)) * tbp);
                     }
                     let image = &dy[n * g.c_out * p..][..g.c_out * p];
                     for y in 2 * r0..2 * r1 {
@@ -441,26 +417,46 @@ unsafe fn wtile<const NV: usize, const CB: usize>(v: *const f32, dm: *const f32,
     }
 }
 
-/// Prefetches the rows a unit of tile rows r0..r1 reads from channel c's plane of image n (rows
-/// 2·r0 - 1 ..= 2·r1, clipped): the planes are a page or more apart and a few lines are read from
-/// each, a pattern the hardware prefetchers miss.
-#[allow(clippy::too_many_arguments)]
-fn prefetch_rows(
-    planes: &[(&[f32], usize, usize)],
-    c: usize,
+/// V for the tiles of tile rows r0..r1 of image n, one channel (`planes`) after another: channel
+/// c's 16 rows of tbp tiles at `v + c · tbp + k · kstride`, padding tiles (past the unit's)
+/// zero: they feed only padding columns of the products, but must not be NaN or denormal
+/// (pooled memory holds anything). The rows the transform reads from the channel PF ahead are
+/// prefetched: the planes are a page or more apart and a few lines are read from each, a pattern
+/// the hardware prefetchers miss.
+///
+/// # Safety
+/// `v` must have room for 16 rows of `kstride` floats, each holding planes.len() rows of tbp.
+unsafe fn transform_input<'a>(
+    planes: &[(&'a [f32], usize, usize)],
     n: usize,
-    p: usize,
-    wd: usize,
-    h: usize,
-    r0: usize,
-    r1: usize,
+    [_, h, wd]: [usize; 3],
+    (r0, r1): (usize, usize),
+    v: *mut f32,
+    kstride: usize,
 ) {
-    if let Some(&(x, cp, ci)) = planes.get(c) {
-        let (i0, i1) = ((2 * r0).saturating_sub(1), (2 * r1 + 1).min(h));
-        let rows = &x[(n * cp + ci) * p + i0 * wd..][..(i1 - i0) * wd];
-        for l in (0..rows.len()).step_by(16) {
-            // SAFETY: prefetching an address inside the slice.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(rows.as_ptr().add(l).cast()) };
+    let p = h * wd;
+    let tb = (r1 - r0) * (wd / 2);
+    let tbp = tb.next_multiple_of(16);
+    let (i0, i1) = ((2 * r0).saturating_sub(1), (2 * r1 + 1).min(h));
+    let plane = |&(x, cp, ci): &(&'a [f32], usize, usize)| -> &'a [f32] { &x[(n * cp + ci) * p..][..p] };
+    for (c, at) in planes.iter().enumerate() {
+        if let Some(ahead) = planes.get(c + PF) {
+            let rows = &plane(ahead)[i0 * wd..i1 * wd];
+            for l in (0..rows.len()).step_by(16) {
+                // SAFETY: prefetching an address inside the slice.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(rows.as_ptr().add(l).cast()) };
+            }
+        }
+        // SAFETY: the plane is h x wd floats; room for V is the caller's promise.
+        unsafe {
+            input_rows(plane(at).as_ptr(), h, wd, r0, r1, v.add(c * tbp), kstride);
+            // Most units have no padding tiles (and a memset call per row, even of nothing,
+            // was 5% of a forward pass).
+            if tbp > tb {
+                for k in 0..16 {
+                    std::ptr::write_bytes(v.add(k * kstride + c * tbp + tb), 0, tbp - tb);
+                }
+            }
         }
     }
 }
