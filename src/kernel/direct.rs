@@ -99,7 +99,7 @@ fn segments(w: usize) -> Vec<(usize, usize)> {
 }
 
 /// Whether rows of `w` pixels split into vectors wasting under 10% of their lanes.
-pub(super) fn rows_fill_vectors(w: usize) -> bool {
+fn rows_fill_vectors(w: usize) -> bool {
     let lanes: usize = segments(w).iter().map(|s| s.1.next_multiple_of(16)).sum();
     10 * lanes <= 11 * w
 }

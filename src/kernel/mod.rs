@@ -9,7 +9,33 @@ pub mod direct;
 pub mod norm;
 pub mod pool;
 pub mod upsample;
+#[cfg(target_arch = "x86_64")]
 pub mod winograd;
+
+/// Winograd is AVX-512 code: elsewhere it never applies, and these keep its callers portable.
+#[cfg(not(target_arch = "x86_64"))]
+pub mod winograd {
+    use super::conv::Geom;
+    use std::mem::MaybeUninit;
+
+    const WHY: &str = "Winograd needs x86-64 AVX-512 (`applies` is false here)";
+    pub struct Weights;
+    pub fn applies(_: &Geom) -> bool {
+        false
+    }
+    pub fn prepare(_: &Geom, _: &[f32]) -> Weights {
+        unreachable!("{WHY}")
+    }
+    pub fn prepare_with(_: &Geom, _: impl Fn(usize, usize, usize) -> f32 + Sync) -> Weights {
+        unreachable!("{WHY}")
+    }
+    pub fn forward(_: &Geom, _: &[&[f32]], _: &Weights, _: &[f32], _: bool, _: &mut [&mut [MaybeUninit<f32>]]) {
+        unreachable!("{WHY}")
+    }
+    pub fn backward_w(_: &Geom, _: &[&[f32]], _: &[f32]) -> Vec<f32> {
+        unreachable!("{WHY}")
+    }
+}
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
