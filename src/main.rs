@@ -273,6 +273,9 @@ struct TrainArgs {
 
 fn main() {
     unetpp::backend::keep_freed_memory();
+    if let Err(e) = unetpp::backend::join_thread_pool() {
+        eprintln!("warning: running beside rayon's thread pool: {e}");
+    }
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -835,7 +835,9 @@ pub(super) mod tests {
             let x = rand(g.n * g.c_in * g.pixels(), 1);
             let w = rand(g.c_out * g.rows(), 2);
             let b = rand(g.c_out, 3);
-            close(&forward(&g, &x, &w, &b), &naive(&g, &x, &w, &b), 1e-5);
+            // F(4x4) Winograd rounds ~20x more than the other paths (see its tests).
+            let tol = if winograd_ok(&g) && super::super::winograd::tile_side(&g) == 4 { 1e-4 } else { 1e-5 };
+            close(&forward(&g, &x, &w, &b), &naive(&g, &x, &w, &b), tol);
         }
     }
 

@@ -29,6 +29,12 @@ pub mod winograd {
     pub fn prepare_with(_: &Geom, _: impl Fn(usize, usize, usize) -> f32 + Sync) -> Weights {
         unreachable!("{WHY}")
     }
+    pub fn prepare_tiled(_: &Geom, _: usize, _: impl Fn(usize, usize, usize) -> f32 + Sync) -> Weights {
+        unreachable!("{WHY}")
+    }
+    pub fn tile_side(_: &Geom) -> usize {
+        2
+    }
     pub fn forward(_: &Geom, _: &[&[f32]], _: &Weights, _: &[f32], _: bool, _: &mut [&mut [MaybeUninit<f32>]]) {
         unreachable!("{WHY}")
     }
