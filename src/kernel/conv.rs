@@ -429,8 +429,13 @@ fn shifted_w(g: &Geom) -> bool {
 /// Winograd F(2x2, 3x3) on AVX-512 wherever it applies (2D 3x3, even sizes) but on narrow inputs
 /// (1 -> 32 at 96x96: 4.5x slower than direct, 16 -> 32: 1.2-1.6x faster) and 6x6 images (9
 /// tiles per image fill a third of the 48-tile register tile; even with the im2col GEMM).
-fn winograd_ok(g: &Geom) -> bool {
-    super::winograd::applies(g) && g.c_in >= 16 && g.sp[1].min(g.sp[2]) >= 12
+/// `once`: the weights are transformed for this call alone (training, where they change every
+/// step), which takes a pass over 16/9 of the weights' size: on 12x12 images at batch 1 (36
+/// tiles), where the weights are largest and the tiles fewest, that cost more than the products
+/// saved, and a batch-1 training step ran 5-10% faster with the direct kernel there.
+fn winograd_ok(g: &Geom, once: bool) -> bool {
+    let tiles = g.n * g.pixels() / 4;
+    super::winograd::applies(g) && g.c_in >= 16 && g.sp[1].min(g.sp[2]) >= 12 && (!once || tiles >= 100)
 }
 
 /// The direct kernel runs spans of output positions in 16-pixel vectors: worth it where they
@@ -457,7 +462,7 @@ pub fn cat(n: usize, xs: &[&[f32]]) -> Vec<f32> {
 /// channel concatenation of the parts. The direct kernel reads the parts in place and applies
 /// the ReLU as it stores; the other paths get the parts copied together.
 pub fn forward_parts(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], relu: bool) -> Vec<f32> {
-    forward_prepared(g, xs, w, b, relu, prepare(g, w, b).as_ref())
+    forward_prepared(g, xs, w, b, relu, prepare_for(g, w, b, true).as_ref())
 }
 
 /// Weights rearranged for the path that `g` takes, which `forward_parts` otherwise does on
@@ -467,9 +472,14 @@ pub enum Prepared {
     Winograd(super::winograd::Weights),
 }
 
-/// The prepared weights for `g`'s path (`None` where the path reads them as they are).
+/// The prepared weights for `g`'s path (`None` where the path reads them as they are), to be
+/// used for many calls.
 pub fn prepare(g: &Geom, w: &[f32], b: &[f32]) -> Option<Prepared> {
-    if winograd_ok(g) {
+    prepare_for(g, w, b, false)
+}
+
+fn prepare_for(g: &Geom, w: &[f32], b: &[f32], once: bool) -> Option<Prepared> {
+    if winograd_ok(g, once) {
         Some(Prepared::Winograd(super::winograd::prepare(g, w)))
     } else if direct_ok(g) {
         Some(Prepared::Direct(super::direct::pack(g, w, b)))
@@ -586,7 +596,7 @@ pub fn backward_x(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
 pub fn backward_x_parts(g: &Geom, dy: &[f32], w: &[f32], parts: &[(usize, usize)]) -> Vec<Vec<f32>> {
     let chans: Vec<usize> = parts.iter().flat_map(|&(c0, c)| c0..c0 + c).collect();
     let flipped = Geom { c_in: g.c_out, c_out: chans.len(), ..*g };
-    if chans.is_empty() || !winograd_ok(&flipped) {
+    if chans.is_empty() || !winograd_ok(&flipped, true) {
         return parts.iter().map(|&(c0, c)| backward_x_part(g, dy, w, c0, c)).collect();
     }
     assert!(chans.iter().all(|&c| c < g.c_in) && w.len() == g.c_out * g.rows());
@@ -663,7 +673,7 @@ fn backward_x_part(g: &Geom, dy: &[f32], w: &[f32], c0: usize, c: usize) -> Vec<
 /// (dL/dw, dL/db) from the forward input, given as the parts of a channel concatenation, and
 /// dL/dy. The direct kernel reads the parts in place; the GEMM paths get them copied together.
 pub fn backward_w_parts(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    if winograd_ok(g) {
+    if winograd_ok(g, true) {
         return (super::winograd::backward_w(g, xs, dy), bias_grad(g, dy));
     }
     if direct_w_ok(g) {
@@ -822,9 +832,10 @@ pub(super) mod tests {
             Geom { n: 2, c_in: 6, c_out: 5, sp: [1, 5, 18], k: [1, 3, 3] },
             Geom { n: 1, c_in: 2, c_out: 2, sp: [3, 4, 16], k: [3, 3, 3] },
             Geom { n: 2, c_in: 3, c_out: 2, sp: [1, 3, 20], k: [1, 5, 5] },
-            // even sizes from 12, 16+ channels: Winograd, forward and input gradient (units of
-            // several tile rows and of one, output channels not a multiple of its 8)
-            Geom { n: 2, c_in: 17, c_out: 16, sp: [1, 12, 14], k: [1, 3, 3] },
+            // even sizes from 12, 16+ channels, 100+ tiles of 2x2: Winograd, forward and input
+            // gradient (units of several tile rows and of one, output channels not a multiple
+            // of its 8; F(2x2) here, F(4x4) on the 12x260)
+            Geom { n: 3, c_in: 17, c_out: 16, sp: [1, 12, 14], k: [1, 3, 3] },
             Geom { n: 1, c_in: 16, c_out: 18, sp: [1, 12, 260], k: [1, 3, 3] },
         ]
     }
@@ -836,7 +847,7 @@ pub(super) mod tests {
             let w = rand(g.c_out * g.rows(), 2);
             let b = rand(g.c_out, 3);
             // F(4x4) Winograd rounds ~20x more than the other paths (see its tests).
-            let tol = if winograd_ok(&g) && super::super::winograd::tile_side(&g) == 4 { 1e-4 } else { 1e-5 };
+            let tol = if winograd_ok(&g, true) && super::super::winograd::tile_side(&g) == 4 { 1e-4 } else { 1e-5 };
             close(&forward(&g, &x, &w, &b), &naive(&g, &x, &w, &b), tol);
         }
     }

@@ -195,8 +195,12 @@ fn conv_flex(xs: [FlexTensor; PARTS], weight: FlexTensor, bias: FlexTensor, relu
     let g = geom(&shape, w.shape().as_slice());
     shape[1] = g.c_out;
     let parts: Vec<&[f32]> = xs.iter().map(data).collect();
-    let prep = if keep { prepared(&g, &w, &b) } else { conv::prepare(&g, data(&w), data(&b)).map(Arc::new) };
-    tensor(conv::forward_prepared(&g, &parts, data(&w), data(&b), relu, prep.as_deref()), shape)
+    let y = if keep {
+        conv::forward_prepared(&g, &parts, data(&w), data(&b), relu, prepared(&g, &w, &b).as_deref())
+    } else {
+        conv::forward_parts(&g, &parts, data(&w), data(&b), relu)
+    };
+    tensor(y, shape)
 }
 
 /// Prepared weights (`conv::prepare`) of inference convolutions, by weight and bias buffer
