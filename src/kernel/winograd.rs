@@ -621,12 +621,13 @@ unsafe fn input_rows4(plane: *const f32, h: usize, wd: usize, r0: usize, r1: usi
             };
             let mask = first(tw - k0);
             let mut d = [[_mm512_setzero_ps(); 6]; 6];
-            d[4] = row(4 * r0 as isize - 1);
-            d[5] = row(4 * r0 as isize);
             for ty in r0..r1 {
+                // The first tile row computes its six rows, the others the four not shared
+                // (one call site, so that `row` is inlined).
+                let shared = if ty == r0 { 0 } else { 2 };
                 d[0] = d[4];
                 d[1] = d[5];
-                for (i, di) in d.iter_mut().enumerate().skip(2) {
+                for (i, di) in d.iter_mut().enumerate().skip(shared) {
                     *di = row((4 * ty + i) as isize - 1);
                 }
                 let at = v.add((ty - r0) * tw + k0);
@@ -672,29 +673,18 @@ unsafe fn split_row4(row: *const f32, col0: isize, wd: usize) -> [__m512; 6] {
         // SAFETY: lanes outside the row are masked off (and masked lanes are never read).
         *qs = unsafe { _mm512_maskz_loadu_ps(columns(col0 + off, wd), row.wrapping_offset(col0 + off)) };
     }
-    // Phase j: lanes 0..8 from q0:q1, lanes 8..16 from q2:q3, both at 4·(l mod 8) + j.
-    let phase = |j: i32| {
-        let idx = _mm512_setr_epi32(
-            j,
-            4 + j,
-            8 + j,
-            12 + j,
-            16 + j,
-            20 + j,
-            24 + j,
-            28 + j,
-            j,
-            4 + j,
-            8 + j,
-            12 + j,
-            16 + j,
-            20 + j,
-            24 + j,
-            28 + j,
-        );
-        _mm512_mask_blend_ps(0xff00, _mm512_permutex2var_ps(q[0], idx, q[1]), _mm512_permutex2var_ps(q[2], idx, q[3]))
-    };
-    let p: [__m512; 4] = std::array::from_fn(|j| phase(j as i32));
+    // Even and odd columns of q0:q1 and of q2:q3, then the even and odd of those: phase j
+    // (columns 4·l + j) in four permutes of two.
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let (e01, o01) = (_mm512_permutex2var_ps(q[0], even, q[1]), _mm512_permutex2var_ps(q[0], odd, q[1]));
+    let (e23, o23) = (_mm512_permutex2var_ps(q[2], even, q[3]), _mm512_permutex2var_ps(q[2], odd, q[3]));
+    let p = [
+        _mm512_permutex2var_ps(e01, even, e23),
+        _mm512_permutex2var_ps(o01, even, o23),
+        _mm512_permutex2var_ps(e01, odd, e23),
+        _mm512_permutex2var_ps(o01, odd, o23),
+    ];
     // Phases 4 and 5 are phases 0 and 1 one tile on, their last lanes columns 64 and 65.
     let q4 = _mm512_castps_si512(q[4]);
     let next = |x: __m512, last: __m512i| _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(last, _mm512_castps_si512(x)));
