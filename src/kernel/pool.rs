@@ -60,9 +60,17 @@ pub fn forward(x: &[f32], shape: &[usize]) -> Vec<f32> {
                 for i in 0..oh {
                     let (starts, count) = pl.rows(k, i);
                     let out = &mut y[(k * oh + i) * ow..][..ow];
-                    for (j, o) in out.iter_mut().enumerate() {
-                        let window = starts[..count].iter().flat_map(|&s| [x[s + 2 * j], x[s + 2 * j + 1]]);
-                        o.write(window.fold(f32::NEG_INFINITY, f32::max));
+                    // The rows' element-wise maximum, then of column pairs: both vectorise (a
+                    // window at a time was scalar code, 5% of a fast:1 forward pass).
+                    for (j0, out) in (0..ow).step_by(64).zip(out.chunks_mut(64)) {
+                        let mut m = [f32::NEG_INFINITY; 128];
+                        let m = &mut m[..2 * out.len()];
+                        for &s in &starts[..count] {
+                            m.iter_mut().zip(&x[s + 2 * j0..]).for_each(|(a, &b)| *a = a.max(b));
+                        }
+                        for (o, pair) in out.iter_mut().zip(m.chunks_exact(2)) {
+                            o.write(pair[0].max(pair[1]));
+                        }
                     }
                 }
             }
@@ -117,6 +125,17 @@ mod tests {
         assert_eq!(backward(&v, &[1.0], &[1, 1, 2, 2, 2]), [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
         let odd: Vec<f32> = (0..9).map(|i| i as f32).collect();
         assert_eq!(forward(&odd, &[1, 1, 3, 3]), [4.0]);
+        // Rows longer than the 64-output chunks, and an odd width: against the window maxima.
+        let (h, w) = (4, 261);
+        let x: Vec<f32> = (0..2 * h * w).map(|i| ((i * 7919) % 1013) as f32).collect();
+        let want: Vec<f32> = (0..2 * (h / 2) * (w / 2))
+            .map(|o| {
+                let (p, i, j) = (o / ((h / 2) * (w / 2)), o / (w / 2) % (h / 2), o % (w / 2));
+                let at = |r: usize, c: usize| x[p * h * w + (2 * i + r) * w + 2 * j + c];
+                at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1))
+            })
+            .collect();
+        assert_eq!(forward(&x, &[1, 2, h, w]), want);
         // Ties go to the first maximum in scan order.
         assert_eq!(backward(&[2.0, 2.0, 2.0, 2.0], &[1.0], &[1, 1, 2, 2]), [1.0, 0.0, 0.0, 0.0]);
     }

@@ -18,7 +18,9 @@ fn lerp(c: f32, n: f32) -> f32 {
 
 /// `lerp` over slices: even[j], odd[j] from c[j] and its neighbours l[j], h[j].
 fn blend(c: &[f32], l: &[f32], h: &[f32], even: &mut [MaybeUninit<f32>], odd: &mut [MaybeUninit<f32>]) {
-    for j in 0..c.len() {
+    let n = c.len();
+    let (l, h, even, odd) = (&l[..n], &h[..n], &mut even[..n], &mut odd[..n]);
+    for j in 0..n {
         even[j].write(lerp(c[j], l[j]));
         odd[j].write(lerp(c[j], h[j]));
     }
@@ -65,12 +67,20 @@ fn along_adjoint(dy: &[f32], shape: &[usize], axis: usize) -> Vec<f32> {
 /// One 2D plane (h x w) to (2h x 2w): each input row is widened once into a scratch row, and
 /// output rows blend two widened rows, so the whole plane is one pass over memory.
 fn plane2d(x: &[f32], h: usize, w: usize, y: &mut [MaybeUninit<f32>]) {
+    // The edge columns clamp; the interior runs over windows of three (vectorised; clamping
+    // every index kept this loop scalar).
     let widen = |r: &[f32], out: &mut [f32]| {
-        for i in 0..w {
+        let edge = |i: usize, out: &mut [f32]| {
             let (l, c, hi) = (r[i.saturating_sub(1)], r[i], r[(i + 1).min(w - 1)]);
             out[2 * i] = lerp(c, l);
             out[2 * i + 1] = lerp(c, hi);
+        };
+        edge(0, out);
+        for (o, win) in out[2..].chunks_exact_mut(2).zip(r.windows(3)) {
+            o[0] = lerp(win[1], win[0]);
+            o[1] = lerp(win[1], win[2]);
         }
+        edge(w - 1, out);
     };
     let mut rows = vec![0.0f32; 2 * w * h];
     for (r, out) in x.chunks(w).zip(rows.chunks_mut(2 * w)) {
