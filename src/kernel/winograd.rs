@@ -1,10 +1,14 @@
-//! Winograd F(2x2, 3x3) for 2D 3x3 "same" convolutions of even-sized images, on AVX-512.
+//! Winograd F(2x2, 3x3) and F(4x4, 3x3) for 2D 3x3 "same" convolutions of even-sized images, on
+//! AVX-512.
 //!
 //! Each 2x2 output tile comes from a 4x4 input tile d through 16 element-wise products in a
 //! transformed domain: Y = A^T [ (G w G^T) ⊙ (B^T d B) ] A. Over the tiles these products are 16
 //! matrix products M_k = U_k · V_k (c_out x c_in times c_in x tiles), 2.25x fewer multiplications
 //! than the direct form. F(2x2) transforms are sums of halves and whole values, so float32 results
-//! stay within ~1e-6 relative of direct convolution.
+//! stay within ~1e-6 relative of direct convolution. F(4x4) takes 4x4 output tiles from 6x6 input
+//! tiles: 36 products per 16 outputs (4x fewer multiplications), with transforms that scale by up
+//! to 8 and 1/24, so ~20x F(2x2)'s rounding (still ~1e-5 relative); it serves images with enough
+//! 4x4 tiles to fill the vectors (`tile_side`).
 //!
 //! The work goes in units of a few tile rows of one image (and, where that leaves threads idle, a
 //! range of output channels): the input transform writes V for the unit's tiles (vectorised over
