@@ -750,9 +750,6 @@ unsafe fn output_row(m: *const f32, kstride: usize, out: *mut f32, wd: usize, bi
     // writable output rows of wd floats from `out`.
     unsafe {
         let tw = wd / 2;
-        let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-        let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-        let bv = _mm512_set1_ps(bias);
         let zero = _mm512_setzero_ps();
         for k0 in (0..tw).step_by(16) {
             let lanes = (tw - k0).min(16);
@@ -767,17 +764,9 @@ unsafe fn output_row(m: *const f32, kstride: usize, out: *mut f32, wd: usize, bi
                 s1[j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
             }
             for (r, sr) in s.iter().enumerate() {
-                let mut y0 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(sr[0], sr[1]), sr[2]), bv);
-                let mut y1 = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(sr[1], sr[2]), sr[3]), bv);
-                if relu {
-                    y0 = _mm512_max_ps(y0, zero);
-                    y1 = _mm512_max_ps(y1, zero);
-                }
-                let row = out.add(r * wd + 2 * k0);
-                _mm512_mask_storeu_ps(row, first(2 * lanes), _mm512_permutex2var_ps(y0, lo, y1));
-                if lanes > 8 {
-                    _mm512_mask_storeu_ps(row.add(16), first(2 * lanes - 16), _mm512_permutex2var_ps(y0, hi, y1));
-                }
+                let y0 = _mm512_add_ps(_mm512_add_ps(sr[0], sr[1]), sr[2]);
+                let y1 = _mm512_sub_ps(_mm512_sub_ps(sr[1], sr[2]), sr[3]);
+                store_tiles(out.add(r * wd + 2 * k0), [y0, y1], lanes, bias, relu);
             }
         }
     }
@@ -792,14 +781,6 @@ unsafe fn output_row4(m: *const f32, kstride: usize, out: *mut f32, wd: usize, b
     // writable output rows of wd floats from `out`.
     unsafe {
         let tw = wd / 4;
-        // Interleaving (y0, y1) and (y2, y3) by pairs, then the pairs: lane 4·l + j of the
-        // output is y_j[l].
-        let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-        let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-        let qa = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
-        let qb = _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
-        let bv = _mm512_set1_ps(bias);
-        let zero = _mm512_setzero_ps();
         for k0 in (0..tw).step_by(16) {
             let lanes = (tw - k0).min(16);
             let mask = first(lanes);
@@ -808,28 +789,39 @@ unsafe fn output_row4(m: *const f32, kstride: usize, out: *mut f32, wd: usize, b
             });
             let rows: [[__m512; 6]; 4] = std::array::from_fn(|r| std::array::from_fn(|j| cols[j][r]));
             for (r, sr) in rows.into_iter().enumerate() {
-                let mut y = at6(sr);
-                for yj in y.iter_mut() {
-                    *yj = _mm512_add_ps(*yj, bv);
-                    if relu {
-                        *yj = _mm512_max_ps(*yj, zero);
-                    }
-                }
-                let (p01, q01) = (_mm512_permutex2var_ps(y[0], lo, y[1]), _mm512_permutex2var_ps(y[0], hi, y[1]));
-                let (p23, q23) = (_mm512_permutex2var_ps(y[2], lo, y[3]), _mm512_permutex2var_ps(y[2], hi, y[3]));
-                let vals = [
-                    _mm512_permutex2var_ps(p01, qa, p23),
-                    _mm512_permutex2var_ps(p01, qb, p23),
-                    _mm512_permutex2var_ps(q01, qa, q23),
-                    _mm512_permutex2var_ps(q01, qb, q23),
-                ];
-                let row = out.add(r * wd + 4 * k0);
-                for (q, x) in vals.into_iter().enumerate() {
-                    if 4 * lanes > 16 * q {
-                        _mm512_mask_storeu_ps(row.add(16 * q), first(4 * lanes - 16 * q), x);
-                    }
-                }
+                store_tiles(out.add(r * wd + 4 * k0), at6(sr), lanes, bias, relu);
             }
+        }
+    }
+}
+
+/// One output row of `lanes` tiles of side S (2 or 4) from their columns y_j (lane l: tile l),
+/// interleaved so that y_j[l] lands at `row + S·l + j`, with the bias added and the ReLU.
+#[target_feature(enable = "avx512f")]
+unsafe fn store_tiles<const S: usize>(row: *mut f32, y: [__m512; S], lanes: usize, bias: f32, relu: bool) {
+    let (bv, zero) = (_mm512_set1_ps(bias), _mm512_setzero_ps());
+    let y = y.map(|v| if relu { _mm512_max_ps(_mm512_add_ps(v, bv), zero) } else { _mm512_add_ps(v, bv) });
+    // Pairs (y0, y1) interleaved, lanes 0..8 and 8..16; for S = 4 also (y2, y3), then the pairs.
+    let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let (p01, q01) = (_mm512_permutex2var_ps(y[0], lo, y[1]), _mm512_permutex2var_ps(y[0], hi, y[1]));
+    let vals = if S == 4 {
+        let qa = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
+        let qb = _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
+        let (p23, q23) = (_mm512_permutex2var_ps(y[2], lo, y[3]), _mm512_permutex2var_ps(y[2], hi, y[3]));
+        [
+            _mm512_permutex2var_ps(p01, qa, p23),
+            _mm512_permutex2var_ps(p01, qb, p23),
+            _mm512_permutex2var_ps(q01, qa, q23),
+            _mm512_permutex2var_ps(q01, qb, q23),
+        ]
+    } else {
+        [p01, q01, zero, zero]
+    };
+    for (q, x) in vals.into_iter().enumerate().take(S) {
+        if S * lanes > 16 * q {
+            // SAFETY: the caller's row holds S · lanes floats; lanes past them are masked off.
+            unsafe { _mm512_mask_storeu_ps(row.add(16 * q), first(S * lanes - 16 * q), x) };
         }
     }
 }
