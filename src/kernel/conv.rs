@@ -426,7 +426,8 @@ fn shifted_w(g: &Geom) -> bool {
     !g.pointwise() && g.sp[2] >= 16
 }
 
-/// Winograd F(2x2, 3x3) on AVX-512 wherever it applies (2D 3x3, even sizes) but on narrow inputs
+/// Winograd (F(2x2) or F(4x4), `winograd::tile_side`) on AVX-512 wherever it applies (2D 3x3,
+/// even sizes) but on narrow inputs
 /// (1 -> 32 at 96x96: 4.5x slower than direct, 16 -> 32: 1.2-1.6x faster) and 6x6 images (9
 /// tiles per image fill a third of the 48-tile register tile; even with the im2col GEMM).
 /// `once`: the weights are transformed for this call alone (training, where they change every
