@@ -594,13 +594,22 @@ unsafe fn input_rows(plane: *const f32, h: usize, wd: usize, r0: usize, r1: usiz
     }
 }
 
+/// permutex2var indices of the even and of the odd lanes of two vectors (a:b, 32 lanes).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn even_odd() -> (__m512i, __m512i) {
+    (
+        _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+        _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31),
+    )
+}
+
 /// Columns col0 + 2·l + j (j = 0..4) of a row of `wd` floats, as 4 vectors over l = 0..16, zero
 /// outside the row.
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn split_row(row: *const f32, col0: isize, wd: usize) -> [__m512; 4] {
-    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let (even, odd) = even_odd();
     let mut q = [_mm512_setzero_ps(); 4];
     for (s, off) in [0isize, 16, 2, 18].into_iter().enumerate() {
         // SAFETY: lanes outside the row are masked off (and masked lanes are never read).
@@ -637,7 +646,7 @@ unsafe fn input_rows4(plane: *const f32, h: usize, wd: usize, r0: usize, r1: usi
             let mut d = [[_mm512_setzero_ps(); 6]; 6];
             for ty in r0..r1 {
                 // The first tile row computes its six rows, the others the four not shared
-                // (one call site, so that `row` is inlined).
+                // (one call site for `row`).
                 let shared = if ty == r0 { 0 } else { 2 };
                 d[0] = d[4];
                 d[1] = d[5];
@@ -689,8 +698,7 @@ unsafe fn split_row4(row: *const f32, col0: isize, wd: usize) -> [__m512; 6] {
     }
     // Even and odd columns of q0:q1 and of q2:q3, then the even and odd of those: phase j
     // (columns 4·l + j) in four permutes of two.
-    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let (even, odd) = even_odd();
     let (e01, o01) = (_mm512_permutex2var_ps(q[0], even, q[1]), _mm512_permutex2var_ps(q[0], odd, q[1]));
     let (e23, o23) = (_mm512_permutex2var_ps(q[2], even, q[3]), _mm512_permutex2var_ps(q[2], odd, q[3]));
     let p = [
