@@ -155,6 +155,13 @@ fn units(g: &Geom, m: usize) -> (usize, usize) {
     (rows, per_group(groups))
 }
 
+/// A row stride of at least `floats` (a multiple of 16) that is an odd number of cache lines:
+/// the transforms write and read 16 or 36 rows at once, and rows a multiple of 4 KB apart (32
+/// channels of 96 tiles, say) all fall in one L1 set of 12 ways.
+fn spread(floats: usize) -> usize {
+    if (floats / 16).is_multiple_of(2) { floats + 16 } else { floats }
+}
+
 /// Input channel c as (part, channels in the part, channel within it): planes are read where they
 /// lie.
 fn channel_planes<'a>(g: &Geom, xs: &[&'a [f32]]) -> Vec<(&'a [f32], usize, usize)> {
@@ -207,21 +214,22 @@ pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, ys:
         // a 12² layer of 768 channels has 2.4 MB of V, which the products read from L3 once
         // per 8 output channels.
         let chunk = if cfg!(test) { 8 } else { (131072 / (kk * tbp)).next_multiple_of(8) }.min(g.c_in);
-        let (mut v_buf, va) = super::direct::aligned(kk * chunk * tbp);
-        let (mut m_buf, ma) = super::direct::aligned(kk * group * tbp);
+        let (vs, ms) = (spread(chunk * tbp), spread(group * tbp));
+        let (mut v_buf, va) = super::direct::aligned(kk * vs);
+        let (mut m_buf, ma) = super::direct::aligned(kk * ms);
         let v = v_buf[va..].as_mut_ptr();
         let m = m_buf[ma..].as_mut_ptr();
-        // SAFETY: V has kk rows of chunk · tbp and M kk rows of `group` · tbp floats, 64-byte
+        // SAFETY: V has kk rows of vs ≥ chunk · tbp and M kk rows of ms ≥ `group` · tbp floats, 64-byte
         // aligned; the plane reads stay inside each plane (load masks); this unit alone writes
         // output rows side·r0 .. side·r1 of channels o0 .. o1 of image n (asserted lengths above).
         unsafe {
             let slab = wt.c_out_pad * g.c_in;
             for c0 in (0..g.c_in).step_by(chunk) {
                 let cn = chunk.min(g.c_in - c0);
-                transform_input(&planes[c0..c0 + cn], n, g.sp, side, (r0, r1), v, cn * tbp);
+                transform_input(&planes[c0..c0 + cn], n, g.sp, side, (r0, r1), v, vs);
                 for k in 0..kk {
-                    let vk = v.add(k * cn * tbp);
-                    let mk = m.add(k * group * tbp);
+                    let vk = v.add(k * vs);
+                    let mk = m.add(k * ms);
                     for t0 in (0..tbp).step_by(TT) {
                         for ob in (0..o1 - o0).step_by(OB) {
                             let uk = wt.u.as_ptr().add(k * slab + (o0 + ob) * g.c_in + c0 * OB);
@@ -242,9 +250,9 @@ pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, ys:
                     let out = y.get().add((n * cp + co) * p + side * ty * wd);
                     let mrow = m.add((o - o0) * tbp + (ty - r0) * tw);
                     if side == 4 {
-                        output_row4(mrow, group * tbp, out, wd, bias, relu);
+                        output_row4(mrow, ms, out, wd, bias, relu);
                     } else {
-                        output_row(mrow, group * tbp, out, wd, bias, relu);
+                        output_row(mrow, ms, out, wd, bias, relu);
                     }
                 }
             }
@@ -289,30 +297,31 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
                 let r1 = (r0 + rows).min(th);
                 let tb = (r1 - r0) * tw;
                 let tbp = tb.next_multiple_of(16);
-                let (mut v_buf, va) = super::direct::aligned(16 * cpi * tbp);
+                let (vs, ds) = (spread(cpi * tbp), spread(tbp * cpo));
+                let (mut v_buf, va) = super::direct::aligned(16 * vs);
                 let (mut cl_buf, ca) = super::direct::aligned(2 * (r1 - r0) * wd * cpo);
-                let (mut dm_buf, da) = super::direct::aligned(16 * tbp * cpo);
+                let (mut dm_buf, da) = super::direct::aligned(16 * ds);
                 let v = v_buf[va..].as_mut_ptr();
                 let cl = &mut cl_buf[ca..][..2 * (r1 - r0) * wd * cpo];
                 let dm = dm_buf[da..].as_mut_ptr();
-                // SAFETY: V holds 16 rows of cpi · tbp floats, the channels-last rows 2(r1 - r0)
-                // rows of wd · cpo, dM 16 · tbp · cpo, all 64-byte aligned; planes are read
+                // SAFETY: V holds 16 rows of vs ≥ cpi · tbp floats, the channels-last rows
+                // 2(r1 - r0) rows of wd · cpo, dM 16 of ds ≥ tbp · cpo, all 64-byte aligned; planes are read
                 // inside (load masks); `du` holds 16 · cpi · cpo.
                 unsafe {
-                    transform_input(&planes[c0..c1], n, g.sp, 2, (r0, r1), v, cpi * tbp);
+                    transform_input(&planes[c0..c1], n, g.sp, 2, (r0, r1), v, vs);
                     // The register tiles' rows past the group's last channel: zero.
                     for k in 0..16 {
-                        std::ptr::write_bytes(v.add(k * cpi * tbp + (c1 - c0) * tbp), 0, (cpi - (c1 - c0)) * tbp);
+                        std::ptr::write_bytes(v.add(k * vs + (c1 - c0) * tbp), 0, (cpi - (c1 - c0)) * tbp);
                     }
                     let image = &dy[n * g.c_out * p..][..g.c_out * p];
                     for y in 2 * r0..2 * r1 {
                         let row = &mut cl[(y - 2 * r0) * wd * cpo..];
                         super::direct::transpose_row(image, p, g.c_out, y * wd, wd, row, cpo, (0, cpo));
                     }
-                    output_gradient(cl, wd, r1 - r0, cpo, dm, tbp);
+                    output_gradient(cl, wd, r1 - r0, cpo, dm, tbp, ds);
                     let nv = (cpo / 16).min(3);
                     for k in 0..16 {
-                        let (vk, dmk) = (v.add(k * cpi * tbp), dm.add(k * tbp * cpo));
+                        let (vk, dmk) = (v.add(k * vs), dm.add(k * ds));
                         let duk = du.as_mut_ptr().add(k * cpi * cpo);
                         for oc in (0..cpo).step_by(16 * nv) {
                             let at = |c: usize| (vk.add(c * tbp), dmk.add(oc), duk.add(c * cpo + oc));
@@ -393,18 +402,19 @@ fn lanes(f: impl Fn(usize) -> f32) -> [f32; 16] {
 }
 
 /// dM = A dY A^T for the tiles of `rows` tile rows, from their output-gradient rows channels-last
-/// (`cl`: 2 · rows rows of wd pixels x cpo channels): dM_k for tile t at `dm + (k · tbp + t) · cpo`,
+/// (`cl`: 2 · rows rows of wd pixels x cpo channels): dM_k for tile t at `dm + k · kstride + t · cpo`,
 /// padding tiles zero.
 #[target_feature(enable = "avx512f")]
-unsafe fn output_gradient(cl: &[f32], wd: usize, rows: usize, cpo: usize, dm: *mut f32, tbp: usize) {
-    // SAFETY: `cl` holds 2 · rows · wd · cpo floats; the caller gives dM room for 16 · tbp · cpo.
+unsafe fn output_gradient(cl: &[f32], wd: usize, rows: usize, cpo: usize, dm: *mut f32, tbp: usize, kstride: usize) {
+    // SAFETY: `cl` holds 2 · rows · wd · cpo floats; the caller gives dM room for 16 rows of
+    // kstride ≥ tbp · cpo.
     unsafe {
         let tw = wd / 2;
         let zero = _mm512_setzero_ps();
         for t in rows * tw..tbp {
             for k in 0..16 {
                 for ov in (0..cpo).step_by(16) {
-                    _mm512_store_ps(dm.add((k * tbp + t) * cpo + ov), zero);
+                    _mm512_store_ps(dm.add(k * kstride + t * cpo + ov), zero);
                 }
             }
         }
@@ -427,7 +437,7 @@ unsafe fn output_gradient(cl: &[f32], wd: usize, rows: usize, cpo: usize, dm: *m
                     for (i, (p, q)) in rows4.into_iter().enumerate() {
                         let vals = [p, _mm512_add_ps(p, q), _mm512_sub_ps(p, q), _mm512_sub_ps(zero, q)];
                         for (j, x) in vals.into_iter().enumerate() {
-                            _mm512_store_ps(dm.add(((i * 4 + j) * tbp + t) * cpo + ov), x);
+                            _mm512_store_ps(dm.add((i * 4 + j) * kstride + t * cpo + ov), x);
                         }
                     }
                 }
@@ -643,19 +653,22 @@ unsafe fn input_rows4(plane: *const f32, h: usize, wd: usize, r0: usize, r1: usi
                 }
             };
             let mask = first(tw - k0);
-            let mut d = [[_mm512_setzero_ps(); 6]; 6];
+            // The rows transformed along the row, in a ring of six (every slot is written
+            // before it is read: no zeroing, which was a memset per call); the columns are
+            // transformed and stored one at a time, so that only the ring lives in memory.
+            let mut ring = MaybeUninit::<[[__m512; 6]; 6]>::uninit();
+            let ring = ring.as_mut_ptr().cast::<[__m512; 6]>();
             for ty in r0..r1 {
-                // The first tile row computes its six rows, the others the four not shared
-                // (one call site for `row`).
+                let base = 4 * (ty - r0) % 6;
+                let slot = |i: usize| if base + i >= 6 { base + i - 6 } else { base + i };
+                // The first tile row computes its six rows, the others the four not shared.
                 let shared = if ty == r0 { 0 } else { 2 };
-                d[0] = d[4];
-                d[1] = d[5];
-                for (i, di) in d.iter_mut().enumerate().skip(shared) {
-                    *di = row((4 * ty + i) as isize - 1);
+                for i in shared..6 {
+                    ring.add(slot(i)).write(row((4 * ty + i) as isize - 1));
                 }
                 let at = v.add((ty - r0) * tw + k0);
-                let cols: [[__m512; 6]; 6] = std::array::from_fn(|j| bt6(std::array::from_fn(|i| d[i][j])));
-                for (j, col) in cols.into_iter().enumerate() {
+                for j in 0..6 {
+                    let col = bt6(std::array::from_fn(|i| (*ring.add(slot(i)))[j]));
                     for (i, x) in col.into_iter().enumerate() {
                         _mm512_mask_storeu_ps(at.add((i * 6 + j) * kstride), mask, x);
                     }
