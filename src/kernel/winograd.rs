@@ -560,12 +560,13 @@ unsafe fn input_rows(plane: *const f32, h: usize, wd: usize, r0: usize, r1: usiz
         for k0 in (0..tw).step_by(16) {
             // padded column 2·t + j of tile t = k0 + l is input column 2·k0 - 1 + 2·l + j.
             let col0 = 2 * k0 as isize - 1;
+            let masks = [0, 16, 2, 18].map(|off| columns(col0 + off, wd));
             // padded row 2·ty + i is input row 2·ty + i - 1; rows outside are the zero padding.
             let split = |r: isize| {
                 if r < 0 || r >= h as isize {
                     [_mm512_setzero_ps(); 4]
                 } else {
-                    split_row(plane.add(r as usize * wd), col0, wd)
+                    split_row(plane.add(r as usize * wd), col0, masks)
                 }
             };
             let mut d = [
@@ -614,16 +615,17 @@ fn even_odd() -> (__m512i, __m512i) {
     )
 }
 
-/// Columns col0 + 2·l + j (j = 0..4) of a row of `wd` floats, as 4 vectors over l = 0..16, zero
-/// outside the row.
+/// Columns col0 + 2·l + j (j = 0..4) of a row, as 4 vectors over l = 0..16, zero outside the
+/// row: `masks` are the `columns` of the loads from col0 + 0, 16, 2 and 18 (the same for every
+/// row, so the caller computes them once).
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn split_row(row: *const f32, col0: isize, wd: usize) -> [__m512; 4] {
+unsafe fn split_row(row: *const f32, col0: isize, masks: [u16; 4]) -> [__m512; 4] {
     let (even, odd) = even_odd();
     let mut q = [_mm512_setzero_ps(); 4];
     for (s, off) in [0isize, 16, 2, 18].into_iter().enumerate() {
         // SAFETY: lanes outside the row are masked off (and masked lanes are never read).
-        q[s] = unsafe { _mm512_maskz_loadu_ps(columns(col0 + off, wd), row.wrapping_offset(col0 + off)) };
+        q[s] = unsafe { _mm512_maskz_loadu_ps(masks[s], row.wrapping_offset(col0 + off)) };
     }
     [
         _mm512_permutex2var_ps(q[0], even, q[1]),
@@ -645,11 +647,12 @@ unsafe fn input_rows4(plane: *const f32, h: usize, wd: usize, r0: usize, r1: usi
         for k0 in (0..tw).step_by(16) {
             // padded column 4·t + j of tile t = k0 + l is input column 4·k0 - 1 + 4·l + j.
             let col0 = 4 * k0 as isize - 1;
+            let masks: [u16; 5] = std::array::from_fn(|s| columns(col0 + 16 * s as isize, wd));
             let row = |r: isize| {
                 if r < 0 || r >= h as isize {
                     [_mm512_setzero_ps(); 6]
                 } else {
-                    bt6(split_row4(plane.add(r as usize * wd), col0, wd))
+                    bt6(split_row4(plane.add(r as usize * wd), col0, masks))
                 }
             };
             let mask = first(tw - k0);
@@ -698,16 +701,15 @@ fn bt6(d: [__m512; 6]) -> [__m512; 6] {
     ]
 }
 
-/// Columns col0 + 4·l + j (j = 0..6) of a row of `wd` floats, as 6 vectors over l = 0..16, zero
-/// outside the row.
+/// Columns col0 + 4·l + j (j = 0..6) of a row, as 6 vectors over l = 0..16, zero outside the
+/// row: `masks` are the `columns` of the loads from col0 + 16·s (s = 0..5).
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn split_row4(row: *const f32, col0: isize, wd: usize) -> [__m512; 6] {
+unsafe fn split_row4(row: *const f32, col0: isize, masks: [u16; 5]) -> [__m512; 6] {
     let mut q = [_mm512_setzero_ps(); 5];
     for (s, qs) in q.iter_mut().enumerate() {
-        let off = 16 * s as isize;
         // SAFETY: lanes outside the row are masked off (and masked lanes are never read).
-        *qs = unsafe { _mm512_maskz_loadu_ps(columns(col0 + off, wd), row.wrapping_offset(col0 + off)) };
+        *qs = unsafe { _mm512_maskz_loadu_ps(masks[s], row.wrapping_offset(col0 + 16 * s as isize)) };
     }
     // Even and odd columns of q0:q1 and of q2:q3, then the even and odd of those: phase j
     // (columns 4·l + j) in four permutes of two.
