@@ -8,6 +8,7 @@ pub mod conv;
 pub mod direct;
 pub mod norm;
 pub mod pool;
+pub mod sigmoid;
 pub mod upsample;
 #[cfg(target_arch = "x86_64")]
 pub mod winograd;
@@ -444,6 +445,18 @@ pub fn supported<const D: usize>(x: &Tensor<D>) -> bool {
 /// `upsample2x` on rank-4 (2D) or rank-5 (3D) tensors.
 pub fn upsample2x<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as KernelBackend>::upsample2x(x.into_dispatch()))
+}
+
+/// sigmoid(x), the probabilities of binary logits: on Flex without autodiff (inference) by
+/// `sigmoid::in_place`, elsewhere burn's op.
+pub fn sigmoid<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if !(supported(&x) && x.device() == Device::flex()) {
+        return burn::tensor::activation::sigmoid(x);
+    }
+    let shape = x.shape();
+    let mut v = x.into_data().try_into_vec::<f32>().expect("an f32 tensor");
+    sigmoid::in_place(&mut v);
+    Tensor::from_data(TensorData::new(v, shape), &Device::flex())
 }
 
 /// `max_pool2x` on rank-4 (2D) or rank-5 (3D) tensors.

@@ -439,8 +439,9 @@ impl<const D: usize> UNetPP<D> {
                     .filter(|(j, _)| mode == Mode::Accurate || mode == Mode::Fast(*j))
                     .map(|(_, t)| t.clone())
                     .collect();
-                let n = picked.len() as f64;
-                picked.into_iter().reduce(|a, b| a + b).unwrap().div_scalar(n)
+                let n = picked.len();
+                let sum = picked.into_iter().reduce(|a, b| a + b).unwrap();
+                if n > 1 { sum.div_scalar(n as f64) } else { sum }
             })
             .collect())
     }
@@ -486,7 +487,7 @@ impl<const D: usize> UNetPP<D> {
 }
 
 pub fn to_probs<const D: usize>(logits: Tensor<D>, classes: usize) -> Tensor<D> {
-    if classes == 1 { burn::tensor::activation::sigmoid(logits) } else { burn::tensor::activation::softmax(logits, 1) }
+    if classes == 1 { crate::kernel::sigmoid(logits) } else { burn::tensor::activation::softmax(logits, 1) }
 }
 
 #[cfg(test)]
