@@ -97,6 +97,7 @@ fn bench_d<const D: usize>(
     let y = Tensor::<D>::random(dims, burn::tensor::Distribution::Bernoulli(0.3), &ad);
     out.push(time(format!("train step {label}"), o.reps, || {
         let m = model.take().expect("the model is put back after each step");
+        let _busy = crate::backend::busy_workers();
         let l = loss::deep_supervision(m.forward(x.clone()), y.clone());
         let grads = GradientsParams::from_grads(l.backward(), &m);
         model = Some(optim.step(3e-4, m, grads));

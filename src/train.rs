@@ -218,6 +218,7 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
             let refs: Vec<&patch::Patch> = patches.iter().collect();
             let x = patch::images_tensor::<D>(&refs, &device);
             let y = patch::targets_tensor::<D>(&refs, cfg.model.classes, &device);
+            let busy = crate::backend::busy_workers();
             let loss = loss::deep_supervision(model.forward(x), y);
             let value = loss.clone().into_data().iter::<f64>().next().unwrap();
             anyhow::ensure!(
@@ -227,6 +228,7 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
             );
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(cfg.lr, model, grads);
+            drop(busy);
             loss_sum += value;
             state.step += 1;
             bar.inc(1);

@@ -429,6 +429,7 @@ impl<const D: usize> UNetPP<D> {
                 }
             });
         }
+        let _busy = crate::backend::busy_workers();
         let probs: Vec<(usize, Tensor<D>)> =
             self.forward_level(x, level).heads.into_iter().map(|(j, t)| (j, to_probs(t, cfg.classes))).collect();
         Ok(modes
