@@ -526,16 +526,17 @@ fn forward_pointwise_narrow(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f3
     const BLOCK: usize = if cfg!(test) { 8 } else { 4096 };
     let p = g.pixels();
     let mut y = vec![0.0; g.n * g.c_out * p];
+    // Blocks, not planes, for the threads: a batch of one image has one output plane.
     y.par_chunks_mut(p).enumerate().for_each(|(plane, out)| {
         let (n, o) = (plane / g.c_out, plane % g.c_out);
-        for (k, acc) in out.chunks_mut(BLOCK).enumerate() {
+        out.par_chunks_mut(BLOCK).enumerate().for_each(|(k, acc)| {
             acc.fill(b[o]);
             for c in 0..g.c_in {
                 let wc = w[o * g.c_in + c];
                 let xs = &x[(n * g.c_in + c) * p + k * BLOCK..][..acc.len()];
                 acc.iter_mut().zip(xs).for_each(|(a, &v)| *a += wc * v);
             }
-        }
+        });
     });
     y
 }
