@@ -11,6 +11,7 @@ prints one JSON object. Needs torch (and onnxruntime + onnx for the ORT rows):
 """
 import argparse
 import json
+import math
 import resource
 import sys
 import tempfile
@@ -76,7 +77,11 @@ class Accurate(nn.Module):
 
 
 def median_ms(f, reps):
+    # As `unetpp bench`: at least a second of runs for short cases (at most 200).
+    t = time.perf_counter()
     f()
+    warm_ms = (time.perf_counter() - t) * 1e3
+    reps = max(reps, min(200, math.ceil(1000 / max(warm_ms, 1e-3))))
     times = []
     for _ in range(reps):
         t = time.perf_counter()

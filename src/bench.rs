@@ -36,8 +36,14 @@ pub fn sizes(dims: usize) -> Vec<(usize, [usize; 3])> {
     if dims == 3 { vec![(1, [64; 3])] } else { vec![(4, [1, 96, 96]), (1, [1, 96, 96]), (1, [1, 256, 256])] }
 }
 
+/// Median of `reps` timed runs after a warm-up, more for short cases: at least a second of them
+/// (at most 200 runs), so that a 10 ms case is not decided by a tenth of a second of a shared
+/// host. bench/peer.py counts its runs the same way.
 fn time(case: String, reps: usize, mut f: impl FnMut()) -> Timing {
+    let t = Instant::now();
     f(); // warm-up
+    let warm_ms = t.elapsed().as_secs_f64() * 1e3;
+    let reps = reps.max(((1000.0 / warm_ms.max(1e-3)).ceil() as usize).min(200));
     let mut v: Vec<f64> = (0..reps)
         .map(|_| {
             let t = Instant::now();

@@ -71,7 +71,7 @@ enum Command {
     },
     /// Time forward passes (accurate, fast:4..1) and training steps of UNet++ L4 (modern)
     Bench {
-        /// Repetitions per case (median reported)
+        /// Repetitions per case, at least (median reported; cases under 100 ms get a second of runs, at most 200)
         #[arg(long, default_value_t = 10)]
         reps: usize,
         /// 3 for the 3D model (1x64x64x64)
