@@ -1,8 +1,8 @@
 //! Project-owned CPU kernels, hooked into burn through its backend-extension mechanism: they run
 //! when a tensor lives on Flex (with or without autodiff), and every other backend keeps burn's
 //! own ops. Replaced are the stride-1 convolutions (node blocks, heads), the 2x linear
-//! up-sampling, training BatchNorm + ReLU and 2^n max pooling; see `conv`, `winograd`, `direct`,
-//! `upsample`, `norm` and `pool` for why.
+//! up-sampling, training BatchNorm + ReLU, 2^n max pooling and the inference sigmoid; see `conv`,
+//! `winograd`, `direct`, `upsample`, `norm`, `pool` and `sigmoid` for why.
 
 pub mod conv;
 pub mod direct;
