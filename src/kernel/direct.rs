@@ -242,6 +242,7 @@ type SpanPlan = (Vec<(usize, usize)>, Vec<Vec<Tap>>);
 /// A kernel tap as one output span sees it: the tap's index in the weights, where its input
 /// starts relative to the plane (may be -1 and the like: those lanes are masked), and which
 /// lanes of each of the span's vectors read inside the image.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the AVX-512 code only
 #[derive(Clone, Copy)]
 struct Tap {
     t: usize,
@@ -283,6 +284,7 @@ fn span_taps(g: &Geom, q0: usize, len: usize) -> impl Iterator<Item = Tap> + '_ 
 
 /// One register tile: `channels` (or fewer) output channels x `len` pixels of one output row,
 /// reduced over `c_in` input channels and the row's taps.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the AVX-512 code only
 struct Job<'a> {
     /// Input planes of the tile's input channels (NC(D)HW, one image).
     x: &'a [f32],
@@ -536,7 +538,9 @@ const WC: usize = 48;
 /// How many positions (weight gradient) and input channels (forward) ahead the tiles prefetch:
 /// the hardware prefetchers do not follow these strided streams well enough (measured +10% on
 /// the weight gradient, +5% on the forward of 96x96 layers; 2-16 all within a few percent).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the AVX-512 code only
 const PF: usize = 8;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the AVX-512 code only
 const PFF: usize = 4;
 
 /// Positions per step of the weight gradient: all taps of a step read the block's rows shifted
@@ -665,6 +669,7 @@ fn transpose16(r: &mut [__m512; 16]) {
 }
 
 /// 8 output channels x up to 48 input channels of one tap, over `len` positions.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the AVX-512 code only
 struct WTile<'a> {
     /// Channels-last padded input at (first position + tap offset, first input channel).
     x: &'a [f32],
