@@ -450,7 +450,7 @@ pub fn upsample2x<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// sigmoid(x), the probabilities of binary logits: on Flex without autodiff (inference) by
 /// `sigmoid::in_place`, elsewhere burn's op.
 pub fn sigmoid<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if !(supported(&x) && x.device() == Device::flex()) {
+    if !supported(&x) || x.is_autodiff() {
         return burn::tensor::activation::sigmoid(x);
     }
     let shape = x.shape();
@@ -587,6 +587,20 @@ mod tests {
         let b2 = crate::model::layers::upsample(x2.clone(), false, false);
         set_enabled(true);
         assert!(rel(crate::model::layers::upsample(x2, false, false), b2) <= 1e-5);
+    }
+
+    /// The sigmoid equals burn's at inference, and an autodiff tensor keeps burn's op (and its
+    /// graph: the kernel's copy out and back would cut it).
+    #[test]
+    fn sigmoid_matches_burn_and_keeps_the_graph() {
+        let x = Tensor::<4>::random([2, 1, 5, 7], Distribution::Uniform(-20.0, 20.0), &Device::flex());
+        let mut own = x.to_data().try_to_vec::<f32>().unwrap();
+        sigmoid::in_place(&mut own);
+        assert_eq!(sigmoid(x.clone()).to_data().try_to_vec::<f32>().unwrap(), own, "inference takes the kernel");
+        assert!(rel(sigmoid(x.clone()), burn::tensor::activation::sigmoid(x)) <= 1e-6);
+        let x = Tensor::<4>::random([2, 1, 5, 7], Distribution::Default, &Device::flex().autodiff()).require_grad();
+        let g = sigmoid(x.clone()).sum().backward();
+        assert!(x.grad(&g).is_some(), "the autodiff graph was cut");
     }
 
     /// Max pooling equals burn's path (2D pool, 3D as 2D pool + depth max), with gradient.
