@@ -118,7 +118,8 @@ mod tests {
             let sums: Vec<u64> = pool.install(|| {
                 (0..20)
                     .map(|_| {
-                        let _busy = super::busy_workers();
+                        let busy = super::busy_workers();
+                        assert!(busy.0.is_some(), "inside a pool the guard polls");
                         (0..100_000u64).into_par_iter().map(|i| i % 7).sum()
                     })
                     .collect()
