@@ -8,12 +8,10 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
-use burn::optim::GradientsParams;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
-use crate::loss;
 use crate::model::{Arch, Mode, ModelConfig, Preset};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -103,10 +101,7 @@ fn bench_d<const D: usize>(
     let y = Tensor::<D>::random(dims, burn::tensor::Distribution::Bernoulli(0.3), &ad);
     out.push(time(format!("train step {label}"), o.reps, || {
         let m = model.take().expect("the model is put back after each step");
-        let _busy = crate::backend::busy_workers();
-        let l = loss::deep_supervision(m.forward(x.clone()), y.clone());
-        let grads = GradientsParams::from_grads(l.backward(), &m);
-        model = Some(optim.step(3e-4, m, grads));
+        model = Some(crate::train::step(m, &mut optim, 3e-4, x.clone(), y.clone()).0);
     }));
     out
 }

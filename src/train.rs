@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use burn::module::Module;
-use burn::optim::GradientsParams;
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::{SeedableRng, rngs::StdRng};
@@ -132,6 +133,27 @@ fn append_csv(path: &Path, line: &str) -> anyhow::Result<()> {
 }
 
 /// Starts a new run in `dir` (which must not hold one already) or resumes the one there.
+/// One optimisation step on a batch: the deep-supervision loss, its gradients and Adam, with
+/// rayon's workers kept polling throughout (see [`crate::backend::busy_workers`]). Returns the
+/// model and the loss; a non-finite loss leaves the model as it was, for the caller to stop on.
+/// `unetpp bench` times this same step.
+pub fn step<const D: usize>(
+    model: UNetPP<D>,
+    optim: &mut ModuleOptimizer,
+    lr: f64,
+    x: Tensor<D>,
+    y: Tensor<D>,
+) -> (UNetPP<D>, f64) {
+    let _busy = crate::backend::busy_workers();
+    let loss = loss::deep_supervision(model.forward(x), y);
+    let value = loss.clone().into_data().iter::<f64>().next().unwrap();
+    if !value.is_finite() {
+        return (model, value);
+    }
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    (optim.step(lr, model, grads), value)
+}
+
 pub fn train(cfg: Option<TrainConfig>, dir: &Path) -> anyhow::Result<Run> {
     let resume = cfg.is_none();
     let cfg: TrainConfig = match cfg {
@@ -218,17 +240,13 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
             let refs: Vec<&patch::Patch> = patches.iter().collect();
             let x = patch::images_tensor::<D>(&refs, &device);
             let y = patch::targets_tensor::<D>(&refs, cfg.model.classes, &device);
-            let busy = crate::backend::busy_workers();
-            let loss = loss::deep_supervision(model.forward(x), y);
-            let value = loss.clone().into_data().iter::<f64>().next().unwrap();
+            let value;
+            (model, value) = step(model, &mut optim, cfg.lr, x, y);
             anyhow::ensure!(
                 value.is_finite(),
                 "training diverged at step {} (loss {value}); try a lower --lr",
                 state.step + 1
             );
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(cfg.lr, model, grads);
-            drop(busy);
             loss_sum += value;
             state.step += 1;
             bar.inc(1);
