@@ -58,6 +58,6 @@ mod tests {
         }
         let n = v.len();
         assert!(v[n - 5] < 1e-38 && v[n - 4] == 1.0 && v[n - 3] == 0.5 && v[n - 2] == 0.5, "{:?}", &v[n - 5..]);
-        assert!(v[v.len() - 1].is_nan());
+        assert!(v[n - 1].is_nan());
     }
 }
