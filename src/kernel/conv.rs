@@ -503,7 +503,9 @@ pub fn forward_prepared(
     let out = &mut y.spare_capacity_mut()[..len];
     match prep {
         Some(Prepared::Direct(packed)) => super::direct::forward_packed(g, xs, packed, relu, out),
-        Some(Prepared::Winograd(u)) => super::winograd::forward(g, xs, u, b, relu, &mut [out]),
+        Some(Prepared::Winograd(u)) => {
+            super::winograd::forward(g, xs, u, b, relu, &mut [out], super::winograd::Epilogue::Store)
+        }
         None => {
             // The GEMM paths read one input: parts are concatenated first.
             let y = match xs {
@@ -516,6 +518,62 @@ pub fn forward_prepared(
     // SAFETY: the direct and Winograd kernels write every element of their output.
     unsafe { y.set_len(len) };
     y
+}
+
+/// `forward_prepared`, then 2x max pooling of each of its `spatial` (2 or 3) axes: (y, pool(y)).
+/// 2D Winograd pools each tile row as it stores it (no second pass over y); the other paths
+/// pool afterwards.
+pub fn forward_pooled(
+    g: &Geom,
+    spatial: usize,
+    xs: &[&[f32]],
+    (w, b): (&[f32], &[f32]),
+    relu: bool,
+    prep: Option<&Prepared>,
+) -> (Vec<f32>, Vec<f32>) {
+    let len = g.n * g.c_out * g.pixels();
+    if let (2, Some(Prepared::Winograd(u))) = (spatial, prep) {
+        let (mut y, mut pooled) = (Vec::with_capacity(len), Vec::with_capacity(len / 4));
+        let epi = super::winograd::Epilogue::Pool(&mut pooled.spare_capacity_mut()[..len / 4]);
+        super::winograd::forward(g, xs, u, b, relu, &mut [&mut y.spare_capacity_mut()[..len]], epi);
+        // SAFETY: Winograd writes every element of its output and of the pooled output.
+        unsafe {
+            y.set_len(len);
+            pooled.set_len(len / 4);
+        }
+        return (y, pooled);
+    }
+    let y = forward_prepared(g, xs, w, b, relu, prep);
+    let shape = [&[g.n, g.c_out][..], &g.sp[3 - spatial..]].concat();
+    let pooled = super::pool::forward(&y, &shape);
+    (y, pooled)
+}
+
+/// The 1x1 convolution `hw` ([classes][c_out]) + `hb` of `forward_prepared`'s output: a head on a
+/// node whose output nothing else reads. Winograd sums each tile row into the head as it leaves
+/// the output transform, and never stores the node's output.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_head(
+    g: &Geom,
+    xs: &[&[f32]],
+    w: &[f32],
+    b: &[f32],
+    relu: bool,
+    prep: Option<&Prepared>,
+    hw: &[f32],
+    hb: &[f32],
+) -> Vec<f32> {
+    let len = g.n * hb.len() * g.pixels();
+    if let Some(Prepared::Winograd(u)) = prep {
+        let mut out = Vec::with_capacity(len);
+        let epi = super::winograd::Epilogue::Head { w: hw, b: hb, out: &mut out.spare_capacity_mut()[..len] };
+        super::winograd::forward(g, xs, u, b, relu, &mut [], epi);
+        // SAFETY: Winograd writes every element of the head's output.
+        unsafe { out.set_len(len) };
+        return out;
+    }
+    let y = forward_prepared(g, xs, w, b, relu, prep);
+    forward(&Geom { c_in: g.c_out, c_out: hb.len(), k: [1, 1, 1], ..*g }, &y, hw, hb)
 }
 
 /// A 1x1 convolution to a few channels (UNet++'s heads, 32 -> 1): each output plane is a
@@ -607,7 +665,15 @@ pub fn backward_x_parts(g: &Geom, dy: &[f32], w: &[f32], parts: &[(usize, usize)
     let mut dxs: Vec<Vec<f32>> = parts.iter().map(|&(_, c)| Vec::with_capacity(g.n * c * g.pixels())).collect();
     {
         let mut outs: Vec<&mut [MaybeUninit<f32>]> = dxs.iter_mut().map(|d| d.spare_capacity_mut()).collect();
-        super::winograd::forward(&flipped, &[dy], &u, &vec![0.0; chans.len()], false, &mut outs);
+        super::winograd::forward(
+            &flipped,
+            &[dy],
+            &u,
+            &vec![0.0; chans.len()],
+            false,
+            &mut outs,
+            super::winograd::Epilogue::Store,
+        );
     }
     for (d, &(_, c)) in dxs.iter_mut().zip(parts) {
         // SAFETY: the Winograd forward writes every element of its output parts.

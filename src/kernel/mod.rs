@@ -36,7 +36,20 @@ pub mod winograd {
     pub fn tile_side(_: &Geom) -> usize {
         2
     }
-    pub fn forward(_: &Geom, _: &[&[f32]], _: &Weights, _: &[f32], _: bool, _: &mut [&mut [MaybeUninit<f32>]]) {
+    pub enum Epilogue<'a> {
+        Store,
+        Pool(&'a mut [MaybeUninit<f32>]),
+        Head { w: &'a [f32], b: &'a [f32], out: &'a mut [MaybeUninit<f32>] },
+    }
+    pub fn forward(
+        _: &Geom,
+        _: &[&[f32]],
+        _: &Weights,
+        _: &[f32],
+        _: bool,
+        _: &mut [&mut [MaybeUninit<f32>]],
+        _: Epilogue,
+    ) {
         unreachable!("{WHY}")
     }
     pub fn backward_w(_: &Geom, _: &[&[f32]], _: &[f32]) -> Vec<f32> {
@@ -50,7 +63,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::FlexTensor;
-use burn::backend::ops::ActivationOps;
+use burn::backend::ops::{ActivationOps, FloatTensorOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{AutodiffBackend, Backend as BurnBackend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
@@ -78,6 +91,37 @@ pub trait KernelBackend: BurnBackend {
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         relu: bool,
+    ) -> FloatTensor<Self>;
+    /// `same_conv`, and the 2x max pooling of its output (an encoder node's output and the
+    /// input of the node below it): pooled as the kernel stores y, where it can.
+    #[allow(clippy::too_many_arguments)]
+    fn same_conv_pool(
+        x0: FloatTensor<Self>,
+        x1: FloatTensor<Self>,
+        x2: FloatTensor<Self>,
+        x3: FloatTensor<Self>,
+        x4: FloatTensor<Self>,
+        x5: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        relu: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// A 1x1 convolution (`head_w` [classes, c_out, 1, ..], `head_b`) of `same_conv`'s output, for
+    /// a node that nothing but its head reads: where the kernel can, that output is summed into
+    /// the head as it is computed and never stored.
+    #[allow(clippy::too_many_arguments)]
+    fn same_conv_head(
+        x0: FloatTensor<Self>,
+        x1: FloatTensor<Self>,
+        x2: FloatTensor<Self>,
+        x3: FloatTensor<Self>,
+        x4: FloatTensor<Self>,
+        x5: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        relu: bool,
+        head_w: FloatTensor<Self>,
+        head_b: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
     /// 2x linear up-sampling of every spatial axis, `align_corners = false`.
     fn upsample2x(x: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -149,6 +193,49 @@ impl KernelBackend for Flex {
         conv_flex([x0, x1, x2, x3, x4, x5], weight, bias, relu, true)
     }
 
+    fn same_conv_pool(
+        x0: FlexTensor,
+        x1: FlexTensor,
+        x2: FlexTensor,
+        x3: FlexTensor,
+        x4: FlexTensor,
+        x5: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        relu: bool,
+    ) -> (FlexTensor, FlexTensor) {
+        let (g, shape, parts, w, b) = conv_inputs([x0, x1, x2, x3, x4, x5], weight, bias);
+        let parts: Vec<&[f32]> = parts.iter().map(data).collect();
+        let prep = prepared(&g, &w, &b);
+        let (y, pooled) =
+            conv::forward_pooled(&g, shape.len() - 2, &parts, (data(&w), data(&b)), relu, prep.as_deref());
+        let pooled_shape = pool::pooled_shape(&shape);
+        (tensor(y, shape), tensor(pooled, pooled_shape))
+    }
+
+    fn same_conv_head(
+        x0: FlexTensor,
+        x1: FlexTensor,
+        x2: FlexTensor,
+        x3: FlexTensor,
+        x4: FlexTensor,
+        x5: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        relu: bool,
+        head_w: FlexTensor,
+        head_b: FlexTensor,
+    ) -> FlexTensor {
+        let (g, mut shape, parts, w, b) = conv_inputs([x0, x1, x2, x3, x4, x5], weight, bias);
+        let parts: Vec<&[f32]> = parts.iter().map(data).collect();
+        let (hw, hb) = (contiguous(&head_w), contiguous(&head_b));
+        assert!(hw.shape()[2..].iter().all(|&k| k == 1), "the head must be a 1x1 convolution");
+        let prep = prepared(&g, &w, &b);
+        let y = conv::forward_head(&g, &parts, data(&w), data(&b), relu, prep.as_deref(), data(&hw), data(&hb));
+        shape[1] = hb.shape()[0];
+        tensor(y, shape)
+    }
+
     fn upsample2x(x: FlexTensor) -> FlexTensor {
         let x = contiguous(&x);
         let shape = x.shape().to_vec();
@@ -188,13 +275,23 @@ impl KernelBackend for Flex {
     }
 }
 
-fn conv_flex(xs: [FlexTensor; PARTS], weight: FlexTensor, bias: FlexTensor, relu: bool, keep: bool) -> FlexTensor {
+/// The convolution's geometry, output shape, used input parts and weights, contiguous.
+fn conv_inputs(
+    xs: [FlexTensor; PARTS],
+    weight: FlexTensor,
+    bias: FlexTensor,
+) -> (Geom, Vec<usize>, Vec<FlexTensor>, FlexTensor, FlexTensor) {
     let xs: Vec<FlexTensor> = xs.iter().filter(|x| x.shape()[1] > 0).map(contiguous).collect();
     let (w, b) = (contiguous(&weight), contiguous(&bias));
     let mut shape = xs[0].shape().to_vec();
     shape[1] = xs.iter().map(|x| x.shape()[1]).sum();
     let g = geom(&shape, w.shape().as_slice());
     shape[1] = g.c_out;
+    (g, shape, xs, w, b)
+}
+
+fn conv_flex(xs: [FlexTensor; PARTS], weight: FlexTensor, bias: FlexTensor, relu: bool, keep: bool) -> FlexTensor {
+    let (g, shape, xs, w, b) = conv_inputs(xs, weight, bias);
     let parts: Vec<&[f32]> = xs.iter().map(data).collect();
     let y = if keep {
         conv::forward_prepared(&g, &parts, data(&w), data(&b), relu, prepared(&g, &w, &b).as_deref())
@@ -382,6 +479,42 @@ impl<C: CheckpointStrategy> KernelBackend for Autodiff<Flex, C> {
         if relu { <Self as ActivationOps<Self>>::relu(y) } else { y }
     }
 
+    // With gradients the fused forms are their parts, each with its own backward.
+    fn same_conv_pool(
+        x0: FloatTensor<Self>,
+        x1: FloatTensor<Self>,
+        x2: FloatTensor<Self>,
+        x3: FloatTensor<Self>,
+        x4: FloatTensor<Self>,
+        x5: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        relu: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let y = Self::same_conv(x0, x1, x2, x3, x4, x5, weight, bias, relu);
+        (y.clone(), Self::max_pool2x(y))
+    }
+
+    fn same_conv_head(
+        x0: FloatTensor<Self>,
+        x1: FloatTensor<Self>,
+        x2: FloatTensor<Self>,
+        x3: FloatTensor<Self>,
+        x4: FloatTensor<Self>,
+        x5: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        relu: bool,
+        head_w: FloatTensor<Self>,
+        head_b: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let y = Self::same_conv(x0, x1, x2, x3, x4, x5, weight, bias, relu);
+        let mut none = y.shape();
+        none[1] = 0;
+        let empty = || <Self as FloatTensorOps<Self>>::float_empty(none.clone(), &y.device(), y.dtype().into());
+        Self::same_conv(y.clone(), empty(), empty(), empty(), empty(), empty(), head_w, head_b, false)
+    }
+
     fn upsample2x(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let y = Flex::upsample2x(<Self as AutodiffBackend>::inner(x.clone()));
         match UpsampleGrad.prepare::<C>([x.node()]).compute_bound().stateful() {
@@ -495,7 +628,42 @@ const PARTS: usize = 6;
 /// `same_conv` on rank-4 (2D) or rank-5 (3D) tensors: the convolution of the channel
 /// concatenation of `xs` (up to six read in place, more are concatenated first), followed by
 /// ReLU when `relu` is set.
-pub fn same_conv<const D: usize>(mut xs: Vec<Tensor<D>>, weight: Tensor<D>, bias: Tensor<1>, relu: bool) -> Tensor<D> {
+pub fn same_conv<const D: usize>(xs: Vec<Tensor<D>>, weight: Tensor<D>, bias: Tensor<1>, relu: bool) -> Tensor<D> {
+    let [a, b, c, d, e, f] = six(xs);
+    let (w, bias) = (weight.into_dispatch(), bias.into_dispatch());
+    Tensor::from_dispatch(<Dispatch as KernelBackend>::same_conv(a, b, c, d, e, f, w, bias, relu))
+}
+
+/// `same_conv` and the 2x max pooling of its output, pooled as the kernel stores where it can.
+pub fn same_conv_pool<const D: usize>(
+    xs: Vec<Tensor<D>>,
+    weight: Tensor<D>,
+    bias: Tensor<1>,
+    relu: bool,
+) -> (Tensor<D>, Tensor<D>) {
+    let [a, b, c, d, e, f] = six(xs);
+    let (w, bias) = (weight.into_dispatch(), bias.into_dispatch());
+    let (y, pooled) = <Dispatch as KernelBackend>::same_conv_pool(a, b, c, d, e, f, w, bias, relu);
+    (Tensor::from_dispatch(y), Tensor::from_dispatch(pooled))
+}
+
+/// The 1x1 convolution `head_w`, `head_b` of `same_conv`'s output, which is not stored where the
+/// kernel can sum it into the head as it computes it.
+pub fn same_conv_head<const D: usize>(
+    xs: Vec<Tensor<D>>,
+    (weight, bias): (Tensor<D>, Tensor<1>),
+    relu: bool,
+    (head_w, head_b): (Tensor<D>, Tensor<1>),
+) -> Tensor<D> {
+    let [a, b, c, d, e, f] = six(xs);
+    let (w, bias) = (weight.into_dispatch(), bias.into_dispatch());
+    let (hw, hb) = (head_w.into_dispatch(), head_b.into_dispatch());
+    Tensor::from_dispatch(<Dispatch as KernelBackend>::same_conv_head(a, b, c, d, e, f, w, bias, relu, hw, hb))
+}
+
+/// The input parts as six (up to five read in place, the rest concatenated into the sixth;
+/// unused ones with 0 channels).
+fn six<const D: usize>(mut xs: Vec<Tensor<D>>) -> [FloatTensor<Dispatch>; PARTS] {
     if xs.len() > PARTS {
         let rest = xs.split_off(PARTS - 1);
         xs.push(Tensor::cat(rest, 1));
@@ -505,18 +673,7 @@ pub fn same_conv<const D: usize>(mut xs: Vec<Tensor<D>>, weight: Tensor<D>, bias
     let device = xs[0].device();
     xs.resize_with(PARTS, || Tensor::empty(empty, &device));
     let Ok(parts) = <[Tensor<D>; PARTS]>::try_from(xs) else { unreachable!("resized to six") };
-    let [a, b, c, d, e, f] = parts.map(|x| x.into_dispatch());
-    Tensor::from_dispatch(<Dispatch as KernelBackend>::same_conv(
-        a,
-        b,
-        c,
-        d,
-        e,
-        f,
-        weight.into_dispatch(),
-        bias.into_dispatch(),
-        relu,
-    ))
+    parts.map(|x| x.into_dispatch())
 }
 
 #[cfg(test)]

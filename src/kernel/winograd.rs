@@ -133,8 +133,9 @@ pub fn prepare_tiled(g: &Geom, m: usize, weight: impl Fn(usize, usize, usize) ->
 /// Tile rows per unit and output-channel groups for tiles of side `m`: the unit's V and M
 /// ((m + 2)² floats per tile and channel each) near 1 MB so they stay in L2, tile counts in whole vectors where the rows allow
 /// it, and at least two units per thread; where the image has too few tile rows for that, the
-/// output channels are split too (each group redoes the cheap input transform).
-fn units(g: &Geom, m: usize) -> (usize, usize) {
+/// output channels are split too (each group redoes the cheap input transform), unless `whole`
+/// (a fused head needs every channel of a pixel in one unit).
+fn units(g: &Geom, m: usize, whole: bool) -> (usize, usize) {
     let (th, tw) = (g.sp[1] / m, g.sp[2] / m);
     let target = if cfg!(test) { 16 } else { (262144 / (m + 2).pow(2) / (g.c_in + g.c_out)).max(TT) };
     let mut rows = (target / tw).clamp(1, th);
@@ -149,7 +150,7 @@ fn units(g: &Geom, m: usize) -> (usize, usize) {
     }
     let per_group = |groups: usize| g.c_out.div_ceil(groups).next_multiple_of(OB);
     let mut groups = 1;
-    while blocks(rows) * groups < want && per_group(groups + 1) < per_group(groups) {
+    while !whole && blocks(rows) * groups < want && per_group(groups + 1) < per_group(groups) {
         groups += 1;
     }
     (rows, per_group(groups))
@@ -177,11 +178,34 @@ fn channel_planes<'a>(g: &Geom, xs: &[&'a [f32]]) -> Vec<(&'a [f32], usize, usiz
     planes
 }
 
+/// What the output transform does besides (or instead of) storing y, while a tile row is still
+/// in registers: inference passes that would read y again at once.
+pub enum Epilogue<'a> {
+    /// y alone.
+    Store,
+    /// Also y's 2x2 max pooling (n, c_out, h/2, w/2): the encoder node's output, pooled for the
+    /// node below it, without a pass over y.
+    Pool(&'a mut [MaybeUninit<f32>]),
+    /// Instead of y, the 1x1 convolution of y to `b.len()` channels (weights `w`
+    /// [classes][c_out], bias `b`) into `out` (n, classes, h, w): a head on a node nothing else
+    /// reads, whose 32 channels would otherwise be stored only to be summed. The output-channel
+    /// groups of a unit are then never split.
+    Head { w: &'a [f32], b: &'a [f32], out: &'a mut [MaybeUninit<f32>] },
+}
+
 /// y = conv(cat(xs), w) + b, then max(0, y) if `relu`, for NCHW slices; the input is the channel
 /// concatenation of the parts `xs`, read in place, and so is the output of the parts `ys` (the
 /// input gradient of a concatenation transforms dL/dy once for all its parts). Every element of
-/// `ys` is written.
-pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, ys: &mut [&mut [MaybeUninit<f32>]]) {
+/// `ys` is written, and of the epilogue's output; with `Epilogue::Head`, `ys` is empty.
+pub fn forward(
+    g: &Geom,
+    xs: &[&[f32]],
+    wt: &Weights,
+    b: &[f32],
+    relu: bool,
+    ys: &mut [&mut [MaybeUninit<f32>]],
+    epi: Epilogue,
+) {
     let [_, h, wd] = g.sp;
     let side = wt.m;
     let kk = (side + 2) * (side + 2);
@@ -189,6 +213,20 @@ pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, ys:
     assert!(applies(g) && b.len() == g.c_out && wt.c_out_pad == g.c_out.next_multiple_of(OB));
     assert!(h.is_multiple_of(side) && wd.is_multiple_of(side));
     assert_eq!(wt.u.len(), kk * wt.c_out_pad * g.c_in, "weights prepared for another geometry");
+    // The epilogue's output and, for a head, its weights: (pooled, head out, head w, head b).
+    let null = SyncPtr(std::ptr::null_mut());
+    let (pooled, head, hw, hb): (SyncPtr, SyncPtr, &[f32], &[f32]) = match epi {
+        Epilogue::Store => (null, null, &[], &[]),
+        Epilogue::Pool(y) => {
+            assert_eq!(y.len(), g.n * g.c_out * p / 4, "pooled output of another geometry");
+            (SyncPtr(y.as_mut_ptr().cast()), null, &[], &[])
+        }
+        Epilogue::Head { w, b, out } => {
+            assert!(ys.is_empty() && w.len() == b.len() * g.c_out && out.len() == g.n * b.len() * p);
+            (null, SyncPtr(out.as_mut_ptr().cast()), w, b)
+        }
+    };
+    let classes = hb.len();
     // Output channel o as (its part's first element, channels in the part, channel within it).
     let outs: Vec<(SyncPtr, usize, usize)> = ys
         .iter_mut()
@@ -199,9 +237,9 @@ pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, ys:
             (0..cp).map(move |c| (at, cp, c))
         })
         .collect();
-    assert_eq!(outs.len(), g.c_out, "output parts must add up to c_out channels");
+    assert!(outs.len() == g.c_out || classes > 0, "output parts must add up to c_out channels");
     let planes = channel_planes(g, xs);
-    let (rows, group) = units(g, side);
+    let (rows, group) = units(g, side, classes > 0);
     let work: Vec<(usize, usize, usize)> = (0..g.n)
         .flat_map(|n| (0..th).step_by(rows).flat_map(move |r0| (0..g.c_out).step_by(group).map(move |o0| (n, r0, o0))))
         .collect();
@@ -221,7 +259,8 @@ pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, ys:
         let m = m_buf[ma..].as_mut_ptr();
         // SAFETY: V has kk rows of vs ≥ chunk · tbp and M kk rows of ms ≥ `group` · tbp floats, 64-byte
         // aligned; the plane reads stay inside each plane (load masks); this unit alone writes
-        // output rows side·r0 .. side·r1 of channels o0 .. o1 of image n (asserted lengths above).
+        // output rows side·r0 .. side·r1 of channels o0 .. o1 of image n, their pooled rows, or
+        // (every channel in one unit) the head's rows (asserted lengths above).
         unsafe {
             let slab = wt.c_out_pad * g.c_in;
             for c0 in (0..g.c_in).step_by(chunk) {
@@ -244,15 +283,31 @@ pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, ys:
                     }
                 }
             }
+            // The head's rows of this unit start as its bias; each channel adds its share.
+            let span = side * (r1 - r0) * wd;
+            let head_rows = |c: usize| head.get().add((n * classes + c) * p + side * r0 * wd);
+            for (c, &hbc) in hb.iter().enumerate() {
+                std::slice::from_raw_parts_mut(head_rows(c), span).fill(hbc);
+            }
             for (o, &bias) in b.iter().enumerate().take(o1).skip(o0) {
-                let (y, cp, co) = outs[o];
                 for ty in r0..r1 {
-                    let out = y.get().add((n * cp + co) * p + side * ty * wd);
+                    let sink = if classes > 0 {
+                        let acc = head_rows(0).add(side * (ty - r0) * wd);
+                        Sink::Sum { acc, stride: p, w: hw.as_ptr().add(o), wstride: g.c_out, classes }
+                    } else {
+                        let (y, cp, co) = outs[o];
+                        let out = y.get().add((n * cp + co) * p + side * ty * wd);
+                        let pooled = match pooled.get().is_null() {
+                            true => pooled.get(),
+                            false => pooled.get().add((n * g.c_out + o) * p / 4 + side / 2 * ty * wd / 2),
+                        };
+                        Sink::Rows { out, pooled }
+                    };
                     let mrow = m.add((o - o0) * tbp + (ty - r0) * tw);
                     if side == 4 {
-                        output_row4(mrow, ms, out, wd, bias, relu);
+                        output_row4(mrow, ms, wd, bias, relu, sink);
                     } else {
-                        output_row(mrow, ms, out, wd, bias, relu);
+                        output_row(mrow, ms, wd, bias, relu, sink);
                     }
                 }
             }
@@ -282,7 +337,7 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
     let threads = rayon::current_num_threads();
     let per_group = g.c_in.div_ceil(24).div_ceil(threads).max(1) * 24;
     let groups = g.c_in.div_ceil(per_group);
-    let (rows, _) = units(&Geom { c_out: cpo, ..*g }, 2);
+    let (rows, _) = units(&Geom { c_out: cpo, ..*g }, 2, false);
     let work: Vec<(usize, usize)> = (0..g.n).flat_map(|n| (0..th).step_by(rows).map(move |r0| (n, r0))).collect();
     let per = work.len().div_ceil(threads.div_ceil(groups));
     let items: Vec<(usize, &[(usize, usize)])> =
@@ -765,12 +820,23 @@ unsafe fn tile<const NV: usize>(u: *const f32, v: *const f32, tbp: usize, c_in: 
     }
 }
 
+/// Where the output transform puts one tile row of one output channel.
+#[derive(Clone, Copy)]
+enum Sink {
+    /// In rows of wd floats from `out`; unless `pooled` is null, their 2x2 maxima too, in rows
+    /// of wd / 2 floats from `pooled`.
+    Rows { out: *mut f32, pooled: *mut f32 },
+    /// Added into rows of wd floats from `acc` (class c's `stride` floats on) times the weight
+    /// at `w + c · wstride`, for `classes` classes: this channel's term of a 1x1 head.
+    Sum { acc: *mut f32, stride: usize, w: *const f32, wstride: usize, classes: usize },
+}
+
 /// Y = A^T M A + bias (then the ReLU) for the tiles of one tile row of one output channel: two
-/// output rows from `out`, M_k for tile t at `m + k · kstride + t`.
+/// output rows, to `sink`; M_k for tile t at `m + k · kstride + t`.
 #[target_feature(enable = "avx512f")]
-unsafe fn output_row(m: *const f32, kstride: usize, out: *mut f32, wd: usize, bias: f32, relu: bool) {
-    // SAFETY: the caller passes M rows of the tile row's tiles at stride `kstride` and two
-    // writable output rows of wd floats from `out`.
+unsafe fn output_row(m: *const f32, kstride: usize, wd: usize, bias: f32, relu: bool, sink: Sink) {
+    // SAFETY: the caller passes M rows of the tile row's tiles at stride `kstride` and a sink
+    // with room for the tile row's two output rows of wd floats.
     unsafe {
         let tw = wd / 2;
         let zero = _mm512_setzero_ps();
@@ -786,22 +852,23 @@ unsafe fn output_row(m: *const f32, kstride: usize, out: *mut f32, wd: usize, bi
                 s0[j] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
                 s1[j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
             }
-            for (r, sr) in s.iter().enumerate() {
+            let y = s.map(|sr| {
                 let y0 = _mm512_add_ps(_mm512_add_ps(sr[0], sr[1]), sr[2]);
                 let y1 = _mm512_sub_ps(_mm512_sub_ps(sr[1], sr[2]), sr[3]);
-                store_tiles(out.add(r * wd + 2 * k0), [y0, y1], lanes, bias, relu);
-            }
+                finish([y0, y1], bias, relu)
+            });
+            emit(sink, wd, 2 * k0, y, lanes);
         }
     }
 }
 
-/// Y = A^T M A + bias (then the ReLU) for tiles of side 4: four output rows from `out`, M laid
+/// Y = A^T M A + bias (then the ReLU) for tiles of side 4: four output rows, to `sink`, M laid
 /// out as for `output_row`. A^T rows: (1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0),
 /// (0, 1, -1, 8, -8, 1).
 #[target_feature(enable = "avx512f")]
-unsafe fn output_row4(m: *const f32, kstride: usize, out: *mut f32, wd: usize, bias: f32, relu: bool) {
-    // SAFETY: the caller passes M rows of the tile row's tiles at stride `kstride` and four
-    // writable output rows of wd floats from `out`.
+unsafe fn output_row4(m: *const f32, kstride: usize, wd: usize, bias: f32, relu: bool, sink: Sink) {
+    // SAFETY: the caller passes M rows of the tile row's tiles at stride `kstride` and a sink
+    // with room for the tile row's four output rows of wd floats.
     unsafe {
         let tw = wd / 4;
         for k0 in (0..tw).step_by(16) {
@@ -810,28 +877,98 @@ unsafe fn output_row4(m: *const f32, kstride: usize, out: *mut f32, wd: usize, b
             let cols: [[__m512; 4]; 6] = std::array::from_fn(|j| {
                 at6(std::array::from_fn(|i| _mm512_maskz_loadu_ps(mask, m.add((i * 6 + j) * kstride + k0))))
             });
-            let rows: [[__m512; 6]; 4] = std::array::from_fn(|r| std::array::from_fn(|j| cols[j][r]));
-            for (r, sr) in rows.into_iter().enumerate() {
-                store_tiles(out.add(r * wd + 4 * k0), at6(sr), lanes, bias, relu);
+            let y: [[__m512; 4]; 4] =
+                std::array::from_fn(|r| finish(at6(std::array::from_fn(|j| cols[j][r])), bias, relu));
+            emit(sink, wd, 4 * k0, y, lanes);
+        }
+    }
+}
+
+/// y + bias, then the ReLU.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn finish<const S: usize>(y: [__m512; S], bias: f32, relu: bool) -> [__m512; S] {
+    let (bv, zero) = (_mm512_set1_ps(bias), _mm512_setzero_ps());
+    y.map(|v| if relu { _mm512_max_ps(_mm512_add_ps(v, bv), zero) } else { _mm512_add_ps(v, bv) })
+}
+
+/// The S output rows y[r] of `lanes` tiles of side S (column j of tile l in lane l of y[r][j]),
+/// from output column `col`, where `sink` says.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn emit<const S: usize>(sink: Sink, wd: usize, col: usize, y: [[__m512; S]; S], lanes: usize) {
+    // SAFETY: the sink's rows hold the tile row's S rows of wd floats (wd / 2 pooled); every
+    // access covers S · lanes floats from `col` (S / 2 · lanes from col / 2), masked past them.
+    unsafe {
+        match sink {
+            Sink::Rows { out, pooled } => {
+                for (r, yr) in y.iter().enumerate() {
+                    let vals = interleave(*yr);
+                    for (q, x) in vals.into_iter().enumerate().take(S) {
+                        if S * lanes > 16 * q {
+                            _mm512_mask_storeu_ps(out.add(r * wd + col + 16 * q), first(S * lanes - 16 * q), x);
+                        }
+                    }
+                }
+                if !pooled.is_null() {
+                    // Rows 2r and 2r + 1, then column pairs: tile l's pooled columns are
+                    // (S / 2)·l + j / 2, lane l of the maxima of columns j and j + 1.
+                    for r in 0..S / 2 {
+                        let row = pooled.add(r * wd / 2 + col / 2);
+                        let v: [__m512; S] = std::array::from_fn(|j| _mm512_max_ps(y[2 * r][j], y[2 * r + 1][j]));
+                        if S == 2 {
+                            _mm512_mask_storeu_ps(row, first(lanes), _mm512_max_ps(v[0], v[1]));
+                        } else {
+                            let (p0, p1) = (_mm512_max_ps(v[0], v[1]), _mm512_max_ps(v[2], v[3]));
+                            let [lo, hi] = pairs(p0, p1);
+                            _mm512_mask_storeu_ps(row, first(2 * lanes), lo);
+                            if lanes > 8 {
+                                _mm512_mask_storeu_ps(row.add(16), first(2 * lanes - 16), hi);
+                            }
+                        }
+                    }
+                }
+            }
+            Sink::Sum { acc, stride, w, wstride, classes } => {
+                for (r, yr) in y.iter().enumerate() {
+                    let vals = interleave(*yr);
+                    for c in 0..classes {
+                        let wc = _mm512_set1_ps(*w.add(c * wstride));
+                        let row = acc.add(c * stride + r * wd + col);
+                        for (q, x) in vals.into_iter().enumerate().take(S) {
+                            if S * lanes > 16 * q {
+                                let (at, k) = (row.add(16 * q), first(S * lanes - 16 * q));
+                                _mm512_mask_storeu_ps(at, k, _mm512_fmadd_ps(wc, x, _mm512_maskz_loadu_ps(k, at)));
+                            }
+                        }
+                    }
+                }
             }
         }
     }
 }
 
-/// One output row of `lanes` tiles of side S (2 or 4) from their columns y_j (lane l: tile l),
-/// interleaved so that y_j[l] lands at `row + S·l + j`, with the bias added and the ReLU.
+/// Lanes 0..8 of a and b interleaved (a0, b0, a1, b1, ..), then lanes 8..16.
 #[target_feature(enable = "avx512f")]
-unsafe fn store_tiles<const S: usize>(row: *mut f32, y: [__m512; S], lanes: usize, bias: f32, relu: bool) {
-    let (bv, zero) = (_mm512_set1_ps(bias), _mm512_setzero_ps());
-    let y = y.map(|v| if relu { _mm512_max_ps(_mm512_add_ps(v, bv), zero) } else { _mm512_add_ps(v, bv) });
-    // Pairs (y0, y1) interleaved, lanes 0..8 and 8..16; for S = 4 also (y2, y3), then the pairs.
+#[inline]
+fn pairs(a: __m512, b: __m512) -> [__m512; 2] {
     let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    let (p01, q01) = (_mm512_permutex2var_ps(y[0], lo, y[1]), _mm512_permutex2var_ps(y[0], hi, y[1]));
-    let vals = if S == 4 {
+    [_mm512_permutex2var_ps(a, lo, b), _mm512_permutex2var_ps(a, hi, b)]
+}
+
+/// One output row of tiles of side S (2 or 4) from their columns y_j (lane l: tile l), in
+/// pixel order: y_j[l] at S·l + j of the S vectors (the first S of four).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn interleave<const S: usize>(y: [__m512; S]) -> [__m512; 4] {
+    let zero = _mm512_setzero_ps();
+    let [p01, q01] = pairs(y[0], y[1]);
+    if S == 4 {
+        // Pairs (y0, y1) and (y2, y3) interleaved, then the pairs.
         let qa = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
         let qb = _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
-        let (p23, q23) = (_mm512_permutex2var_ps(y[2], lo, y[3]), _mm512_permutex2var_ps(y[2], hi, y[3]));
+        let [p23, q23] = pairs(y[2], y[3]);
         [
             _mm512_permutex2var_ps(p01, qa, p23),
             _mm512_permutex2var_ps(p01, qb, p23),
@@ -840,12 +977,6 @@ unsafe fn store_tiles<const S: usize>(row: *mut f32, y: [__m512; S], lanes: usiz
         ]
     } else {
         [p01, q01, zero, zero]
-    };
-    for (q, x) in vals.into_iter().enumerate().take(S) {
-        if S * lanes > 16 * q {
-            // SAFETY: the caller's row holds S · lanes floats; lanes past them are masked off.
-            unsafe { _mm512_mask_storeu_ps(row.add(16 * q), first(S * lanes - 16 * q), x) };
-        }
     }
 }
 
@@ -890,7 +1021,7 @@ mod tests {
         // The output in two parts (the first output channel alone, then the rest).
         let mut y0 = vec![MaybeUninit::new(f32::NAN); g.n * p];
         let mut y1 = vec![MaybeUninit::new(f32::NAN); want.len() - g.n * p];
-        forward(g, &xs, &wt, &b, relu, &mut [&mut y0, &mut y1]);
+        forward(g, &xs, &wt, &b, relu, &mut [&mut y0, &mut y1], Epilogue::Store);
         // SAFETY: forward writes every element (NaN left anywhere fails the comparison).
         let init =
             |y: Vec<MaybeUninit<f32>>| -> Vec<f32> { y.into_iter().map(|v| unsafe { v.assume_init() }).collect() };
@@ -903,6 +1034,56 @@ mod tests {
         // (up to 5e-5 here, against outputs of magnitude ~4); a wrong index or sign errs by ~1.
         close(&y, &want, if m == 4 { 1e-4 } else { 1e-5 });
         assert_eq!(y.len(), p0 + y1.len());
+    }
+
+    /// The pooled and the head epilogues against pooling / a 1x1 convolution of the definition.
+    #[test]
+    fn epilogues_match_the_definition() {
+        if !super::super::direct::available() {
+            return;
+        }
+        let init =
+            |y: Vec<MaybeUninit<f32>>| -> Vec<f32> { y.into_iter().map(|v| unsafe { v.assume_init() }).collect() };
+        // F(2x2) with a masked vector of 7 tiles and one of 17; F(4x4) with 5 (masked), 16 and
+        // 18 tiles; 1 and 3 classes.
+        for (n, c_in, c_out, h, w, m, classes) in [
+            (2, 5, 11, 6, 14, 2, 1),
+            (1, 9, 8, 4, 68, 2, 3),
+            (2, 6, 10, 8, 20, 4, 1),
+            (1, 7, 9, 12, 72, 4, 3),
+            (1, 3, 17, 8, 64, 4, 2),
+        ] {
+            let g = Geom { n, c_in, c_out, sp: [1, h, w], k: [1, 3, 3] };
+            let (x, wts, b) = (rand(n * c_in * h * w, 3), rand(c_out * c_in * 9, 5), rand(c_out, 7));
+            let y: Vec<f32> = naive(&g, &x, &wts, &b).into_iter().map(|v| v.max(0.0)).collect();
+            let wt = prepare_tiled(&g, m, |o, c, t| wts[(o * c_in + c) * 9 + t]);
+            let tol = if m == 4 { 1e-4 } else { 1e-5 };
+            // Pooled: every 2x2 window's maximum, and y itself unchanged.
+            let mut out = vec![MaybeUninit::new(f32::NAN); y.len()];
+            let mut pooled = vec![MaybeUninit::new(f32::NAN); y.len() / 4];
+            forward(&g, &[&x], &wt, &b, true, &mut [&mut out], Epilogue::Pool(&mut pooled));
+            close(&init(out), &y, tol);
+            let want: Vec<f32> = (0..n * c_out * h * w / 4)
+                .map(|i| {
+                    let (plane, r, c) = (i / (h * w / 4), i % (h * w / 4) / (w / 2), i % (w / 2));
+                    let at = |dr: usize, dc: usize| y[plane * h * w + (2 * r + dr) * w + 2 * c + dc];
+                    at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1))
+                })
+                .collect();
+            close(&init(pooled), &want, tol);
+            // Head: Σ_o hw[c][o] y_o + hb[c].
+            let (hw, hb) = (rand(classes * c_out, 9), rand(classes, 11));
+            let mut head = vec![MaybeUninit::new(f32::NAN); n * classes * h * w];
+            forward(&g, &[&x], &wt, &b, true, &mut [], Epilogue::Head { w: &hw, b: &hb, out: &mut head });
+            let p = h * w;
+            let want: Vec<f32> = (0..n * classes * p)
+                .map(|i| {
+                    let (img, c, px) = (i / (classes * p), i / p % classes, i % p);
+                    hb[c] + (0..c_out).map(|o| hw[c * c_out + o] * y[(img * c_out + o) * p + px]).sum::<f32>()
+                })
+                .collect();
+            close(&init(head), &want, 10.0 * tol);
+        }
     }
 
     /// The weight gradient against its definition, Σ dy(o, y, x) · x(c, y + l - 1, x + m - 1).

@@ -76,12 +76,40 @@ impl<const D: usize> Conv<D> {
         self.forward_act(xs, true)
     }
 
+    /// relu(conv(cat(xs))) and its 2x max pooling, pooled as our kernel stores where it runs.
+    pub fn forward_relu_pool(&self, xs: Vec<Tensor<D>>) -> (Tensor<D>, Tensor<D>) {
+        if self.in_kernel(&xs[0]) {
+            return crate::kernel::same_conv_pool(xs, self.weight.val(), self.bias_val(), true);
+        }
+        let y = self.forward_relu(xs);
+        (y.clone(), max_pool(y))
+    }
+
+    /// head(relu(conv(cat(xs)))): where our kernel runs and `head` is 1x1, the ReLU output is
+    /// summed into the head as it is computed instead of being stored (a node only its head
+    /// reads).
+    pub fn forward_relu_head(&self, xs: Vec<Tensor<D>>, head: &Conv<D>) -> Tensor<D> {
+        let pointwise = head.stride == 1 && head.weight.dims()[2..].iter().all(|&k| k == 1);
+        if pointwise && self.in_kernel(&xs[0]) {
+            let (conv, head) = ((self.weight.val(), self.bias_val()), (head.weight.val(), head.bias_val()));
+            return crate::kernel::same_conv_head(xs, conv, true, head);
+        }
+        head.forward(self.forward_relu(xs))
+    }
+
+    /// Whether our kernel computes this convolution of `x` (and of the parts beside it).
+    fn in_kernel(&self, x: &Tensor<D>) -> bool {
+        self.stride == 1 && self.weight.dims()[2] % 2 == 1 && crate::kernel::supported(x)
+    }
+
+    fn bias_val(&self) -> Tensor<1> {
+        let c_out = self.weight.dims()[0];
+        self.bias.as_ref().map(|b| b.val()).unwrap_or_else(|| Tensor::zeros([c_out], &self.weight.device()))
+    }
+
     fn forward_act(&self, mut xs: Vec<Tensor<D>>, act: bool) -> Tensor<D> {
-        let [_, _, k, ..] = self.weight.dims()[..] else { unreachable!() };
-        if self.stride == 1 && k % 2 == 1 && crate::kernel::supported(&xs[0]) {
-            let c_out = self.weight.dims()[0];
-            let b = self.bias.as_ref().map(|b| b.val()).unwrap_or_else(|| Tensor::zeros([c_out], &xs[0].device()));
-            return crate::kernel::same_conv(xs, self.weight.val(), b, act);
+        if self.in_kernel(&xs[0]) {
+            return crate::kernel::same_conv(xs, self.weight.val(), self.bias_val(), act);
         }
         let x = if xs.len() == 1 { xs.remove(0) } else { Tensor::cat(xs, 1) };
         let y = self.forward_burn(x);
@@ -265,6 +293,29 @@ impl<const D: usize> Block<D> {
     pub fn forward_parts(&self, xs: Vec<Tensor<D>>) -> Tensor<D> {
         let y = self.layer(xs, &self.conv1, &self.norm1);
         self.layer(vec![y], &self.conv2, &self.norm2)
+    }
+
+    /// `forward_parts` and the 2x max pooling of its output (an encoder node's output and the
+    /// input of the node below it): pooled as the last convolution stores, where the ReLU
+    /// follows that convolution directly (BatchNorm folded or absent, no dropout).
+    pub fn forward_parts_pooled(&self, xs: Vec<Tensor<D>>) -> (Tensor<D>, Tensor<D>) {
+        let y = self.layer(xs, &self.conv1, &self.norm1);
+        if self.norm2.is_none() && self.dropout.is_none() {
+            return self.conv2.forward_relu_pool(vec![y]);
+        }
+        let y = self.layer(vec![y], &self.conv2, &self.norm2);
+        (y.clone(), max_pool(y))
+    }
+
+    /// head(forward_parts(xs)) for a node that nothing but its head reads: its output is never
+    /// stored where the head can be summed as the last convolution computes it (as for
+    /// `forward_parts_pooled`).
+    pub fn forward_parts_head(&self, xs: Vec<Tensor<D>>, head: &Conv<D>) -> Tensor<D> {
+        let y = self.layer(xs, &self.conv1, &self.norm1);
+        if self.norm2.is_none() && self.dropout.is_none() {
+            return self.conv2.forward_relu_head(vec![y], head);
+        }
+        head.forward(self.layer(vec![y], &self.conv2, &self.norm2))
     }
 
     /// Inference only: each BatchNorm (running statistics) folded into the convolution before

@@ -369,13 +369,23 @@ impl<const D: usize> UNetPP<D> {
                 out[i + 1][0] = Some(f);
             }
         }
+        // X^{i,0} pooled for X^{i+1,0} as it is computed, and the head on X^{0,level} (the last
+        // node, which nothing else reads) summed as X^{0,level} is computed: neither output is
+        // read again from memory where the kernel fuses them.
+        let mut pooled: Vec<Option<Tensor<D>>> = vec![None; level + 1];
+        let columns = cfg.head_columns();
+        let last_head = columns.iter().position(|&j| j == level).map(|h| &self.heads[h]);
+        let mut fused_head = None;
         for &(i, j) in &plan {
             if j == 0 && self.encoder.is_some() {
                 continue;
             }
             let node = self.node(i, j);
             let input = if j == 0 {
-                vec![if i == 0 { x.clone() } else { max_pool(out[i - 1][0].clone().unwrap()) }]
+                vec![match i {
+                    0 => x.clone(),
+                    _ => pooled[i - 1].take().unwrap_or_else(|| max_pool(out[i - 1][0].clone().unwrap())),
+                }]
             } else {
                 let below = out[i + 1][j - 1].clone().unwrap();
                 let up = match &node.up {
@@ -387,14 +397,21 @@ impl<const D: usize> UNetPP<D> {
                 parts.push(up);
                 parts
             };
-            out[i][j] = Some(node.block.forward_parts(input));
+            match (i, j, last_head) {
+                (_, 0, _) if i < level => {
+                    let (y, p) = node.block.forward_parts_pooled(input);
+                    (out[i][j], pooled[i]) = (Some(y), Some(p));
+                }
+                (0, _, Some(head)) if j == level => fused_head = Some((j, node.block.forward_parts_head(input, head))),
+                _ => out[i][j] = Some(node.block.forward_parts(input)),
+            }
         }
-        let heads = cfg
-            .head_columns()
+        let heads = columns
             .into_iter()
             .zip(&self.heads)
             .filter(|(j, _)| *j <= level && out[0][*j].is_some())
             .map(|(j, head)| (j, head.forward(out[0][j].clone().unwrap())))
+            .chain(fused_head)
             .collect();
         GridOutput { heads, nodes_evaluated: plan.len() }
     }

@@ -237,3 +237,30 @@ fn folded_batchnorm_matches_the_plain_path() {
     );
     assert!((a - b).abs().max().into_scalar::<f32>() <= 1e-4);
 }
+
+/// Inference pools each encoder node and sums the last node into its head as the convolutions
+/// store (`Block::forward_parts_pooled`, `forward_parts_head`): with widths and sizes that take
+/// the Winograd kernel (F(2x2) at 24x32, F(4x4) at 48x48), binary and two-class heads, every
+/// mode gives the probabilities of burn's unfused ops to 1e-4 relative.
+#[test]
+fn fused_inference_matches_burn_ops() {
+    let d = dev();
+    let rel = |a: Tensor<4>, b: Tensor<4>| {
+        let scale = b.clone().abs().max().into_scalar::<f32>().max(1e-6);
+        (a - b).abs().max().into_scalar::<f32>() / scale
+    };
+    for classes in [1, 2] {
+        let cfg = ModelConfig { width: 16, classes, ..small(Arch::Unetpp, Preset::Modern, 3, 2) };
+        let m = randomise_batchnorm(cfg.init::<4>(&d)).valid().fold_batchnorm();
+        for dims in [[2, 3, 24, 32], [1, 3, 48, 48]] {
+            let x = Tensor::<4>::random(dims, burn::tensor::Distribution::Default, &d);
+            for mode in [Mode::Fast(1), Mode::Fast(2), Mode::Fast(3), Mode::Accurate] {
+                let ours = m.predict(x.clone(), mode).unwrap();
+                crate::kernel::set_enabled(false);
+                let theirs = m.predict(x.clone(), mode).unwrap();
+                crate::kernel::set_enabled(true);
+                assert!(rel(ours, theirs) <= 1e-4, "{mode} {dims:?} {classes} classes");
+            }
+        }
+    }
+}
