@@ -504,7 +504,7 @@ pub fn forward_prepared(
     match prep {
         Some(Prepared::Direct(packed)) => super::direct::forward_packed(g, xs, packed, relu, out),
         Some(Prepared::Winograd(u)) => {
-            super::winograd::forward(g, xs, u, b, relu, &mut [out], super::winograd::Epilogue::Store)
+            super::winograd::forward(g, (xs, false), u, b, relu, &mut [out], super::winograd::Epilogue::Store)
         }
         None => {
             // The GEMM paths read one input: parts are concatenated first.
@@ -518,6 +518,35 @@ pub fn forward_prepared(
     // SAFETY: the direct and Winograd kernels write every element of their output.
     unsafe { y.set_len(len) };
     y
+}
+
+/// `forward_prepared` of a concatenation whose last part is given at half resolution and enters
+/// as its 2x linear up-sampling (align_corners = false), `spatial` (2 or 3) axes: a nested node's
+/// input. 2D Winograd up-samples the rows each unit transforms as it goes (the up-sampled part,
+/// the largest input of such a node, is never stored); the other paths up-sample it first.
+pub fn forward_up(
+    g: &Geom,
+    spatial: usize,
+    xs: &[&[f32]],
+    (w, b): (&[f32], &[f32]),
+    relu: bool,
+    prep: Option<&Prepared>,
+) -> Vec<f32> {
+    let Some((last, lateral)) = xs.split_last() else { panic!("no input parts") };
+    if let (2, Some(Prepared::Winograd(u))) = (spatial, prep) {
+        let len = g.n * g.c_out * g.pixels();
+        let mut y = Vec::with_capacity(len);
+        let out = &mut y.spare_capacity_mut()[..len];
+        super::winograd::forward(g, (xs, true), u, b, relu, &mut [out], super::winograd::Epilogue::Store);
+        // SAFETY: Winograd writes every element of its output.
+        unsafe { y.set_len(len) };
+        return y;
+    }
+    let half: Vec<usize> = g.sp[3 - spatial..].iter().map(|&s| s / 2).collect();
+    let c = last.len() / (g.n * half.iter().product::<usize>());
+    let up = super::upsample::forward(last, &[&[g.n, c][..], &half].concat());
+    let parts: Vec<&[f32]> = lateral.iter().copied().chain([up.as_slice()]).collect();
+    forward_prepared(g, &parts, w, b, relu, prep)
 }
 
 /// `forward_prepared`, then 2x max pooling of each of its `spatial` (2 or 3) axes: (y, pool(y)).
@@ -535,7 +564,7 @@ pub fn forward_pooled(
     if let (2, Some(Prepared::Winograd(u))) = (spatial, prep) {
         let (mut y, mut pooled) = (Vec::with_capacity(len), Vec::with_capacity(len / 4));
         let epi = super::winograd::Epilogue::Pool(&mut pooled.spare_capacity_mut()[..len / 4]);
-        super::winograd::forward(g, xs, u, b, relu, &mut [&mut y.spare_capacity_mut()[..len]], epi);
+        super::winograd::forward(g, (xs, false), u, b, relu, &mut [&mut y.spare_capacity_mut()[..len]], epi);
         // SAFETY: Winograd writes every element of its output and of the pooled output.
         unsafe {
             y.set_len(len);
@@ -567,7 +596,7 @@ pub fn forward_head(
     if let Some(Prepared::Winograd(u)) = prep {
         let mut out = Vec::with_capacity(len);
         let epi = super::winograd::Epilogue::Head { w: hw, b: hb, out: &mut out.spare_capacity_mut()[..len] };
-        super::winograd::forward(g, xs, u, b, relu, &mut [], epi);
+        super::winograd::forward(g, (xs, false), u, b, relu, &mut [], epi);
         // SAFETY: Winograd writes every element of the head's output.
         unsafe { out.set_len(len) };
         return out;
@@ -667,7 +696,7 @@ pub fn backward_x_parts(g: &Geom, dy: &[f32], w: &[f32], parts: &[(usize, usize)
         let mut outs: Vec<&mut [MaybeUninit<f32>]> = dxs.iter_mut().map(|d| d.spare_capacity_mut()).collect();
         super::winograd::forward(
             &flipped,
-            &[dy],
+            (&[dy], false),
             &u,
             &vec![0.0; chans.len()],
             false,

@@ -92,6 +92,21 @@ pub trait KernelBackend: BurnBackend {
         bias: FloatTensor<Self>,
         relu: bool,
     ) -> FloatTensor<Self>;
+    /// `same_conv` of parts whose last used one is at half resolution and enters as its 2x linear
+    /// up-sampling (align_corners = false): a nested node's input, up-sampled by the kernel as
+    /// it reads it where it can.
+    #[allow(clippy::too_many_arguments)]
+    fn same_conv_up(
+        x0: FloatTensor<Self>,
+        x1: FloatTensor<Self>,
+        x2: FloatTensor<Self>,
+        x3: FloatTensor<Self>,
+        x4: FloatTensor<Self>,
+        x5: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        relu: bool,
+    ) -> FloatTensor<Self>;
     /// `same_conv`, and the 2x max pooling of its output (an encoder node's output and the
     /// input of the node below it): pooled as the kernel stores y, where it can.
     #[allow(clippy::too_many_arguments)]
@@ -193,6 +208,24 @@ impl KernelBackend for Flex {
         conv_flex([x0, x1, x2, x3, x4, x5], weight, bias, relu, true)
     }
 
+    fn same_conv_up(
+        x0: FlexTensor,
+        x1: FlexTensor,
+        x2: FlexTensor,
+        x3: FlexTensor,
+        x4: FlexTensor,
+        x5: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        relu: bool,
+    ) -> FlexTensor {
+        let (g, shape, parts, w, b) = conv_inputs([x0, x1, x2, x3, x4, x5], weight, bias, true);
+        let parts: Vec<&[f32]> = parts.iter().map(data).collect();
+        let prep = prepared(&g, &w, &b);
+        let y = conv::forward_up(&g, shape.len() - 2, &parts, (data(&w), data(&b)), relu, prep.as_deref());
+        tensor(y, shape)
+    }
+
     fn same_conv_pool(
         x0: FlexTensor,
         x1: FlexTensor,
@@ -204,7 +237,7 @@ impl KernelBackend for Flex {
         bias: FlexTensor,
         relu: bool,
     ) -> (FlexTensor, FlexTensor) {
-        let (g, shape, parts, w, b) = conv_inputs([x0, x1, x2, x3, x4, x5], weight, bias);
+        let (g, shape, parts, w, b) = conv_inputs([x0, x1, x2, x3, x4, x5], weight, bias, false);
         let parts: Vec<&[f32]> = parts.iter().map(data).collect();
         let prep = prepared(&g, &w, &b);
         let (y, pooled) =
@@ -226,7 +259,7 @@ impl KernelBackend for Flex {
         head_w: FlexTensor,
         head_b: FlexTensor,
     ) -> FlexTensor {
-        let (g, mut shape, parts, w, b) = conv_inputs([x0, x1, x2, x3, x4, x5], weight, bias);
+        let (g, mut shape, parts, w, b) = conv_inputs([x0, x1, x2, x3, x4, x5], weight, bias, false);
         let parts: Vec<&[f32]> = parts.iter().map(data).collect();
         let (hw, hb) = (contiguous(&head_w), contiguous(&head_b));
         assert!(hw.shape()[2..].iter().all(|&k| k == 1), "the head must be a 1x1 convolution");
@@ -275,15 +308,22 @@ impl KernelBackend for Flex {
     }
 }
 
-/// The convolution's geometry, output shape, used input parts and weights, contiguous.
+/// The convolution's geometry, output shape, used input parts and weights, contiguous; with
+/// `half_last`, the last used part is at half resolution.
 fn conv_inputs(
     xs: [FlexTensor; PARTS],
     weight: FlexTensor,
     bias: FlexTensor,
+    half_last: bool,
 ) -> (Geom, Vec<usize>, Vec<FlexTensor>, FlexTensor, FlexTensor) {
     let xs: Vec<FlexTensor> = xs.iter().filter(|x| x.shape()[1] > 0).map(contiguous).collect();
     let (w, b) = (contiguous(&weight), contiguous(&bias));
-    let mut shape = xs[0].shape().to_vec();
+    let last = xs.last().expect("an input part").shape().to_vec();
+    let mut shape: Vec<usize> =
+        last.iter().enumerate().map(|(i, &d)| if i >= 2 && half_last { 2 * d } else { d }).collect();
+    for x in &xs[..xs.len() - 1] {
+        assert_eq!(x.shape()[2..], shape[2..], "input parts of different sizes");
+    }
     shape[1] = xs.iter().map(|x| x.shape()[1]).sum();
     let g = geom(&shape, w.shape().as_slice());
     shape[1] = g.c_out;
@@ -291,7 +331,7 @@ fn conv_inputs(
 }
 
 fn conv_flex(xs: [FlexTensor; PARTS], weight: FlexTensor, bias: FlexTensor, relu: bool, keep: bool) -> FlexTensor {
-    let (g, shape, xs, w, b) = conv_inputs(xs, weight, bias);
+    let (g, shape, xs, w, b) = conv_inputs(xs, weight, bias, false);
     let parts: Vec<&[f32]> = xs.iter().map(data).collect();
     let y = if keep {
         conv::forward_prepared(&g, &parts, data(&w), data(&b), relu, prepared(&g, &w, &b).as_deref())
@@ -480,6 +520,24 @@ impl<C: CheckpointStrategy> KernelBackend for Autodiff<Flex, C> {
     }
 
     // With gradients the fused forms are their parts, each with its own backward.
+    fn same_conv_up(
+        x0: FloatTensor<Self>,
+        x1: FloatTensor<Self>,
+        x2: FloatTensor<Self>,
+        x3: FloatTensor<Self>,
+        x4: FloatTensor<Self>,
+        x5: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        relu: bool,
+    ) -> FloatTensor<Self> {
+        let mut xs = [x0, x1, x2, x3, x4, x5];
+        let last = xs.iter().rposition(|x| x.shape()[1] > 0).expect("an input part");
+        xs[last] = Self::upsample2x(xs[last].clone());
+        let [x0, x1, x2, x3, x4, x5] = xs;
+        Self::same_conv(x0, x1, x2, x3, x4, x5, weight, bias, relu)
+    }
+
     fn same_conv_pool(
         x0: FloatTensor<Self>,
         x1: FloatTensor<Self>,
@@ -632,6 +690,15 @@ pub fn same_conv<const D: usize>(xs: Vec<Tensor<D>>, weight: Tensor<D>, bias: Te
     let [a, b, c, d, e, f] = six(xs);
     let (w, bias) = (weight.into_dispatch(), bias.into_dispatch());
     Tensor::from_dispatch(<Dispatch as KernelBackend>::same_conv(a, b, c, d, e, f, w, bias, relu))
+}
+
+/// `same_conv` of `xs` whose last part is at half resolution and enters as its 2x linear
+/// up-sampling (align_corners = false), up-sampled by the kernel as it reads it where it can.
+pub fn same_conv_up<const D: usize>(xs: Vec<Tensor<D>>, weight: Tensor<D>, bias: Tensor<1>, relu: bool) -> Tensor<D> {
+    assert!(xs.len() <= PARTS, "at most {PARTS} parts when the last is up-sampled");
+    let [a, b, c, d, e, f] = six(xs);
+    let (w, bias) = (weight.into_dispatch(), bias.into_dispatch());
+    Tensor::from_dispatch(<Dispatch as KernelBackend>::same_conv_up(a, b, c, d, e, f, w, bias, relu))
 }
 
 /// `same_conv` and the 2x max pooling of its output, pooled as the kernel stores where it can.
@@ -858,6 +925,36 @@ mod tests {
             assert!(rel(conv.forward(x.clone()), conv.forward_burn(x.clone())) <= 1e-4);
             conv.weight = burn::module::Param::from_tensor(conv.weight.val().mul_scalar(-2.0));
             assert!(rel(conv.forward(x.clone()), conv.forward_burn(x.clone())) <= 1e-4);
+        }
+    }
+
+    /// The fused inference ops (`same_conv_up`, `same_conv_pool`, `same_conv_head`) against
+    /// their parts, with and without autodiff (where they are those parts, gradients included),
+    /// at a size the Winograd kernel takes.
+    #[test]
+    fn fused_ops_equal_their_parts() {
+        for d in [Device::flex(), Device::flex().autodiff()] {
+            let grad = |t: Tensor<4>| if d.is_autodiff() { t.require_grad() } else { t };
+            let x = Tensor::<4>::random([2, 16, 24, 24], Distribution::Default, &d);
+            let low = grad(Tensor::<4>::random([2, 8, 12, 12], Distribution::Default, &d));
+            let (c1, c2, head) =
+                (Conv::<4>::new(24, 16, 3, &d), Conv::<4>::new(16, 16, 3, &d), Conv::<4>::new(16, 2, 1, &d));
+            let parts = || vec![x.clone(), low.clone()];
+            let up = c1.forward_relu_up(parts());
+            let want = c1.forward_relu(vec![x.clone(), upsample2x(low.clone())]);
+            assert!(rel(up.clone(), want.clone()) <= 1e-5, "up-sampled part");
+            let y_want = c2.forward_relu(vec![want]);
+            let (y, pooled) = c2.forward_relu_pool(vec![up.clone()]);
+            assert!(rel(y, y_want.clone()) <= 1e-5, "pooled op's output");
+            assert!(rel(pooled, max_pool2x(y_want.clone())) <= 1e-5, "pooled");
+            let (h, h_want) = (c2.forward_relu_head(vec![up], &head), head.forward(y_want));
+            assert!(rel(h.clone(), h_want.clone()) <= 1e-5, "head");
+            if d.is_autodiff() {
+                let (ga, gb) = (h.sum().backward(), h_want.sum().backward());
+                assert!(rel(low.grad(&ga).unwrap(), low.grad(&gb).unwrap()) <= 1e-4, "gradient of the low part");
+                let gh = |g| head.weight.val().grad(g).unwrap();
+                assert!(rel(gh(&ga), gh(&gb)) <= 1e-4, "head weight gradient");
+            }
         }
     }
 

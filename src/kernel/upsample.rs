@@ -67,9 +67,59 @@ fn along_adjoint(dy: &[f32], shape: &[usize], axis: usize) -> Vec<f32> {
 /// One 2D plane (h x w) to (2h x 2w): each input row is widened once into a scratch row, and
 /// output rows blend two widened rows, so the whole plane is one pass over memory.
 fn plane2d(x: &[f32], h: usize, w: usize, y: &mut [MaybeUninit<f32>]) {
+    plane_rows(x, h, w, (0, 2 * h), &mut Vec::new(), y);
+}
+
+/// Rows r0..r1 of the up-sampling of one 2D plane (h x w to 2h x 2w) into `y` ((r1 - r0) x 2w):
+/// the input rows they draw on are widened once into `wide` (scratch, reused across calls), and
+/// each output row blends two of them. The Winograd kernel calls it for the rows one unit of
+/// work transforms, so that an up-sampled input is never stored whole.
+pub fn plane_rows(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    rows: (usize, usize),
+    wide: &mut Vec<f32>,
+    y: &mut [MaybeUninit<f32>],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::direct::available() {
+        // SAFETY: AVX-512F is present (checked above).
+        return unsafe { plane_rows_avx512(x, h, w, rows, wide, y) };
+    }
+    plane_rows_any(x, h, w, rows, wide, y)
+}
+
+/// `plane_rows` compiled for AVX-512: the crate's baseline (SSE2) ran its loops 4 floats wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn plane_rows_avx512(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    rows: (usize, usize),
+    wide: &mut Vec<f32>,
+    y: &mut [MaybeUninit<f32>],
+) {
+    plane_rows_any(x, h, w, rows, wide, y)
+}
+
+#[inline(always)]
+fn plane_rows_any(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    (r0, r1): (usize, usize),
+    wide: &mut Vec<f32>,
+    y: &mut [MaybeUninit<f32>],
+) {
+    assert!(r0 < r1 && r1 <= 2 * h && y.len() == (r1 - r0) * 2 * w && x.len() == h * w);
     // The edge columns clamp; the interior runs over windows of three (vectorised; clamping
-    // every index kept this loop scalar).
-    let widen = |r: &[f32], out: &mut [f32]| {
+    // every index kept this loop scalar). A function, not a closure, so that it is inlined into
+    // (and compiled for) the AVX-512 caller.
+    #[inline(always)]
+    fn widen(r: &[f32], out: &mut [f32]) {
+        let w = r.len();
         let edge = |i: usize, out: &mut [f32]| {
             let (l, c, hi) = (r[i.saturating_sub(1)], r[i], r[(i + 1).min(w - 1)]);
             out[2 * i] = lerp(c, l);
@@ -81,16 +131,20 @@ fn plane2d(x: &[f32], h: usize, w: usize, y: &mut [MaybeUninit<f32>]) {
             o[1] = lerp(win[1], win[2]);
         }
         edge(w - 1, out);
-    };
-    let mut rows = vec![0.0f32; 2 * w * h];
-    for (r, out) in x.chunks(w).zip(rows.chunks_mut(2 * w)) {
+    }
+    // Output row r draws on input rows r / 2 and its neighbour (below for even r, above for odd).
+    let (lo, hi) = ((r0 / 2).saturating_sub(1), ((r1 - 1) / 2 + 2).min(h));
+    wide.resize(2 * w * (hi - lo), 0.0);
+    for (r, out) in x[lo * w..hi * w].chunks(w).zip(wide.chunks_mut(2 * w)) {
         widen(r, out);
     }
-    let row = |i: usize| &rows[i * 2 * w..][..2 * w];
-    for (i, pair) in y.chunks_mut(4 * w).enumerate() {
-        let (c, l, hi) = (row(i), row(i.saturating_sub(1)), row((i + 1).min(h - 1)));
-        let (even, odd) = pair.split_at_mut(2 * w);
-        blend(c, l, hi, even, odd);
+    let row = |i: usize| &wide[(i - lo) * 2 * w..][..2 * w];
+    for (k, out) in y.chunks_mut(2 * w).enumerate() {
+        let (r, i) = (r0 + k, (r0 + k) / 2);
+        let near = if r % 2 == 0 { i.saturating_sub(1) } else { (i + 1).min(h - 1) };
+        for ((o, &c), &n) in out.iter_mut().zip(row(i)).zip(row(near)) {
+            o.write(lerp(c, n));
+        }
     }
 }
 
@@ -98,6 +152,23 @@ fn plane2d(x: &[f32], h: usize, w: usize, y: &mut [MaybeUninit<f32>]) {
 /// 2i and 2i+1 (0.75 each) and its neighbours' near rows (0.25), edge-clamped; each collected
 /// row is narrowed the same way along the width. One pass over `dy`, no scatter.
 fn plane2d_adjoint(dy: &[f32], h: usize, w: usize, dx: &mut [MaybeUninit<f32>]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::direct::available() {
+        // SAFETY: AVX-512F is present (checked above).
+        return unsafe { plane2d_adjoint_avx512(dy, h, w, dx) };
+    }
+    plane2d_adjoint_any(dy, h, w, dx)
+}
+
+/// `plane2d_adjoint` compiled for AVX-512 (as `plane_rows_avx512`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn plane2d_adjoint_avx512(dy: &[f32], h: usize, w: usize, dx: &mut [MaybeUninit<f32>]) {
+    plane2d_adjoint_any(dy, h, w, dx)
+}
+
+#[inline(always)]
+fn plane2d_adjoint_any(dy: &[f32], h: usize, w: usize, dx: &mut [MaybeUninit<f32>]) {
     let row = |i: usize| &dy[i * 2 * w..][..2 * w];
     let mut t = vec![0.0f32; 2 * w];
     for (i, out) in dx.chunks_mut(w).enumerate() {

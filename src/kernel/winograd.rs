@@ -163,15 +163,25 @@ fn spread(floats: usize) -> usize {
     if (floats / 16).is_multiple_of(2) { floats + 16 } else { floats }
 }
 
-/// Input channel c as (part, channels in the part, channel within it): planes are read where they
-/// lie.
-fn channel_planes<'a>(g: &Geom, xs: &[&'a [f32]]) -> Vec<(&'a [f32], usize, usize)> {
-    let p = g.pixels();
+/// One input channel: its part, the channels in the part, the channel within it, and whether the
+/// part is at half resolution (read as its 2x linear up-sampling). Planes are read where they lie.
+#[derive(Clone, Copy)]
+struct Plane<'a> {
+    part: &'a [f32],
+    channels: usize,
+    channel: usize,
+    half: bool,
+}
+
+/// The input channels of the parts `xs`, the last at half resolution if `half_last`.
+fn channel_planes<'a>(g: &Geom, xs: &[&'a [f32]], half_last: bool) -> Vec<Plane<'a>> {
     let planes: Vec<_> = xs
         .iter()
-        .flat_map(|x| {
-            let cp = x.len() / (g.n * p);
-            (0..cp).map(move |c| (*x, cp, c))
+        .enumerate()
+        .flat_map(|(k, &part)| {
+            let half = half_last && k + 1 == xs.len();
+            let channels = part.len() / (g.n * g.pixels() / if half { 4 } else { 1 });
+            (0..channels).map(move |channel| Plane { part, channels, channel, half })
         })
         .collect();
     assert_eq!(planes.len(), g.c_in, "parts must add up to c_in channels");
@@ -196,10 +206,14 @@ pub enum Epilogue<'a> {
 /// y = conv(cat(xs), w) + b, then max(0, y) if `relu`, for NCHW slices; the input is the channel
 /// concatenation of the parts `xs`, read in place, and so is the output of the parts `ys` (the
 /// input gradient of a concatenation transforms dL/dy once for all its parts). Every element of
-/// `ys` is written, and of the epilogue's output; with `Epilogue::Head`, `ys` is empty.
+/// `ys` is written, and of the epilogue's output; with `Epilogue::Head`, `ys` is empty. With
+/// `half_last`, the last part is at half resolution and enters as its 2x linear up-sampling
+/// (align_corners = false): each unit up-samples the rows it transforms, in L1, so that a nested
+/// node's largest input is never stored.
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     g: &Geom,
-    xs: &[&[f32]],
+    (xs, half_last): (&[&[f32]], bool),
     wt: &Weights,
     b: &[f32],
     relu: bool,
@@ -238,7 +252,7 @@ pub fn forward(
         })
         .collect();
     assert!(outs.len() == g.c_out || classes > 0, "output parts must add up to c_out channels");
-    let planes = channel_planes(g, xs);
+    let planes = channel_planes(g, xs, half_last);
     let (rows, group) = units(g, side, classes > 0);
     let work: Vec<(usize, usize, usize)> = (0..g.n)
         .flat_map(|n| (0..th).step_by(rows).flat_map(move |r0| (0..g.c_out).step_by(group).map(move |o0| (n, r0, o0))))
@@ -329,7 +343,7 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
     let [_, h, wd] = g.sp;
     let (th, tw, p) = (h / 2, wd / 2, h * wd);
     assert!(applies(g) && dy.len() == g.n * g.c_out * p);
-    let planes = channel_planes(g, xs);
+    let planes = channel_planes(g, xs, false);
     let cpo = g.c_out.next_multiple_of(16);
     // The threads split the input channels (each computes V and dL/dU for its own, and dM for
     // all output channels, which is cheap), in groups of whole register tiles (24 channels);
@@ -534,13 +548,14 @@ unsafe fn wtile<const NV: usize, const CB: usize>(v: *const f32, dm: *const f32,
 /// zero: they feed only padding columns of the products, but must not be NaN or denormal
 /// (pooled memory holds anything). The rows the transform reads from the channel PF ahead are
 /// prefetched: the planes are a page or more apart and a few lines are read from each, a pattern
-/// the hardware prefetchers miss.
+/// the hardware prefetchers miss. Half-resolution planes have those rows of their up-sampling
+/// made first, into a buffer that stays in L1.
 ///
 /// # Safety
 /// `v` must have room for (m + 2)² rows of `kstride` floats, each holding planes.len() rows of
 /// tbp.
 unsafe fn transform_input<'a>(
-    planes: &[(&'a [f32], usize, usize)],
+    planes: &[Plane<'a>],
     n: usize,
     [_, h, wd]: [usize; 3],
     m: usize,
@@ -552,21 +567,40 @@ unsafe fn transform_input<'a>(
     let tb = (r1 - r0) * (wd / m);
     let tbp = tb.next_multiple_of(16);
     let (i0, i1) = ((m * r0).saturating_sub(1), (m * r1 + 1).min(h));
-    let plane = |&(x, cp, ci): &(&'a [f32], usize, usize)| -> &'a [f32] { &x[(n * cp + ci) * p..][..p] };
+    let plane = |pl: &Plane<'a>| -> &'a [f32] {
+        let size = if pl.half { p / 4 } else { p };
+        &pl.part[(n * pl.channels + pl.channel) * size..][..size]
+    };
+    // The rows i0..i1 that the transform reads, of a half-resolution plane's up-sampling.
+    let mut upsampled =
+        vec![MaybeUninit::<f32>::uninit(); if planes.iter().any(|pl| pl.half) { (i1 - i0) * wd } else { 0 }];
+    let mut wide = Vec::new();
     for (c, at) in planes.iter().enumerate() {
         if let Some(ahead) = planes.get(c + PF) {
-            let rows = &plane(ahead)[i0 * wd..i1 * wd];
+            let rows = match ahead.half {
+                false => &plane(ahead)[i0 * wd..i1 * wd],
+                true => &plane(ahead)[(i0 / 2).saturating_sub(1) * wd / 2..(i1.div_ceil(2) + 1).min(h / 2) * wd / 2],
+            };
             for l in (0..rows.len()).step_by(16) {
                 // SAFETY: prefetching an address inside the slice.
                 unsafe { _mm_prefetch::<_MM_HINT_T0>(rows.as_ptr().add(l).cast()) };
             }
         }
-        // SAFETY: the plane is h x wd floats; room for V is the caller's promise.
+        // The plane's rows i0..i1 from `rows`: row r at rows + r · wd (only those are read).
+        let rows = match at.half {
+            false => plane(at).as_ptr(),
+            true => {
+                super::upsample::plane_rows(plane(at), h / 2, wd / 2, (i0, i1), &mut wide, &mut upsampled);
+                upsampled.as_ptr().cast::<f32>().wrapping_sub(i0 * wd)
+            }
+        };
+        // SAFETY: the transforms read rows i0..i1 of the plane (all of it, or the up-sampled
+        // rows just written); room for V is the caller's promise.
         unsafe {
             if m == 4 {
-                input_rows4(plane(at).as_ptr(), h, wd, r0, r1, v.add(c * tbp), kstride);
+                input_rows4(rows, h, wd, r0, r1, v.add(c * tbp), kstride);
             } else {
-                input_rows(plane(at).as_ptr(), h, wd, r0, r1, v.add(c * tbp), kstride);
+                input_rows(rows, h, wd, r0, r1, v.add(c * tbp), kstride);
             }
             // Most units have no padding tiles; where they have, masked stores: a memset call
             // per row was 2.5% of a fast:1 forward pass (and, called even for nothing, 5% of
@@ -608,7 +642,8 @@ fn first(lanes: usize) -> u16 {
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn input_rows(plane: *const f32, h: usize, wd: usize, r0: usize, r1: usize, v: *mut f32, kstride: usize) {
-    // SAFETY: the caller passes a plane of h x wd floats and room for 16 rows of V at stride
+    // SAFETY: the caller passes a plane whose rows 2·r0 - 1 .. 2·r1 + 1 (those inside 0..h) of wd
+    // floats are readable at plane + row · wd, and room for 16 rows of V at stride
     // `kstride` from `v`; loads outside the plane's rows and columns are not made or masked off.
     unsafe {
         let tw = wd / 2;
@@ -621,7 +656,7 @@ unsafe fn input_rows(plane: *const f32, h: usize, wd: usize, r0: usize, r1: usiz
                 if r < 0 || r >= h as isize {
                     [_mm512_setzero_ps(); 4]
                 } else {
-                    split_row(plane.add(r as usize * wd), col0, masks)
+                    split_row(plane.wrapping_add(r as usize * wd), col0, masks)
                 }
             };
             let mut d = [
@@ -696,7 +731,7 @@ unsafe fn split_row(row: *const f32, col0: isize, masks: [u16; 4]) -> [__m512; 4
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn input_rows4(plane: *const f32, h: usize, wd: usize, r0: usize, r1: usize, v: *mut f32, kstride: usize) {
-    // SAFETY: as `input_rows`.
+    // SAFETY: as `input_rows`, for rows 4·r0 - 1 .. 4·r1 + 1.
     unsafe {
         let tw = wd / 4;
         for k0 in (0..tw).step_by(16) {
@@ -707,7 +742,7 @@ unsafe fn input_rows4(plane: *const f32, h: usize, wd: usize, r0: usize, r1: usi
                 if r < 0 || r >= h as isize {
                     [_mm512_setzero_ps(); 6]
                 } else {
-                    bt6(split_row4(plane.add(r as usize * wd), col0, masks))
+                    bt6(split_row4(plane.wrapping_add(r as usize * wd), col0, masks))
                 }
             };
             let mask = first(tw - k0);
@@ -1021,7 +1056,7 @@ mod tests {
         // The output in two parts (the first output channel alone, then the rest).
         let mut y0 = vec![MaybeUninit::new(f32::NAN); g.n * p];
         let mut y1 = vec![MaybeUninit::new(f32::NAN); want.len() - g.n * p];
-        forward(g, &xs, &wt, &b, relu, &mut [&mut y0, &mut y1], Epilogue::Store);
+        forward(g, (&xs, false), &wt, &b, relu, &mut [&mut y0, &mut y1], Epilogue::Store);
         // SAFETY: forward writes every element (NaN left anywhere fails the comparison).
         let init =
             |y: Vec<MaybeUninit<f32>>| -> Vec<f32> { y.into_iter().map(|v| unsafe { v.assume_init() }).collect() };
@@ -1034,6 +1069,32 @@ mod tests {
         // (up to 5e-5 here, against outputs of magnitude ~4); a wrong index or sign errs by ~1.
         close(&y, &want, if m == 4 { 1e-4 } else { 1e-5 });
         assert_eq!(y.len(), p0 + y1.len());
+    }
+
+    /// A last part at half resolution, up-sampled by the units as they transform it, against the
+    /// definition on the up-sampled concatenation: F(2x2) and F(4x4), units of a few tile rows
+    /// (the first, inner and last rows of a unit up-sampled from the right input rows).
+    #[test]
+    fn half_resolution_part_matches_upsampling_first() {
+        if !super::super::direct::available() {
+            return;
+        }
+        for (n, lateral, below, c_out, h, w, m) in
+            [(2, 3, 5, 6, 12, 20, 2), (1, 0, 4, 9, 8, 36, 2), (2, 4, 3, 7, 16, 24, 4), (1, 2, 6, 8, 24, 72, 4)]
+        {
+            let g = Geom { n, c_in: lateral + below, c_out, sp: [1, h, w], k: [1, 3, 3] };
+            let (x, low) = (rand(n * lateral * h * w, 3), rand(n * below * h * w / 4, 4));
+            let up = super::super::upsample::forward(&low, &[n, below, h / 2, w / 2]);
+            let cat = super::super::conv::cat(n, &[&x, &up]);
+            let (wts, b) = (rand(c_out * g.c_in * 9, 5), rand(c_out, 7));
+            let want = naive(&g, &cat, &wts, &b);
+            let wt = prepare_tiled(&g, m, |o, c, t| wts[(o * g.c_in + c) * 9 + t]);
+            let mut y = vec![MaybeUninit::new(f32::NAN); want.len()];
+            let parts: Vec<&[f32]> = if lateral > 0 { vec![&x, &low] } else { vec![&low] };
+            forward(&g, (&parts, true), &wt, &b, false, &mut [&mut y], Epilogue::Store);
+            let y: Vec<f32> = y.into_iter().map(|v| unsafe { v.assume_init() }).collect();
+            close(&y, &want, if m == 4 { 1e-4 } else { 1e-5 });
+        }
     }
 
     /// The pooled and the head epilogues against pooling / a 1x1 convolution of the definition.
@@ -1061,7 +1122,7 @@ mod tests {
             // Pooled: every 2x2 window's maximum, and y itself unchanged.
             let mut out = vec![MaybeUninit::new(f32::NAN); y.len()];
             let mut pooled = vec![MaybeUninit::new(f32::NAN); y.len() / 4];
-            forward(&g, &[&x], &wt, &b, true, &mut [&mut out], Epilogue::Pool(&mut pooled));
+            forward(&g, (&[&x], false), &wt, &b, true, &mut [&mut out], Epilogue::Pool(&mut pooled));
             close(&init(out), &y, tol);
             let want: Vec<f32> = (0..n * c_out * h * w / 4)
                 .map(|i| {
@@ -1074,7 +1135,7 @@ mod tests {
             // Head: Σ_o hw[c][o] y_o + hb[c].
             let (hw, hb) = (rand(classes * c_out, 9), rand(classes, 11));
             let mut head = vec![MaybeUninit::new(f32::NAN); n * classes * h * w];
-            forward(&g, &[&x], &wt, &b, true, &mut [], Epilogue::Head { w: &hw, b: &hb, out: &mut head });
+            forward(&g, (&[&x], false), &wt, &b, true, &mut [], Epilogue::Head { w: &hw, b: &hb, out: &mut head });
             let p = h * w;
             let want: Vec<f32> = (0..n * classes * p)
                 .map(|i| {

@@ -76,6 +76,17 @@ impl<const D: usize> Conv<D> {
         self.forward_act(xs, true)
     }
 
+    /// relu(conv(cat(xs))) where the last part enters as its 2x linear up-sampling
+    /// (align_corners = false): our kernel, where it runs, reads that part at half resolution.
+    pub fn forward_relu_up(&self, mut xs: Vec<Tensor<D>>) -> Tensor<D> {
+        if xs.len() <= 6 && self.in_kernel(&xs[0]) {
+            return crate::kernel::same_conv_up(xs, self.weight.val(), self.bias_val(), true);
+        }
+        let low = xs.pop().expect("an up-sampled part");
+        xs.push(upsample(low, false, false));
+        self.forward_relu(xs)
+    }
+
     /// relu(conv(cat(xs))) and its 2x max pooling, pooled as our kernel stores where it runs.
     pub fn forward_relu_pool(&self, xs: Vec<Tensor<D>>) -> (Tensor<D>, Tensor<D>) {
         if self.in_kernel(&xs[0]) {
@@ -285,21 +296,36 @@ impl<const D: usize> Block<D> {
     }
 
     pub fn forward(&self, x: Tensor<D>) -> Tensor<D> {
-        self.forward_parts(vec![x])
+        self.forward_parts(vec![x], false)
     }
 
     /// The block on the channel concatenation of `xs`, without copying them together first
-    /// where the convolution kernel can read them in place.
-    pub fn forward_parts(&self, xs: Vec<Tensor<D>>) -> Tensor<D> {
-        let y = self.layer(xs, &self.conv1, &self.norm1);
+    /// where the convolution kernel can read them in place. With `half`, the last part is at
+    /// half resolution and enters as its 2x linear up-sampling (align_corners = false).
+    pub fn forward_parts(&self, xs: Vec<Tensor<D>>, half: bool) -> Tensor<D> {
+        let y = self.first(xs, half);
         self.layer(vec![y], &self.conv2, &self.norm2)
+    }
+
+    /// The first layer (see `forward_parts`): where the ReLU follows its convolution directly,
+    /// the kernel up-samples the half-resolution part as it reads it, and the up-sampled tensor
+    /// (a nested node's largest input) is never made.
+    fn first(&self, mut xs: Vec<Tensor<D>>, half: bool) -> Tensor<D> {
+        if half && self.norm1.is_none() && self.dropout.is_none() {
+            return self.conv1.forward_relu_up(xs);
+        }
+        if half {
+            let low = xs.pop().expect("an up-sampled part");
+            xs.push(upsample(low, false, false));
+        }
+        self.layer(xs, &self.conv1, &self.norm1)
     }
 
     /// `forward_parts` and the 2x max pooling of its output (an encoder node's output and the
     /// input of the node below it): pooled as the last convolution stores, where the ReLU
     /// follows that convolution directly (BatchNorm folded or absent, no dropout).
     pub fn forward_parts_pooled(&self, xs: Vec<Tensor<D>>) -> (Tensor<D>, Tensor<D>) {
-        let y = self.layer(xs, &self.conv1, &self.norm1);
+        let y = self.first(xs, false);
         if self.norm2.is_none() && self.dropout.is_none() {
             return self.conv2.forward_relu_pool(vec![y]);
         }
@@ -307,11 +333,11 @@ impl<const D: usize> Block<D> {
         (y.clone(), max_pool(y))
     }
 
-    /// head(forward_parts(xs)) for a node that nothing but its head reads: its output is never
+    /// head(forward_parts(xs, half)) for a node that nothing but its head reads: its output is never
     /// stored where the head can be summed as the last convolution computes it (as for
     /// `forward_parts_pooled`).
-    pub fn forward_parts_head(&self, xs: Vec<Tensor<D>>, head: &Conv<D>) -> Tensor<D> {
-        let y = self.layer(xs, &self.conv1, &self.norm1);
+    pub fn forward_parts_head(&self, xs: Vec<Tensor<D>>, half: bool, head: &Conv<D>) -> Tensor<D> {
+        let y = self.first(xs, half);
         if self.norm2.is_none() && self.dropout.is_none() {
             return self.conv2.forward_relu_head(vec![y], head);
         }

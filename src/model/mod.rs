@@ -381,29 +381,35 @@ impl<const D: usize> UNetPP<D> {
                 continue;
             }
             let node = self.node(i, j);
-            let input = if j == 0 {
-                vec![match i {
+            // The inputs; with `half`, the last is X^{i+1,j-1} itself, which the block up-samples
+            // (bilinear, align_corners = false) as it reads it.
+            let (input, half) = if j == 0 {
+                let x = match i {
                     0 => x.clone(),
                     _ => pooled[i - 1].take().unwrap_or_else(|| max_pool(out[i - 1][0].clone().unwrap())),
-                }]
+                };
+                (vec![x], false)
             } else {
                 let below = out[i + 1][j - 1].clone().unwrap();
-                let up = match &node.up {
-                    Some(up) => up.forward(below),
-                    None => upsample(below, cfg.nearest, cfg.align_corners),
+                let (up, half) = match &node.up {
+                    Some(up) => (up.forward(below), false),
+                    None if !cfg.nearest && !cfg.align_corners => (below, true),
+                    None => (upsample(below, cfg.nearest, cfg.align_corners), false),
                 };
                 let mut parts: Vec<Tensor<D>> =
                     cfg.lateral_inputs(i, j).iter().map(|&k| out[i][k].clone().unwrap()).collect();
                 parts.push(up);
-                parts
+                (parts, half)
             };
             match (i, j, last_head) {
                 (_, 0, _) if i < level => {
                     let (y, p) = node.block.forward_parts_pooled(input);
                     (out[i][j], pooled[i]) = (Some(y), Some(p));
                 }
-                (0, _, Some(head)) if j == level => fused_head = Some((j, node.block.forward_parts_head(input, head))),
-                _ => out[i][j] = Some(node.block.forward_parts(input)),
+                (0, _, Some(head)) if j == level => {
+                    fused_head = Some((j, node.block.forward_parts_head(input, half, head)));
+                }
+                _ => out[i][j] = Some(node.block.forward_parts(input, half)),
             }
         }
         let heads = columns
