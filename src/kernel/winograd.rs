@@ -303,25 +303,33 @@ pub fn forward(
             for (c, &hbc) in hb.iter().enumerate() {
                 std::slice::from_raw_parts_mut(head_rows(c), span).fill(hbc);
             }
-            for (o, &bias) in b.iter().enumerate().take(o1).skip(o0) {
-                for ty in r0..r1 {
-                    let sink = if classes > 0 {
-                        let acc = head_rows(0).add(side * (ty - r0) * wd);
-                        Sink::Sum { acc, stride: p, w: hw.as_ptr().add(o), wstride: g.c_out, classes }
-                    } else {
-                        let (y, cp, co) = outs[o];
-                        let out = y.get().add((n * cp + co) * p + side * ty * wd);
-                        let pooled = match pooled.get().is_null() {
-                            true => pooled.get(),
-                            false => pooled.get().add((n * g.c_out + o) * p / 4 + side / 2 * ty * wd / 2),
-                        };
-                        Sink::Rows { out, pooled }
+            // Where output channel o's tile row ty goes.
+            let sink = |o: usize, ty: usize| {
+                if classes > 0 {
+                    let acc = head_rows(0).add(side * (ty - r0) * wd);
+                    Sink::Sum { acc, stride: p, w: hw.as_ptr().add(o), wstride: g.c_out, classes }
+                } else {
+                    let (y, cp, co) = outs[o];
+                    let out = y.get().add((n * cp + co) * p + side * ty * wd);
+                    let pooled = match pooled.get().is_null() {
+                        true => pooled.get(),
+                        false => pooled.get().add((n * g.c_out + o) * p / 4 + side / 2 * ty * wd / 2),
                     };
-                    let mrow = m.add((o - o0) * tbp + (ty - r0) * tw);
+                    Sink::Rows { out, pooled }
+                }
+            };
+            for (o, &bias) in b.iter().enumerate().take(o1).skip(o0) {
+                let mo = m.add((o - o0) * tbp);
+                if side == 4 && tw.is_multiple_of(4) {
+                    output_tiles4(mo, ms, (tb, tw, wd), bias, relu, sink(o, r0));
+                    continue;
+                }
+                for ty in r0..r1 {
+                    let mrow = mo.add((ty - r0) * tw);
                     if side == 4 {
-                        output_row4(mrow, ms, wd, bias, relu, sink);
+                        output_row4(mrow, ms, wd, bias, relu, sink(o, ty));
                     } else {
-                        output_row(mrow, ms, wd, bias, relu, sink);
+                        output_row(mrow, ms, wd, bias, relu, sink(o, ty));
                     }
                 }
             }
@@ -919,6 +927,76 @@ unsafe fn output_row4(m: *const f32, kstride: usize, wd: usize, bias: f32, relu:
     }
 }
 
+/// `output_row4` for the `tb` tiles of a whole unit (tile rows of `tw` tiles, a multiple of 4),
+/// 16 consecutive tiles of M per vector whichever tile rows they fall in, each group of four
+/// stored where its row puts it: row by row, 96² (24 tiles a row) and 48² (12) left a quarter of
+/// the vectors' lanes empty. `sink` is that of the unit's first tile row.
+#[target_feature(enable = "avx512f")]
+unsafe fn output_tiles4(
+    m: *const f32,
+    kstride: usize,
+    (tb, tw, wd): (usize, usize, usize),
+    bias: f32,
+    relu: bool,
+    sink: Sink,
+) {
+    // SAFETY: the caller passes M rows of ≥ tb tiles padded to a multiple of 16 (whole vectors
+    // load) at stride `kstride`, and a sink with room for the unit's tile rows; each store
+    // writes one group of four tiles inside its tile row (tw is a multiple of 4).
+    unsafe {
+        let half = |v: __m512, upper: bool| {
+            let d = _mm512_castps_pd(v);
+            _mm256_castpd_ps(if upper { _mm512_extractf64x4_pd::<1>(d) } else { _mm512_castpd512_pd256(d) })
+        };
+        for t0 in (0..tb).step_by(16) {
+            let cols: [[__m512; 4]; 6] = std::array::from_fn(|j| {
+                at6(std::array::from_fn(|i| _mm512_loadu_ps(m.add((i * 6 + j) * kstride + t0))))
+            });
+            let y: [[__m512; 4]; 4] =
+                std::array::from_fn(|r| finish(at6(std::array::from_fn(|j| cols[j][r])), bias, relu));
+            // rows[r][q]: output row r of tiles 4q .. 4q + 4, in pixel order; pooled[pr]: pooled
+            // row pr of tiles 0 .. 8 and 8 .. 16.
+            let rows = y.map(|r| interleave(r));
+            let pooled_rows: [[__m512; 2]; 2] = std::array::from_fn(|pr| match sink {
+                Sink::Rows { pooled, .. } if !pooled.is_null() => {
+                    let v: [__m512; 4] = std::array::from_fn(|j| _mm512_max_ps(y[2 * pr][j], y[2 * pr + 1][j]));
+                    pairs(_mm512_max_ps(v[0], v[1]), _mm512_max_ps(v[2], v[3]))
+                }
+                _ => [_mm512_setzero_ps(); 2],
+            });
+            for q in 0..4 {
+                let t = t0 + 4 * q;
+                if t >= tb {
+                    break;
+                }
+                let at = |r: usize| (4 * (t / tw) + r) * wd + 4 * (t % tw);
+                match sink {
+                    Sink::Rows { out, pooled } => {
+                        for (r, row) in rows.iter().enumerate() {
+                            _mm512_storeu_ps(out.add(at(r)), row[q]);
+                        }
+                        if !pooled.is_null() {
+                            for (pr, pair) in pooled_rows.iter().enumerate() {
+                                let to = pooled.add((2 * (t / tw) + pr) * wd / 2 + 2 * (t % tw));
+                                _mm256_storeu_ps(to, half(pair[q / 2], q % 2 == 1));
+                            }
+                        }
+                    }
+                    Sink::Sum { acc, stride, w, wstride, classes } => {
+                        for c in 0..classes {
+                            let wc = _mm512_set1_ps(*w.add(c * wstride));
+                            for (r, row) in rows.iter().enumerate() {
+                                let to = acc.add(c * stride + at(r));
+                                _mm512_storeu_ps(to, _mm512_fmadd_ps(wc, row[q], _mm512_loadu_ps(to)));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// y + bias, then the ReLU.
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -1079,9 +1157,13 @@ mod tests {
         if !super::super::direct::available() {
             return;
         }
-        for (n, lateral, below, c_out, h, w, m) in
-            [(2, 3, 5, 6, 12, 20, 2), (1, 0, 4, 9, 8, 36, 2), (2, 4, 3, 7, 16, 24, 4), (1, 2, 6, 8, 24, 72, 4)]
-        {
+        for (n, lateral, below, c_out, h, w, m) in [
+            (2, 3, 5, 6, 12, 20, 2),
+            (1, 0, 4, 9, 8, 36, 2),
+            (2, 4, 3, 7, 16, 24, 4),
+            (1, 2, 6, 8, 24, 72, 4),
+            (1, 3, 4, 6, 16, 48, 4),
+        ] {
             let g = Geom { n, c_in: lateral + below, c_out, sp: [1, h, w], k: [1, 3, 3] };
             let (x, low) = (rand(n * lateral * h * w, 3), rand(n * below * h * w / 4, 4));
             let up = super::super::upsample::forward(&low, &[n, below, h / 2, w / 2]);
@@ -1113,6 +1195,8 @@ mod tests {
             (2, 6, 10, 8, 20, 4, 1),
             (1, 7, 9, 12, 72, 4, 3),
             (1, 3, 17, 8, 64, 4, 2),
+            (2, 6, 10, 16, 48, 4, 2),
+            (1, 5, 9, 8, 96, 4, 1),
         ] {
             let g = Geom { n, c_in, c_out, sp: [1, h, w], k: [1, 3, 3] };
             let (x, wts, b) = (rand(n * c_in * h * w, 3), rand(c_out * c_in * 9, 5), rand(c_out, 7));
@@ -1203,6 +1287,9 @@ mod tests {
         run(&g(1, 3, 17, 4, 64), 4, &[1, 2], false);
         run(&g(3, 7, 9, 12, 68), 4, &[7], true);
         run(&g(1, 6, 10, 16, 72), 4, &[2, 4], true);
+        // Whole units' tiles in vectors across tile rows (rows of 12 and 24 tiles).
+        run(&g(2, 5, 7, 16, 48), 4, &[5], true);
+        run(&g(1, 3, 9, 8, 96), 4, &[1, 2], false);
         assert_eq!(tile_side(&g(1, 1, 1, 96, 96)), 4);
         assert_eq!(tile_side(&g(1, 1, 1, 24, 24)), 2);
         assert_eq!(tile_side(&g(1, 1, 1, 40, 40)), 4);
