@@ -43,7 +43,7 @@ pub mod winograd {
     }
     pub fn forward(
         _: &Geom,
-        _: &[&[f32]],
+        _: (&[&[f32]], bool),
         _: &Weights,
         _: &[f32],
         _: bool,
