@@ -499,25 +499,41 @@ pub fn forward_prepared(
     prep: Option<&Prepared>,
 ) -> Vec<f32> {
     let len = g.n * g.c_out * g.pixels();
-    let mut y = Vec::with_capacity(len);
-    let out = &mut y.spare_capacity_mut()[..len];
     match prep {
-        Some(Prepared::Direct(packed)) => super::direct::forward_packed(g, xs, packed, relu, out),
-        Some(Prepared::Winograd(u)) => {
-            super::winograd::forward(g, (xs, false), u, b, relu, &mut [out], super::winograd::Epilogue::Store)
-        }
+        // SAFETY: the direct kernel writes every element of its output.
+        Some(Prepared::Direct(packed)) => unsafe {
+            written(len, |out| super::direct::forward_packed(g, xs, packed, relu, out))
+        },
+        Some(Prepared::Winograd(u)) => winograd(g, (xs, false), u, b, relu),
         None => {
             // The GEMM paths read one input: parts are concatenated first.
             let y = match xs {
                 [x] => forward_gemm(g, x, w, b),
                 _ => forward_gemm(g, &cat(g.n, xs), w, b),
             };
-            return if relu { y.into_iter().map(|v| v.max(0.0)).collect() } else { y };
+            if relu { y.into_iter().map(|v| v.max(0.0)).collect() } else { y }
         }
     }
-    // SAFETY: the direct and Winograd kernels write every element of their output.
-    unsafe { y.set_len(len) };
-    y
+}
+
+/// A vector of `len` values, all written by `fill` (never zeroed first).
+///
+/// # Safety
+/// `fill` must write every element of the slice it is given.
+unsafe fn written(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: the caller's `fill` wrote all `len` elements.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// The Winograd forward into a new output, stored as it is.
+fn winograd(g: &Geom, xs: (&[&[f32]], bool), u: &super::winograd::Weights, b: &[f32], relu: bool) -> Vec<f32> {
+    let len = g.n * g.c_out * g.pixels();
+    let store = super::winograd::Epilogue::Store;
+    // SAFETY: Winograd writes every element of its output.
+    unsafe { written(len, |out| super::winograd::forward(g, xs, u, b, relu, &mut [out], store)) }
 }
 
 /// `forward_prepared` of a concatenation whose last part is given at half resolution and enters
@@ -534,13 +550,7 @@ pub fn forward_up(
 ) -> Vec<f32> {
     let Some((last, lateral)) = xs.split_last() else { panic!("no input parts") };
     if let (2, Some(Prepared::Winograd(u))) = (spatial, prep) {
-        let len = g.n * g.c_out * g.pixels();
-        let mut y = Vec::with_capacity(len);
-        let out = &mut y.spare_capacity_mut()[..len];
-        super::winograd::forward(g, (xs, true), u, b, relu, &mut [out], super::winograd::Epilogue::Store);
-        // SAFETY: Winograd writes every element of its output.
-        unsafe { y.set_len(len) };
-        return y;
+        return winograd(g, (xs, true), u, b, relu);
     }
     let half: Vec<usize> = g.sp[3 - spatial..].iter().map(|&s| s / 2).collect();
     let c = last.len() / (g.n * half.iter().product::<usize>());
@@ -562,14 +572,14 @@ pub fn forward_pooled(
 ) -> (Vec<f32>, Vec<f32>) {
     let len = g.n * g.c_out * g.pixels();
     if let (2, Some(Prepared::Winograd(u))) = (spatial, prep) {
-        let (mut y, mut pooled) = (Vec::with_capacity(len), Vec::with_capacity(len / 4));
-        let epi = super::winograd::Epilogue::Pool(&mut pooled.spare_capacity_mut()[..len / 4]);
-        super::winograd::forward(g, (xs, false), u, b, relu, &mut [&mut y.spare_capacity_mut()[..len]], epi);
+        let mut y = vec![];
         // SAFETY: Winograd writes every element of its output and of the pooled output.
-        unsafe {
-            y.set_len(len);
-            pooled.set_len(len / 4);
-        }
+        let pooled = unsafe {
+            written(len / 4, |pooled| {
+                let epi = super::winograd::Epilogue::Pool(pooled);
+                y = written(len, |out| super::winograd::forward(g, (xs, false), u, b, relu, &mut [out], epi));
+            })
+        };
         return (y, pooled);
     }
     let y = forward_prepared(g, xs, w, b, relu, prep);
@@ -594,12 +604,13 @@ pub fn forward_head(
 ) -> Vec<f32> {
     let len = g.n * hb.len() * g.pixels();
     if let Some(Prepared::Winograd(u)) = prep {
-        let mut out = Vec::with_capacity(len);
-        let epi = super::winograd::Epilogue::Head { w: hw, b: hb, out: &mut out.spare_capacity_mut()[..len] };
-        super::winograd::forward(g, (xs, false), u, b, relu, &mut [], epi);
         // SAFETY: Winograd writes every element of the head's output.
-        unsafe { out.set_len(len) };
-        return out;
+        return unsafe {
+            written(len, |out| {
+                let epi = super::winograd::Epilogue::Head { w: hw, b: hb, out };
+                super::winograd::forward(g, (xs, false), u, b, relu, &mut [], epi)
+            })
+        };
     }
     let y = forward_prepared(g, xs, w, b, relu, prep);
     forward(&Geom { c_in: g.c_out, c_out: hb.len(), k: [1, 1, 1], ..*g }, &y, hw, hb)
