@@ -198,7 +198,7 @@ pub enum Epilogue<'a> {
     Pool(&'a mut [MaybeUninit<f32>]),
     /// Instead of y, the 1x1 convolution of y to `b.len()` channels (weights `w`
     /// [classes][c_out], bias `b`) into `out` (n, classes, h, w): a head on a node nothing else
-    /// reads, whose 32 channels would otherwise be stored only to be summed. The output-channel
+    /// reads, whose channels would otherwise be stored only to be summed. The output-channel
     /// groups of a unit are then never split.
     Head { w: &'a [f32], b: &'a [f32], out: &'a mut [MaybeUninit<f32>] },
 }
