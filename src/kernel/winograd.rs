@@ -917,11 +917,7 @@ unsafe fn output_row4(m: *const f32, kstride: usize, wd: usize, bias: f32, relu:
         for k0 in (0..tw).step_by(16) {
             let lanes = (tw - k0).min(16);
             let mask = first(lanes);
-            let cols: [[__m512; 4]; 6] = std::array::from_fn(|j| {
-                at6(std::array::from_fn(|i| _mm512_maskz_loadu_ps(mask, m.add((i * 6 + j) * kstride + k0))))
-            });
-            let y: [[__m512; 4]; 4] =
-                std::array::from_fn(|r| finish(at6(std::array::from_fn(|j| cols[j][r])), bias, relu));
+            let y = output_tiles(|k| _mm512_maskz_loadu_ps(mask, m.add(k * kstride + k0)), bias, relu);
             emit(sink, wd, 4 * k0, y, lanes);
         }
     }
@@ -949,18 +945,13 @@ unsafe fn output_tiles4(
             _mm256_castpd_ps(if upper { _mm512_extractf64x4_pd::<1>(d) } else { _mm512_castpd512_pd256(d) })
         };
         for t0 in (0..tb).step_by(16) {
-            let cols: [[__m512; 4]; 6] = std::array::from_fn(|j| {
-                at6(std::array::from_fn(|i| _mm512_loadu_ps(m.add((i * 6 + j) * kstride + t0))))
-            });
-            let y: [[__m512; 4]; 4] =
-                std::array::from_fn(|r| finish(at6(std::array::from_fn(|j| cols[j][r])), bias, relu));
+            let y = output_tiles(|k| _mm512_loadu_ps(m.add(k * kstride + t0)), bias, relu);
             // rows[r][q]: output row r of tiles 4q .. 4q + 4, in pixel order; pooled[pr]: pooled
             // row pr of tiles 0 .. 8 and 8 .. 16.
             let rows = y.map(|r| interleave(r));
             let pooled_rows: [[__m512; 2]; 2] = std::array::from_fn(|pr| match sink {
                 Sink::Rows { pooled, .. } if !pooled.is_null() => {
-                    let v: [__m512; 4] = std::array::from_fn(|j| _mm512_max_ps(y[2 * pr][j], y[2 * pr + 1][j]));
-                    pairs(_mm512_max_ps(v[0], v[1]), _mm512_max_ps(v[2], v[3]))
+                    pool_pairs(std::array::from_fn(|j| _mm512_max_ps(y[2 * pr][j], y[2 * pr + 1][j])))
                 }
                 _ => [_mm512_setzero_ps(); 2],
             });
@@ -995,6 +986,23 @@ unsafe fn output_tiles4(
             }
         }
     }
+}
+
+/// Y = A^T M A + bias (then the ReLU) of 16 F(4x4) tiles whose M_k (k = 0..36) `load` gives:
+/// y[r][j] is output row r, column j (lanes: tiles).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn output_tiles(load: impl Fn(usize) -> __m512, bias: f32, relu: bool) -> [[__m512; 4]; 4] {
+    let cols: [[__m512; 4]; 6] = std::array::from_fn(|j| at6(std::array::from_fn(|i| load(i * 6 + j))));
+    std::array::from_fn(|r| finish(at6(std::array::from_fn(|j| cols[j][r])), bias, relu))
+}
+
+/// A pooled row of F(4x4) tiles from the maxima `v` of its two output rows (column j, lanes:
+/// tiles): the maxima of column pairs, interleaved (tiles 0..8, then 8..16).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn pool_pairs(v: [__m512; 4]) -> [__m512; 2] {
+    pairs(_mm512_max_ps(v[0], v[1]), _mm512_max_ps(v[2], v[3]))
 }
 
 /// y + bias, then the ReLU.
@@ -1032,8 +1040,7 @@ unsafe fn emit<const S: usize>(sink: Sink, wd: usize, col: usize, y: [[__m512; S
                         if S == 2 {
                             _mm512_mask_storeu_ps(row, first(lanes), _mm512_max_ps(v[0], v[1]));
                         } else {
-                            let (p0, p1) = (_mm512_max_ps(v[0], v[1]), _mm512_max_ps(v[2], v[3]));
-                            let [lo, hi] = pairs(p0, p1);
+                            let [lo, hi] = pool_pairs([v[0], v[1], v[2], v[3]]);
                             _mm512_mask_storeu_ps(row, first(2 * lanes), lo);
                             if lanes > 8 {
                                 _mm512_mask_storeu_ps(row.add(16), first(2 * lanes - 16), hi);
