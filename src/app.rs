@@ -82,10 +82,11 @@ fn eval_d<const D: usize>(
     for s in &scores {
         writeln!(csv, "\"{}\",{:.6},{:.6}", s.name.replace('"', "\"\""), s.dice, s.iou)?;
     }
-    std::fs::write(out.join("scores.csv"), csv)?;
-    std::fs::write(
-        out.join("summary.json"),
-        serde_json::to_string_pretty(&serde_json::json!({ "summary": summary, "images": scores, "checkpoint": ck }))?,
+    crate::fsio::write_atomic(&out.join("scores.csv"), csv.as_bytes())?;
+    crate::fsio::write_atomic(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&serde_json::json!({ "summary": summary, "images": scores, "checkpoint": ck }))?
+            .as_bytes(),
     )?;
     Ok(summary)
 }

@@ -25,13 +25,6 @@ pub struct Meta {
     pub val_iou: Option<f64>,
 }
 
-/// Writes `bytes` to `path` atomically (temporary file in the same folder, then rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension(format!("{}.tmp", path.extension().map(|e| e.to_string_lossy()).unwrap_or_default()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
-}
-
 pub fn save<const D: usize>(model: &UNetPP<D>, meta: &Meta, path: &Path) -> anyhow::Result<()> {
     let json = serde_json::to_vec(meta)?;
     let weights =
@@ -41,7 +34,7 @@ pub fn save<const D: usize>(model: &UNetPP<D>, meta: &Meta, path: &Path) -> anyh
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);
     out.extend_from_slice(&weights);
-    write_atomic(path, &out)
+    crate::fsio::write_atomic(path, &out)
 }
 
 fn split(path: &Path) -> anyhow::Result<(Meta, Vec<u8>)> {

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
 use crate::data::{self, Splits};
+use crate::fsio;
 use crate::infer::{self, Summary};
 use crate::metrics;
 use crate::model::{Arch, Mode, ModelConfig};
@@ -181,7 +182,7 @@ fn run_one(cfg: TrainConfig, dir: &Path, name: &str, fold: Option<&str>, quick: 
         images,
         class_dice,
     };
-    checkpoint::write_atomic(&cached, serde_json::to_string_pretty(&r)?.as_bytes())?;
+    fsio::write_atomic(&cached, serde_json::to_string_pretty(&r)?.as_bytes())?;
     Ok(r)
 }
 
@@ -296,7 +297,7 @@ fn timing<const D: usize>(ck: &Path, size: [usize; 3], reps: usize) -> anyhow::R
 pub fn run(spec: Spec, out: &Path, report: &Path, command: &str, o: Options) -> anyhow::Result<Vec<RunResult>> {
     let spec = if o.quick { spec.quick() } else { spec };
     std::fs::create_dir_all(out)?;
-    std::fs::write(out.join("spec.toml"), toml::to_string(&spec)?)?;
+    fsio::write_atomic(&out.join("spec.toml"), toml::to_string(&spec)?.as_bytes())?;
     let folds: Vec<(Option<String>, PathBuf)> = if spec.folds {
         make_folds(&spec.train.data, out)?.into_iter().map(|(n, d)| (Some(n), d)).collect()
     } else {
@@ -533,7 +534,7 @@ fn render(
     if let Some(dir) = report.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    checkpoint::write_atomic(report, s.as_bytes())
+    fsio::write_atomic(report, s.as_bytes())
 }
 
 #[cfg(test)]

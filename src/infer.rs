@@ -210,7 +210,7 @@ fn write_overlay(path: &Path, s: &Sample, pred: &[u8]) -> anyhow::Result<()> {
             _ => image::Rgb([g, g, g]),
         };
     }
-    img.save(path).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+    crate::fsio::write_with(path, |tmp| Ok(img.save(tmp)?))
 }
 
 /// Writes the mask (and optionally the probability maps) for one input.

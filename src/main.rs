@@ -359,7 +359,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("peak RSS MB: {mb:.0}");
             }
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&timings)?)?;
+                unetpp::fsio::write_atomic(&path, serde_json::to_string_pretty(&timings)?.as_bytes())?;
             }
             Ok(())
         }

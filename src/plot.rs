@@ -27,6 +27,10 @@ pub fn curves(csv: &Path, png: &Path) -> anyhow::Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
+    crate::fsio::write_with(png, |tmp| draw_curves(&rows, tmp))
+}
+
+fn draw_curves(rows: &[Vec<f64>], png: &Path) -> anyhow::Result<()> {
     let labels = font();
     let root = BitMapBackend::new(png, (960, 400)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -68,6 +72,10 @@ pub fn pruning(points: &[(String, f64, f64)], png: &Path) -> anyhow::Result<()> 
     if points.is_empty() {
         return Ok(());
     }
+    crate::fsio::write_with(png, |tmp| draw_pruning(points, tmp))
+}
+
+fn draw_pruning(points: &[(String, f64, f64)], png: &Path) -> anyhow::Result<()> {
     let labels = font();
     let root = BitMapBackend::new(png, (640, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Backend;
 use crate::checkpoint::{self, Meta};
 use crate::data::{self, DataConfig, Sample, Splits, patch};
+use crate::fsio;
 use crate::infer;
 use crate::loss;
 use crate::model::{Mode, ModelConfig, UNetPP};
@@ -192,7 +193,7 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
         eprintln!("resuming {} after epoch {}", dir.display(), state.epoch);
         (model, state)
     } else {
-        std::fs::write(dir.join("config.toml"), toml::to_string(cfg)?)?;
+        fsio::write_atomic(&dir.join("config.toml"), toml::to_string(cfg)?.as_bytes())?;
         device.seed(cfg.seed);
         let model = match &cfg.weights {
             Some(w) => {
@@ -290,7 +291,7 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
                 start.elapsed().as_secs_f64()
             ),
         )?;
-        checkpoint::write_atomic(&dir.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
+        fsio::write_atomic(&dir.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
         eprintln!(
             "epoch {epoch}/{}: loss {train_loss:.4}  val IoU {val_iou:.4}  Dice {val_dice:.4}{}  ({:.0}s)",
             cfg.epochs,

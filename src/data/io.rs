@@ -163,7 +163,7 @@ pub fn fmt_shape(s: [usize; 3]) -> String {
 /// Writes a label map or a 0..255 probability map as an 8-bit PNG.
 pub fn write_png(path: &Path, pixels: &[u8], shape: [usize; 3]) -> anyhow::Result<()> {
     let img = image::GrayImage::from_raw(shape[2] as u32, shape[1] as u32, pixels.to_vec()).context("buffer size")?;
-    img.save(path).with_context(|| format!("cannot write {}", path.display()))
+    crate::fsio::write_with(path, |tmp| Ok(img.save(tmp)?))
 }
 
 /// Writes a volume with the reference image's header (affine, spacing) as NIfTI.
@@ -179,8 +179,7 @@ pub fn write_nifti<T: nifti::DataElement + bytemuck::Pod>(
     let [z, y, x] = shape;
     // Our buffer is [z][y][x], i.e. Fortran order for an (x, y, z) array.
     let arr = Array3::from_shape_vec((x, y, z).f(), voxels.to_vec())?;
-    nifti::writer::WriterOptions::new(path)
-        .reference_header(&header)
-        .write_nifti(&arr)
-        .with_context(|| format!("cannot write {}", path.display()))
+    crate::fsio::write_with(path, |tmp| {
+        Ok(nifti::writer::WriterOptions::new(tmp).reference_header(&header).write_nifti(&arr)?)
+    })
 }

@@ -296,5 +296,5 @@ pub fn export(model: &UNetPP<4>, path: &Path) -> anyhow::Result<()> {
         views.push((c, safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![], &zero)?));
     }
     let out = safetensors::serialize(views, None)?;
-    crate::checkpoint::write_atomic(path, &out)
+    crate::fsio::write_atomic(path, &out)
 }
