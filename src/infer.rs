@@ -194,14 +194,26 @@ pub fn evaluate_modes<const D: usize>(
         .collect())
 }
 
+/// The sample's image as 8-bit grey for display: the channel mean with its 0.5th..99.5th
+/// percentiles stretched to 0..255, whatever the normalisation left (zscore and imagenet are
+/// not in [0, 1]).
+fn display_grey(s: &Sample) -> Vec<u8> {
+    let n = s.voxels();
+    let mean: Vec<f32> =
+        (0..n).map(|i| (0..s.channels).map(|c| s.image[c * n + i]).sum::<f32>() / s.channels as f32).collect();
+    let mut v = mean.clone();
+    let (lo, hi) = (crate::data::percentile(&mut v, 0.5), crate::data::percentile(&mut v, 99.5));
+    let scale = if hi > lo { 255.0 / (hi - lo) } else { 0.0 };
+    mean.iter().map(|&x| ((x - lo) * scale).clamp(0.0, 255.0).round() as u8).collect()
+}
+
 /// Grey image with true positives green, false positives red, false negatives blue.
 fn write_overlay(path: &Path, s: &Sample, pred: &[u8]) -> anyhow::Result<()> {
     let [_, h, w] = s.shape;
-    let n = h * w;
+    let grey = display_grey(s);
     let mut img = image::RgbImage::new(w as u32, h as u32);
     for (i, px) in img.pixels_mut().enumerate() {
-        let g = ((0..s.channels).map(|c| s.image[c * n + i]).sum::<f32>() / s.channels as f32).clamp(0.0, 1.0);
-        let g = (g * 255.0) as u8;
+        let g = grey[i];
         let (p, t) = (pred[i] > 0, s.mask[i] > 0);
         *px = match (p, t) {
             (true, true) => image::Rgb([g / 2, 255, g / 2]),
@@ -278,6 +290,23 @@ mod tests {
         assert_eq!(origins(10, 16), vec![0]);
         assert_eq!(origins(20, 8), vec![0, 4, 8, 12]);
         assert_eq!(origins(21, 8), vec![0, 4, 8, 12, 13]);
+    }
+
+    #[test]
+    fn overlays_show_the_image_whatever_the_normalisation() {
+        // A zscore-normalised ramp: half of it is negative, which clamping to [0, 1] showed black.
+        let image: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) / 18.5).collect();
+        let s = Sample {
+            name: "ramp".into(),
+            image,
+            mask: vec![0; 64],
+            channels: 1,
+            shape: [1, 8, 8],
+            source: "ramp.png".into(),
+        };
+        let grey = display_grey(&s);
+        assert_eq!((grey[0], grey[63]), (0, 255));
+        assert!(grey.windows(2).all(|w| w[0] <= w[1]) && grey[16] > 0 && grey[31] > 64, "{grey:?}");
     }
 
     #[test]

@@ -21,7 +21,8 @@ pub fn is_supported(path: &Path) -> bool {
     is_volume(path) || IMAGE_EXTS.contains(&ext.as_str())
 }
 
-/// Raw channels-first voxels plus [depth, height, width].
+/// Raw channels-first voxels in the file's own units (8-bit 0..255, 16-bit 0..65535, floats and
+/// NIfTI as stored), plus [depth, height, width].
 pub struct Raw {
     pub data: Vec<f32>,
     pub channels: usize,
@@ -36,27 +37,90 @@ fn decode(path: &Path, what: &str) -> anyhow::Result<DynamicImage> {
         .with_context(|| format!("cannot decode {what} {}", path.display()))
 }
 
-fn read_image(path: &Path) -> anyhow::Result<Raw> {
-    let img = decode(path, "image")?;
+/// The first `channels` samples of each `stride`-sample pixel, channel-planar.
+fn planar<T: Copy + Into<f32>>(v: &[T], stride: usize, channels: usize) -> Vec<f32> {
+    (0..channels).flat_map(|c| v.iter().skip(c).step_by(stride).map(|&x| x.into())).collect()
+}
+
+/// A 2D image in the file's own units (alpha dropped) and its sample type's full scale.
+fn read_image(path: &Path, what: &str) -> anyhow::Result<(Raw, f32)> {
+    if let Some(grey) = read_tiff_grey(path, what)? {
+        return Ok(grey);
+    }
+    let img = decode(path, what)?;
     let (w, h) = img.dimensions();
-    let (w, h) = (w as usize, h as usize);
-    let channels = img.color().channel_count() as usize;
-    let (data, channels) = match (&img, channels) {
-        (
-            DynamicImage::ImageLuma8(_)
-            | DynamicImage::ImageLuma16(_)
-            | DynamicImage::ImageLumaA8(_)
-            | DynamicImage::ImageLumaA16(_),
-            _,
-        ) => (img.to_luma32f().into_raw(), 1),
-        (DynamicImage::ImageRgb32F(_) | DynamicImage::ImageRgba32F(_), _) | (_, 3 | 4) => {
-            let rgb = img.to_rgb32f().into_raw();
-            let planar = (0..3).flat_map(|c| rgb.iter().skip(c).step_by(3).copied().collect::<Vec<_>>()).collect();
-            (planar, 3)
-        }
-        _ => (img.to_luma32f().into_raw(), 1),
+    let shape = [1, h as usize, w as usize];
+    let raw = |data, channels| Raw { data, channels, shape };
+    Ok(match &img {
+        DynamicImage::ImageLuma8(b) => (raw(planar(b.as_raw(), 1, 1), 1), 255.0),
+        DynamicImage::ImageLumaA8(b) => (raw(planar(b.as_raw(), 2, 1), 1), 255.0),
+        DynamicImage::ImageRgb8(b) => (raw(planar(b.as_raw(), 3, 3), 3), 255.0),
+        DynamicImage::ImageRgba8(b) => (raw(planar(b.as_raw(), 4, 3), 3), 255.0),
+        DynamicImage::ImageLuma16(b) => (raw(planar(b.as_raw(), 1, 1), 1), 65535.0),
+        DynamicImage::ImageLumaA16(b) => (raw(planar(b.as_raw(), 2, 1), 1), 65535.0),
+        DynamicImage::ImageRgb16(b) => (raw(planar(b.as_raw(), 3, 3), 3), 65535.0),
+        DynamicImage::ImageRgba16(b) => (raw(planar(b.as_raw(), 4, 3), 3), 65535.0),
+        DynamicImage::ImageRgb32F(b) => (raw(planar(b.as_raw(), 3, 3), 3), 1.0),
+        DynamicImage::ImageRgba32F(b) => (raw(planar(b.as_raw(), 4, 3), 3), 1.0),
+        other => bail!("{what} {} has an unsupported pixel type {:?}", path.display(), other.color()),
+    })
+}
+
+/// Grey TIFFs the `image` crate refuses (32/64-bit, floating-point or signed samples), read with
+/// the `tiff` crate; `None` for any other file, which `image` reads.
+fn read_tiff_grey(path: &Path, what: &str) -> anyhow::Result<Option<(Raw, f32)>> {
+    use tiff::decoder::{Decoder, DecodingResult as D};
+    let guessed = image::ImageReader::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    if guessed.with_guessed_format()?.format() != Some(image::ImageFormat::Tiff) {
+        return Ok(None);
+    }
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // A file the `tiff` crate cannot even open is left to `image`, which reports it.
+    let Ok(mut dec) = Decoder::new(std::io::BufReader::new(file)) else { return Ok(None) };
+    let Ok(tiff::ColorType::Gray(bits)) = dec.colortype() else { return Ok(None) };
+    let formats = dec.find_tag_unsigned_vec::<u16>(tiff::tags::Tag::SampleFormat).ok().flatten().unwrap_or_default();
+    if matches!(bits, 1 | 8 | 16) && formats.iter().all(|&f| f == 1) {
+        return Ok(None);
+    }
+    let cannot = || format!("cannot decode {what} {}", path.display());
+    let (w, h) = dec.dimensions().with_context(cannot)?;
+    let conv = |v: Vec<f32>, full: f64| (v, full as f32);
+    let (data, full_scale) = match dec.read_image().with_context(cannot)? {
+        D::U8(v) => conv(planar(&v, 1, 1), u8::MAX.into()),
+        D::U16(v) => conv(planar(&v, 1, 1), u16::MAX.into()),
+        D::U32(v) => conv(v.into_iter().map(|x| x as f32).collect(), u32::MAX.into()),
+        D::U64(v) => conv(v.into_iter().map(|x| x as f32).collect(), u64::MAX as f64),
+        D::I8(v) => conv(planar(&v, 1, 1), i8::MAX.into()),
+        D::I16(v) => conv(planar(&v, 1, 1), i16::MAX.into()),
+        D::I32(v) => conv(v.into_iter().map(|x| x as f32).collect(), i32::MAX.into()),
+        D::I64(v) => conv(v.into_iter().map(|x| x as f32).collect(), i64::MAX as f64),
+        D::F16(v) => conv(v.into_iter().map(f32::from).collect(), 1.0),
+        D::F32(v) => conv(v, 1.0),
+        D::F64(v) => conv(v.into_iter().map(|x| x as f32).collect(), 1.0),
     };
-    Ok(Raw { data, channels, shape: [1, h, w] })
+    let (w, h) = (w as usize, h as usize);
+    ensure!(data.len() == w * h, "{what} {}: {} samples for {w}x{h} pixels", path.display(), data.len());
+    Ok(Some((Raw { data, channels: 1, shape: [1, h, w] }, full_scale)))
+}
+
+/// The full scale of a NIfTI file's integer voxel type; 1 for floats and scaled (scl_slope)
+/// data, taken as already in [0, 1].
+fn nifti_full_scale(header: &nifti::NiftiHeader) -> f32 {
+    use nifti::NiftiType as T;
+    if !(header.scl_slope == 0.0 || header.scl_slope == 1.0) || header.scl_inter != 0.0 {
+        return 1.0;
+    }
+    match header.data_type() {
+        Ok(T::Uint8) => u8::MAX as f32,
+        Ok(T::Int8) => i8::MAX as f32,
+        Ok(T::Uint16) => u16::MAX as f32,
+        Ok(T::Int16) => i16::MAX as f32,
+        Ok(T::Uint32) => u32::MAX as f32,
+        Ok(T::Int32) => i32::MAX as f32,
+        Ok(T::Uint64) => u64::MAX as f32,
+        Ok(T::Int64) => i64::MAX as f32,
+        _ => 1.0,
+    }
 }
 
 fn read_volume(path: &Path) -> anyhow::Result<(Raw, nifti::NiftiHeader)> {
@@ -84,8 +148,20 @@ fn read_volume(path: &Path) -> anyhow::Result<(Raw, nifti::NiftiHeader)> {
     Ok((Raw { data, channels, shape: [z, y, x] }, header))
 }
 
+/// An image or volume in the file's own units.
 pub fn read_raw(path: &Path) -> anyhow::Result<Raw> {
-    if is_volume(path) { Ok(read_volume(path)?.0) } else { read_image(path) }
+    Ok(read_scaled(path)?.0)
+}
+
+/// [`read_raw`] plus the full scale of the file's sample type (255 for 8-bit, 65535 for 16-bit,
+/// the maximum of other integer types, 1 for floating-point data).
+pub fn read_scaled(path: &Path) -> anyhow::Result<(Raw, f32)> {
+    if is_volume(path) {
+        let (raw, header) = read_volume(path)?;
+        Ok((raw, nifti_full_scale(&header)))
+    } else {
+        read_image(path, "image")
+    }
 }
 
 pub fn read_header(path: &Path) -> anyhow::Result<nifti::NiftiHeader> {
@@ -94,7 +170,7 @@ pub fn read_header(path: &Path) -> anyhow::Result<nifti::NiftiHeader> {
 
 /// Reads an image, converts it to `cfg.channels`, checks its values and normalises it.
 pub fn read_input(path: &Path, cfg: &DataConfig) -> anyhow::Result<(Vec<f32>, [usize; 3])> {
-    let raw = read_raw(path)?;
+    let (raw, full_scale) = read_scaled(path)?;
     let n = raw.shape.iter().product::<usize>();
     if let Some(i) = raw.data.iter().position(|v| !v.is_finite()) {
         bail!("{} has a non-finite value at voxel {i}", path.display());
@@ -106,31 +182,53 @@ pub fn read_input(path: &Path, cfg: &DataConfig) -> anyhow::Result<(Vec<f32>, [u
         (a, b) => bail!("{} has {a} channel(s) but the model takes {b} (set --channels {a})", path.display()),
     };
     let mut data = data;
-    cfg.normalize.apply(&mut data, cfg.channels);
+    cfg.normalize.apply(&mut data, cfg.channels, full_scale);
     Ok((data, raw.shape))
 }
 
-/// Reads a mask as label ids: `> 0` for binary, the value itself for multi-class.
+/// Reads a mask as label ids in the file's own values: `> 0` is foreground for binary
+/// (`classes == 1`), the value itself the class for multi-class. A value that is negative, not
+/// a whole number, or (multi-class) not below `classes` and 256 is an error naming the file.
 pub fn read_mask(path: &Path, classes: usize) -> anyhow::Result<(Vec<u8>, [usize; 3])> {
-    let raw = if is_volume(path) {
-        read_volume(path)?.0
-    } else {
-        let img = decode(path, "mask")?;
-        let (w, h) = img.dimensions();
-        let data = img.to_luma16().into_raw().into_iter().map(|v| v as f32).collect();
-        Raw { data, channels: 1, shape: [1, h as usize, w as usize] }
+    let raw = if is_volume(path) { read_volume(path)?.0 } else { read_image(path, "mask")?.0 };
+    let n = raw.shape.iter().product::<usize>();
+    let values = match raw.channels {
+        1 => raw.data,
+        // Grey masks saved as RGB are common; colour ones only say foreground or not.
+        3 if !is_volume(path) => {
+            let (r, gb) = raw.data.split_at(n);
+            let (g, b) = gb.split_at(n);
+            if r == g && g == b {
+                r.to_vec()
+            } else {
+                ensure!(
+                    classes == 1,
+                    "mask {} is in colour; multi-class masks must hold the class ids (0..{}) as grey values",
+                    path.display(),
+                    classes - 1
+                );
+                (0..n).map(|i| r[i].max(g[i]).max(b[i])).collect()
+            }
+        }
+        c => bail!("mask {} has {c} channels; masks must be single-channel", path.display()),
     };
-    ensure!(raw.channels == 1, "mask {} has {} channels; masks must be single-channel", path.display(), raw.channels);
-    let mut labels = Vec::with_capacity(raw.data.len());
-    for v in raw.data {
-        ensure!(v.is_finite() && v >= 0.0, "mask {} has an invalid label value {v}", path.display());
-        let id = if classes == 1 { (v > 0.0) as u8 } else { v.round() as usize as u8 };
-        ensure!(
-            classes == 1 || (id as usize) < classes,
-            "mask {} has label {v} but --classes is {classes} (labels 0..{})",
-            path.display(),
-            classes - 1
-        );
+    // Labels are stored as u8.
+    let top = classes.min(256) - 1;
+    let allowed = if classes == 1 {
+        "0 for background, any positive whole number for foreground".to_string()
+    } else {
+        format!("labels 0..{top}")
+    };
+    let mut labels = Vec::with_capacity(values.len());
+    for v in values {
+        ensure!(v.is_finite(), "mask {} has a non-finite value {v} ({allowed})", path.display());
+        ensure!(v >= 0.0 && v.fract() == 0.0, "mask {} has an invalid label value {v} ({allowed})", path.display());
+        let id = if classes == 1 {
+            (v > 0.0) as u8
+        } else {
+            ensure!(v <= top as f32, "mask {} has label {v} but --classes is {classes} ({allowed})", path.display());
+            v as u8
+        };
         labels.push(id);
     }
     Ok((labels, raw.shape))

@@ -29,7 +29,9 @@ impl Sample {
     }
 }
 
-/// Per-image intensity normalisation.
+/// Per-image intensity normalisation. Every kind works on intensities in the file's own units
+/// (8-bit 0..255, 16-bit 0..65535, floating-point TIFF and NIfTI as stored, NIfTI after
+/// scl_slope/scl_inter), so a setting means the same on every format.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Normalize {
@@ -37,25 +39,36 @@ pub enum Normalize {
     Percentile { low: f32, high: f32 },
     /// Zero mean, unit variance.
     ZScore,
-    /// A fixed intensity window (e.g. CT Hounsfield units) mapped to [0, 1], clipped.
+    /// A fixed intensity window in the file's units (e.g. CT Hounsfield units, or 0..4095 of a
+    /// 12-bit image stored in 16 bits) mapped to [0, 1], clipped.
     Window { low: f32, high: f32 },
-    /// What ImageNet-pretrained encoders (torchvision, smp) expect: [0, 1] by the bit depth,
-    /// then the ImageNet mean/std per RGB channel (their average for grey).
+    /// What ImageNet-pretrained encoders (torchvision, smp) expect, as albumentations'
+    /// `Normalize()`: divided by the sample type's full scale (its `max_pixel_value`: 255 for
+    /// 8-bit, 65535 for 16-bit, 1 for floating-point data), then the ImageNet mean/std per RGB
+    /// channel (their average for grey).
     Imagenet,
 }
 
 impl std::str::FromStr for Normalize {
     type Err = String;
-    /// `percentile`, `percentile:1:99`, `zscore`, `window:-1000:400`.
+    /// `percentile`, `percentile:1:99`, `zscore`, `imagenet`, `window:-1000:400`.
     fn from_str(s: &str) -> Result<Self, String> {
         let parts: Vec<&str> = s.split(':').collect();
         let nums = |i: usize, j: usize| -> Result<(f32, f32), String> {
             let p = |k: usize| parts[k].parse::<f32>().map_err(|e| format!("`{s}`: {e}"));
-            Ok((p(i)?, p(j)?))
+            let (a, b) = (p(i)?, p(j)?);
+            // An empty range would map every voxel to 0.
+            if a < b { Ok((a, b)) } else { Err(format!("`{s}`: LOW must be below HIGH")) }
         };
         match parts.as_slice() {
             ["percentile"] => Ok(Normalize::Percentile { low: 0.5, high: 99.5 }),
-            ["percentile", _, _] => nums(1, 2).map(|(low, high)| Normalize::Percentile { low, high }),
+            ["percentile", _, _] => nums(1, 2).and_then(|(low, high)| {
+                if low >= 0.0 && high <= 100.0 {
+                    Ok(Normalize::Percentile { low, high })
+                } else {
+                    Err(format!("`{s}`: percentiles must lie in 0..100"))
+                }
+            }),
             ["zscore"] => Ok(Normalize::ZScore),
             ["imagenet"] => Ok(Normalize::Imagenet),
             ["window", _, _] => nums(1, 2).map(|(low, high)| Normalize::Window { low, high }),
@@ -67,11 +80,11 @@ impl std::str::FromStr for Normalize {
 }
 
 impl Normalize {
-    /// Normalises each channel of an image in place.
-    pub fn apply(&self, data: &mut [f32], channels: usize) {
+    /// Normalises each channel of an image in place. `data` is in the file's own units and
+    /// `full_scale` its sample type's full scale (see [`io::read_scaled`]), which only
+    /// `Imagenet` uses.
+    pub fn apply(&self, data: &mut [f32], channels: usize, full_scale: f32) {
         let n = data.len() / channels;
-        // 8-bit unless a value says otherwise.
-        let depth = if data.iter().any(|&x| x > 255.0) { 65535.0 } else { 255.0 };
         for (c, ch) in data.chunks_mut(n).enumerate() {
             let (a, b) = match *self {
                 Normalize::Imagenet => {
@@ -80,7 +93,7 @@ impl Normalize {
                     } else {
                         (0.449, 0.226)
                     };
-                    ch.iter_mut().for_each(|x| *x = (*x / depth - mean) / sd);
+                    ch.iter_mut().for_each(|x| *x = (*x / full_scale - mean) / sd);
                     continue;
                 }
                 Normalize::Window { low, high } => (low, high),
@@ -102,7 +115,8 @@ impl Normalize {
     }
 }
 
-fn percentile(v: &mut [f32], p: f32) -> f32 {
+/// The `p`-th percentile (nearest rank) of `v`, which it reorders.
+pub(crate) fn percentile(v: &mut [f32], p: f32) -> f32 {
     let k = ((p / 100.0) * (v.len() - 1) as f32).round() as usize;
     *v.select_nth_unstable_by(k.min(v.len() - 1), |a, b| a.total_cmp(b)).1
 }
@@ -240,7 +254,7 @@ mod tests {
     #[test]
     fn percentile_normalisation_maps_to_unit_range() {
         let mut v: Vec<f32> = (0..=100).map(|x| x as f32).collect();
-        Normalize::Percentile { low: 10.0, high: 90.0 }.apply(&mut v, 1);
+        Normalize::Percentile { low: 10.0, high: 90.0 }.apply(&mut v, 1, 255.0);
         assert_eq!(v[10], 0.0);
         assert_eq!(v[50], 0.5);
         assert_eq!(v[90], 1.0);
@@ -250,21 +264,53 @@ mod tests {
     #[test]
     fn zscore_and_window() {
         let mut v = vec![1.0, 3.0];
-        Normalize::ZScore.apply(&mut v, 1);
+        Normalize::ZScore.apply(&mut v, 1, 255.0);
         assert_eq!(v, vec![-1.0, 1.0]);
         let mut v = vec![-1000.0, -300.0, 400.0, 1000.0];
-        "window:-1000:400".parse::<Normalize>().unwrap().apply(&mut v, 1);
+        "window:-1000:400".parse::<Normalize>().unwrap().apply(&mut v, 1, 1.0);
         assert_eq!(v, vec![0.0, 0.5, 1.0, 1.0]);
     }
 
     #[test]
-    fn imagenet_per_channel() {
-        // One pixel per channel, RGB at 8 bits: (x/255 - mean) / std.
-        let mut v = vec![0.0, 255.0, 102.0];
-        "imagenet".parse::<Normalize>().unwrap().apply(&mut v, 3);
+    fn imagenet_divides_by_the_full_scale_given_not_a_guess() {
+        // One pixel per channel, RGB at 8 bits: (x/255 - mean) / std, albumentations' Normalize().
         let want = [-0.485 / 0.229, (1.0 - 0.456) / 0.224, (0.4 - 0.406) / 0.225];
-        for (a, b) in v.iter().zip(want) {
-            assert!((a - b).abs() < 1e-5, "{v:?}");
+        for (v, full) in [([0.0, 255.0, 102.0], 255.0), ([0.0, 65535.0, 26214.0], 65535.0), ([0.0, 1.0, 0.4], 1.0)] {
+            let mut v = v.to_vec();
+            "imagenet".parse::<Normalize>().unwrap().apply(&mut v, 3, full);
+            for (a, b) in v.iter().zip(want) {
+                assert!((a - b).abs() < 1e-5, "full scale {full}: {v:?}");
+            }
         }
+        // A dark 16-bit image (no value above 255) is still 16-bit.
+        let mut v = vec![255.0];
+        Normalize::Imagenet.apply(&mut v, 1, 65535.0);
+        assert!((v[0] - (255.0 / 65535.0 - 0.449) / 0.226).abs() < 1e-5, "{v:?}");
+    }
+
+    #[test]
+    fn percentile_and_zscore_do_not_depend_on_the_units() {
+        let grey: Vec<f32> = (0..200).map(|i| ((i * 37) % 256) as f32).collect();
+        for norm in [
+            Normalize::Percentile { low: 0.5, high: 99.5 },
+            Normalize::Percentile { low: 5.0, high: 60.0 },
+            Normalize::ZScore,
+        ] {
+            let (mut file, mut unit) = (grey.clone(), grey.iter().map(|x| x / 255.0).collect::<Vec<_>>());
+            norm.apply(&mut file, 1, 255.0);
+            norm.apply(&mut unit, 1, 255.0);
+            for (a, b) in file.iter().zip(&unit) {
+                assert!((a - b).abs() < 1e-5, "{norm:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn empty_ranges_are_refused() {
+        for bad in ["window:400:-1000", "window:5:5", "percentile:99:1", "percentile:-1:50", "percentile:1:101"] {
+            let e = bad.parse::<Normalize>().unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+        assert_eq!("window:-1000:400".parse::<Normalize>(), Ok(Normalize::Window { low: -1000.0, high: 400.0 }));
     }
 }
