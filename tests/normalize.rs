@@ -291,5 +291,5 @@ fn rgb_masks() {
     image::RgbImage::from_raw(2, 1, vec![0, 0, 0, 0, 0, 9]).unwrap().save(&colour).unwrap();
     assert_eq!(read_mask(&colour, 1).unwrap().0, vec![0, 1]);
     let e = mask_err(&colour, 3);
-    assert!(e.contains("colour.png") && e.contains("colour") && e.contains("0..2"), "{e}");
+    assert!(e.contains("colour.png") && e.contains("is in colour") && e.contains("0..2"), "{e}");
 }

@@ -191,6 +191,8 @@ pub fn read_input(path: &Path, cfg: &DataConfig) -> anyhow::Result<(Vec<f32>, [u
 /// a whole number, or (multi-class) not below `classes` and 256 is an error naming the file.
 pub fn read_mask(path: &Path, classes: usize) -> anyhow::Result<(Vec<u8>, [usize; 3])> {
     let raw = if is_volume(path) { read_volume(path)?.0 } else { read_image(path, "mask")?.0 };
+    // Labels are stored as u8.
+    let top = classes.clamp(1, 256) - 1;
     let n = raw.shape.iter().product::<usize>();
     let values = match raw.channels {
         1 => raw.data,
@@ -203,17 +205,14 @@ pub fn read_mask(path: &Path, classes: usize) -> anyhow::Result<(Vec<u8>, [usize
             } else {
                 ensure!(
                     classes == 1,
-                    "mask {} is in colour; multi-class masks must hold the class ids (0..{}) as grey values",
-                    path.display(),
-                    classes - 1
+                    "mask {} is in colour; multi-class masks must hold the class ids (0..{top}) as grey values",
+                    path.display()
                 );
                 (0..n).map(|i| r[i].max(g[i]).max(b[i])).collect()
             }
         }
         c => bail!("mask {} has {c} channels; masks must be single-channel", path.display()),
     };
-    // Labels are stored as u8.
-    let top = classes.min(256) - 1;
     let allowed = if classes == 1 {
         "0 for background, any positive whole number for foreground".to_string()
     } else {
