@@ -173,6 +173,13 @@ fn window_is_in_the_files_units_on_every_format() {
     float_tiff(&ft, 3, 1, &[-1000.0, -300.0, 1000.0]);
     close(&input(&ft, 1, "window:-1000:400"), &[0.0, 0.5, 1.0], "float32 TIFF");
 
+    // CT slices exported as signed 16-bit TIFF, which the `image` crate refuses.
+    let it = tmp.path().join("i16.tif");
+    let file = std::fs::File::create(&it).unwrap();
+    let mut enc = tiff::encoder::TiffEncoder::new(file).unwrap();
+    enc.write_image::<tiff::encoder::colortype::GrayI16>(3, 1, &[-1024i16, -300, 3000]).unwrap();
+    close(&input(&it, 1, "window:-1000:400"), &[0.0, 0.5, 1.0], "int16 TIFF");
+
     let vol = tmp.path().join("e.nii.gz");
     nifti(&vol, vec![-1000i16, -300, 1000]);
     close(&input(&vol, 1, "window:-1000:400"), &[0.0, 0.5, 1.0], "int16 NIfTI");
