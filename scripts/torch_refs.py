@@ -6,8 +6,8 @@ conv1/bn1/conv2/bn2, heads `final` or `final1..4`, bilinear up-sampling with
 align_corners=True), with the filter widths as a parameter so the test files stay small.
 Also writes segmentation_models.pytorch `UnetPlusPlus` checkpoints on ResNet encoders.
 Also writes tests/normalize.rs's fixtures (`scaling`): small image files (8-bit RGB and grey PNG,
-16-bit TIFF and PNG, float32 TIFF) and the probabilities two of the NestedUNet checkpoints above
-give on them when fed the way PyTorch users feed them (see `feed`).
+16-bit TIFF and PNG, float32 TIFF), two width-2 NestedUNets (scaling/*_model.pth) and the
+probabilities they give on those files fed the way PyTorch users feed them (see `feed`).
 Run with torch installed (scripts/peer-venv, or python3 -m venv .venv && .venv/bin/pip install
 torch safetensors pillow segmentation-models-pytorch==0.6.0):
 
