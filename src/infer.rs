@@ -200,10 +200,10 @@ fn write_overlay(dir: &Path, s: &Sample, pred: &[u8]) -> anyhow::Result<()> {
     let [_, h, w] = s.shape;
     let n = h * w;
     let mut rgb = Vec::with_capacity(3 * n);
-    for i in 0..n {
+    for (i, (&p, &t)) in pred.iter().zip(&s.mask).enumerate().take(n) {
         let g = ((0..s.channels).map(|c| s.image[c * n + i]).sum::<f32>() / s.channels as f32).clamp(0.0, 1.0);
         let g = (g * 255.0) as u8;
-        let (p, t) = (pred[i] > 0, s.mask[i] > 0);
+        let (p, t) = (p > 0, t > 0);
         rgb.extend(match (p, t) {
             (true, true) => [g / 2, 255, g / 2],
             (true, false) => [255, g / 2, g / 2],

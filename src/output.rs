@@ -265,6 +265,28 @@ mod tests {
     }
 
     #[test]
+    fn own_outputs_carry_the_mark_and_others_do_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        crate::data::io::write_png(&d.join("m.png"), &[0, 255, 0, 255], [1, 2, 2]).unwrap();
+        image::GrayImage::new(2, 2).save(d.join("user.png")).unwrap();
+        std::fs::write(d.join("junk.png"), b"not a png").unwrap();
+        assert!(is_ours(&d.join("m.png")));
+        assert!(!is_ours(&d.join("user.png")) && !is_ours(&d.join("junk.png")) && !is_ours(&d.join("none.png")));
+        assert_eq!(image::open(d.join("m.png")).unwrap().to_luma8().into_raw(), vec![0, 255, 0, 255]);
+
+        let vol = ndarray::Array3::<f32>::zeros((3, 4, 5));
+        nifti::writer::WriterOptions::new(d.join("ref.nii")).write_nifti(&vol).unwrap();
+        assert!(!is_ours(&d.join("ref.nii")));
+        for name in ["p.nii", "p.nii.gz"] {
+            // The uncompressed writer's size check must accept a complete file.
+            crate::data::io::write_nifti(&d.join(name), &[1u8; 60], [5, 4, 3], &d.join("ref.nii")).unwrap();
+            assert!(is_ours(&d.join(name)), "{name}");
+            assert_eq!(crate::data::io::read_raw(&d.join(name)).unwrap().data, vec![1.0; 60]);
+        }
+    }
+
+    #[test]
     fn resolve_handles_dot_dot_links_and_missing_tails() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().canonicalize().unwrap();

@@ -40,7 +40,16 @@ fn samples(name: &str) -> PathBuf {
 fn checkpoint() -> &'static Path {
     static CK: OnceLock<PathBuf> = OnceLock::new();
     CK.get_or_init(|| {
-        let run = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("outputs-ck-{}", std::process::id()));
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        // Earlier runs' models, unless another run of this file may still be using one.
+        for e in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+            let old =
+                e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().unwrap_or_default().as_secs() > 600);
+            if e.file_name().to_string_lossy().starts_with("outputs-ck-") && old {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let run = tmp.join(format!("outputs-ck-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&run);
         let data = samples("nuclei");
         let mut args: Vec<OsString> =
@@ -260,9 +269,9 @@ fn no_temporaries(dir: &Path) {
     }
 }
 
-/// The disk fills during the third prediction and during eval's summary: exit 1 naming the file
-/// and the cause, the earlier files complete and the same as on a roomy disk, no partial or
-/// temporary file left.
+/// The disk fills during the third prediction, during eval's second overlay (small images, whose
+/// PNGs fit in an encoder's buffer) and during eval's summary: exit 1 naming the file and the
+/// cause, the earlier files complete and the same as on a roomy disk, no partial or temporary file.
 #[test]
 fn full_disk_leaves_complete_files_and_no_partial_ones() {
     let tmp = tempfile::tempdir().unwrap();
@@ -287,6 +296,31 @@ fn full_disk_leaves_complete_files_and_no_partial_ones() {
         assert_eq!(got, std::fs::read(roomy.join(n)).unwrap(), "{n} differs from a roomy disk's");
         image::load_from_memory(&got).unwrap();
     }
+    drop(disk);
+
+    // 48x48 crops: each overlay is a few KB.
+    let small = tmp.path().join("small");
+    for sub in ["images", "masks"] {
+        std::fs::create_dir_all(small.join(sub)).unwrap();
+        for e in std::fs::read_dir(samples("nuclei").join("test").join(sub)).unwrap().flatten() {
+            let crop = image::open(e.path()).unwrap().crop_imm(40, 40, 48, 48);
+            crop.save(small.join(sub).join(e.path().with_extension("png").file_name().unwrap())).unwrap();
+        }
+    }
+    let roomy = tmp.path().join("eval-small");
+    ok(&eval_args(&small, &roomy));
+    let overlays = snapshot(&roomy.join("overlays"));
+    assert!(overlays.iter().all(|(_, b)| b.len() < 8192), "overlays should be small");
+    let disk = Tmpfs::new(pages(overlays[0].1.len()));
+    let out = disk.0.path().join("eval");
+    let second = overlays[1].0.file_name().unwrap().to_string_lossy().into_owned();
+    fails(&eval_args(&small, &out), &["No space left", &second]);
+    no_temporaries(disk.0.path());
+    assert_eq!(snapshot(&out.join("overlays")).len(), 1);
+    let got = std::fs::read(out.join("overlays").join(overlays[0].0.file_name().unwrap())).unwrap();
+    assert_eq!(got, overlays[0].1);
+    image::load_from_memory(&got).unwrap();
+    assert!(!out.join("scores.csv").exists() && !out.join("summary.json").exists());
     drop(disk);
 
     let roomy = tmp.path().join("eval");
