@@ -89,20 +89,16 @@ pub fn resolve(path: &Path) -> PathBuf {
     out
 }
 
-/// Whether two existing paths are the same file (hard links and symbolic links included).
-fn same_file(a: &Path, b: &Path) -> bool {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        match (std::fs::metadata(a), std::fs::metadata(b)) {
-            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-            _ => false,
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
-    }
+/// What identifies an existing file across hard and symbolic links.
+#[cfg(unix)]
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_id(path: &Path) -> Option<PathBuf> {
+    path.canonicalize().ok()
 }
 
 /// Whether `path` is a prediction unetpp wrote (it carries the mark).
@@ -188,6 +184,19 @@ pub fn plan_predictions(
         }
     }
 
+    // Any data set's images/, masks/ or labels/ (one with images/ beside it), not only the inputs'.
+    if let (Some(name), Some(root)) = (target.file_name(), target.parent())
+        && ["images", "masks", "labels"].iter().any(|d| name == OsStr::new(d))
+        && root.join("images").is_dir()
+    {
+        bail!(
+            "--out {} is the {}/ folder of the data set {}: predictions must not be mixed into a data set's \
+             images or ground truth; choose another folder",
+            out.display(),
+            name.to_string_lossy(),
+            root.display()
+        );
+    }
     let mut by_stem: HashMap<OsString, &PathBuf> = HashMap::new();
     for f in files {
         if let Some(prev) = by_stem.insert(os_stem(f), f) {
@@ -199,6 +208,7 @@ pub fn plan_predictions(
             );
         }
     }
+    let ids: HashMap<_, &PathBuf> = files.iter().filter_map(|f| Some((file_id(f)?, f))).collect();
     let mut plan = vec![];
     let mut owner: HashMap<PathBuf, &PathBuf> = HashMap::new();
     let mut foreign = vec![];
@@ -213,10 +223,10 @@ pub fn plan_predictions(
                     p.display()
                 );
             }
-            if let Some(i) = files.iter().find(|i| same_file(i, p)) {
-                bail!("output {} would replace the input {} (nothing was written)", p.display(), i.display());
-            }
             if let Ok(m) = std::fs::symlink_metadata(p) {
+                if let Some(i) = file_id(p).and_then(|id| ids.get(&id)) {
+                    bail!("output {} would replace the input {} (nothing was written)", p.display(), i.display());
+                }
                 if m.is_dir() {
                     bail!("output {} exists and is a folder (nothing was written)", p.display());
                 }

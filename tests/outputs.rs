@@ -141,6 +141,13 @@ fn out_holding_inputs_or_masks_is_refused() {
     for (input, out, why) in cases {
         fails(&predict_args(&input, &out, &["--probabilities", "--overwrite"]), &["--out", why]);
     }
+    // Any data set's folders, not only the inputs'.
+    std::fs::create_dir_all(tmp.path().join("other/images")).unwrap();
+    for sub in ["images", "masks", "labels"] {
+        let out = tmp.path().join("other").join(sub);
+        fails(&predict_args(&images, &out, &[]), &[&format!("is the {sub}/ folder of the data set")]);
+        assert_eq!(count_files(&out), 0);
+    }
     // Labels are ground truth too.
     std::fs::rename(d.join("masks"), d.join("labels")).unwrap();
     fails(&predict_args(&images, &d.join("labels"), &["--overwrite"]), &["the ground-truth folder"]);
