@@ -276,11 +276,12 @@ fn no_temporaries(dir: &Path) {
     }
 }
 
-/// The disk fills during the third prediction, during eval's second overlay (small images, whose
-/// PNGs fit in an encoder's buffer) and during eval's summary: exit 1 naming the file and the
-/// cause, the earlier files complete and the same as on a roomy disk, no partial or temporary file.
+/// The disk fills during the third prediction (then, below, during eval's second overlay of small
+/// images, whose PNGs fit in an encoder's buffer, and during eval's summary): exit 1 naming the
+/// file and the cause, earlier files complete and the same as on a roomy disk, no partial or
+/// temporary file left.
 #[test]
-fn full_disk_leaves_complete_files_and_no_partial_ones() {
+fn full_disk_during_predict_leaves_complete_files_and_no_partial_ones() {
     let tmp = tempfile::tempdir().unwrap();
     let images = samples("nuclei").join("test/images");
     let roomy = tmp.path().join("roomy");
@@ -303,8 +304,11 @@ fn full_disk_leaves_complete_files_and_no_partial_ones() {
         assert_eq!(got, std::fs::read(roomy.join(n)).unwrap(), "{n} differs from a roomy disk's");
         image::load_from_memory(&got).unwrap();
     }
-    drop(disk);
+}
 
+#[test]
+fn full_disk_during_eval_leaves_complete_files_and_no_partial_ones() {
+    let tmp = tempfile::tempdir().unwrap();
     // 48x48 crops: each overlay is a few KB.
     let small = tmp.path().join("small");
     for sub in ["images", "masks"] {
