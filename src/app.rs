@@ -73,6 +73,7 @@ fn eval_d<const D: usize>(
     let model = model.fold_batchnorm();
     let splits = Splits::find(data_dir)?;
     let dir = splits.test.or(splits.val).context("no test/ or val/ split to evaluate")?;
+    crate::output::check_eval_out(data_dir, out)?;
     let samples = data::load(&dir, &meta.data, true, skip_bad)?;
     let overlays = out.join("overlays");
     std::fs::create_dir_all(&overlays).with_context(|| format!("cannot create {}", overlays.display()))?;
@@ -91,28 +92,44 @@ fn eval_d<const D: usize>(
     Ok(summary)
 }
 
-/// Predicts masks for one file or every image in a folder (or its `images/`).
-pub fn predict(ck: &Path, input: &Path, out: &Path, opts: &InferOptions, probs: bool) -> anyhow::Result<Vec<PathBuf>> {
+/// Predicts masks for one file or every image in a folder (or its `images/`); returns the files
+/// written. Refused before anything is written: an `out` that is the inputs' folder or the data's
+/// ground truth, inputs whose outputs would share a name, and (unless `overwrite`) existing files
+/// in `out` that unetpp did not write; its own earlier predictions are replaced.
+pub fn predict(
+    ck: &Path,
+    input: &Path,
+    out: &Path,
+    opts: &InferOptions,
+    probs: bool,
+    overwrite: bool,
+) -> anyhow::Result<Vec<PathBuf>> {
     match checkpoint::read_meta(ck)?.model.dims {
-        2 => predict_d::<4>(ck, input, out, opts, probs),
-        _ => predict_d::<5>(ck, input, out, opts, probs),
+        2 => predict_d::<4>(ck, input, out, opts, probs, overwrite),
+        _ => predict_d::<5>(ck, input, out, opts, probs, overwrite),
     }
 }
 
-fn inputs(input: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// The folder the inputs are in, and the inputs: `input` itself, or the supported, non-hidden
+/// files of the folder (or of its `images/`), sorted.
+fn inputs(input: &Path) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
     if input.is_file() {
-        return Ok(vec![input.to_path_buf()]);
+        let dir = input.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        return Ok((dir.to_path_buf(), vec![input.to_path_buf()]));
     }
     let dir = if input.join("images").is_dir() { input.join("images") } else { input.to_path_buf() };
+    // Hidden files are skipped as in data sets: they include a killed run's temporary files.
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("cannot read {}", dir.display()))?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.is_file() && io::is_supported(p))
+        .filter(|p| {
+            p.is_file() && io::is_supported(p) && !p.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+        })
         .collect();
     files.sort();
     anyhow::ensure!(!files.is_empty(), "no images found in {}", dir.display());
-    Ok(files)
+    Ok((dir, files))
 }
 
 fn predict_d<const D: usize>(
@@ -121,18 +138,23 @@ fn predict_d<const D: usize>(
     out: &Path,
     opts: &InferOptions,
     probs: bool,
+    overwrite: bool,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let device = opts.backend.device();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
     let model = model.fold_batchnorm();
+    let (dir, files) = inputs(input)?;
+    let plan = crate::output::plan_predictions(input, &dir, &files, out, meta.model.classes, probs, overwrite)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let tile = opts.tile.unwrap_or(default_tile(&meta.model));
     let mut written = vec![];
-    for path in inputs(input)? {
+    for (path, paths) in plan {
         let s = infer::read_unlabelled(&path, &meta.data)?;
         anyhow::ensure!(meta.model.dims == 3 || s.shape[0] == 1, "{} is a volume but the model is 2D", path.display());
         let p = infer::probabilities(&model, &s, opts.mode, tile, &device)?;
-        written.extend(infer::write_prediction(out, &s, &p, meta.model.classes, probs)?);
+        let done = infer::write_prediction(out, &s, &p, meta.model.classes, probs)?;
+        debug_assert_eq!(done, paths);
+        written.extend(done);
         eprintln!("predicted {}", infer::describe(&s));
     }
     Ok(written)

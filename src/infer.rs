@@ -168,7 +168,7 @@ pub fn evaluate_modes<const D: usize>(
             let pred = labels(probs, classes);
             let (o, per_class) = overlap(&pred, &s.mask, classes);
             if let Some(dir) = overlay_dir.filter(|_| s.shape[0] == 1 && m == 0) {
-                write_overlay(&dir.join(format!("{}.png", s.name)), s, &pred)?;
+                write_overlay(dir, s, &pred)?;
             }
             scores[m].push(ImageScore { name: s.name.clone(), iou: o.iou, dice: o.dice, per_class });
         }
@@ -207,25 +207,27 @@ fn display_grey(s: &Sample) -> Vec<u8> {
     mean.iter().map(|&x| ((x - lo) * scale).clamp(0.0, 255.0).round() as u8).collect()
 }
 
-/// Grey image with true positives green, false positives red, false negatives blue.
-fn write_overlay(path: &Path, s: &Sample, pred: &[u8]) -> anyhow::Result<()> {
+/// Grey image with true positives green, false positives red, false negatives blue, written as
+/// `dir/STEM.png` (the input's OS name, so names that are not UTF-8 stay apart).
+fn write_overlay(dir: &Path, s: &Sample, pred: &[u8]) -> anyhow::Result<()> {
     let [_, h, w] = s.shape;
+    let n = h * w;
     let grey = display_grey(s);
-    let mut img = image::RgbImage::new(w as u32, h as u32);
-    for (i, px) in img.pixels_mut().enumerate() {
-        let g = grey[i];
-        let (p, t) = (pred[i] > 0, s.mask[i] > 0);
-        *px = match (p, t) {
-            (true, true) => image::Rgb([g / 2, 255, g / 2]),
-            (true, false) => image::Rgb([255, g / 2, g / 2]),
-            (false, true) => image::Rgb([g / 2, g / 2, 255]),
-            _ => image::Rgb([g, g, g]),
-        };
+    let mut rgb = Vec::with_capacity(3 * n);
+    for ((&p, &t), &g) in pred.iter().zip(&s.mask).zip(&grey).take(n) {
+        rgb.extend(match (p > 0, t > 0) {
+            (true, true) => [g / 2, 255, g / 2],
+            (true, false) => [255, g / 2, g / 2],
+            (false, true) => [g / 2, g / 2, 255],
+            _ => [g, g, g],
+        });
     }
-    crate::fsio::write_with(path, |tmp| Ok(img.save(tmp)?))
+    let bytes = io::encode_png(&rgb, w, h, true)?;
+    crate::fsio::write_atomic(&crate::output::named(dir, &s.source, ".png"), &bytes)
 }
 
-/// Writes the mask (and optionally the probability maps) for one input.
+/// Writes the mask (and optionally the probability maps) for one input, to the paths
+/// [`crate::output::prediction_paths`] names; returns them.
 pub fn write_prediction(
     out_dir: &Path,
     s: &Sample,
@@ -235,33 +237,21 @@ pub fn write_prediction(
 ) -> anyhow::Result<Vec<std::path::PathBuf>> {
     let pred = labels(probs, classes);
     let n = s.voxels();
-    let mut written = vec![];
-    if io::is_volume(&s.source) {
-        let path = out_dir.join(format!("{}.nii.gz", s.name));
-        io::write_nifti(&path, &pred, s.shape, &s.source)?;
-        written.push(path);
-        if with_probs {
-            for c in 0..classes {
-                let path = out_dir.join(format!("{}_prob{c}.nii.gz", s.name));
-                io::write_nifti(&path, &probs[c * n..(c + 1) * n], s.shape, &s.source)?;
-                written.push(path);
-            }
-        }
-    } else {
-        let scale = if classes == 1 { 255 } else { 1 };
-        let path = out_dir.join(format!("{}.png", s.name));
-        io::write_png(&path, &pred.iter().map(|&v| v * scale).collect::<Vec<_>>(), s.shape)?;
-        written.push(path);
-        if with_probs {
-            for c in 0..classes {
-                let path = out_dir.join(format!("{}_prob{c}.png", s.name));
-                let px: Vec<u8> = probs[c * n..(c + 1) * n].iter().map(|p| (p * 255.0).round() as u8).collect();
-                io::write_png(&path, &px, s.shape)?;
-                written.push(path);
+    let paths = crate::output::prediction_paths(out_dir, &s.source, classes, with_probs);
+    let volume = io::is_volume(&s.source);
+    let scale = if classes == 1 { 255 } else { 1 };
+    for (i, path) in paths.iter().enumerate() {
+        match (volume, i) {
+            (true, 0) => io::write_nifti(path, &pred, s.shape, &s.source)?,
+            (true, _) => io::write_nifti(path, &probs[(i - 1) * n..i * n], s.shape, &s.source)?,
+            (false, 0) => io::write_png(path, &pred.iter().map(|&v| v * scale).collect::<Vec<_>>(), s.shape)?,
+            (false, _) => {
+                let px: Vec<u8> = probs[(i - 1) * n..i * n].iter().map(|p| (p * 255.0).round() as u8).collect();
+                io::write_png(path, &px, s.shape)?
             }
         }
     }
-    Ok(written)
+    Ok(paths)
 }
 
 /// Reads an input without a mask for prediction.

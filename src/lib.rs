@@ -13,5 +13,6 @@ pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod output;
 pub mod plot;
 pub mod train;

@@ -35,13 +35,20 @@ enum Command {
         #[command(flatten)]
         infer: InferArgs,
     },
-    /// Write masks (PNG for 2D, NIfTI for 3D) for an image, a volume or a folder of them
+    /// Write masks (PNG for 2D, NIfTI for 3D) for an image, a volume or a folder of them.
+    ///
+    /// Never written over: the inputs, their folder, the data's masks/ or labels/, or (without
+    /// --overwrite) a file unetpp did not write; its own earlier predictions are replaced
     Predict {
         #[arg(long)]
         input: PathBuf,
         /// Also write probability maps
         #[arg(long)]
         probabilities: bool,
+        /// Replace existing files in --out that unetpp did not write (refused by default). Its own
+        /// earlier predictions are always replaced; the inputs and their ground truth never are
+        #[arg(long)]
+        overwrite: bool,
         #[command(flatten)]
         infer: InferArgs,
     },
@@ -313,9 +320,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("per-image scores and overlays in {}", out.display());
             Ok(())
         }
-        Command::Predict { input, probabilities, infer } => {
+        Command::Predict { input, probabilities, overwrite, infer } => {
             let out = &infer.out;
-            let written = app::predict(&infer.checkpoint, &input, out, &infer.options()?, probabilities)?;
+            let written = app::predict(&infer.checkpoint, &input, out, &infer.options()?, probabilities, overwrite)?;
             println!("wrote {} file(s) to {}", written.len(), out.display());
             Ok(())
         }

@@ -257,13 +257,31 @@ pub fn fmt_shape(s: [usize; 3]) -> String {
     if s[0] == 1 { format!("{}x{}", s[2], s[1]) } else { format!("{}x{}x{}", s[2], s[1], s[0]) }
 }
 
-/// Writes a label map or a 0..255 probability map as an 8-bit PNG.
-pub fn write_png(path: &Path, pixels: &[u8], shape: [usize; 3]) -> anyhow::Result<()> {
-    let img = image::GrayImage::from_raw(shape[2] as u32, shape[1] as u32, pixels.to_vec()).context("buffer size")?;
-    crate::fsio::write_with(path, |tmp| Ok(img.save(tmp)?))
+/// An 8-bit PNG (grey or RGB) in memory, marked as unetpp's output (see [`crate::output`]).
+/// Encoding to memory first means a full disk fails the one `write_all` that `fsio` checks,
+/// instead of a buffered writer's last flush that nobody checks.
+pub fn encode_png(pixels: &[u8], width: usize, height: usize, rgb: bool) -> anyhow::Result<Vec<u8>> {
+    let channels = if rgb { 3 } else { 1 };
+    ensure!(pixels.len() == width * height * channels, "PNG buffer of {} bytes for {width}x{height}", pixels.len());
+    let mut bytes = vec![];
+    let mut enc = png::Encoder::new(&mut bytes, width as u32, height as u32);
+    enc.set_color(if rgb { png::ColorType::Rgb } else { png::ColorType::Grayscale });
+    enc.set_depth(png::BitDepth::Eight);
+    enc.add_text_chunk(crate::output::PNG_KEYWORD.into(), crate::output::MARK.into())?;
+    let mut w = enc.write_header()?;
+    w.write_image_data(pixels)?;
+    w.finish()?;
+    Ok(bytes)
 }
 
-/// Writes a volume with the reference image's header (affine, spacing) as NIfTI.
+/// Writes a label map or a 0..255 probability map as an 8-bit PNG.
+pub fn write_png(path: &Path, pixels: &[u8], shape: [usize; 3]) -> anyhow::Result<()> {
+    let bytes = encode_png(pixels, shape[2], shape[1], false)?;
+    crate::fsio::write_atomic(path, &bytes)
+}
+
+/// Writes a volume with the reference image's header (affine, spacing) as NIfTI, marked as
+/// unetpp's output in `descrip`.
 pub fn write_nifti<T: nifti::DataElement + bytemuck::Pod>(
     path: &Path,
     voxels: &[T],
@@ -273,10 +291,18 @@ pub fn write_nifti<T: nifti::DataElement + bytemuck::Pod>(
     let mut header = read_header(reference)?;
     header.scl_slope = 1.0;
     header.scl_inter = 0.0;
+    header.set_description(crate::output::NIFTI_DESCRIP.as_bytes())?;
     let [z, y, x] = shape;
     // Our buffer is [z][y][x], i.e. Fortran order for an (x, y, z) array.
     let arr = Array3::from_shape_vec((x, y, z).f(), voxels.to_vec())?;
+    let gz = path.to_string_lossy().to_lowercase().ends_with(".gz");
     crate::fsio::write_with(path, |tmp| {
-        Ok(nifti::writer::WriterOptions::new(tmp).reference_header(&header).write_nifti(&arr)?)
+        nifti::writer::WriterOptions::new(tmp).reference_header(&header).write_nifti(&arr)?;
+        // The `.nii` writer drops its buffered writer without flushing it, so a full disk can
+        // truncate the file silently; the `.nii.gz` one finishes (and checks) its stream.
+        let want = 352 + std::mem::size_of_val(voxels) as u64;
+        let got = std::fs::metadata(tmp)?.len();
+        ensure!(gz || got == want, "wrote {got} of {want} bytes (is the disk full?)");
+        Ok(())
     })
 }

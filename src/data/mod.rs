@@ -6,6 +6,7 @@ pub mod io;
 pub mod patch;
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -165,28 +166,33 @@ impl Splits {
     }
 }
 
+/// A file's name without its extension (`.nii.gz` counts as one), as text for messages and tables.
 pub fn stem(path: &Path) -> String {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    for ext in [".nii.gz", ".nii"] {
-        if let Some(s) = name.strip_suffix(ext) {
-            return s.to_string();
-        }
-    }
-    path.file_stem().unwrap_or_default().to_string_lossy().into_owned()
+    crate::output::os_stem(path).to_string_lossy().into_owned()
 }
 
-fn list(dir: &Path) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+/// The supported, non-hidden files of a folder by their OS stem (so an image and a mask pair
+/// only when their names are byte for byte the same, not when a lossy UTF-8 copy is).
+fn list(dir: &Path) -> anyhow::Result<BTreeMap<OsString, PathBuf>> {
     let mut files = BTreeMap::new();
+    let mut names: BTreeMap<String, PathBuf> = BTreeMap::new();
     let entries = std::fs::read_dir(dir).map_err(|e| anyhow::anyhow!("cannot read folder {}: {e}", dir.display()))?;
     for entry in entries {
         let path = entry?.path();
         let hidden = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
-        if path.is_file()
-            && !hidden
-            && io::is_supported(&path)
-            && let Some(prev) = files.insert(stem(&path), path.clone())
-        {
-            anyhow::bail!("{} and {} have the same stem", prev.display(), path.display());
+        if path.is_file() && !hidden && io::is_supported(&path) {
+            if let Some(prev) = files.insert(crate::output::os_stem(&path), path.clone()) {
+                anyhow::bail!("{} and {} have the same stem", prev.display(), path.display());
+            }
+            // Results and overlays are named by the text form; two names that only differ in
+            // bytes that are not UTF-8 would share one.
+            if let Some(prev) = names.insert(stem(&path), path.clone()) {
+                anyhow::bail!(
+                    "{} and {} have names that differ only in bytes that are not UTF-8; rename one",
+                    prev.display(),
+                    path.display()
+                );
+            }
         }
     }
     Ok(files)
@@ -204,6 +210,7 @@ pub fn pairs(dir: &Path, need_masks: bool) -> anyhow::Result<Vec<Pair>> {
         None => BTreeMap::new(),
     };
     if let Some((name, path)) = masks.iter().find(|(n, _)| !images.contains_key(*n)) {
+        let name = name.to_string_lossy();
         anyhow::bail!("mask {} has no image named `{name}` in {}", path.display(), dir.join("images").display());
     }
     images
@@ -216,7 +223,7 @@ pub fn pairs(dir: &Path, need_masks: bool) -> anyhow::Result<Vec<Pair>> {
                 image.display(),
                 mask_dir.as_ref().unwrap().display()
             );
-            Ok(Pair { name, image, mask })
+            Ok(Pair { name: name.to_string_lossy().into_owned(), image, mask })
         })
         .collect()
 }
