@@ -141,8 +141,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let csv = dir.path().join("metrics.csv");
         let png = dir.path().join("curves.png");
-        std::fs::write(&csv, "epoch,step,train_loss,val_iou,val_dice,seconds\n1,2,0.5,NaN,NaN,1.0\n\n2,4,0.4,0.2,0.3,2")
-            .unwrap();
+        std::fs::write(
+            &csv,
+            "epoch,step,train_loss,val_iou,val_dice,seconds\n1,2,0.5,NaN,NaN,1.0\n\n2,4,0.4,0.2,0.3,2",
+        )
+        .unwrap();
         curves(&csv, &png).unwrap();
         assert!(png.exists());
         std::fs::write(&csv, "\n\njunk\n").unwrap();

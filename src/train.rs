@@ -323,7 +323,11 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool, lock: Option
         bar.finish_and_clear();
         let valid = model.valid();
         if !checkpoint::all_finite(&valid) {
-            return Err(diverged(dir, &state, format!("the weights are non-finite after step {step_no} (epoch {epoch})")));
+            return Err(diverged(
+                dir,
+                &state,
+                format!("the weights are non-finite after step {step_no} (epoch {epoch})"),
+            ));
         }
         let train_loss = loss_sum / cfg.steps_per_epoch as f64;
         let (val_iou, val_dice) = if val.is_empty() {

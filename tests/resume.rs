@@ -20,7 +20,8 @@ fn s(p: &Path) -> &str {
 
 /// tests/cli.rs's TINY_2D with 3 epochs: the real architecture at width 4.
 fn train_args(out: &Path) -> Vec<String> {
-    let mut a: Vec<String> = vec!["train".into(), "--data".into(), s(&samples("nuclei")).into(), "--out".into(), s(out).into()];
+    let mut a: Vec<String> =
+        vec!["train".into(), "--data".into(), s(&samples("nuclei")).into(), "--out".into(), s(out).into()];
     for x in [
         "--width",
         "4",
@@ -228,7 +229,7 @@ fn kill_at_each_step_of_the_epoch_commit_then_resume_is_exact() {
     }
 }
 
-/// A kill during the recovery itself (while the previous kill's commit is being published) is
+/// A kill during the recovery itself (half way through publishing the previous kill's commit) is
 /// recovered from too.
 #[test]
 fn kill_during_recovery_then_resume_is_exact() {
@@ -236,10 +237,13 @@ fn kill_during_recovery_then_resume_is_exact() {
     let run = tmp.path().join("run");
     let first = unetpp(&train_args(&run), Some("epoch.committed:2"));
     assert_eq!(first.status.signal(), Some(9), "{}", stderr(&first));
-    assert!(std::fs::read_dir(run.join("checkpoints")).unwrap().flatten().any(|e| {
-        e.file_name().to_str().unwrap().starts_with("pending-2-")
-    }));
-    let second = continue_run(&run, Some("publish.rename:1"));
+    assert!(
+        std::fs::read_dir(run.join("checkpoints"))
+            .unwrap()
+            .flatten()
+            .any(|e| { e.file_name().to_str().unwrap().starts_with("pending-2-") })
+    );
+    let second = continue_run(&run, Some("publish.rename:2"));
     assert_eq!(second.status.signal(), Some(9), "{}", stderr(&second));
     let third = continue_run(&run, None);
     assert!(third.status.success(), "{}", stderr(&third));
@@ -303,7 +307,7 @@ fn second_writer_is_refused_while_the_first_runs() {
     let run = tmp.path().join("run");
     let mut long = train_args(&run);
     let i = long.iter().position(|x| x == "--steps-per-epoch").unwrap();
-    long[i + 1] = "100000".into();
+    long[i + 1] = "20000".into();
     let mut first = Command::new(env!("CARGO_BIN_EXE_unetpp"))
         .args(&long)
         .env_remove("UNETPP_FAILPOINT")
@@ -312,7 +316,9 @@ fn second_writer_is_refused_while_the_first_runs() {
         .unwrap();
     let pid = first.id().to_string();
     let t = Instant::now();
-    while !(std::fs::read_to_string(run.join(".lock")).is_ok_and(|p| p.trim() == pid) && run.join("config.toml").exists()) {
+    while !(std::fs::read_to_string(run.join(".lock")).is_ok_and(|p| p.trim() == pid)
+        && run.join("config.toml").exists())
+    {
         assert!(t.elapsed() < Duration::from_secs(60), "the first training never took the lock");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -364,7 +370,8 @@ fn diverged_run_stops_and_keeps_the_last_finite_checkpoint() {
     let o = unetpp(&["train".into(), "--resume".into(), s(&run).into()], None);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    for needle in ["training diverged", "at step 3 (epoch 2)", "lower --lr", "epoch 1"] {
+    // Either the loss of step 3 or the weights after step 4 (epoch 2's) are caught, by platform.
+    for needle in ["training diverged", "(epoch 2)", "lower --lr", "keeps the checkpoints of epoch 1"] {
         assert!(err.contains(needle), "stderr lacks `{needle}`:\n{err}");
     }
     assert!(!err.contains("panicked"), "{err}");

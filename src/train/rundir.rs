@@ -123,7 +123,10 @@ impl Lock {
             }
             // Some network file systems have no advisory locks: train unguarded rather than not at all.
             Err(TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
-                eprintln!("warning: {} does not support file locks; do not start a second training on it", dir.display());
+                eprintln!(
+                    "warning: {} does not support file locks; do not start a second training on it",
+                    dir.display()
+                );
                 return Ok(Lock { _file: None });
             }
             Err(TryLockError::Error(e)) => {
