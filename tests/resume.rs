@@ -377,3 +377,62 @@ fn diverged_run_stops_and_keeps_the_last_finite_checkpoint() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(snapshot(&run), before, "a diverged epoch changed the run folder");
 }
+
+/// A metrics.csv edited by hand (a blank line, a junk row, no final newline) or holding rows no
+/// commit covers is rewritten from the committed rows on resume; the plot never trips on it.
+#[test]
+fn hand_edited_metrics_csv_is_rewritten_from_the_committed_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let first = unetpp(&train_args(&run), Some("epoch.published:2"));
+    assert_eq!(first.status.signal(), Some(9), "{}", stderr(&first));
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    std::fs::write(run.join("metrics.csv"), format!("{}\n\njunk,,\n3,6,0.1,0.2,0.3,9.9", csv.trim_end())).unwrap();
+    let o = continue_run(&run, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&reference().files, &run, "edited metrics.csv");
+}
+
+/// Runs written by unetpp versions before this protocol: a consistent one resumes (its rows
+/// taken from metrics.csv, uncommitted and junk rows dropped); one cut while saving (weights of
+/// epoch 2, state saying 1: the old double-training bug) is refused, naming both.
+#[test]
+fn runs_of_older_unetpp_resume_or_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let first = unetpp(&train_args(&run), Some("epoch.published:2"));
+    assert_eq!(first.status.signal(), Some(9), "{}", stderr(&first));
+    let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("state.json")).unwrap()).unwrap();
+    state.as_object_mut().unwrap().remove("history");
+    std::fs::write(run.join("state.json"), state.to_string()).unwrap();
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    std::fs::write(run.join("metrics.csv"), format!("{csv}3,6,0.1,0.2,0.3,9.9")).unwrap();
+    let saved = tmp.path().join("saved");
+    std::fs::create_dir_all(&saved).unwrap();
+    for f in ["state.json", "metrics.csv"] {
+        std::fs::copy(run.join(f), saved.join(f)).unwrap();
+    }
+
+    state["epoch"] = 1.into();
+    std::fs::write(run.join("state.json"), state.to_string()).unwrap();
+    let o = continue_run(&run, None);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    for needle in ["last.unetpp is from epoch 2", "state.json says epoch 1", "cannot be resumed exactly"] {
+        assert!(err.contains(needle), "stderr lacks `{needle}`:\n{err}");
+    }
+
+    for f in ["state.json", "metrics.csv"] {
+        std::fs::copy(saved.join(f), run.join(f)).unwrap();
+    }
+    let o = continue_run(&run, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Rows read back from metrics.csv carry its 6 decimals, so state.json's full-precision
+    // losses differ from a new run's; everything else is the same.
+    let mut reference = reference().files.clone();
+    let mut got = snapshot(&run);
+    reference.remove("state.json");
+    got.remove("state.json");
+    assert!(got == reference, "a resumed older run differs from an uninterrupted one");
+}
