@@ -184,9 +184,10 @@ pub fn train(cfg: Option<TrainConfig>, dir: &Path) -> anyhow::Result<Run> {
     }
 }
 
-/// Burn gives every parameter a random id, which the checkpoint and the optimiser state (keyed by
-/// id) store: renumbering them in module order makes a run's files the same bytes whether it ran
-/// in one go or was resumed, as the protocol's tests check.
+/// Burn gives every parameter a random id, which the optimiser state is keyed by and the
+/// checkpoint stores: renumbering them in module order makes `last.optim` the same bytes whether a
+/// run went in one go or was resumed (the protocol's tests compare them). BatchNorm statistics
+/// keep burn's random ids (a mapper cannot give them new ones); nothing reads those back.
 fn stable_ids<const D: usize>(model: UNetPP<D>) -> UNetPP<D> {
     struct Renumber(u64);
     impl burn::module::ModuleMapper for Renumber {

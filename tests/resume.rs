@@ -135,7 +135,7 @@ fn assert_same(reference: &BTreeMap<String, Vec<u8>>, dir: &Path, what: &str) {
 struct Reference {
     files: BTreeMap<String, Vec<u8>>,
     seconds: f64,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 /// One uninterrupted run, shared by the tests of this file.
@@ -151,7 +151,7 @@ fn reference() -> &'static Reference {
             assert!(files.contains_key(f), "reference run lacks {f}");
         }
         assert_eq!(files["metrics.csv"].iter().filter(|&&b| b == b'\n').count(), 4, "header and 3 epochs");
-        Reference { files, seconds: t.elapsed().as_secs_f64(), _dir: dir }
+        Reference { files, seconds: t.elapsed().as_secs_f64(), dir }
     })
 }
 
@@ -435,4 +435,27 @@ fn runs_of_older_unetpp_resume_or_are_refused() {
     reference.remove("state.json");
     got.remove("state.json");
     assert!(got == reference, "a resumed older run differs from an uninterrupted one");
+}
+
+/// A run stopped by an error in its first epoch (here: diverged from absurd --weights) leaves no
+/// checkpoint, and the same `train --out` with the option fixed starts it again cleanly.
+#[test]
+fn run_failed_in_its_first_epoch_is_reused_by_the_same_train_out() {
+    use burn::module::Module;
+    let tmp = tempfile::tempdir().unwrap();
+    let huge = tmp.path().join("huge.unetpp");
+    let last = reference().dir.path().join("run/checkpoints/last.unetpp");
+    let (model, meta) = unetpp::checkpoint::load::<4>(&last, &burn::tensor::Device::flex()).unwrap();
+    unetpp::checkpoint::save(&model.map(&mut Scale(1e30)), &meta, &huge).unwrap();
+    let run = tmp.path().join("run");
+    let mut args = train_args(&run);
+    args.extend(["--weights".into(), s(&huge).into()]);
+    let o = unetpp(&args, None);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("training diverged") && err.contains("no checkpoint was saved"), "{err}");
+    assert!(!run.join("state.json").exists() && !run.join("checkpoints/last.unetpp").exists());
+    let o = unetpp(&train_args(&run), None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&reference().files, &run, "re-run after a failed first epoch");
 }
