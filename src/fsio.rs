@@ -49,10 +49,14 @@ fn sync_dir(dir: &Path) {
 pub fn write_with(path: &Path, write: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
     let tmp = temp_path(path);
     let guard = TempGuard(Some(tmp.clone()));
+    failpoint("fsio.before-write");
     write(&tmp).with_context(|| format!("cannot write {}", path.display()))?;
+    failpoint("fsio.after-write");
     File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("cannot flush {} to disk", tmp.display()))?;
+    failpoint("fsio.before-rename");
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
     std::mem::forget(guard);
+    failpoint("fsio.after-rename");
     sync_dir(path.parent().unwrap_or(Path::new(".")));
     Ok(())
 }
@@ -64,6 +68,34 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         f.write_all(bytes)?;
         Ok(f.flush()?)
     })
+}
+
+/// A test hook: with `UNETPP_FAILPOINT=SITE:N` in the environment the process kills itself with
+/// SIGKILL (no destructor, no temp-file cleanup: exactly what a kill or power cut leaves) the N-th
+/// time it reaches `site`, so tests can cut a run at every write and every commit step and check
+/// that `--resume` is exact. Without the variable this is one load of a cached value.
+pub fn failpoint(site: &str) {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static SPEC: OnceLock<Option<(String, usize)>> = OnceLock::new();
+    static HITS: AtomicUsize = AtomicUsize::new(0);
+    let spec = SPEC.get_or_init(|| {
+        let v = std::env::var("UNETPP_FAILPOINT").ok()?;
+        let (s, n) = v.rsplit_once(':')?;
+        Some((s.to_string(), n.parse().ok()?))
+    });
+    if let Some((s, n)) = spec
+        && s == site
+        && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *n
+    {
+        eprintln!("failpoint {site}:{n} reached: killing the process");
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+        std::process::abort();
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use anyhow::Context;
 use plotters::prelude::*;
 
 /// Registers a system TrueType font for labels; without one the chart is drawn without text.
@@ -20,10 +21,18 @@ fn font() -> bool {
     })
 }
 
+/// Rows of `epoch,step,train_loss,val_iou,...`: the header, blank lines and junk (a row cut short
+/// by hand editing, text where a number belongs) are skipped, never a panic.
+fn parse_rows(text: &str) -> Vec<Vec<f64>> {
+    text.lines()
+        .map(|l| l.split(',').map(|v| v.trim().parse().unwrap_or(f64::NAN)).collect::<Vec<f64>>())
+        .filter(|r| r.len() >= 4 && r[0].is_finite() && r[0] >= 0.0)
+        .collect()
+}
+
 pub fn curves(csv: &Path, png: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(csv)?;
-    let rows: Vec<Vec<f64>> =
-        text.lines().skip(1).map(|l| l.split(',').map(|v| v.parse().unwrap_or(f64::NAN)).collect()).collect();
+    let text = std::fs::read_to_string(csv).with_context(|| format!("cannot read {}", csv.display()))?;
+    let rows = parse_rows(&text);
     if rows.is_empty() {
         return Ok(());
     }
@@ -35,7 +44,7 @@ fn draw_curves(rows: &[Vec<f64>], png: &Path) -> anyhow::Result<()> {
     let root = BitMapBackend::new(png, (960, 400)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let panels = root.split_evenly((1, 2));
-    let last = rows.last().unwrap()[0];
+    let last = rows.iter().fold(1f64, |m, r| m.max(r[0]));
     for (panel, (col, name, color)) in panels.iter().zip([(2, "train loss", RED), (3, "validation IoU", BLUE)]) {
         let pts: Vec<(f64, f64)> = rows.iter().map(|r| (r[0], r[col])).filter(|p| p.1.is_finite()).collect();
         if pts.is_empty() {
@@ -109,4 +118,39 @@ fn draw_pruning(points: &[(String, f64, f64)], png: &Path) -> anyhow::Result<()>
     }
     root.present().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", png.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn junk_in_metrics_csv_is_skipped() {
+        let text = "epoch,step,train_loss,val_iou,val_dice,seconds\n1,2,0.5,0.1,0.2,1.0\n\n\
+                    2,4,0.4\n3,6,x,0.3,0.4,2.0\nhello\n,,,,\n4,8,0.3,0.35,0.45,3.0";
+        let rows = parse_rows(text);
+        // A cut-short row and rows without an epoch go; a row with one bad value keeps the rest.
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        assert_eq!(rows[0][..4], [1.0, 2.0, 0.5, 0.1]);
+        assert!(rows[1][0] == 3.0 && rows[1][2].is_nan() && rows[1][3] == 0.3, "{rows:?}");
+        assert_eq!(rows[2][..4], [4.0, 8.0, 0.3, 0.35]);
+    }
+
+    #[test]
+    fn curves_tolerate_blank_lines_and_a_missing_final_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("metrics.csv");
+        let png = dir.path().join("curves.png");
+        std::fs::write(
+            &csv,
+            "epoch,step,train_loss,val_iou,val_dice,seconds\n1,2,0.5,NaN,NaN,1.0\n\n2,4,0.4,0.2,0.3,2",
+        )
+        .unwrap();
+        curves(&csv, &png).unwrap();
+        assert!(png.exists());
+        std::fs::write(&csv, "\n\njunk\n").unwrap();
+        std::fs::remove_file(&png).unwrap();
+        curves(&csv, &png).unwrap();
+        assert!(!png.exists(), "nothing to draw, nothing written");
+    }
 }

@@ -1,8 +1,10 @@
 //! Training with deep supervision: Adam, random patches, validation IoU on whole images after
 //! every epoch, early stopping, atomic best/last checkpoints, resume, metrics CSV and curves.
-//! One `TrainConfig` (saved as `config.toml` in the run directory) drives a run.
+//! One `TrainConfig` (saved as `config.toml` in the run directory) drives a run; how the run
+//! directory is locked, committed and recovered is in [`rundir`].
 
-use std::io::Write;
+pub mod rundir;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -66,6 +68,9 @@ pub struct State {
     /// Wall time of all epochs so far, across resumes.
     #[serde(default)]
     pub seconds: f64,
+    /// The committed epochs' metrics rows; `metrics.csv` is rewritten from them.
+    #[serde(default)]
+    pub history: Vec<rundir::Row>,
 }
 
 pub struct Run {
@@ -123,17 +128,6 @@ fn centre_crop(s: &Sample, size: [usize; 3]) -> Sample {
     Sample { image: p.image, mask: p.mask, shape: size, ..s.clone() }
 }
 
-fn append_csv(path: &Path, line: &str) -> anyhow::Result<()> {
-    let new = !path.exists();
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    if new {
-        writeln!(f, "epoch,step,train_loss,val_iou,val_dice,seconds")?;
-    }
-    writeln!(f, "{line}")?;
-    Ok(())
-}
-
-/// Starts a new run in `dir` (which must not hold one already) or resumes the one there.
 /// One optimisation step on a batch: the deep-supervision loss, its gradients and Adam, with
 /// rayon's workers kept polling throughout (see [`crate::backend::busy_workers`]). Returns the
 /// model and the loss; a non-finite loss leaves the model as it was, for the caller to stop on.
@@ -155,66 +149,139 @@ pub fn step<const D: usize>(
     (optim.step(lr, model, grads), value)
 }
 
+/// Starts a new run in `dir` (`cfg` given; refused when `dir` holds a committed run) or resumes
+/// the one there (`cfg` None), under the run directory's lock (see [`rundir`]).
 pub fn train(cfg: Option<TrainConfig>, dir: &Path) -> anyhow::Result<Run> {
     let resume = cfg.is_none();
+    // An existing folder is locked before anything in it is read; a new one once the data loaded.
+    let lock = if dir.is_dir() { Some(rundir::Lock::acquire(dir)?) } else { None };
     let cfg: TrainConfig = match cfg {
         Some(c) => {
             anyhow::ensure!(
-                !dir.join("config.toml").exists(),
+                !dir.join(rundir::STATE).exists(),
                 "{} already holds a run; pick another --out or continue it with --resume",
                 dir.display()
             );
             c
         }
-        None => toml::from_str(
-            &std::fs::read_to_string(dir.join("config.toml"))
-                .with_context(|| format!("no run to resume in {}", dir.display()))?,
-        )
-        .with_context(|| format!("cannot parse {}", dir.join("config.toml").display()))?,
+        None => {
+            let path = dir.join(rundir::CONFIG);
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "no run to resume in {} (no readable {}); start one with `train --out {}`",
+                    dir.display(),
+                    rundir::CONFIG,
+                    dir.display()
+                )
+            })?;
+            toml::from_str(&text).with_context(|| format!("cannot parse {}", path.display()))?
+        }
     };
     cfg.model.validate()?;
     match cfg.model.dims {
-        2 => run::<4>(&cfg, dir, resume),
-        _ => run::<5>(&cfg, dir, resume),
+        2 => run::<4>(&cfg, dir, resume, lock),
+        _ => run::<5>(&cfg, dir, resume, lock),
     }
 }
 
-fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::Result<Run> {
-    let (train, val) = load_splits(cfg)?;
-    eprintln!("{} training and {} validation images from {}", train.len(), val.len(), cfg.data.display());
-    let ck = checkpoints(dir);
-    std::fs::create_dir_all(&ck).with_context(|| format!("cannot create {}", ck.display()))?;
-    let device = cfg.backend.device().autodiff();
-    let mut optim = crate::optim::adam(1e-8);
-    let (mut model, mut state): (UNetPP<D>, State) = if resume {
-        let state: State = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
-        let (model, _) = checkpoint::load::<D>(&ck.join("last.unetpp"), &device)?;
-        optim = optim.load(ck.join("last.optim")).map_err(|e| anyhow::anyhow!("cannot load optimiser state: {e:?}"))?;
-        eprintln!("resuming {} after epoch {}", dir.display(), state.epoch);
-        (model, state)
+/// Burn gives every parameter a random id, which the optimiser state is keyed by and the
+/// checkpoint stores: renumbering them in module order makes `last.optim` the same bytes whether a
+/// run went in one go or was resumed (the protocol's tests compare them). BatchNorm statistics
+/// keep burn's random ids (a mapper cannot give them new ones); nothing reads those back.
+fn stable_ids<const D: usize>(model: UNetPP<D>) -> UNetPP<D> {
+    struct Renumber(u64);
+    impl burn::module::ModuleMapper for Renumber {
+        fn map_float<const K: usize>(
+            &mut self,
+            mut param: burn::module::Param<Tensor<K>>,
+        ) -> burn::module::Param<Tensor<K>> {
+            self.0 += 1;
+            param.id = burn::module::ParamId::from(self.0);
+            param
+        }
+    }
+    model.map(&mut Renumber(0))
+}
+
+/// The optimiser state as bytes in a fixed order (burn writes it in hash-map order).
+fn optim_bytes(optim: &burn::optim::ModuleOptimizer) -> anyhow::Result<Vec<u8>> {
+    let err = |e| anyhow::anyhow!("cannot serialise the optimiser state: {e:?}");
+    let bytes = optim.into_bytes().map_err(err)?;
+    let canonical = burn::optim::OptimizerRecord::from_bytes(bytes).and_then(|r| r.into_bytes()).map_err(err)?;
+    Ok(canonical.to_vec())
+}
+
+/// The error for a diverged run: where, and what was kept.
+fn diverged(dir: &Path, state: &State, what: String) -> anyhow::Error {
+    let kept = if state.epoch == 0 {
+        "no epoch finished, so no checkpoint was saved".to_string()
     } else {
-        fsio::write_atomic(&dir.join("config.toml"), toml::to_string(cfg)?.as_bytes())?;
-        device.seed(cfg.seed);
-        let model = match &cfg.weights {
-            Some(w) => {
-                let (model, meta) = checkpoint::load::<D>(w, &device)?;
-                anyhow::ensure!(
-                    meta.model == cfg.model,
-                    "--weights {} holds a different architecture than the run's",
-                    w.display()
-                );
-                model
-            }
-            None => cfg.model.init::<D>(&device),
-        };
-        (model, State::default())
+        format!("{} keeps the checkpoints of epoch {}, the last finite ones", dir.display(), state.epoch)
     };
-    let start = Instant::now();
+    anyhow::anyhow!("training diverged: {what}; try a lower --lr ({kept})")
+}
+
+fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool, lock: Option<rundir::Lock>) -> anyhow::Result<Run> {
     let multiple = 1 << cfg.model.depth;
     let patch_size = [if cfg.model.dims == 2 { 1 } else { cfg.patch[0] }, cfg.patch[1], cfg.patch[2]];
     for (a, &p) in patch_size.iter().enumerate().skip(3 - cfg.model.dims) {
         anyhow::ensure!(p % multiple == 0, "patch size {p} (axis {a}) must be divisible by 2^depth = {multiple}");
     }
+    let (train, val) = load_splits(cfg)?;
+    eprintln!("{} training and {} validation images from {}", train.len(), val.len(), cfg.data.display());
+    let _lock = match lock {
+        Some(l) => l,
+        None => {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            rundir::Lock::acquire(dir)?
+        }
+    };
+    let restart = dir.join(rundir::CONFIG).exists();
+    let committed = rundir::recover(dir)?;
+    let ck = checkpoints(dir);
+    std::fs::create_dir_all(&ck).with_context(|| format!("cannot create {}", ck.display()))?;
+    let device = cfg.backend.device().autodiff();
+    let mut optim = crate::optim::adam(1e-8);
+    let (model, mut state): (UNetPP<D>, State) = match committed {
+        Some(state) => {
+            anyhow::ensure!(
+                resume,
+                "{} already holds a run; pick another --out or continue it with --resume",
+                dir.display()
+            );
+            let (model, _) = checkpoint::load::<D>(&ck.join(rundir::LAST), &device)?;
+            let path = ck.join(rundir::OPTIM);
+            let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            optim = optim
+                .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+                .map_err(|e| anyhow::anyhow!("cannot load optimiser state {}: {e:?}", path.display()))?;
+            eprintln!("resuming {} after epoch {}", dir.display(), state.epoch);
+            (model, state)
+        }
+        None => {
+            if restart {
+                eprintln!("{} holds a run that never finished its first epoch: starting it again", dir.display());
+            }
+            if !resume {
+                fsio::write_atomic(&dir.join(rundir::CONFIG), toml::to_string(cfg)?.as_bytes())?;
+            }
+            device.seed(cfg.seed);
+            let model = match &cfg.weights {
+                Some(w) => {
+                    let (model, meta) = checkpoint::load::<D>(w, &device)?;
+                    anyhow::ensure!(
+                        meta.model == cfg.model,
+                        "--weights {} holds a different architecture than the run's",
+                        w.display()
+                    );
+                    model
+                }
+                None => cfg.model.init::<D>(&device),
+            };
+            (model, State::default())
+        }
+    };
+    let mut model = stable_ids(model);
     while state.epoch < cfg.epochs && !state.stopped_early {
         let epoch = state.epoch + 1;
         let epoch_start = Instant::now();
@@ -229,6 +296,7 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
         );
         bar.set_prefix(format!("{epoch}/{}", cfg.epochs));
         let mut loss_sum = 0.0;
+        let mut step_no = state.step;
         for _ in 0..cfg.steps_per_epoch {
             let patches: Vec<patch::Patch> = (0..cfg.batch_size)
                 .map(|_| {
@@ -243,27 +311,37 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
             let y = patch::targets_tensor::<D>(&refs, cfg.model.classes, &device);
             let value;
             (model, value) = step(model, &mut optim, cfg.lr, x, y);
-            anyhow::ensure!(
-                value.is_finite(),
-                "training diverged at step {} (loss {value}); try a lower --lr",
-                state.step + 1
-            );
+            step_no += 1;
+            if !value.is_finite() {
+                bar.finish_and_clear();
+                return Err(diverged(dir, &state, format!("the loss is {value} at step {step_no} (epoch {epoch})")));
+            }
             loss_sum += value;
-            state.step += 1;
             bar.inc(1);
             bar.set_message(format!("loss {value:.4}"));
+            fsio::failpoint("train.step");
         }
         bar.finish_and_clear();
-        let train_loss = loss_sum / cfg.steps_per_epoch as f64;
         let valid = model.valid();
+        if !checkpoint::all_finite(&valid) {
+            return Err(diverged(
+                dir,
+                &state,
+                format!("the weights are non-finite after step {step_no} (epoch {epoch})"),
+            ));
+        }
+        let train_loss = loss_sum / cfg.steps_per_epoch as f64;
         let (val_iou, val_dice) = if val.is_empty() {
             (f64::NAN, f64::NAN)
         } else {
             let (_, s) = infer::evaluate(&valid, &val, Mode::Accurate, cfg.tile, &valid.devices()[0], None)?;
             (s.mean_iou, s.mean_dice)
         };
-        state.epoch = epoch;
-        state.seconds += epoch_start.elapsed().as_secs_f64();
+        // The next state, committed only once its files are on disk.
+        let mut next = state.clone();
+        next.epoch = epoch;
+        next.step = step_no;
+        next.seconds += epoch_start.elapsed().as_secs_f64();
         let meta = Meta {
             model: cfg.model.clone(),
             data: cfg.input.clone(),
@@ -272,36 +350,48 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::R
         };
         let improved = val_iou > state.best_iou || (val.is_empty() && epoch == cfg.epochs) || state.best_epoch == 0;
         if improved {
-            state.best_iou = if val_iou.is_finite() { val_iou } else { 0.0 };
-            state.best_epoch = epoch;
-            checkpoint::save(&valid, &meta, &ck.join("best.unetpp"))?;
+            next.best_iou = if val_iou.is_finite() { val_iou } else { 0.0 };
+            next.best_epoch = epoch;
         }
-        checkpoint::save(&valid, &meta, &ck.join("last.unetpp"))?;
-        let optim_tmp = ck.join("last.optim.tmp");
-        optim.save(&optim_tmp).map_err(|e| anyhow::anyhow!("cannot save optimiser state: {e:?}"))?;
-        std::fs::rename(&optim_tmp, ck.join("last.optim"))?;
-        if epoch - state.best_epoch >= cfg.patience {
-            state.stopped_early = true;
+        next.stopped_early = epoch - next.best_epoch >= cfg.patience;
+        let finite = |x: f64| Some(x).filter(|x| x.is_finite());
+        next.history.push(rundir::Row {
+            epoch,
+            step: step_no,
+            train_loss,
+            val_iou: finite(val_iou),
+            val_dice: finite(val_dice),
+            seconds: next.seconds,
+        });
+        fsio::failpoint("epoch.trained");
+        let staged = (|| -> anyhow::Result<()> {
+            checkpoint::save(&valid, &meta, &rundir::pending_path(&ck, epoch, rundir::LAST))?;
+            let bytes = optim_bytes(&optim)?;
+            fsio::write_atomic(&rundir::pending_path(&ck, epoch, rundir::OPTIM), &bytes)?;
+            if improved {
+                checkpoint::save(&valid, &meta, &rundir::pending_path(&ck, epoch, rundir::BEST))?;
+            }
+            fsio::failpoint("epoch.staged");
+            fsio::write_atomic(&dir.join(rundir::STATE), serde_json::to_string_pretty(&next)?.as_bytes())
+        })();
+        if let Err(e) = staged {
+            rundir::discard(&ck, epoch);
+            return Err(e);
         }
-        append_csv(
-            &dir.join("metrics.csv"),
-            &format!(
-                "{epoch},{},{train_loss:.6},{val_iou:.6},{val_dice:.6},{:.1}",
-                state.step,
-                start.elapsed().as_secs_f64()
-            ),
-        )?;
-        fsio::write_atomic(&dir.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
+        state = next;
+        fsio::failpoint("epoch.committed");
+        rundir::publish(dir, Some(&state))?;
+        fsio::failpoint("epoch.published");
         eprintln!(
             "epoch {epoch}/{}: loss {train_loss:.4}  val IoU {val_iou:.4}  Dice {val_dice:.4}{}  ({:.0}s)",
             cfg.epochs,
             if improved { "  *best" } else { "" },
-            start.elapsed().as_secs_f64()
+            state.seconds
         );
     }
     if state.stopped_early {
         eprintln!("early stop: no better validation IoU for {} epochs", cfg.patience);
     }
-    crate::plot::curves(&dir.join("metrics.csv"), &dir.join("curves.png"))?;
+    crate::plot::curves(&dir.join(rundir::METRICS), &dir.join(rundir::CURVES))?;
     Ok(Run { dir: dir.to_path_buf(), state })
 }
