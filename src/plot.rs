@@ -30,18 +30,31 @@ fn parse_rows(text: &str) -> Vec<Vec<f64>> {
         .collect()
 }
 
+/// Draws into an RGB buffer and writes it with one atomic write: plotters' own file output goes
+/// through `image`'s unflushed save, which can leave a truncated PNG on a full disk.
+fn write_png(
+    png: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&mut [u8], (u32, u32)) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 3 * size.0 as usize * size.1 as usize];
+    draw(&mut buf, size)?;
+    let bytes = crate::data::io::encode_png(&buf, size.0 as usize, size.1 as usize, true)?;
+    crate::fsio::write_atomic(png, &bytes)
+}
+
 pub fn curves(csv: &Path, png: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(csv).with_context(|| format!("cannot read {}", csv.display()))?;
     let rows = parse_rows(&text);
     if rows.is_empty() {
         return Ok(());
     }
-    crate::fsio::write_with(png, |tmp| draw_curves(&rows, tmp))
+    write_png(png, (960, 400), |buf, size| draw_curves(&rows, buf, size))
 }
 
-fn draw_curves(rows: &[Vec<f64>], png: &Path) -> anyhow::Result<()> {
+fn draw_curves(rows: &[Vec<f64>], buf: &mut [u8], size: (u32, u32)) -> anyhow::Result<()> {
     let labels = font();
-    let root = BitMapBackend::new(png, (960, 400)).into_drawing_area();
+    let root = BitMapBackend::with_buffer(buf, size).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let panels = root.split_evenly((1, 2));
     let last = rows.iter().fold(1f64, |m, r| m.max(r[0]));
@@ -72,7 +85,7 @@ fn draw_curves(rows: &[Vec<f64>], png: &Path) -> anyhow::Result<()> {
             .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    root.present().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", png.display()))?;
+    root.present().map_err(|e| anyhow::anyhow!("cannot draw the plot: {e}"))?;
     Ok(())
 }
 
@@ -81,12 +94,12 @@ pub fn pruning(points: &[(String, f64, f64)], png: &Path) -> anyhow::Result<()> 
     if points.is_empty() {
         return Ok(());
     }
-    crate::fsio::write_with(png, |tmp| draw_pruning(points, tmp))
+    write_png(png, (640, 420), |buf, size| draw_pruning(points, buf, size))
 }
 
-fn draw_pruning(points: &[(String, f64, f64)], png: &Path) -> anyhow::Result<()> {
+fn draw_pruning(points: &[(String, f64, f64)], buf: &mut [u8], size: (u32, u32)) -> anyhow::Result<()> {
     let labels = font();
-    let root = BitMapBackend::new(png, (640, 420)).into_drawing_area();
+    let root = BitMapBackend::with_buffer(buf, size).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (x_hi, (y_lo, y_hi)) =
         points.iter().fold((0f64, (f64::MAX, f64::MIN)), |(x, (a, b)), p| (x.max(p.1), (a.min(p.2), b.max(p.2))));
@@ -116,7 +129,7 @@ fn draw_pruning(points: &[(String, f64, f64)], png: &Path) -> anyhow::Result<()>
             .draw_series(points.iter().map(|(l, x, y)| Text::new(l.clone(), (*x, *y), ("sans-serif", 16))))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    root.present().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", png.display()))?;
+    root.present().map_err(|e| anyhow::anyhow!("cannot draw the plot: {e}"))?;
     Ok(())
 }
 
