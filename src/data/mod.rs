@@ -53,12 +53,13 @@ impl std::str::FromStr for Normalize {
             let p = |k: usize| parts[k].parse::<f32>().map_err(|e| format!("`{s}`: {e}"));
             Ok((p(i)?, p(j)?))
         };
+        let checked = |n: Normalize| n.check().map(|()| n);
         match parts.as_slice() {
             ["percentile"] => Ok(Normalize::Percentile { low: 0.5, high: 99.5 }),
-            ["percentile", _, _] => nums(1, 2).map(|(low, high)| Normalize::Percentile { low, high }),
+            ["percentile", _, _] => nums(1, 2).map(|(low, high)| Normalize::Percentile { low, high }).and_then(checked),
             ["zscore"] => Ok(Normalize::ZScore),
             ["imagenet"] => Ok(Normalize::Imagenet),
-            ["window", _, _] => nums(1, 2).map(|(low, high)| Normalize::Window { low, high }),
+            ["window", _, _] => nums(1, 2).map(|(low, high)| Normalize::Window { low, high }).and_then(checked),
             _ => Err(format!(
                 "normalisation must be percentile[:LOW:HIGH], zscore, imagenet or window:LOW:HIGH, got `{s}`"
             )),
@@ -67,6 +68,29 @@ impl std::str::FromStr for Normalize {
 }
 
 impl Normalize {
+    /// The bounds must leave a range to map onto [0, 1]: an empty or inverted one would map
+    /// every voxel to 0 and train on a blank input without a word.
+    pub fn check(&self) -> Result<(), String> {
+        match *self {
+            Normalize::Percentile { low, high } => {
+                if !(low.is_finite() && high.is_finite() && 0.0 <= low && low < high && high <= 100.0) {
+                    return Err(format!(
+                        "--normalize percentile:{low}:{high}: needs 0 <= LOW < HIGH <= 100 (percentiles), e.g. percentile:0.5:99.5"
+                    ));
+                }
+            }
+            Normalize::Window { low, high } => {
+                if !(low.is_finite() && high.is_finite() && low < high) {
+                    return Err(format!(
+                        "--normalize window:{low}:{high}: needs finite LOW < HIGH (intensities), e.g. window:-1000:400"
+                    ));
+                }
+            }
+            Normalize::ZScore | Normalize::Imagenet => {}
+        }
+        Ok(())
+    }
+
     /// Normalises each channel of an image in place.
     pub fn apply(&self, data: &mut [f32], channels: usize) {
         let n = data.len() / channels;
