@@ -68,7 +68,7 @@ impl InferOptions {
         check_size(tile, cfg, "--tile")?;
         let voxels = tile[1] * tile[2] * if cfg.dims == 3 { tile[0] } else { 1 };
         ensure_memory(cfg.inference_bytes(voxels), || {
-            format!("a --tile of {} (--width {}, --depth {})", fmt_size(tile, cfg.dims), cfg.width, cfg.depth)
+            format!("inference with --tile {} (--width {}, --depth {})", fmt_size(tile, cfg.dims), cfg.width, cfg.depth)
         })
     }
 }
@@ -301,9 +301,11 @@ pub fn check_size(size: [usize; 3], cfg: &ModelConfig, option: &str) -> anyhow::
         return Ok(());
     }
     let fix: Vec<String> = axes.iter().map(|&v| (v.div_ceil(m).max(1) * m).to_string()).collect();
+    let given = fmt_size(size, cfg.dims.clamp(2, 3));
     anyhow::bail!(
-        "{option} {}: every axis must be a positive multiple of 2^depth = {m} (--depth {}), e.g. {option} {}",
-        fmt_size(size, cfg.dims.clamp(2, 3)),
+        "{option} {given}: {} size {given} must be divisible by 2^depth = {m} (--depth {}) and at least {m} on \
+         every axis, e.g. {option} {}",
+        option.trim_start_matches('-'),
         cfg.depth,
         fix.join(",")
     )
