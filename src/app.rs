@@ -64,8 +64,10 @@ impl InferOptions {
                 allowed.join(", ")
             );
         }
-        let tile = self.tile.unwrap_or(default_tile(cfg));
+        let Some(tile) = self.tile else { return Ok(()) };
         check_size(tile, cfg, "--tile")?;
+        // Only a tile asked for: the default window shrinks to small images, and refusing it
+        // on a small machine would refuse inputs that fit.
         let voxels = tile[1] * tile[2] * if cfg.dims == 3 { tile[0] } else { 1 };
         ensure_memory(cfg.inference_bytes(voxels), || {
             format!("inference with --tile {} (--width {}, --depth {})", fmt_size(tile, cfg.dims), cfg.width, cfg.depth)

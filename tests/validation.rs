@@ -131,7 +131,10 @@ fn bad_training_options_are_refused_by_name_before_any_write() {
 #[test]
 fn a_patch_or_batch_beyond_memory_is_refused_naming_the_options() {
     // 10^10 voxels a patch: terabytes, on any machine.
-    train_fails(&[("--patch", Some("100000"))], &["--patch 100000,100000", "--batch-size 2", "GiB", "UNETPP_MEMORY_GB"]);
+    train_fails(
+        &[("--patch", Some("100000"))],
+        &["--patch 100000,100000", "--batch-size 2", "GiB", "UNETPP_MEMORY_GB"],
+    );
     // A normal tiny run under a tiny limit: the override is read, and named.
     train_fails_env(
         &[],
@@ -145,7 +148,8 @@ fn a_patch_or_batch_beyond_memory_is_refused_naming_the_options() {
 
 #[test]
 fn empty_or_inverted_normalisation_ranges_are_refused() {
-    for bad in ["window:5:5", "window:400:-1000", "window:nan:1", "percentile:99:1", "percentile:-1:50", "percentile:1:101"]
+    for bad in
+        ["window:5:5", "window:400:-1000", "window:nan:1", "percentile:99:1", "percentile:-1:50", "percentile:1:101"]
     {
         let err = bad.parse::<Normalize>().unwrap_err();
         assert!(err.contains("--normalize") && err.contains("LOW < HIGH"), "{bad}: {err}");
@@ -278,10 +282,10 @@ fn a_model_on_data_of_the_other_dimensionality_is_refused_naming_file_and_dims()
         assert!(!out.exists());
     }
     // Training: a 3D model on 2D images (the reverse was already refused by the loader).
-    train_fails(&[("--dims", Some("3")), ("--patch", Some("4,32,32")), ("--tile", Some("4,64,64"))], &[
-        "is a 2D image",
-        "--dims 3",
-    ]);
+    train_fails(
+        &[("--dims", Some("3")), ("--patch", Some("4,32,32")), ("--tile", Some("4,64,64"))],
+        &["is a 2D image", "--dims 3"],
+    );
 }
 
 #[test]
@@ -313,10 +317,10 @@ fn prune_and_info_check_their_options() {
     let ck = checkpoint(tmp.path(), "ds.unetpp", tiny(2));
     let out = tmp.path().join("pruned.unetpp");
     for level in ["0", "3", "9"] {
-        fails(&["prune", "--checkpoint", s(&ck), "--level", level, "--out", s(&out)], &[
-            &format!("--level {level}"),
-            "[1, 2]",
-        ]);
+        fails(
+            &["prune", "--checkpoint", s(&ck), "--level", level, "--out", s(&out)],
+            &[&format!("--level {level}"), "[1, 2]"],
+        );
         assert!(!out.exists());
     }
     // Writing the output over the input would lose it.
@@ -436,4 +440,20 @@ fn bad_smp_checkpoints_are_refused_too() {
     let p = tmp.path().join("smp_nan.safetensors");
     write_st(&p, &raw);
     import_fails(&p, &["`decoder.blocks.x_0_0.conv2.0.weight`", "non-finite"]);
+}
+
+/// The training-memory estimate against peak RSS measured with `unetpp bench --train-only`
+/// (UNet++ L4, modern, width 32; docs/reliability.md): it may overestimate (refusing only what
+/// cannot fit by a margin) but not underestimate, nor overestimate so much that runs which fit
+/// are refused.
+#[test]
+fn memory_estimate_brackets_measured_peaks() {
+    for (dims, voxels, batch, measured_mb) in [(2, 96 * 96, 4, 370.0), (3, 64 * 64 * 64, 1, 1846.0)] {
+        let cfg = ModelConfig { dims, ..ModelConfig::new(Arch::Unetpp, Preset::Modern, 4) };
+        let est = cfg.training_bytes(voxels, batch) / (1 << 20) as f64;
+        assert!(
+            (measured_mb..=2.0 * measured_mb).contains(&est),
+            "{dims}D batch {batch} of {voxels} voxels: estimate {est:.0} MiB, measured peak {measured_mb} MB"
+        );
+    }
 }
