@@ -27,14 +27,14 @@ pub fn next_run_dir(root: &Path) -> anyhow::Result<PathBuf> {
     (1..10_000).map(|i| root.join(format!("run-{i:03}"))).find(|p| !p.exists()).context("no free run directory")
 }
 
-/// 3 when the data set holds NIfTI volumes, else 2.
+/// 3 when the data set holds NIfTI volumes of more than one slice, else 2.
 pub fn detect_dims(root: &Path) -> anyhow::Result<usize> {
     let s = Splits::find(root)?;
     let dir = s.train.or(s.test).unwrap().join("images");
     let volume = std::fs::read_dir(&dir)
         .with_context(|| format!("cannot read {}", dir.display()))?
         .flatten()
-        .any(|e| io::is_volume(&e.path()));
+        .any(|e| io::is_volume(&e.path()) && depth_of(&e.path()).is_none_or(|d| d > 1));
     Ok(if volume { 3 } else { 2 })
 }
 
