@@ -254,8 +254,9 @@ impl ModelConfig {
     /// probabilities and loss terms. Gradients of these live only while the backward pass
     /// walks back through the node, so they add a fraction, not a copy. Weights are held four
     /// times: the model, its gradients and Adam's two moments. f32 throughout. Calibrated
-    /// against measured peak RSS (docs/reliability.md): it overestimates by up to 2x, so it
-    /// refuses only what cannot fit, not what fits narrowly.
+    /// against peak RSS measured with `unetpp bench --train-only` (370 MiB for 4x96^2 in 2D,
+    /// 1846 MiB for 64^3 in 3D; estimates 479 and 2319 MiB, pinned by tests/validation.rs):
+    /// it overestimates by about a third, so it refuses only what cannot fit.
     pub fn training_bytes(&self, voxels: usize, batch: usize) -> f64 {
         let per_sample: f64 = self
             .nodes()
