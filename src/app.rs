@@ -27,14 +27,14 @@ pub fn next_run_dir(root: &Path) -> anyhow::Result<PathBuf> {
     (1..10_000).map(|i| root.join(format!("run-{i:03}"))).find(|p| !p.exists()).context("no free run directory")
 }
 
-/// 3 when the data set holds NIfTI volumes, else 2.
+/// 3 when the data set holds NIfTI volumes of more than one slice, else 2.
 pub fn detect_dims(root: &Path) -> anyhow::Result<usize> {
     let s = Splits::find(root)?;
     let dir = s.train.or(s.test).unwrap().join("images");
     let volume = std::fs::read_dir(&dir)
         .with_context(|| format!("cannot read {}", dir.display()))?
         .flatten()
-        .any(|e| io::is_volume(&e.path()));
+        .any(|e| io::is_volume(&e.path()) && depth_of(&e.path()).is_none_or(|d| d > 1));
     Ok(if volume { 3 } else { 2 })
 }
 
@@ -52,10 +52,40 @@ pub struct InferOptions {
     pub backend: Backend,
 }
 
+impl InferOptions {
+    /// Checks `--mode` and `--tile` against the model they will run.
+    pub fn validate(&self, cfg: &ModelConfig) -> anyhow::Result<()> {
+        if let Mode::Fast(l) = self.mode {
+            let heads = cfg.head_columns();
+            let allowed: Vec<String> = heads.iter().map(|j| format!("fast:{j}")).collect();
+            anyhow::ensure!(
+                heads.contains(&l),
+                "--mode fast:{l}: this model has heads on X^0,j for j in {heads:?}; use accurate or {}",
+                allowed.join(", ")
+            );
+        }
+        let Some(tile) = self.tile else { return Ok(()) };
+        check_size(tile, cfg, "--tile")?;
+        // Only a tile asked for: the default window shrinks to small images, and refusing it
+        // on a small machine would refuse inputs that fit.
+        let voxels = tile[1] * tile[2] * if cfg.dims == 3 { tile[0] } else { 1 };
+        ensure_memory(cfg.inference_bytes(voxels), || {
+            format!("inference with --tile {} (--width {}, --depth {})", fmt_size(tile, cfg.dims), cfg.width, cfg.depth)
+        })
+    }
+}
+
 /// Evaluates a checkpoint on `data` (its `test/` split when it has one); writes `scores.csv`,
 /// `summary.json` and 2D overlays into `out`.
 pub fn eval(ck: &Path, data_dir: &Path, out: &Path, opts: &InferOptions, skip_bad: bool) -> anyhow::Result<Summary> {
-    match checkpoint::read_meta(ck)?.model.dims {
+    let meta = checkpoint::read_meta(ck)?;
+    meta.model.validate().with_context(|| format!("checkpoint {}", ck.display()))?;
+    opts.validate(&meta.model)?;
+    let splits = Splits::find(data_dir)?;
+    let dir = splits.test.or(splits.val).context("no test/ or val/ split to evaluate")?;
+    let images: Vec<PathBuf> = data::pairs(&dir, true)?.into_iter().map(|p| p.image).collect();
+    ensure_dims(&images, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
+    match meta.model.dims {
         2 => eval_d::<4>(ck, data_dir, out, opts, skip_bad),
         _ => eval_d::<5>(ck, data_dir, out, opts, skip_bad),
     }
@@ -104,7 +134,11 @@ pub fn predict(
     probs: bool,
     overwrite: bool,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    match checkpoint::read_meta(ck)?.model.dims {
+    let meta = checkpoint::read_meta(ck)?;
+    meta.model.validate().with_context(|| format!("checkpoint {}", ck.display()))?;
+    opts.validate(&meta.model)?;
+    ensure_dims(&inputs(input)?.1, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
+    match meta.model.dims {
         2 => predict_d::<4>(ck, input, out, opts, probs, overwrite),
         _ => predict_d::<5>(ck, input, out, opts, probs, overwrite),
     }
@@ -168,6 +202,8 @@ pub fn import(
     normalize: crate::data::Normalize,
     opts: crate::import::ImportOptions,
 ) -> anyhow::Result<crate::import::Report> {
+    normalize.check().map_err(anyhow::Error::msg)?;
+    ensure_not_input(out, &[src])?;
     let (model, report) = crate::import::import_with(src, opts, &Device::flex())?;
     let cfg = model.config().clone();
     let data = crate::data::DataConfig { channels: cfg.in_channels, classes: cfg.classes, normalize };
@@ -177,6 +213,7 @@ pub fn import(
 
 /// Writes a 2D checkpoint as `.safetensors` with pytorch-nested-unet's names.
 pub fn export(ck: &Path, out: &Path) -> anyhow::Result<()> {
+    ensure_not_input(out, &[ck])?;
     let meta = checkpoint::read_meta(ck)?;
     anyhow::ensure!(meta.model.dims == 2, "only 2D models export to the NestedUNet layout");
     let (model, _) = checkpoint::load::<4>(ck, &Device::flex())?;
@@ -185,7 +222,15 @@ pub fn export(ck: &Path, out: &Path) -> anyhow::Result<()> {
 
 /// Writes UNet++ L_level of a checkpoint; returns parameter counts before and after.
 pub fn prune(ck: &Path, level: usize, out: &Path) -> anyhow::Result<(usize, usize)> {
+    ensure_not_input(out, &[ck])?;
     let meta = checkpoint::read_meta(ck)?;
+    let heads = meta.model.head_columns();
+    anyhow::ensure!(
+        heads.contains(&level),
+        "--level {level}: checkpoint {} has heads on X^0,j for j in {heads:?} only; pick one of those{}",
+        ck.display(),
+        if heads.len() == 1 { " (it was trained without deep supervision or is already pruned)" } else { "" }
+    );
     match meta.model.dims {
         2 => prune_d::<4>(ck, level, out),
         _ => prune_d::<5>(ck, level, out),
@@ -249,4 +294,117 @@ pub fn info(cfg: &ModelConfig) -> anyhow::Result<String> {
         }
     }
     Ok(s)
+}
+
+/// Refuses an output path that is one of the command's inputs: writing it would replace the
+/// input (the atomic rename makes no exception for that).
+fn ensure_not_input(out: &Path, inputs: &[&Path]) -> anyhow::Result<()> {
+    let Ok(o) = out.canonicalize() else { return Ok(()) };
+    for i in inputs {
+        anyhow::ensure!(
+            i.canonicalize().ok().as_deref() != Some(o.as_path()),
+            "--out {} is the input {}; pick another --out (nothing overwrites an input)",
+            out.display(),
+            i.display()
+        );
+    }
+    Ok(())
+}
+
+/// `h,w` in 2D, `d,h,w` in 3D: a size as `--patch` and `--tile` take it.
+pub fn fmt_size(size: [usize; 3], dims: usize) -> String {
+    size[3 - dims..].iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// A patch or window must be a positive multiple of 2^depth on every spatial axis: the model
+/// halves it `depth` times, and inference would otherwise silently round it.
+pub fn check_size(size: [usize; 3], cfg: &ModelConfig, option: &str) -> anyhow::Result<()> {
+    let m = 1usize << cfg.depth.min(20);
+    let axes = &size[3 - cfg.dims.clamp(2, 3)..];
+    if axes.iter().all(|&v| v >= m && v % m == 0) {
+        return Ok(());
+    }
+    let fix: Vec<String> = axes.iter().map(|&v| (v.div_ceil(m).max(1) * m).to_string()).collect();
+    let given = fmt_size(size, cfg.dims.clamp(2, 3));
+    anyhow::bail!(
+        "{option} {given}: {} size {given} must be divisible by 2^depth = {m} (--depth {}) and at least {m} on \
+         every axis, e.g. {option} {}",
+        option.trim_start_matches('-'),
+        cfg.depth,
+        fix.join(",")
+    )
+}
+
+/// The environment variable that replaces the memory limit (GiB), for when the estimate or
+/// the available-memory reading is wrong for this machine.
+pub const MEMORY_ENV: &str = "UNETPP_MEMORY_GB";
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Bytes this process may allocate and where the figure comes from: `UNETPP_MEMORY_GB` when
+/// set, else Linux's MemAvailable (lowered to a cgroup v2 limit's headroom where there is one);
+/// `None` where neither is known (no check is made there).
+pub fn memory_limit() -> anyhow::Result<Option<(f64, String)>> {
+    if let Ok(v) = std::env::var(MEMORY_ENV) {
+        let gib = v.trim().parse::<f64>().ok().filter(|g| g.is_finite() && *g > 0.0);
+        let gib = gib.with_context(|| format!("{MEMORY_ENV}={v}: must be a positive number of GiB"))?;
+        return Ok(Some((gib * GIB, format!("{MEMORY_ENV}={v}"))));
+    }
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let mut limit = read("/proc/meminfo").and_then(|info| {
+        let kb = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+        let kb: f64 = kb.trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some((kb * 1024.0, "MemAvailable in /proc/meminfo".to_string()))
+    });
+    let cgroup = || -> Option<f64> {
+        let max: f64 = read("/sys/fs/cgroup/memory.max")?.trim().parse().ok()?;
+        let used: f64 = read("/sys/fs/cgroup/memory.current")?.trim().parse().ok()?;
+        Some((max - used).max(0.0))
+    };
+    if let Some(c) = cgroup()
+        && limit.as_ref().is_none_or(|(l, _)| c < *l)
+    {
+        limit = Some((c, "the cgroup's memory.max less memory.current".to_string()));
+    }
+    Ok(limit)
+}
+
+/// Refuses work estimated to need more memory than the machine has, before it allocates
+/// (and aborts, or drives the machine into swap). `what` names the options responsible.
+pub fn ensure_memory(bytes: f64, what: impl FnOnce() -> String) -> anyhow::Result<()> {
+    let Some((limit, source)) = memory_limit()? else { return Ok(()) };
+    anyhow::ensure!(
+        bytes <= limit,
+        "{} would need about {:.1} GiB, more than the {:.1} GiB available ({source}); choose smaller values, \
+         or set {MEMORY_ENV} to override the limit",
+        what(),
+        bytes / GIB,
+        limit / GIB
+    );
+    Ok(())
+}
+
+/// Slices of an input: 1 for a 2D image or a single-slice NIfTI; `None` where the header
+/// cannot be read (the reader reports that file by name later).
+fn depth_of(path: &Path) -> Option<usize> {
+    if !io::is_volume(path) {
+        return Some(1);
+    }
+    let h = nifti::NiftiHeader::from_file(path).ok()?;
+    Some(if h.dim[0] >= 3 { h.dim[3].max(1) as usize } else { 1 })
+}
+
+/// Refuses the first input whose dimensionality is not the model's: a 2D image through a 3D
+/// model (or a volume through a 2D one) would run and score nonsense without an error.
+pub fn ensure_dims(files: &[PathBuf], dims: usize, model: &str) -> anyhow::Result<()> {
+    for f in files {
+        match depth_of(f) {
+            Some(1) if dims == 3 => anyhow::bail!("{} is a 2D image but {model} is a 3D model", f.display()),
+            Some(d) if d > 1 && dims == 2 => {
+                anyhow::bail!("{} is a 3D volume ({d} slices) but {model} is a 2D model", f.display())
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }

@@ -297,10 +297,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return report(&run.dir);
             }
             let cfg = match &a.config {
-                Some(path) => toml::from_str(
-                    &std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
-                )
-                .with_context(|| format!("cannot parse {}", path.display()))?,
+                Some(path) => {
+                    let cfg: TrainConfig = toml::from_str(
+                        &std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+                    )
+                    .with_context(|| format!("cannot parse {}", path.display()))?;
+                    // `train` checks again; here the message can say which file holds the bad value.
+                    cfg.validate().with_context(|| format!("--config {}", path.display()))?;
+                    cfg
+                }
                 None => train_config(&a)?,
             };
             let out = match a.out {

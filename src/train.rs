@@ -177,7 +177,7 @@ pub fn train(cfg: Option<TrainConfig>, dir: &Path) -> anyhow::Result<Run> {
             toml::from_str(&text).with_context(|| format!("cannot parse {}", path.display()))?
         }
     };
-    cfg.model.validate()?;
+    cfg.validate()?;
     match cfg.model.dims {
         2 => run::<4>(&cfg, dir, resume, lock),
         _ => run::<5>(&cfg, dir, resume, lock),
@@ -394,4 +394,82 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool, lock: Option
     }
     crate::plot::curves(&dir.join(rundir::METRICS), &dir.join(rundir::CURVES))?;
     Ok(Run { dir: dir.to_path_buf(), state })
+}
+
+impl TrainConfig {
+    /// Checks every option (from the command line, a `--config` file or a run being resumed)
+    /// before anything is written, naming the option and the values it allows; also refuses a
+    /// patch x batch x model estimated not to fit in memory and data of the wrong
+    /// dimensionality.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use anyhow::ensure;
+        self.model.validate()?;
+        ensure!(self.epochs >= 1, "--epochs must be at least 1, got 0");
+        ensure!(self.steps_per_epoch >= 1, "--steps-per-epoch must be at least 1, got 0");
+        ensure!(self.batch_size >= 1, "--batch-size must be at least 1, got 0");
+        ensure!(
+            self.lr.is_finite() && self.lr > 0.0 && self.lr <= 1.0,
+            "--lr must be in (0, 1] (Adam's step size, e.g. 3e-4), got {}",
+            self.lr
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.foreground),
+            "--foreground must be in [0, 1] (the share of patches centred on foreground), got {}",
+            self.foreground
+        );
+        ensure!(
+            self.patience >= 1,
+            "--patience must be at least 1 (epochs without a better validation IoU before stopping), got 0"
+        );
+        ensure!(
+            self.val_fraction > 0.0 && self.val_fraction < 1.0,
+            "--val-fraction must be in (0, 1) (the share of images held out when there is no val/), got {}",
+            self.val_fraction
+        );
+        crate::app::check_size(self.patch, &self.model, "--patch")?;
+        crate::app::check_size(self.tile, &self.model, "--tile")?;
+        ensure!(
+            self.val_crop.iter().all(|&v| v >= 1),
+            "val_crop must be at least 1 on every axis, got {:?}",
+            self.val_crop
+        );
+        ensure!(
+            self.input.channels == self.model.in_channels && self.input.classes == self.model.classes,
+            "input channels and classes ({}, {}) differ from the model's ({}, {})",
+            self.input.channels,
+            self.input.classes,
+            self.model.in_channels,
+            self.model.classes
+        );
+        self.input.normalize.check().map_err(anyhow::Error::msg)?;
+        if let Some(w) = &self.weights {
+            ensure!(
+                checkpoint::read_meta(w)?.model == self.model,
+                "--weights {} holds a different architecture than the run's",
+                w.display()
+            );
+        }
+        let dims = self.model.dims;
+        let voxels = |s: [usize; 3]| s[1] * s[2] * if dims == 3 { s[0] } else { 1 };
+        let (m, fmt) = (&self.model, |s| crate::app::fmt_size(s, dims));
+        crate::app::ensure_memory(m.training_bytes(voxels(self.patch), self.batch_size), || {
+            format!(
+                "training on --patch {} with --batch-size {} (--width {}, --depth {})",
+                fmt(self.patch),
+                self.batch_size,
+                m.width,
+                m.depth
+            )
+        })?;
+        let window: [usize; 3] = std::array::from_fn(|a| self.tile[a].min(self.val_crop[a]));
+        crate::app::ensure_memory(m.inference_bytes(voxels(window)), || {
+            format!("validating with --tile {} (--width {}, --depth {})", fmt(self.tile), m.width, m.depth)
+        })?;
+        let splits = Splits::find(&self.data)?;
+        for dir in [&splits.train, &splits.val].into_iter().flatten() {
+            let images: Vec<PathBuf> = data::pairs(dir, true)?.into_iter().map(|p| p.image).collect();
+            crate::app::ensure_dims(&images, dims, &format!("the run's model (--dims {dims})"))?;
+        }
+        Ok(())
+    }
 }

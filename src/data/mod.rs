@@ -57,22 +57,15 @@ impl std::str::FromStr for Normalize {
         let parts: Vec<&str> = s.split(':').collect();
         let nums = |i: usize, j: usize| -> Result<(f32, f32), String> {
             let p = |k: usize| parts[k].parse::<f32>().map_err(|e| format!("`{s}`: {e}"));
-            let (a, b) = (p(i)?, p(j)?);
-            // An empty range would map every voxel to 0.
-            if a < b { Ok((a, b)) } else { Err(format!("`{s}`: LOW must be below HIGH")) }
+            Ok((p(i)?, p(j)?))
         };
+        let checked = |n: Normalize| n.check().map(|()| n);
         match parts.as_slice() {
             ["percentile"] => Ok(Normalize::Percentile { low: 0.5, high: 99.5 }),
-            ["percentile", _, _] => nums(1, 2).and_then(|(low, high)| {
-                if low >= 0.0 && high <= 100.0 {
-                    Ok(Normalize::Percentile { low, high })
-                } else {
-                    Err(format!("`{s}`: percentiles must lie in 0..100"))
-                }
-            }),
+            ["percentile", _, _] => nums(1, 2).map(|(low, high)| Normalize::Percentile { low, high }).and_then(checked),
             ["zscore"] => Ok(Normalize::ZScore),
             ["imagenet"] => Ok(Normalize::Imagenet),
-            ["window", _, _] => nums(1, 2).map(|(low, high)| Normalize::Window { low, high }),
+            ["window", _, _] => nums(1, 2).map(|(low, high)| Normalize::Window { low, high }).and_then(checked),
             _ => Err(format!(
                 "normalisation must be percentile[:LOW:HIGH], zscore, imagenet or window:LOW:HIGH, got `{s}`"
             )),
@@ -81,6 +74,29 @@ impl std::str::FromStr for Normalize {
 }
 
 impl Normalize {
+    /// The bounds must leave a range to map onto [0, 1]: an empty or inverted one would map
+    /// every voxel to 0 and train on a blank input without a word.
+    pub fn check(&self) -> Result<(), String> {
+        match *self {
+            Normalize::Percentile { low, high } => {
+                if !(low.is_finite() && high.is_finite() && 0.0 <= low && low < high && high <= 100.0) {
+                    return Err(format!(
+                        "--normalize percentile:{low}:{high}: needs 0 <= LOW < HIGH <= 100 (percentiles), e.g. percentile:0.5:99.5"
+                    ));
+                }
+            }
+            Normalize::Window { low, high } => {
+                if !(low.is_finite() && high.is_finite() && low < high) {
+                    return Err(format!(
+                        "--normalize window:{low}:{high}: needs finite LOW < HIGH (intensities), e.g. window:-1000:400"
+                    ));
+                }
+            }
+            Normalize::ZScore | Normalize::Imagenet => {}
+        }
+        Ok(())
+    }
+
     /// Normalises each channel of an image in place. `data` is in the file's own units and
     /// `full_scale` its sample type's full scale (see [`io::read_scaled`]), which only
     /// `Imagenet` uses.

@@ -78,15 +78,94 @@ pub fn shapes(path: &Path) -> anyhow::Result<BTreeMap<String, Vec<usize>>> {
     } else {
         let reader = burn::store::pytorch_reader::PytorchReader::new(path)
             .map_err(|e| anyhow::anyhow!("{} is not a readable PyTorch checkpoint: {e}", path.display()))?;
+        let sizes: Vec<(&String, usize)> = reader.tensors().iter().map(|(k, t)| (k, t.byte_len())).collect();
+        check_declared(path, &sizes)?;
         reader.tensors().iter().map(|(k, t)| (k.clone(), t.shape().to_vec())).collect()
     };
     let re = regex::Regex::new(PREFIX).unwrap();
     Ok(raw.into_iter().map(|(k, s)| (re.replace(&k, "").into_owned(), s)).collect())
 }
 
+/// A `.pth` view can declare far more elements than its storage holds (`expand` shares one
+/// storage at stride 0), and reading it materialises them all: a 2 KB file can ask for
+/// gigabytes. `torch.save` stores tensors uncompressed, so real tensors fit in the file; refuse
+/// any tensor, or all of them together, declaring more bytes than the file has.
+fn check_declared(path: &Path, sizes: &[(&String, usize)]) -> anyhow::Result<()> {
+    let file = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len() as usize;
+    let advice = "its tensors share or expand storage (torch `expand`); save real copies (`.contiguous().clone()`)";
+    if let Some((k, b)) = sizes.iter().find(|(_, b)| *b > file) {
+        bail!("{}: tensor `{k}` declares {b} bytes but the whole file is {file} bytes: {advice}", path.display());
+    }
+    let total = sizes.iter().fold(0usize, |a, (_, b)| a.saturating_add(*b));
+    ensure!(
+        total <= file,
+        "{}: its tensors declare {total} bytes in all but the file is {file} bytes: {advice}",
+        path.display()
+    );
+    Ok(())
+}
+
+/// The shape of a convolution weight `key`, which must be 4D [out, in, kh, kw] with every extent
+/// at least 1; `expected` describes it for the message.
+pub(crate) fn conv_shape(
+    path: &Path,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    key: &str,
+    expected: &str,
+) -> anyhow::Result<[usize; 4]> {
+    let p = path.display();
+    let s = shapes.get(key).with_context(|| format!("{p}: no tensor `{key}` (expected shape {expected})"))?;
+    match s[..] {
+        [o, i, h, w] if o > 0 && i > 0 && h > 0 && w > 0 => Ok([o, i, h, w]),
+        _ => bail!("{p}: tensor `{key}` has shape {s:?}, expected {expected}"),
+    }
+}
+
+/// Every expected convolution weight is present with the shape the architecture gives it, so
+/// that building the model (which allocates all of them) cannot be driven by a crafted shape.
+fn check_node_shapes(path: &Path, shapes: &BTreeMap<String, Vec<usize>>, cfg: &ModelConfig) -> anyhow::Result<()> {
+    for (i, j) in cfg.nodes() {
+        let (w, cin) = (cfg.node_width(i, j), cfg.node_inputs(i, j));
+        for (conv, want) in [(1, [w, cin, 3, 3]), (2, [w, w, 3, 3])] {
+            let key = format!("conv{i}_{j}.conv{conv}.weight");
+            let got = conv_shape(path, shapes, &key, &format!("{want:?}"))?;
+            ensure!(got == want, "{}: tensor `{key}` has shape {got:?}, expected {want:?}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// A checkpoint holds every weight of its model: refuse one whose shapes describe a model
+/// larger than the values it holds, before building (allocating) that model.
+fn check_holds_model(path: &Path, shapes: &BTreeMap<String, Vec<usize>>, cfg: &ModelConfig) -> anyhow::Result<()> {
+    let held = shapes.values().map(|s| s.iter().product::<usize>() as f64).sum::<f64>();
+    let need = cfg.parameters_estimate();
+    ensure!(
+        need <= held,
+        "{}: its shapes describe a model of at least {need:.0} weights but it holds only {held:.0} values",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Weights must be finite: a NaN or infinity makes every prediction NaN, found only later.
+fn check_finite(path: &Path, tensors: &Tensors) -> anyhow::Result<()> {
+    for (k, (shape, data)) in tensors {
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "{}: tensor `{k}` (shape {shape:?}) has a non-finite value ({}) at index {i}",
+                path.display(),
+                data[i]
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The architecture a NestedUNet/UNet state dict describes.
 pub fn infer_config(path: &Path, shapes: &BTreeMap<String, Vec<usize>>) -> anyhow::Result<ModelConfig> {
     let shape = |k: &str| shapes.get(k).cloned();
+    let p = path.display();
     let Some(first) = shape("conv0_0.conv1.weight") else {
         bail!(
             "{} is neither a NestedUNet/UNet checkpoint (no `conv0_0.conv1.weight`) nor an smp UnetPlusPlus \
@@ -94,13 +173,14 @@ pub fn infer_config(path: &Path, shapes: &BTreeMap<String, Vec<usize>>) -> anyho
             path.display()
         );
     };
-    ensure!(first.len() == 4, "{}: conv0_0.conv1.weight has shape {first:?}; only 2D models import", path.display());
+    ensure!(first.len() != 5, "{p}: conv0_0.conv1.weight has shape {first:?}; only 2D models import");
+    let first = conv_shape(path, shapes, "conv0_0.conv1.weight", "[width, in_channels, 3, 3], both at least 1")?;
     let depth = (1..=5).take_while(|i| shapes.contains_key(&format!("conv{i}_0.conv1.weight"))).count();
     ensure!(depth >= 1, "{}: no encoder node conv1_0", path.display());
     let arch = if shapes.contains_key("conv0_1.conv1.weight") || depth == 1 { Arch::Unetpp } else { Arch::Unet };
     let deep_supervision = shapes.contains_key("final1.weight");
     let head = if deep_supervision { "final1.weight" } else { "final.weight" };
-    let classes = shape(head).with_context(|| format!("{}: no head `{head}`", path.display()))?[0];
+    let classes = conv_shape(path, shapes, head, &format!("[classes, {}, 1, 1], classes at least 1", first[0]))?[0];
     let cfg = ModelConfig {
         width: first[0],
         in_channels: first[1],
@@ -111,14 +191,22 @@ pub fn infer_config(path: &Path, shapes: &BTreeMap<String, Vec<usize>>) -> anyho
         ..ModelConfig::new(arch, Preset::Modern, depth)
     };
     for i in 0..=depth {
-        let w = shape(&format!("conv{i}_0.conv1.weight")).unwrap();
+        let key = format!("conv{i}_0.conv1.weight");
+        let w = conv_shape(path, shapes, &key, &format!("[{}, in, 3, 3]", cfg.filters(i)))?;
         ensure!(
             w[0] == cfg.filters(i),
-            "{}: conv{i}_0 has {} filters, expected {} (width x 2^i)",
-            path.display(),
+            "{p}: conv{i}_0 has {} filters, expected {} (width x 2^i)",
             w[0],
             cfg.filters(i)
         );
+    }
+    cfg.validate().with_context(|| format!("{p}: unsupported model"))?;
+    check_node_shapes(path, shapes, &cfg)?;
+    for (h, j) in cfg.head_columns().into_iter().enumerate() {
+        let key = if deep_supervision { format!("final{}.weight", h + 1) } else { "final.weight".to_string() };
+        let want = [classes, cfg.node_width(0, j), 1, 1];
+        let got = conv_shape(path, shapes, &key, &format!("{want:?}"))?;
+        ensure!(got == want, "{p}: tensor `{key}` has shape {got:?}, expected {want:?}");
     }
     Ok(cfg)
 }
@@ -223,7 +311,10 @@ pub fn import_with(path: &Path, opts: ImportOptions, device: &Device) -> anyhow:
     let shapes = shapes(path)?;
     if smp::detect(&shapes) {
         let cfg = smp::infer_config(path, &shapes, opts.bilinear)?;
-        let (tensors, ignored) = smp::to_ours(path, &cfg, read_tensors(path)?)?;
+        check_holds_model(path, &shapes, &cfg)?;
+        let tensors = read_tensors(path)?;
+        check_finite(path, &tensors)?;
+        let (tensors, ignored) = smp::to_ours(path, &cfg, tensors)?;
         let mut model = cfg.init::<4>(device);
         let mut store = SafetensorsStore::from_bytes(Some(to_safetensors(&tensors)?))
             .with_from_adapter(PyTorchToBurnAdapter)
@@ -233,6 +324,8 @@ pub fn import_with(path: &Path, opts: ImportOptions, device: &Device) -> anyhow:
         return finish(path, model, result, ignored);
     }
     let cfg = infer_config(path, &shapes)?;
+    check_holds_model(path, &shapes, &cfg)?;
+    check_finite(path, &read_tensors(path)?)?;
     let mut model = cfg.init::<4>(device);
     let result = if is_safetensors(path) {
         let mut store = SafetensorsStore::from_file(path)

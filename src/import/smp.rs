@@ -27,7 +27,6 @@ fn node_key(key: &str) -> Option<(usize, usize, &str)> {
 /// smp's default (nearest) is assumed unless `bilinear`.
 pub fn infer_config(path: &Path, shapes: &BTreeMap<String, Vec<usize>>, bilinear: bool) -> anyhow::Result<ModelConfig> {
     let p = path.display();
-    let shape = |k: &str| shapes.get(k).cloned().with_context(|| format!("{p}: no tensor `{k}`"));
     let blocks =
         |s: usize| (0..).take_while(|b| shapes.contains_key(&format!("encoder.layer{s}.{b}.conv1.weight"))).count();
     let bottleneck = shapes.contains_key("encoder.layer1.0.conv3.weight");
@@ -53,10 +52,11 @@ pub fn infer_config(path: &Path, shapes: &BTreeMap<String, Vec<usize>>, bilinear
         .max()
         .context(format!("{p}: no decoder blocks"))?;
     ensure!((2..=5).contains(&depth), "{p}: encoder depth {depth} (2..=5 supported)");
-    let conv1 = shape("encoder.conv1.weight")?;
-    let head = shape("segmentation_head.0.weight")?;
+    let conv = |k: &str, expected: &str| super::conv_shape(path, shapes, k, expected);
+    let conv1 = conv("encoder.conv1.weight", "[64, in_channels, 7, 7], in_channels at least 1")?;
+    let head = conv("segmentation_head.0.weight", "[classes, decoder width, k, k], classes at least 1")?;
     let decoder_channels = (0..depth)
-        .map(|l| shape(&format!("decoder.blocks.x_0_{l}.conv1.0.weight")).map(|s| s[0]))
+        .map(|l| conv(&format!("decoder.blocks.x_0_{l}.conv1.0.weight"), "[width, in, 3, 3]").map(|s| s[0]))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let cfg = ModelConfig {
         in_channels: conv1[1],
