@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use anyhow::Context;
 use plotters::prelude::*;
 
 /// Registers a system TrueType font for labels; without one the chart is drawn without text.
@@ -21,9 +22,19 @@ fn font() -> bool {
 }
 
 pub fn curves(csv: &Path, png: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(csv)?;
-    let rows: Vec<Vec<f64>> =
-        text.lines().skip(1).map(|l| l.split(',').map(|v| v.parse().unwrap_or(f64::NAN)).collect()).collect();
+    let text = std::fs::read_to_string(csv).with_context(|| format!("cannot read {}", csv.display()))?;
+    let mut rows: Vec<Vec<f64>> = vec![];
+    for (i, line) in text.lines().enumerate().skip(1) {
+        let row: Vec<f64> = line.split(',').map(|v| v.parse().unwrap_or(f64::NAN)).collect();
+        anyhow::ensure!(
+            row.len() >= 4,
+            "{} line {}: {} columns, expected epoch,step,train_loss,val_iou,...",
+            csv.display(),
+            i + 1,
+            row.len()
+        );
+        rows.push(row);
+    }
     if rows.is_empty() {
         return Ok(());
     }
