@@ -57,10 +57,13 @@ fn too_big(path: &Path, what: &str, bytes: u128) -> anyhow::Error {
 
 fn decode(path: &Path, what: &str) -> anyhow::Result<DynamicImage> {
     let max = max_decoded_bytes();
-    let mut reader = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot open {}", path.display()))?;
+    check_tiff(path, &bytes)?;
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes[..]));
+    if let Ok(format) = image::ImageFormat::from_path(path) {
+        reader.set_format(format);
+    }
+    let mut reader = reader.with_guessed_format().with_context(|| format!("cannot read {}", path.display()))?;
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(max);
     reader.limits(limits);
@@ -73,6 +76,63 @@ fn decode(path: &Path, what: &str) -> anyhow::Result<DynamicImage> {
         return Err(too_big(path, &format!("a {w}x{h} {what}"), f32_bytes));
     }
     DynamicImage::from_decoder(decoder).with_context(|| format!("cannot decode {what} {}", path.display()))
+}
+
+/// The `tiff` crate (0.11) reserves what an IFD entry's count declares, up to 256 MiB, before
+/// checking that the file holds that many values, and `image`'s limits reach it only after the
+/// first IFD is read: so a 40 KB TIFF could make us allocate 256 MiB. Every entry of every IFD
+/// is checked against the file's size first; anything else malformed is left to `tiff`.
+fn check_tiff(path: &Path, b: &[u8]) -> anyhow::Result<()> {
+    let le = match b.get(..2) {
+        Some(b"II") => true,
+        Some(b"MM") => false,
+        _ => return Ok(()),
+    };
+    let uint = |at: u64, n: usize| -> Option<u64> {
+        let s = b.get(usize::try_from(at).ok()?..)?.get(..n)?;
+        let mut v = [0u8; 8];
+        if le {
+            v[..n].copy_from_slice(s);
+            Some(u64::from_le_bytes(v))
+        } else {
+            v[8 - n..].copy_from_slice(s);
+            Some(u64::from_be_bytes(v))
+        }
+    };
+    let big = match uint(2, 2) {
+        Some(42) => false,
+        Some(43) => true,
+        _ => return Ok(()),
+    };
+    let (count_len, entry_len, offset_len) = if big { (8, 20, 8) } else { (2, 12, 4) };
+    let mut ifd = uint(if big { 8 } else { 4 }, offset_len).unwrap_or(0);
+    // A cycle of IFDs is `tiff`'s to report; a few hundred pages are more than we read.
+    for _ in 0..256 {
+        let Some(n) = uint(ifd, count_len) else { break };
+        for e in 0..n.min(b.len() as u64 / entry_len) {
+            let at = ifd + count_len as u64 + e * entry_len; // e < len / entry_len: no overflow
+            let (Some(tag), Some(kind), Some(count)) = (uint(at, 2), uint(at + 2, 2), uint(at + 4, offset_len)) else {
+                break;
+            };
+            let size = match kind {
+                3 | 8 => 2,
+                4 | 9 | 11 | 13 => 4,
+                5 | 10 | 12 | 16..=18 => 8,
+                _ => 1,
+            };
+            ensure!(
+                count.saturating_mul(size) <= b.len() as u64,
+                "{}: TIFF tag {tag} declares {count} values, more than the file's {} bytes hold",
+                path.display(),
+                b.len()
+            );
+        }
+        match uint((ifd + count_len as u64).saturating_add(n.saturating_mul(entry_len)), offset_len) {
+            Some(next) if next != 0 => ifd = next,
+            _ => break,
+        }
+    }
+    Ok(())
 }
 
 fn read_image(path: &Path) -> anyhow::Result<Raw> {
