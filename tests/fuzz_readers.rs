@@ -170,15 +170,42 @@ const TEXTS: [&str; 14] = [
 
 #[derive(Clone, Debug)]
 enum Mutation {
-    Flip { at: Index, bit: u8 },
-    Byte { at: Index, value: u8 },
-    Truncate { at: Index },
+    Flip {
+        at: Index,
+        bit: u8,
+    },
+    Byte {
+        at: Index,
+        value: u8,
+    },
+    Truncate {
+        at: Index,
+    },
     /// An extreme value over a header field of the format (or anywhere), `width` bytes.
-    Field { header: bool, at: Index, width: usize, value: u64, big_endian: bool },
-    Insert { at: Index, bytes: Vec<u8> },
-    Delete { at: Index, len: usize },
-    Copy { from: Index, to: Index, len: usize },
-    Number { k: Index, text: &'static str },
+    Field {
+        header: bool,
+        at: Index,
+        width: usize,
+        value: u64,
+        big_endian: bool,
+    },
+    Insert {
+        at: Index,
+        bytes: Vec<u8>,
+    },
+    Delete {
+        at: Index,
+        len: usize,
+    },
+    Copy {
+        from: Index,
+        to: Index,
+        len: usize,
+    },
+    Number {
+        k: Index,
+        text: &'static str,
+    },
 }
 
 fn mutation() -> impl Strategy<Value = Mutation> {
@@ -235,7 +262,11 @@ fn apply(mut b: Vec<u8>, muts: &[Mutation], fields: &[usize]) -> Vec<u8> {
             Mutation::Truncate { at } => b.truncate(at.index(n + 1)),
             Mutation::Field { header, at, width, value, big_endian } if n > 0 => {
                 let pos = if *header && !fields.is_empty() { fields[at.index(fields.len())] } else { at.index(n) };
-                let bytes = if *big_endian { value.to_be_bytes()[8 - width..].to_vec() } else { value.to_le_bytes()[..*width].to_vec() };
+                let bytes = if *big_endian {
+                    value.to_be_bytes()[8 - width..].to_vec()
+                } else {
+                    value.to_le_bytes()[..*width].to_vec()
+                };
                 for (i, v) in bytes.into_iter().enumerate() {
                     if let Some(x) = b.get_mut(pos + i) {
                         *x = v;
@@ -363,6 +394,45 @@ fn fix_png_crcs(b: &mut Vec<u8>) {
     }
 }
 
+fn le(b: &[u8], at: usize, n: usize) -> Option<usize> {
+    let s = b.get(at..at + n)?;
+    Some(s.iter().rev().fold(0usize, |v, &x| v << 8 | x as usize))
+}
+
+/// A zip's stored (uncompressed) entries: name and data range, from the central directory.
+fn zip_entries(b: &[u8]) -> Vec<(String, std::ops::Range<usize>, usize, usize)> {
+    let mut out = vec![];
+    let mut i = 0;
+    while let Some(p) = b[i..].windows(4).position(|w| w == b"PK\x01\x02").map(|p| p + i) {
+        i = p + 4;
+        let Some(local) = le(b, p + 42, 4) else { break };
+        if b.get(local..local + 4) != Some(b"PK\x03\x04") || le(b, local + 8, 2) != Some(0) {
+            continue;
+        }
+        let (Some(n), Some(m), Some(size)) = (le(b, local + 26, 2), le(b, local + 28, 2), le(b, local + 18, 4)) else {
+            continue;
+        };
+        let name = String::from_utf8_lossy(&b[local + 30..(local + 30 + n).min(b.len())]).into_owned();
+        let start = local + 30 + n + m;
+        if start + size <= b.len() {
+            out.push((name, start..start + size, local, p));
+        }
+    }
+    out
+}
+
+/// Recomputes the CRC-32 of every stored zip entry (a `.pth` is a zip), in its local header and
+/// its central directory record, so that mutations of the pickle reach the pickle parser.
+fn fix_zip_crcs(b: &mut Vec<u8>) {
+    for (_, data, local, central) in zip_entries(b) {
+        let mut crc = flate2::Crc::new();
+        crc.update(&b[data]);
+        let sum = crc.sum().to_le_bytes();
+        b[local + 14..local + 18].copy_from_slice(&sum);
+        b[central + 16..central + 20].copy_from_slice(&sum);
+    }
+}
+
 /// A little-endian TIFF's header and every field (tag, type, count, value) of its first IFD.
 fn tiff_fields(b: &[u8]) -> Vec<usize> {
     assert_eq!(&b[..2], b"II", "the TIFF seeds are little-endian");
@@ -426,51 +496,54 @@ fn target(name: &str) -> Target {
     let (file, seed, gz, fields, n, read): (_, Vec<u8>, _, _, _, Reader) = match name {
         "png" => {
             fix = fix_png_crcs;
-            ("mask.png", samples(mask), false, png_fields(&samples(mask)), 600, image_reader())
+            ("mask.png", samples(mask), false, png_fields(&samples(mask)), 2000, image_reader())
         }
         "tiff" => {
             let b = samples("nuclei/train/images/2023-05-31_misc_2.tif");
-            ("image.tif", b.clone(), false, tiff_fields(&b), 300, image_reader())
+            ("image.tif", b.clone(), false, tiff_fields(&b), 1500, image_reader())
         }
         "jpeg" => {
             let b = encode(&nuclei_crop(), image::ImageFormat::Jpeg);
-            ("image.jpg", b.clone(), false, jpeg_fields(&b), 600, image_reader())
+            ("image.jpg", b.clone(), false, jpeg_fields(&b), 700, image_reader())
         }
         "bmp" => {
             let rgb = image::DynamicImage::ImageRgb8(nuclei_crop().to_rgb8());
             let f = vec![2, 10, 14, 18, 22, 26, 28, 30, 34, 38, 42, 46, 50];
-            ("image.bmp", encode(&rgb, image::ImageFormat::Bmp), false, f, 600, image_reader())
+            ("image.bmp", encode(&rgb, image::ImageFormat::Bmp), false, f, 2000, image_reader())
         }
         "nifti_gz_label" => {
             let b = gunzip(&samples("lesions/train/labels/brain2.nii.gz"));
-            ("label.nii.gz", b, true, nifti_fields(), 400, volume_reader())
+            ("label.nii.gz", b, true, nifti_fields(), 700, volume_reader())
         }
         "nifti_gz_image" => {
             let b = gunzip(&samples("lesions/train/images/lung2.nii.gz"));
-            ("image.nii.gz", b, true, nifti_fields(), 150, volume_reader())
+            ("image.nii.gz", b, true, nifti_fields(), 300, volume_reader())
         }
         "nifti" => {
             let b = gunzip(&samples("lesions/test/labels/lung1.nii.gz"));
-            ("label.nii", b, false, nifti_fields(), 400, volume_reader())
+            ("label.nii", b, false, nifti_fields(), 700, volume_reader())
         }
         "checkpoint" => {
             let b = tiny_checkpoint();
             let n = u64::from_le_bytes(b[8..16].try_into().unwrap()) as usize;
             let f = vec![8].into_iter().chain((16 + n..16 + n + 64).step_by(4)).collect();
-            ("model.unetpp", b, false, f, 300, checkpoint_reader())
+            ("model.unetpp", b, false, f, 2000, checkpoint_reader())
         }
         "pth" => {
             let b = std::fs::read(root().join("tests/data/torch/nested_c1_k3.pth")).unwrap();
-            ("model.pth", b, false, vec![], 150, torch_reader())
+            fix = fix_zip_crcs;
+            let pickle = zip_entries(&b).into_iter().find(|e| e.0.ends_with("data.pkl")).expect("data.pkl").1;
+            ("model.pth", b, false, pickle.collect(), 400, torch_reader())
         }
         "safetensors" => {
             let b = std::fs::read(root().join("tests/data/torch/nested_c1_k3.safetensors")).unwrap();
-            ("model.safetensors", b, false, vec![0, 4], 150, torch_reader())
+            ("model.safetensors", b, false, vec![0, 4], 250, torch_reader())
         }
-        "metrics" => ("metrics.csv", metrics_csv(), false, vec![], 150, metrics_reader()),
+        "metrics" => ("metrics.csv", metrics_csv(), false, vec![], 600, metrics_reader()),
         "state" => {
-            let state = train::State { epoch: 3, step: 30, best_iou: 0.5, best_epoch: 2, stopped_early: false, seconds: 4.5 };
-            ("state.json", serde_json::to_vec_pretty(&state).unwrap(), false, vec![], 1000, state_reader())
+            let state =
+                train::State { epoch: 3, step: 30, best_iou: 0.5, best_epoch: 2, stopped_early: false, seconds: 4.5 };
+            ("state.json", serde_json::to_vec_pretty(&state).unwrap(), false, vec![], 2000, state_reader())
         }
         _ => unreachable!("{name}"),
     };
@@ -508,7 +581,10 @@ fn guarded(name: &'static str, read: &Reader, path: &Path) -> (Result<bool, Stri
     TARGET.with(|t| t.set(name));
     OVER_HERE.with(|o| o.set(0));
     let r = catch_unwind(AssertUnwindSafe(|| read(path).is_ok())).map_err(|e| {
-        e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+        e.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
     });
     (r, OVER_HERE.with(|o| o.get()))
 }
@@ -550,7 +626,7 @@ fn fuzz(name: &str) {
     let mut runner = TestRunner::new(config);
     let (ok, start) = (Cell::new(0u32), Instant::now());
     // gzip files: mostly the decompressed stream (the reader's parser), sometimes the raw gzip;
-    // PNG: mostly with CRCs fixed, sometimes without.
+    // PNG and .pth: mostly with checksums fixed, sometimes without.
     let strategy = (prop::collection::vec(mutation(), 1..6), prop::bool::weighted(0.15));
     let result = runner.run(&strategy, |(muts, raw)| {
         let bytes = if t.gz && raw {
@@ -594,3 +670,156 @@ macro_rules! fuzz_tests {
 }
 
 fuzz_tests!(png, tiff, jpeg, bmp, nifti_gz_label, nifti_gz_image, nifti, checkpoint, pth, safetensors, metrics, state);
+
+// The cases the fuzzer is after, one by one: each is refused with an error naming the file, and
+// without an allocation over the cap.
+
+/// Reads `bytes` as `file` with `read` in a fresh directory; returns the error message.
+fn refused(file: &str, bytes: &[u8], read: impl Fn(&Path) -> anyhow::Result<()> + Copy + 'static) -> String {
+    io::set_max_decoded_bytes(DECODE_LIMIT);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(file);
+    std::fs::write(&path, bytes).unwrap();
+    let (r, over) = guarded("refused", &(Box::new(read) as Reader), &path);
+    assert_eq!(over, 0, "{file}: asked for more than the cap");
+    assert_eq!(r, Ok(false), "{file}: must be an error");
+    let err = format!("{:#}", read(&path).unwrap_err());
+    assert!(err.contains(&path.display().to_string()), "the error names the file: {err}");
+    err
+}
+
+fn put(b: &mut [u8], at: usize, v: &[u8]) {
+    b[at..at + v.len()].copy_from_slice(v);
+}
+
+fn nifti_label() -> Vec<u8> {
+    gunzip(&samples("lesions/train/labels/brain2.nii.gz"))
+}
+
+#[test]
+fn nifti_declaring_a_huge_volume_is_refused() {
+    let mut b = nifti_label();
+    for at in [42, 44, 46] {
+        put(&mut b, at, &32767i16.to_le_bytes());
+    }
+    let read = |p: &Path| io::read_raw(p).map(drop);
+    for (file, bytes) in [("huge.nii", b.clone()), ("huge.nii.gz", gzip(&b))] {
+        let err = refused(file, &bytes, read);
+        assert!(err.contains("35181150961663 voxels ([32767, 32767, 32767])"), "{err}");
+        let err = refused(file, &bytes, |p| io::read_header(p).map(drop));
+        assert!(err.contains("voxels"), "{err}");
+    }
+}
+
+#[test]
+fn nifti_header_fields_are_checked() {
+    let cases: [(usize, &[u8], &str); 6] = [
+        (40, &0i16.to_le_bytes(), "dim[0] is 0"),
+        (44, &0i16.to_le_bytes(), "empty axis"),
+        (70, &32i16.to_le_bytes(), "datatype 32 is not supported"),
+        (72, &7i16.to_le_bytes(), "bitpix 7"),
+        (108, &f32::NAN.to_le_bytes(), "vox_offset NaN"),
+        (344, b"ni1\0", "magic"),
+    ];
+    for (at, value, needle) in cases {
+        let mut b = nifti_label();
+        put(&mut b, at, value);
+        let err = refused("bad.nii.gz", &gzip(&b), |p| io::read_raw(p).map(drop));
+        assert!(err.contains(needle), "byte {at}: `{needle}` not in: {err}");
+    }
+    let mut b = nifti_label();
+    b.truncate(b.len() - 1);
+    let err = refused("short.nii", &b, |p| io::read_raw(p).map(drop));
+    assert!(err.contains("is truncated"), "{err}");
+}
+
+/// A gzip bomb: a valid header, then far more data than declared or allowed.
+#[test]
+fn nifti_decompressing_past_the_limit_is_refused() {
+    let mut b = nifti_label();
+    b.resize(DECODE_LIMIT as usize + 1024, 0);
+    let gz = gzip(&b);
+    assert!(gz.len() < 1 << 20, "the bomb is small");
+    let err = refused("bomb.nii.gz", &gz, |p| io::read_raw(p).map(drop));
+    assert!(err.contains("larger than the limit"), "{err}");
+}
+
+/// Our NIfTI reader (header checked, voxels from `vox_offset`) gives the `nifti` crate's own
+/// reading of every bundled volume, voxel for voxel, in our [c][z][y][x] order.
+#[test]
+fn nifti_reads_as_the_nifti_crate_does() {
+    use nifti::{IntoNdArray, NiftiObject};
+    io::set_max_decoded_bytes(DECODE_LIMIT);
+    let mut n = 0;
+    for split in ["train", "test"] {
+        for kind in ["images", "labels"] {
+            for e in std::fs::read_dir(root().join("samples/lesions").join(split).join(kind)).unwrap() {
+                let path = e.unwrap().path();
+                let ours = io::read_raw(&path).unwrap();
+                let obj = nifti::ReaderOptions::new().read_file(&path).unwrap();
+                let theirs = obj.into_volume().into_ndarray::<f32>().unwrap();
+                let s = theirs.shape();
+                assert_eq!(ours.shape, [s[2], s[1], s[0]], "{}", path.display());
+                let reordered: Vec<f32> = theirs.permuted_axes(vec![2, 1, 0]).iter().copied().collect();
+                assert_eq!(ours.data, reordered, "{}", path.display());
+                assert!(ours.data.iter().any(|&v| v != 0.0), "{}: not all zero", path.display());
+                n += 1;
+            }
+        }
+    }
+    assert_eq!(n, 8);
+}
+
+#[test]
+fn tiff_tag_count_beyond_the_file_is_refused() {
+    let mut b = samples("nuclei/train/images/2023-05-31_misc_2.tif");
+    let f = tiff_fields(&b);
+    // The first entry's count (the field after tag and type).
+    put(&mut b, f[5], &0x0fff_ffffu32.to_le_bytes());
+    let err = refused("many.tif", &b, |p| io::read_raw(p).map(drop));
+    assert!(err.contains("declares 268435455 values"), "{err}");
+}
+
+#[test]
+fn png_declaring_huge_dimensions_is_refused() {
+    let mut b = samples("nuclei/train/masks/2022-03-18_RPE1_3.png");
+    put(&mut b, 16, &100_000u32.to_be_bytes());
+    put(&mut b, 20, &100_000u32.to_be_bytes());
+    fix_png_crcs(&mut b);
+    let err = refused("huge.png", &b, |p| io::read_mask(p, 1).map(drop));
+    assert!(err.contains("100000x100000"), "{err}");
+}
+
+#[test]
+fn checkpoint_metadata_length_past_the_end_is_refused() {
+    // u64::MAX used to wrap `16 + n` around and panic slicing.
+    for n in [u64::MAX, u64::MAX - 15, 1 << 40] {
+        let mut b = tiny_checkpoint();
+        put(&mut b, 8, &n.to_le_bytes());
+        let err = refused("long.unetpp", &b, |p| checkpoint::read_meta(p).map(drop));
+        assert!(err.contains("is truncated"), "{err}");
+    }
+}
+
+#[test]
+fn checkpoint_declaring_a_huge_model_is_refused() {
+    let b = tiny_checkpoint();
+    let n = u64::from_le_bytes(b[8..16].try_into().unwrap()) as usize;
+    let mut meta: serde_json::Value = serde_json::from_slice(&b[16..16 + n]).unwrap();
+    meta["model"]["width"] = (1u64 << 20).into();
+    let json = serde_json::to_vec(&meta).unwrap();
+    let mut out = b[..8].to_vec();
+    out.extend((json.len() as u64).to_le_bytes());
+    out.extend(json);
+    out.extend(&b[16 + n..]);
+    let err = refused("wide.unetpp", &out, |p| checkpoint::load::<4>(p, &Device::flex()).map(drop));
+    assert!(err.contains("parameters but holds only"), "{err}");
+}
+
+#[test]
+fn metrics_csv_with_a_short_row_is_refused() {
+    let mut b = metrics_csv();
+    b.extend(b"5,50\n");
+    let err = refused("metrics.csv", &b, |p| plot::curves(p, &p.with_extension("png")));
+    assert!(err.contains("line 6: 2 columns"), "{err}");
+}

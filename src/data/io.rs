@@ -193,9 +193,10 @@ fn check_header(path: &Path, h: &NiftiHeader, bytes: &[u8]) -> anyhow::Result<()
     let dims = &h.dim[1..=rank];
     ensure!(dims.iter().all(|&d| d > 0), "{p}: NIfTI dim {dims:?} has an empty axis");
     use NiftiType::*;
-    let datatype = h.data_type().ok().filter(|t| {
-        matches!(t, Uint8 | Int8 | Uint16 | Int16 | Uint32 | Int32 | Uint64 | Int64 | Float32 | Float64)
-    });
+    let datatype = h
+        .data_type()
+        .ok()
+        .filter(|t| matches!(t, Uint8 | Int8 | Uint16 | Int16 | Uint32 | Int32 | Uint64 | Int64 | Float32 | Float64));
     let Some(datatype) = datatype else {
         bail!("{p}: NIfTI datatype {} is not supported (integer or float voxels only)", h.datatype);
     };
@@ -231,7 +232,8 @@ fn read_volume(path: &Path) -> anyhow::Result<(Raw, nifti::NiftiHeader)> {
     let volume = nifti::InMemNiftiVolume::from_reader(&bytes[header.vox_offset as usize..], &header)
         .with_context(|| format!("cannot read NIfTI voxels of {}", path.display()))?;
     drop(bytes);
-    let arr = volume.into_ndarray::<f32>().with_context(|| format!("cannot decode NIfTI voxels of {}", path.display()))?;
+    let arr =
+        volume.into_ndarray::<f32>().with_context(|| format!("cannot decode NIfTI voxels of {}", path.display()))?;
     let dims = arr.shape().to_vec();
     let channels = if dims.len() == 4 { dims[3] } else { 1 };
     ensure!(dims.len() == 3 || dims.len() == 4, "{}: expected a 3D volume, got shape {:?}", path.display(), dims);
