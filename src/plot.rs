@@ -33,12 +33,15 @@ pub fn curves(csv: &Path, png: &Path) -> anyhow::Result<()> {
             i + 1,
             row.len()
         );
+        // plotters loops forever on an infinite axis range.
+        anyhow::ensure!(row[0].is_finite(), "{} line {}: the epoch is not a number", csv.display(), i + 1);
         rows.push(row);
     }
     if rows.is_empty() {
         return Ok(());
     }
     crate::fsio::write_with(png, |tmp| draw_curves(&rows, tmp))
+        .with_context(|| format!("cannot plot {}", csv.display()))
 }
 
 fn draw_curves(rows: &[Vec<f64>], png: &Path) -> anyhow::Result<()> {
@@ -53,7 +56,10 @@ fn draw_curves(rows: &[Vec<f64>], png: &Path) -> anyhow::Result<()> {
             continue;
         }
         let (lo, hi) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-        let pad = ((hi - lo) * 0.1).max(1e-3);
+        // Wide enough to stay a range at these magnitudes, and finite: plotters loops forever
+        // on an infinite or empty one.
+        let pad = ((hi - lo) * 0.1).max(1e-3).max(hi.abs().max(lo.abs()) * 1e-3);
+        anyhow::ensure!(((hi + pad) - (lo - pad)).is_finite(), "{name} values span more than a chart can show");
         let mut builder = ChartBuilder::on(panel);
         builder.margin(15);
         if labels {

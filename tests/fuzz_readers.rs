@@ -817,9 +817,18 @@ fn checkpoint_declaring_a_huge_model_is_refused() {
 }
 
 #[test]
-fn metrics_csv_with_a_short_row_is_refused() {
-    let mut b = metrics_csv();
-    b.extend(b"5,50\n");
-    let err = refused("metrics.csv", &b, |p| plot::curves(p, &p.with_extension("png")));
-    assert!(err.contains("line 6: 2 columns"), "{err}");
+fn metrics_csv_rows_are_checked() {
+    // A short row used to index out of bounds; an infinite epoch or a value range overflowing
+    // to infinity used to hang plotters.
+    let cases = [
+        ("5,50\n", "line 6: 2 columns"),
+        ("1e400,50,0.4,0.5\n", "line 6: the epoch"),
+        ("5,50,1e308,0.5\n6,60,-1e308,0.5\n", "span"),
+    ];
+    for (row, needle) in cases {
+        let mut b = metrics_csv();
+        b.extend(row.as_bytes());
+        let err = refused("metrics.csv", &b, |p| plot::curves(p, &p.with_extension("png")));
+        assert!(err.contains(needle), "`{row}`: {err}");
+    }
 }
