@@ -311,7 +311,7 @@ struct Target {
     gz: bool,
     /// Recomputes checksums after a mutation (PNG's chunk CRCs), so that most cases reach the
     /// decoder rather than its checksum check.
-    fix: fn(&mut Vec<u8>),
+    fix: fn(&mut [u8]),
     /// Offsets of the format's header fields in the plain bytes.
     fields: Vec<usize>,
     cases: u32,
@@ -382,7 +382,7 @@ fn png_fields(b: &[u8]) -> Vec<usize> {
     f
 }
 
-fn fix_png_crcs(b: &mut Vec<u8>) {
+fn fix_png_crcs(b: &mut [u8]) {
     let mut i = 8;
     while i + 12 <= b.len() {
         let len = u32::from_be_bytes(b[i..i + 4].try_into().unwrap()) as usize;
@@ -423,7 +423,7 @@ fn zip_entries(b: &[u8]) -> Vec<(String, std::ops::Range<usize>, usize, usize)> 
 
 /// Recomputes the CRC-32 of every stored zip entry (a `.pth` is a zip), in its local header and
 /// its central directory record, so that mutations of the pickle reach the pickle parser.
-fn fix_zip_crcs(b: &mut Vec<u8>) {
+fn fix_zip_crcs(b: &mut [u8]) {
     for (_, data, local, central) in zip_entries(b) {
         let mut crc = flate2::Crc::new();
         crc.update(&b[data]);
@@ -492,7 +492,7 @@ fn cases(n: u32) -> u32 {
 
 fn target(name: &str) -> Target {
     let mask = "nuclei/train/masks/2022-03-18_RPE1_3.png";
-    let mut fix: fn(&mut Vec<u8>) = |_| {};
+    let mut fix: fn(&mut [u8]) = |_| {};
     let (file, seed, gz, fields, n, read): (_, Vec<u8>, _, _, _, Reader) = match name {
         "png" => {
             fix = fix_png_crcs;
