@@ -64,7 +64,13 @@ fn draw_curves(rows: &[Vec<f64>], buf: &mut [u8], size: (u32, u32)) -> anyhow::R
             continue;
         }
         let (lo, hi) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-        let pad = ((hi - lo) * 0.1).max(1e-3);
+        // Wide enough to stay a range at these magnitudes, and finite: plotters loops forever
+        // on an infinite or empty one.
+        let pad = ((hi - lo) * 0.1).max(1e-3).max(hi.abs().max(lo.abs()) * 1e-3);
+        if !((hi + pad) - (lo - pad)).is_finite() {
+            // The plot ends a training run: a panel it cannot show is left blank, not an error.
+            continue;
+        }
         let mut builder = ChartBuilder::on(panel);
         builder.margin(15);
         if labels {

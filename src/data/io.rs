@@ -1,11 +1,13 @@
 //! Reading and writing images (via `image`) and volumes (via `nifti`).
 
+use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, bail, ensure};
-use image::{DynamicImage, GenericImageView};
+use image::{DynamicImage, GenericImageView, ImageDecoder};
 use ndarray::{Array3, ShapeBuilder};
-use nifti::{IntoNdArray, NiftiObject, ReaderOptions};
+use nifti::{IntoNdArray, NiftiHeader, NiftiType};
 
 use super::{DataConfig, Pair, Sample};
 
@@ -29,12 +31,109 @@ pub struct Raw {
     pub shape: [usize; 3],
 }
 
+static MAX_DECODED_BYTES: AtomicU64 = AtomicU64::new(4 << 30);
+
+/// The most bytes one image or volume may decode to (as f32 voxels, and for NIfTI also the
+/// decompressed file). Headers declare sizes; without this bound a corrupt or hostile header
+/// (a NIfTI of 65535^3 voxels, a PNG of 2^31 x 2^31 pixels) would make us allocate whatever it
+/// says and abort. 4 GiB by default: 1 Gi voxels, e.g. a 1024^3 volume or a 32k x 32k image.
+pub fn max_decoded_bytes() -> u64 {
+    MAX_DECODED_BYTES.load(Ordering::Relaxed)
+}
+
+/// Changes [`max_decoded_bytes`] for the whole process (tests lower it; a user with larger
+/// inputs would raise it).
+pub fn set_max_decoded_bytes(bytes: u64) {
+    MAX_DECODED_BYTES.store(bytes, Ordering::Relaxed);
+}
+
+fn too_big(path: &Path, what: &str, bytes: u128) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} declares {what}: {:.1} MiB, more than the {:.1} MiB an input may decode to",
+        path.display(),
+        bytes as f64 / (1u64 << 20) as f64,
+        max_decoded_bytes() as f64 / (1u64 << 20) as f64
+    )
+}
+
 fn decode(path: &Path, what: &str) -> anyhow::Result<DynamicImage> {
-    image::ImageReader::open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?
-        .with_guessed_format()?
-        .decode()
-        .with_context(|| format!("cannot decode {what} {}", path.display()))
+    let max = max_decoded_bytes();
+    let bytes = std::fs::read(path).with_context(|| format!("cannot open {}", path.display()))?;
+    check_tiff(path, &bytes)?;
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes[..]));
+    if let Ok(format) = image::ImageFormat::from_path(path) {
+        reader.set_format(format);
+    }
+    let mut reader = reader.with_guessed_format().with_context(|| format!("cannot read {}", path.display()))?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max);
+    reader.limits(limits);
+    let decoder = reader.into_decoder().with_context(|| format!("cannot decode {what} {}", path.display()))?;
+    // The decoder's own limit covers its buffer; we then convert to f32 (up to 3 planes).
+    let (w, h) = decoder.dimensions();
+    let planes = decoder.color_type().channel_count().min(3) as u128;
+    let f32_bytes = w as u128 * h as u128 * planes * 4;
+    if f32_bytes > max as u128 {
+        return Err(too_big(path, &format!("a {w}x{h} {what}"), f32_bytes));
+    }
+    DynamicImage::from_decoder(decoder).with_context(|| format!("cannot decode {what} {}", path.display()))
+}
+
+/// The `tiff` crate (0.11) reserves what an IFD entry's count declares, up to 256 MiB, before
+/// checking that the file holds that many values, and `image`'s limits reach it only after the
+/// first IFD is read: so a 40 KB TIFF could make us allocate 256 MiB. Every entry of every IFD
+/// is checked against the file's size first; anything else malformed is left to `tiff`.
+fn check_tiff(path: &Path, b: &[u8]) -> anyhow::Result<()> {
+    let le = match b.get(..2) {
+        Some(b"II") => true,
+        Some(b"MM") => false,
+        _ => return Ok(()),
+    };
+    let uint = |at: u64, n: usize| -> Option<u64> {
+        let s = b.get(usize::try_from(at).ok()?..)?.get(..n)?;
+        let mut v = [0u8; 8];
+        if le {
+            v[..n].copy_from_slice(s);
+            Some(u64::from_le_bytes(v))
+        } else {
+            v[8 - n..].copy_from_slice(s);
+            Some(u64::from_be_bytes(v))
+        }
+    };
+    let big = match uint(2, 2) {
+        Some(42) => false,
+        Some(43) => true,
+        _ => return Ok(()),
+    };
+    let (count_len, entry_len, offset_len) = if big { (8, 20, 8) } else { (2, 12, 4) };
+    let mut ifd = uint(if big { 8 } else { 4 }, offset_len).unwrap_or(0);
+    // A cycle of IFDs is `tiff`'s to report; a few hundred pages are more than we read.
+    for _ in 0..256 {
+        let Some(n) = uint(ifd, count_len) else { break };
+        for e in 0..n.min(b.len() as u64 / entry_len) {
+            let at = ifd + count_len as u64 + e * entry_len; // e < len / entry_len: no overflow
+            let (Some(tag), Some(kind), Some(count)) = (uint(at, 2), uint(at + 2, 2), uint(at + 4, offset_len)) else {
+                break;
+            };
+            let size = match kind {
+                3 | 8 => 2,
+                4 | 9 | 11 | 13 => 4,
+                5 | 10 | 12 | 16..=18 => 8,
+                _ => 1,
+            };
+            ensure!(
+                count.saturating_mul(size) <= b.len() as u64,
+                "{}: TIFF tag {tag} declares {count} values, more than the file's {} bytes hold",
+                path.display(),
+                b.len()
+            );
+        }
+        match uint((ifd + count_len as u64).saturating_add(n.saturating_mul(entry_len)), offset_len) {
+            Some(next) if next != 0 => ifd = next,
+            _ => break,
+        }
+    }
+    Ok(())
 }
 
 /// The first `channels` samples of each `stride`-sample pixel, channel-planar.
@@ -123,13 +222,82 @@ fn nifti_full_scale(header: &nifti::NiftiHeader) -> f32 {
     }
 }
 
+/// The whole NIfTI file (decompressed if gzipped) and its checked header. Read by us rather
+/// than by `nifti::ReaderOptions`, which trusts the header: it reserves what `dim` and an
+/// extension's `esize` declare, and reads the voxels right after the extensions whatever
+/// `vox_offset` says.
+fn read_nifti(path: &Path) -> anyhow::Result<(Vec<u8>, NiftiHeader)> {
+    let p = path.display();
+    let max = max_decoded_bytes();
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open NIfTI {p}"))?;
+    let mut magic = [0u8; 2];
+    let n = file.read(&mut magic).with_context(|| format!("cannot read NIfTI {p}"))?;
+    let file = std::io::Read::chain(&magic[..n], file);
+    let mut bytes = vec![];
+    let read = if magic == [0x1f, 0x8b] {
+        flate2::read::MultiGzDecoder::new(file).take(max + 1).read_to_end(&mut bytes)
+    } else {
+        file.take(max + 1).read_to_end(&mut bytes)
+    };
+    read.with_context(|| format!("cannot read NIfTI {p}"))?;
+    if bytes.len() as u64 > max {
+        return Err(too_big(path, "a NIfTI file larger than the limit", bytes.len() as u128));
+    }
+    let header = NiftiHeader::from_reader(&bytes[..]).with_context(|| format!("{p} is not a NIfTI-1 file"))?;
+    check_header(path, &header, &bytes)?;
+    Ok((bytes, header))
+}
+
+/// Every header field the reader relies on, checked against the bytes actually there.
+fn check_header(path: &Path, h: &NiftiHeader, bytes: &[u8]) -> anyhow::Result<()> {
+    let p = path.display();
+    ensure!(&h.magic == b"n+1\0", "{p}: NIfTI magic {:?} (only single-file `n+1` NIfTI-1 is supported)", h.magic);
+    let rank = h.dim[0] as usize;
+    ensure!((1..=7).contains(&rank), "{p}: NIfTI dim[0] is {} (the number of axes must be 1..=7)", h.dim[0]);
+    let dims = &h.dim[1..=rank];
+    ensure!(dims.iter().all(|&d| d > 0), "{p}: NIfTI dim {dims:?} has an empty axis");
+    use NiftiType::*;
+    let datatype = h
+        .data_type()
+        .ok()
+        .filter(|t| matches!(t, Uint8 | Int8 | Uint16 | Int16 | Uint32 | Int32 | Uint64 | Int64 | Float32 | Float64));
+    let Some(datatype) = datatype else {
+        bail!("{p}: NIfTI datatype {} is not supported (integer or float voxels only)", h.datatype);
+    };
+    let size = datatype.size_of();
+    ensure!(
+        h.bitpix as i64 == 8 * size as i64,
+        "{p}: NIfTI bitpix {} does not match datatype {datatype:?} ({} bits)",
+        h.bitpix,
+        8 * size
+    );
+    let voxels = dims.iter().map(|&d| d as u128).product::<u128>();
+    if voxels * 4 > max_decoded_bytes() as u128 {
+        return Err(too_big(path, &format!("{voxels} voxels ({dims:?})"), voxels * 4));
+    }
+    let offset = h.vox_offset;
+    ensure!(
+        offset.is_finite() && offset >= 352.0 && offset <= bytes.len() as f32 && offset.fract() == 0.0,
+        "{p}: NIfTI vox_offset {offset} is not a byte offset between 352 and the file's end ({})",
+        bytes.len()
+    );
+    let need = offset as u128 + voxels * size as u128;
+    ensure!(
+        bytes.len() as u128 >= need,
+        "{p} is truncated: its header declares {dims:?} {datatype:?} voxels from byte {offset}, {need} bytes, \
+         but it has {}",
+        bytes.len()
+    );
+    Ok(())
+}
+
 fn read_volume(path: &Path) -> anyhow::Result<(Raw, nifti::NiftiHeader)> {
-    let obj = ReaderOptions::new().read_file(path).with_context(|| format!("cannot read NIfTI {}", path.display()))?;
-    let header = obj.header().clone();
-    let arr = obj
-        .into_volume()
-        .into_ndarray::<f32>()
-        .with_context(|| format!("cannot decode NIfTI voxels of {}", path.display()))?;
+    let (bytes, header) = read_nifti(path)?;
+    let volume = nifti::InMemNiftiVolume::from_reader(&bytes[header.vox_offset as usize..], &header)
+        .with_context(|| format!("cannot read NIfTI voxels of {}", path.display()))?;
+    drop(bytes);
+    let arr =
+        volume.into_ndarray::<f32>().with_context(|| format!("cannot decode NIfTI voxels of {}", path.display()))?;
     let dims = arr.shape().to_vec();
     let channels = if dims.len() == 4 { dims[3] } else { 1 };
     ensure!(dims.len() == 3 || dims.len() == 4, "{}: expected a 3D volume, got shape {:?}", path.display(), dims);
@@ -165,7 +333,7 @@ pub fn read_scaled(path: &Path) -> anyhow::Result<(Raw, f32)> {
 }
 
 pub fn read_header(path: &Path) -> anyhow::Result<nifti::NiftiHeader> {
-    Ok(read_volume(path)?.1)
+    Ok(read_nifti(path)?.1)
 }
 
 /// Reads an image, converts it to `cfg.channels`, checks its values and normalises it.
