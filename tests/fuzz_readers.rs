@@ -541,8 +541,23 @@ fn target(name: &str) -> Target {
         }
         "metrics" => ("metrics.csv", metrics_csv(), false, vec![], 600, metrics_reader()),
         "state" => {
-            let state =
-                train::State { epoch: 3, step: 30, best_iou: 0.5, best_epoch: 2, stopped_early: false, seconds: 4.5 };
+            let row = |epoch: usize, val_iou| train::rundir::Row {
+                epoch,
+                step: 10 * epoch,
+                train_loss: 0.5,
+                val_iou,
+                val_dice: val_iou,
+                seconds: 1.5 * epoch as f64,
+            };
+            let state = train::State {
+                epoch: 3,
+                step: 30,
+                best_iou: 0.5,
+                best_epoch: 2,
+                stopped_early: false,
+                seconds: 4.5,
+                history: vec![row(1, Some(0.25)), row(2, Some(0.5)), row(3, None)],
+            };
             ("state.json", serde_json::to_vec_pretty(&state).unwrap(), false, vec![], 2000, state_reader())
         }
         _ => unreachable!("{name}"),
