@@ -215,7 +215,7 @@ pub(super) unsafe fn written(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32
 ///   pixels: `(channels - 1)·p + src + w <= planes.len()`.
 /// - `row` holds the stored lanes: `(w - 1)·stride + c_end <= row.len()` (for w > 0).
 ///
-/// Neither is checked here: the callers hoist the checks out of their loops.
+/// None of these is checked here: the callers check them once, outside their loops.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -251,6 +251,11 @@ pub(super) unsafe fn transpose_row(
     }
 }
 
+/// `transpose_row` off x86-64, where there is no AVX-512: never reached, as its callers assert
+/// the CPU first.
+///
+/// # Safety
+/// None to keep: it panics.
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn transpose_row(
