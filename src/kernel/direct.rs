@@ -11,21 +11,9 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::conv::{Geom, Padded, SyncPtr};
+use super::cpu::{Geom, Padded, SyncPtr, aligned, assert_avx512, recycle, transpose_row};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
-
-/// True where the CPU runs AVX-512F (checked once by std, cached).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 /// Input channels per pass over a tile: a block's packed weights (32 x 9 taps x 8-24 output
 /// channels) stay in L1 over the unit's rows; the partial sums go through the output between
@@ -121,7 +109,11 @@ pub(super) fn spans(g: &Geom) -> Vec<(usize, usize)> {
 /// y = conv(cat(xs), w) + b for NC(D)HW slices, where the input is the concatenation of the
 /// parts `xs` along channels (read in place: UNet++'s dense skip inputs are never copied
 /// together), on AVX-512. Every element of `y` is written (it may come uninitialised:
-/// zero-filling the output costs a few percent of the convolution). Callers check `available()`.
+/// zero-filling the output costs a few percent of the convolution).
+///
+/// # Panics
+/// On a CPU without AVX-512F (`cpu::avx512()`), and where the slices do not fit `g`.
+#[cfg(test)] // the model's paths pack once (`pack`) and call `forward_packed`
 pub fn forward(g: &Geom, xs: &[&[f32]], w: &[f32], b: &[f32], relu: bool, y: &mut [MaybeUninit<f32>]) {
     forward_packed(g, xs, &pack(g, w, b), relu, y)
 }
@@ -145,7 +137,11 @@ pub fn pack_with(g: &Geom, b: &[f32], weight: impl Fn(usize, usize, usize) -> f3
 }
 
 /// `forward` with weights packed beforehand (`pack`, for the same geometry).
+///
+/// # Panics
+/// On a CPU without AVX-512F (`cpu::avx512()`), and where the slices do not fit `g`.
 pub fn forward_packed(g: &Geom, xs: &[&[f32]], packed: &Packed, relu: bool, y: &mut [MaybeUninit<f32>]) {
+    assert_avx512("the direct convolution");
     let p = g.pixels();
     let plan = span_plan(g);
     let (spans, all_taps) = (&plan.0, &plan.1);
@@ -203,8 +199,10 @@ pub fn forward_packed(g: &Geom, xs: &[&[f32]], packed: &Packed, relu: bool, y: &
                         y_at: (n * g.c_out + block.o0) * p + q0,
                         y_stride: p,
                     };
-                    // SAFETY: `available()` was checked by the caller; `Job` bounds are checked
-                    // inside.
+                    // SAFETY: AVX-512F is asserted above; `y` is the output slice, whose
+                    // elements this unit alone touches (its spans) and, past the first
+                    // input-channel block, were written by the earlier blocks; every tap of
+                    // `span_taps` is a tap of the kernel. `run` checks the rest.
                     unsafe { job.run() };
                 }
             }
@@ -314,6 +312,17 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
+    /// Computes the tile into its output elements: y_at + c·y_stride + (0..len) for the
+    /// `channels` real output channels c. Checks that the input planes, the taps' reads, the
+    /// weights and these elements lie inside `x`, `w` and `y_len`.
+    ///
+    /// # Safety
+    /// - The CPU runs AVX-512F.
+    /// - `y` is valid for reads and writes of `y_len` floats, and no other thread reads or
+    ///   writes the tile's output elements while it runs.
+    /// - Unless `first`, those elements are initialised (the earlier input-channel blocks'
+    ///   sums): they are loaded as floats.
+    /// - Every tap's `t` is below `tap_count` (the weights are bounds-checked for that many).
     #[cfg(target_arch = "x86_64")]
     unsafe fn run(&self) {
         let vectors = self.len.div_ceil(16);
@@ -342,11 +351,19 @@ impl Job<'_> {
         }
     }
 
+    /// # Safety
+    /// None to keep: there is no AVX-512 off x86-64, so this is never reached (the callers'
+    /// `assert_avx512` fails first) and panics if it is.
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn run(&self) {
         unreachable!("direct convolution needs x86-64 AVX-512")
     }
 
+    /// `run`'s tile of CB output channels (the block's width) and NV vectors of 16 pixels.
+    ///
+    /// # Safety
+    /// `run`'s preconditions, and the taps' reads checked as `run` checks them; CB is `width`
+    /// and NV is `len.div_ceil(16)`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn tile<const CB: usize, const NV: usize>(&self) {
@@ -402,7 +419,10 @@ impl Job<'_> {
 }
 
 /// acc[c][j] += s[c] · v[j] for c < CB: the outer-product step both register tiles (forward and
-/// weight gradient) are made of. `s` must point to CB readable floats.
+/// weight gradient) are made of.
+///
+/// # Safety
+/// The CPU runs AVX-512F, and `s` points to CB readable, initialised floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -416,44 +436,18 @@ unsafe fn rank1<const CB: usize, const NV: usize>(acc: &mut [[__m512; NV]; CB], 
     }
 }
 
-/// An f32 buffer whose element `at` is 64-byte aligned, so that whole-vector loads of rows
-/// whose length is a multiple of 16 never straddle two cache lines.
-/// The buffer comes from a per-thread pool and its contents are whatever the last user left:
-/// callers write every element they read (page faults and zero-filling of fresh buffers cost
-/// as much as the transposes they hold).
-pub(super) fn aligned(len: usize) -> (Vec<f32>, usize) {
-    let mut buf = POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default();
-    // Grown, never shrunk: zero-filling happens only when a buffer first reaches a size.
-    if buf.len() < len + 16 {
-        buf.resize(len + 16, 0.0);
-    }
-    let at = buf.as_ptr().align_offset(64).min(16);
-    (buf, at)
-}
-
-/// Returns a buffer of `aligned` to the pool (three kept per thread: the Winograd weight
-/// gradient holds three at once).
-pub(super) fn recycle(buf: Vec<f32>) {
-    POOL.with(|p| {
-        let mut p = p.borrow_mut();
-        if p.len() < 3 {
-            p.push(buf);
-        }
-    });
-}
-
-thread_local! {
-    static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// dL/dw[o][c][t] = sum over images and output positions q of dy[o][q] · x_pad[c][q + offset(t)].
 /// Both operands go channels-last first (x padded, dy spread over the padded coordinates with
 /// zeros where there is no output), which makes every tap an outer-product reduction over
 /// positions: a tile of 8 output channels x 48 input channels stays in registers, each position
 /// costing 3 aligned vector loads and 8 broadcasts for 24 FMAs. Reducing over positions with
 /// pixels in the vector lanes instead (NCHW as it comes) needs 9 unaligned loads per 18 FMAs and
-/// ran at half this speed. Callers check `available()`.
+/// ran at half this speed.
+///
+/// # Panics
+/// On a CPU without AVX-512F (`cpu::avx512()`), and where the slices do not fit `g`.
 pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32], dw: &mut [f32]) {
+    assert_avx512("the direct weight gradient");
     let pd = Padded::new(g);
     let (p, v, q, taps) = (g.pixels(), pd.volume(), pd.q, g.taps());
     let (cp, op) = (g.c_in.next_multiple_of(16), g.c_out.next_multiple_of(16));
@@ -508,8 +502,7 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32], dw: &mut [f32]) {
                             len,
                             vectors,
                         };
-                        // SAFETY: `available()` was checked by the caller; loads are
-                        // bounds-checked inside.
+                        // SAFETY: AVX-512F is asserted above; `run` checks the bounds.
                         unsafe { tile.run(a) };
                     }
                 }
@@ -563,6 +556,7 @@ fn channels_last(
     stride: usize,
     (c_off, c_end): (usize, usize),
 ) {
+    assert_avx512("the channels-last transpose");
     assert!(c_off + channels <= c_end && c_end <= stride);
     // Split `out` into the lines' spans, zeroing what lies between them.
     let mut spans: Vec<(usize, &mut [f32])> = Vec::with_capacity(lines.len());
@@ -583,89 +577,10 @@ fn channels_last(
         rest.fill(0.0);
     }
     spans.into_par_iter().for_each(|(from, row)| {
-        // SAFETY: the caller checked `available()`; loads stay in the line of each channel
-        // plane (asserted above), stores in this line's span (lanes below c_end <= stride).
+        // SAFETY: AVX-512F is asserted above; loads stay in the line of each channel plane
+        // (asserted above), stores in this line's span (lanes below c_end <= stride).
         unsafe { transpose_row(src, p, channels, from, w, row, stride, (c_off, c_end)) }
     });
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn transpose_row(
-    planes: &[f32],
-    p: usize,
-    channels: usize,
-    src: usize,
-    w: usize,
-    row: &mut [f32],
-    stride: usize,
-    (c_off, c_end): (usize, usize),
-) {
-    unsafe {
-        for c0 in (0..c_end - c_off).step_by(16) {
-            let lanes = 16.min(c_end - c_off - c0);
-            let keep: __mmask16 = if lanes == 16 { 0xffff } else { (1u16 << lanes) - 1 };
-            for i0 in (0..w).step_by(16) {
-                let n = 16.min(w - i0);
-                let m: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
-                let mut r = [_mm512_setzero_ps(); 16];
-                for (k, v) in r.iter_mut().enumerate() {
-                    if c0 + k < channels {
-                        *v = _mm512_maskz_loadu_ps(m, planes.as_ptr().add((c0 + k) * p + src + i0));
-                    }
-                }
-                transpose16(&mut r);
-                for (j, v) in r.iter().enumerate().take(n) {
-                    _mm512_mask_storeu_ps(row.as_mut_ptr().add((i0 + j) * stride + c_off + c0), keep, *v);
-                }
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn transpose_row(
-    _: &[f32],
-    _: usize,
-    _: usize,
-    _: usize,
-    _: usize,
-    _: &mut [f32],
-    _: usize,
-    _: (usize, usize),
-) {
-    unreachable!("direct convolution needs x86-64 AVX-512")
-}
-
-/// In-register transpose of a 16 x 16 block (row k = vector k): pairs interleaved 32 bits, then
-/// 64 bits, then 128-bit lanes twice.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn transpose16(r: &mut [__m512; 16]) {
-    let mut t = [_mm512_setzero_ps(); 16];
-    for k in 0..8 {
-        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
-        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
-    }
-    for k in 0..4 {
-        let (a, b, c, d) = (t[4 * k], t[4 * k + 1], t[4 * k + 2], t[4 * k + 3]);
-        r[4 * k] = _mm512_shuffle_ps::<0x44>(a, c);
-        r[4 * k + 1] = _mm512_shuffle_ps::<0xee>(a, c);
-        r[4 * k + 2] = _mm512_shuffle_ps::<0x44>(b, d);
-        r[4 * k + 3] = _mm512_shuffle_ps::<0xee>(b, d);
-    }
-    for h in 0..2 {
-        for k in 0..4 {
-            t[8 * h + k] = _mm512_shuffle_f32x4::<0x88>(r[8 * h + k], r[8 * h + 4 + k]);
-            t[8 * h + 4 + k] = _mm512_shuffle_f32x4::<0xdd>(r[8 * h + k], r[8 * h + 4 + k]);
-        }
-    }
-    for k in 0..8 {
-        r[k] = _mm512_shuffle_f32x4::<0x88>(t[k], t[8 + k]);
-        r[8 + k] = _mm512_shuffle_f32x4::<0xdd>(t[k], t[8 + k]);
-    }
 }
 
 /// 8 output channels x up to 48 input channels of one tap, over `len` positions.
@@ -678,22 +593,23 @@ struct WTile<'a> {
     dy: &'a [f32],
     dy_stride: usize,
     len: usize,
-    /// Input-channel vectors of the tile (1 to 3).
+    /// Input-channel vectors of the tile (1 to WC / 16).
     vectors: usize,
 }
 
 impl WTile<'_> {
-    /// Adds the tile's sums to `acc` ([8][48]).
+    /// Adds the tile's sums to `acc` ([8][48]). Checks that the reads lie inside `x`, `dy` and
+    /// `acc`.
+    ///
+    /// # Safety
+    /// The CPU runs AVX-512F.
     #[cfg(target_arch = "x86_64")]
     unsafe fn run(&self, acc: &mut [f32]) {
-        assert!(acc.len() >= WO * WC && self.len > 0);
+        assert!(acc.len() >= WO * WC && self.len > 0 && (1..=WC / 16).contains(&self.vectors));
         assert!((self.len - 1) * self.x_stride + 16 * self.vectors <= self.x.len());
         assert!((self.len - 1) * self.dy_stride + WO <= self.dy.len());
         unsafe {
             match self.vectors {
-                6 => self.tile::<6>(acc),
-                5 => self.tile::<5>(acc),
-                4 => self.tile::<4>(acc),
                 3 => self.tile::<3>(acc),
                 2 => self.tile::<2>(acc),
                 _ => self.tile::<1>(acc),
@@ -701,11 +617,17 @@ impl WTile<'_> {
         }
     }
 
+    /// # Safety
+    /// None to keep: never reached off x86-64 (see `Job::run`'s).
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn run(&self, _: &mut [f32]) {
         unreachable!("direct convolution needs x86-64 AVX-512")
     }
 
+    /// `run`'s tile of NV input-channel vectors.
+    ///
+    /// # Safety
+    /// The CPU runs AVX-512F; NV is `vectors`, and `run`'s checks hold.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn tile<const NV: usize>(&self, mem: &mut [f32]) {
@@ -739,7 +661,7 @@ impl WTile<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::conv::tests::{close, naive, rand};
+    use super::super::testing::{close, naive, rand, require_avx512};
     use super::*;
 
     /// dL/dw by its definition, in f64.
@@ -773,10 +695,9 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(target_arch = "x86_64"), ignore = "needs AVX-512, an x86-64 extension")]
     fn forward_matches_the_definition() {
-        if !available() {
-            return;
-        }
+        require_avx512();
         for g in geoms() {
             let x = rand(g.n * g.c_in * g.pixels(), 11);
             let w = rand(g.c_out * g.c_in * g.taps(), 12);
@@ -790,10 +711,9 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(target_arch = "x86_64"), ignore = "needs AVX-512, an x86-64 extension")]
     fn weight_gradient_matches_the_definition() {
-        if !available() {
-            return;
-        }
+        require_avx512();
         for g in geoms() {
             let x = rand(g.n * g.c_in * g.pixels(), 14);
             let dy = rand(g.n * g.c_out * g.pixels(), 15);
@@ -807,10 +727,9 @@ mod tests {
     /// offsets, input-channel blocks ending inside a part) gives the same weight gradient as the
     /// whole, and the forward of the parts with ReLU fused is relu(conv).
     #[test]
+    #[cfg_attr(not(target_arch = "x86_64"), ignore = "needs AVX-512, an x86-64 extension")]
     fn weight_gradient_of_parts() {
-        if !available() {
-            return;
-        }
+        require_avx512();
         let g = Geom { n: 2, c_in: 23, c_out: 5, sp: [1, 4, 18], k: [1, 3, 3] };
         let p = g.pixels();
         let x = rand(g.n * g.c_in * p, 17);

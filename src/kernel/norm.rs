@@ -4,6 +4,7 @@
 //! with ReLU one, and the backward two (the ReLU mask is recomputed from the input, so the
 //! normalised activation is never stored).
 
+use super::cpu;
 use rayon::prelude::*;
 
 /// The layout: `n` images of `c` channel planes of `p` values.
@@ -113,7 +114,7 @@ pub fn forward(l: Layout, x: &[f32], norm: &Norm) -> Vec<f32> {
     let (a, b, lo) = norm.affine();
     // SAFETY: each chunk is one plane, written whole.
     unsafe {
-        super::par_written(x.len(), l.p, |plane, y| {
+        cpu::par_written(x.len(), l.p, |plane, y| {
             let (a, b) = (a[plane % l.c], b[plane % l.c]);
             for (y, &x) in y.iter_mut().zip(&x[plane * l.p..][..l.p]) {
                 y.write((a * x + b).max(lo));
@@ -147,7 +148,7 @@ pub fn backward(l: Layout, x: &[f32], dy: &[f32], norm: &Norm) -> (Vec<f32>, Vec
     let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
     // SAFETY: each chunk is one plane, written whole.
     let dx = unsafe {
-        super::par_written(x.len(), l.p, |plane, dx| {
+        cpu::par_written(x.len(), l.p, |plane, dx| {
             let ch = plane % l.c;
             let (x, dy) = (&x[plane * l.p..][..l.p], &dy[plane * l.p..][..l.p]);
             let (mu, r, a, b) = (norm.mean[ch], inv_std[ch], a[ch], b[ch]);

@@ -3,6 +3,7 @@
 //! int64 argmax indices for the backward; here the backward finds each window's maximum again
 //! in the input (which the convolution after the pool keeps anyway).
 
+use super::cpu;
 use std::mem::MaybeUninit;
 
 /// The pooled volume: (depth pairs or 1, rows, columns) of one plane, and whether depth pools.
@@ -54,7 +55,7 @@ pub fn forward(x: &[f32], shape: &[usize]) -> Vec<f32> {
     let (od, oh, ow) = pl.out();
     // SAFETY: every output row of every plane is written whole.
     unsafe {
-        super::par_written(planes * od * oh * ow, od * oh * ow, |n, y| {
+        cpu::par_written(planes * od * oh * ow, od * oh * ow, |n, y| {
             let x = &x[n * pl.len()..][..pl.len()];
             for k in 0..od {
                 for i in 0..oh {
@@ -85,7 +86,7 @@ pub fn backward(x: &[f32], dy: &[f32], shape: &[usize]) -> Vec<f32> {
     assert!(x.len() == planes * pl.len() && dy.len() == planes * od * oh * ow);
     // SAFETY: each plane is zeroed whole, then window maxima are set.
     unsafe {
-        super::par_written(x.len(), pl.len(), |n, dx: &mut [MaybeUninit<f32>]| {
+        cpu::par_written(x.len(), pl.len(), |n, dx: &mut [MaybeUninit<f32>]| {
             dx.fill(MaybeUninit::new(0.0));
             let (x, dy) = (&x[n * pl.len()..][..pl.len()], &dy[n * od * oh * ow..][..od * oh * ow]);
             for k in 0..od {

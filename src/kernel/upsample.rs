@@ -3,6 +3,7 @@
 //! is 0.75·(nearest input) + 0.25·(next input on that side, edge-clamped), so each axis is one
 //! streaming pass; burn Flex computes general source coordinates per element instead.
 
+use super::cpu;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -31,7 +32,7 @@ fn along(x: &[f32], shape: &[usize], axis: usize) -> Vec<f32> {
     let (_, len, inner) = split(shape, axis);
     // SAFETY: chunk k (input slab k) writes its 2·len·inner outputs, every row pair once.
     unsafe {
-        super::par_written(x.len() * 2, 2 * len * inner, |k, y| {
+        cpu::par_written(x.len() * 2, 2 * len * inner, |k, y| {
             let x = &x[k * len * inner..][..len * inner];
             for i in 0..len {
                 let (lo, hi) = (i.saturating_sub(1), (i + 1).min(len - 1));
@@ -83,7 +84,7 @@ pub fn plane_rows(
     y: &mut [MaybeUninit<f32>],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if super::direct::available() {
+    if cpu::avx512() {
         // SAFETY: AVX-512F is present (checked above).
         return unsafe { plane_rows_avx512(x, h, w, rows, wide, y) };
     }
@@ -91,6 +92,9 @@ pub fn plane_rows(
 }
 
 /// `plane_rows` compiled for AVX-512: the crate's baseline (SSE2) ran its loops 4 floats wide.
+///
+/// # Safety
+/// The CPU runs AVX-512F (the rest is `plane_rows_any`'s, checked there).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn plane_rows_avx512(
@@ -153,7 +157,7 @@ fn plane_rows_any(
 /// row is narrowed the same way along the width. One pass over `dy`, no scatter.
 fn plane2d_adjoint(dy: &[f32], h: usize, w: usize, dx: &mut [MaybeUninit<f32>]) {
     #[cfg(target_arch = "x86_64")]
-    if super::direct::available() {
+    if cpu::avx512() {
         // SAFETY: AVX-512F is present (checked above).
         return unsafe { plane2d_adjoint_avx512(dy, h, w, dx) };
     }
@@ -161,6 +165,9 @@ fn plane2d_adjoint(dy: &[f32], h: usize, w: usize, dx: &mut [MaybeUninit<f32>]) 
 }
 
 /// `plane2d_adjoint` compiled for AVX-512 (as `plane_rows_avx512`).
+///
+/// # Safety
+/// The CPU runs AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn plane2d_adjoint_avx512(dy: &[f32], h: usize, w: usize, dx: &mut [MaybeUninit<f32>]) {
@@ -193,7 +200,7 @@ fn plane2d_adjoint_any(dy: &[f32], h: usize, w: usize, dx: &mut [MaybeUninit<f32
 pub fn forward(x: &[f32], shape: &[usize]) -> Vec<f32> {
     let (h, w) = (shape[shape.len() - 2], shape[shape.len() - 1]);
     // SAFETY: `plane2d` writes every element of its (2h x 2w) plane.
-    let y = unsafe { super::par_written(x.len() * 4, 4 * h * w, |k, y| plane2d(&x[k * h * w..][..h * w], h, w, y)) };
+    let y = unsafe { cpu::par_written(x.len() * 4, 4 * h * w, |k, y| plane2d(&x[k * h * w..][..h * w], h, w, y)) };
     if shape.len() == 4 {
         return y;
     }
@@ -219,7 +226,7 @@ pub fn backward(dy: &[f32], shape: &[usize]) -> Vec<f32> {
     };
     // SAFETY: `plane2d_adjoint` writes every element of its (h x w) plane.
     unsafe {
-        super::par_written(dy.len() / 4, h * w, |k, dx| plane2d_adjoint(&dy[k * 4 * h * w..][..4 * h * w], h, w, dx))
+        cpu::par_written(dy.len() / 4, h * w, |k, dx| plane2d_adjoint(&dy[k * 4 * h * w..][..4 * h * w], h, w, dx))
     }
 }
 

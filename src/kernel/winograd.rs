@@ -27,7 +27,8 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::conv::{Geom, SyncPtr};
+use super::cpu::{Geom, SyncPtr, aligned, assert_avx512, avx512, recycle, transpose_row};
+use super::upsample;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -41,7 +42,7 @@ const PF: usize = 2;
 /// Whether `g` is a convolution this path computes, on this CPU.
 pub fn applies(g: &Geom) -> bool {
     let even = g.sp[1].is_multiple_of(2) && g.sp[2].is_multiple_of(2);
-    g.k == [1, 3, 3] && g.sp[0] == 1 && even && super::direct::available()
+    g.k == [1, 3, 3] && g.sp[0] == 1 && even && avx512()
 }
 
 /// U = G w G^T for every (output, input) channel pair, as [k][c_out / 8][c_in][8] (the eight
@@ -220,6 +221,7 @@ pub fn forward(
     ys: &mut [&mut [MaybeUninit<f32>]],
     epi: Epilogue,
 ) {
+    assert_avx512("the Winograd convolution");
     let [_, h, wd] = g.sp;
     let side = wt.m;
     let kk = (side + 2) * (side + 2);
@@ -267,8 +269,8 @@ pub fn forward(
         // per 8 output channels.
         let chunk = if cfg!(test) { 8 } else { (131072 / (kk * tbp)).next_multiple_of(8) }.min(g.c_in);
         let (vs, ms) = (spread(chunk * tbp), spread(group * tbp));
-        let (mut v_buf, va) = super::direct::aligned(kk * vs);
-        let (mut m_buf, ma) = super::direct::aligned(kk * ms);
+        let (mut v_buf, va) = aligned(kk * vs);
+        let (mut m_buf, ma) = aligned(kk * ms);
         let v = v_buf[va..].as_mut_ptr();
         let m = m_buf[ma..].as_mut_ptr();
         // SAFETY: V has kk rows of vs ≥ chunk · tbp and M kk rows of ms ≥ `group` · tbp floats, 64-byte
@@ -334,8 +336,8 @@ pub fn forward(
                 }
             }
         }
-        super::direct::recycle(v_buf);
-        super::direct::recycle(m_buf);
+        recycle(v_buf);
+        recycle(m_buf);
     });
 }
 
@@ -348,6 +350,7 @@ pub fn forward(
 /// input transform writes. The threads split the input channels, each summing its units into its
 /// own rows of dL/dU.
 pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
+    assert_avx512("the Winograd weight gradient");
     let [_, h, wd] = g.sp;
     let (th, tw, p) = (h / 2, wd / 2, h * wd);
     assert!(applies(g) && dy.len() == g.n * g.c_out * p);
@@ -375,9 +378,9 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
                 let tb = (r1 - r0) * tw;
                 let tbp = tb.next_multiple_of(16);
                 let (vs, ds) = (spread(cpi * tbp), spread(tbp * cpo));
-                let (mut v_buf, va) = super::direct::aligned(16 * vs);
-                let (mut cl_buf, ca) = super::direct::aligned(2 * (r1 - r0) * wd * cpo);
-                let (mut dm_buf, da) = super::direct::aligned(16 * ds);
+                let (mut v_buf, va) = aligned(16 * vs);
+                let (mut cl_buf, ca) = aligned(2 * (r1 - r0) * wd * cpo);
+                let (mut dm_buf, da) = aligned(16 * ds);
                 let v = v_buf[va..].as_mut_ptr();
                 let cl = &mut cl_buf[ca..][..2 * (r1 - r0) * wd * cpo];
                 let dm = dm_buf[da..].as_mut_ptr();
@@ -393,7 +396,7 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
                     let image = &dy[n * g.c_out * p..][..g.c_out * p];
                     for y in 2 * r0..2 * r1 {
                         let row = &mut cl[(y - 2 * r0) * wd * cpo..];
-                        super::direct::transpose_row(image, p, g.c_out, y * wd, wd, row, cpo, (0, cpo));
+                        transpose_row(image, p, g.c_out, y * wd, wd, row, cpo, (0, cpo));
                     }
                     output_gradient(cl, wd, r1 - r0, cpo, dm, tbp, ds);
                     let nv = (cpo / 16).min(3);
@@ -419,9 +422,9 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
                         }
                     }
                 }
-                super::direct::recycle(v_buf);
-                super::direct::recycle(cl_buf);
-                super::direct::recycle(dm_buf);
+                recycle(v_buf);
+                recycle(cl_buf);
+                recycle(dm_buf);
             }
             (gr, du)
         })
@@ -481,6 +484,12 @@ fn lanes(f: impl Fn(usize) -> f32) -> [f32; 16] {
 /// dM = A dY A^T for the tiles of `rows` tile rows, from their output-gradient rows channels-last
 /// (`cl`: 2 · rows rows of wd pixels x cpo channels): dM_k for tile t at `dm + k · kstride + t · cpo`,
 /// padding tiles zero.
+///
+/// # Safety
+/// - The CPU runs AVX-512F.
+/// - `cl` holds 2 · rows · wd · cpo floats, wd is even and cpo a multiple of 16.
+/// - `dm` is 64-byte aligned and valid for writes of 16 rows of `kstride` floats, `kstride` a
+///   multiple of 16 and at least tbp · cpo, and tbp ≥ rows · wd / 2.
 #[target_feature(enable = "avx512f")]
 unsafe fn output_gradient(cl: &[f32], wd: usize, rows: usize, cpo: usize, dm: *mut f32, tbp: usize, kstride: usize) {
     // SAFETY: `cl` holds 2 · rows · wd · cpo floats; the caller gives dM room for 16 rows of
@@ -524,6 +533,13 @@ unsafe fn output_gradient(cl: &[f32], wd: usize, rows: usize, cpo: usize, dm: *m
 }
 
 /// dU_k[c][o..o + 16·NV] += Σ_t V_k[c][t] · dM_k[t][o..] for CB input channels, in registers.
+///
+/// # Safety
+/// - The CPU runs AVX-512F.
+/// - `v` holds CB rows of tbp initialised floats at stride tbp.
+/// - `dm` is 64-byte aligned, cpo a multiple of 16, and dM holds tbp rows of 16·NV initialised
+///   floats at stride cpo.
+/// - `du` holds CB rows of 16·NV initialised floats at stride cpo, readable and writable.
 #[target_feature(enable = "avx512f")]
 unsafe fn wtile<const NV: usize, const CB: usize>(v: *const f32, dm: *const f32, tbp: usize, cpo: usize, du: *mut f32) {
     // SAFETY: the caller passes CB rows of V of tbp floats at stride tbp, dM rows of 16·NV floats
@@ -560,8 +576,11 @@ unsafe fn wtile<const NV: usize, const CB: usize>(v: *const f32, dm: *const f32,
 /// made first, into a buffer that stays in L1.
 ///
 /// # Safety
-/// `v` must have room for (m + 2)² rows of `kstride` floats, each holding planes.len() rows of
-/// tbp.
+/// - The CPU runs AVX-512F.
+/// - m is 2 or 4, h and wd are multiples of m, and r0 < r1 ≤ h / m (the planes' slices are
+///   bounds-checked).
+/// - `v` is valid for writes of (m + 2)² rows of `kstride` floats, each holding planes.len()
+///   rows of tbp, (r1 - r0) · wd / m rounded up to a multiple of 16.
 unsafe fn transform_input<'a>(
     planes: &[Plane<'a>],
     n: usize,
@@ -598,7 +617,7 @@ unsafe fn transform_input<'a>(
         let rows = match at.half {
             false => plane(at).as_ptr(),
             true => {
-                super::upsample::plane_rows(plane(at), h / 2, wd / 2, (i0, i1), &mut wide, &mut upsampled);
+                upsample::plane_rows(plane(at), h / 2, wd / 2, (i0, i1), &mut wide, &mut upsampled);
                 upsampled.as_ptr().cast::<f32>().wrapping_sub(i0 * wd)
             }
         };
@@ -623,6 +642,9 @@ unsafe fn transform_input<'a>(
 }
 
 /// Writes `n` zeros from `at`.
+///
+/// # Safety
+/// The CPU runs AVX-512F, and `at` is valid for writes of `n` floats.
 #[target_feature(enable = "avx512f")]
 unsafe fn zero(at: *mut f32, n: usize) {
     for i in (0..n).step_by(16) {
@@ -647,6 +669,12 @@ fn first(lanes: usize) -> u16 {
 /// V = B^T d B for the tiles of tile rows r0..r1 of one channel's plane: V_k for tile t (counted
 /// from the first tile of row r0) at `v + k · kstride + t`. Consecutive tile rows share two input
 /// rows, which are split into even and odd columns once.
+///
+/// # Safety
+/// - The CPU runs AVX-512F; wd is even and r0 ≤ r1.
+/// - The plane's rows 2·r0 - 1 ..= 2·r1 that lie in 0..h hold wd readable, initialised floats
+///   each, row r at `plane + r · wd` (only those are read; the zero padding is masked off).
+/// - `v` is valid for writes of 16 rows at stride `kstride` of (r1 - r0) · wd / 2 floats each.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn input_rows(plane: *const f32, h: usize, wd: usize, r0: usize, r1: usize, v: *mut f32, kstride: usize) {
@@ -716,6 +744,10 @@ fn even_odd() -> (__m512i, __m512i) {
 /// Columns col0 + 2·l + j (j = 0..4) of a row, as 4 vectors over l = 0..16, zero outside the
 /// row: `masks` are the `columns` of the loads from col0 + 0, 16, 2 and 18 (the same for every
 /// row, so the caller computes them once).
+///
+/// # Safety
+/// The CPU runs AVX-512F, and for each load s every lane l set in `masks[s]` reads a readable,
+/// initialised float at `row + col0 + [0, 16, 2, 18][s] + l` (masked-off lanes read nothing).
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn split_row(row: *const f32, col0: isize, masks: [u16; 4]) -> [__m512; 4] {
@@ -736,6 +768,10 @@ unsafe fn split_row(row: *const f32, col0: isize, masks: [u16; 4]) -> [__m512; 4
 /// V = B^T d B for tiles of side 4 (6x6 input tiles) of tile rows r0..r1 of one channel's plane,
 /// laid out as `input_rows`'. Each input row is split into the six column phases and transformed
 /// along the row once; consecutive tile rows share two of their six rows.
+///
+/// # Safety
+/// As `input_rows`', for tiles of side 4: wd a multiple of 4, the plane's rows 4·r0 - 1 ..= 4·r1
+/// that lie in 0..h readable, and 36 rows of V of (r1 - r0) · wd / 4 floats.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn input_rows4(plane: *const f32, h: usize, wd: usize, r0: usize, r1: usize, v: *mut f32, kstride: usize) {
@@ -801,6 +837,10 @@ fn bt6(d: [__m512; 6]) -> [__m512; 6] {
 
 /// Columns col0 + 4·l + j (j = 0..6) of a row, as 6 vectors over l = 0..16, zero outside the
 /// row: `masks` are the `columns` of the loads from col0 + 16·s (s = 0..5).
+///
+/// # Safety
+/// The CPU runs AVX-512F, and for each load s every lane l set in `masks[s]` reads a readable,
+/// initialised float at `row + col0 + 16·s + l`.
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn split_row4(row: *const f32, col0: isize, masks: [u16; 5]) -> [__m512; 6] {
@@ -828,6 +868,12 @@ unsafe fn split_row4(row: *const f32, col0: isize, masks: [u16; 5]) -> [__m512; 
 
 /// M_k[o][t..t+16·NV] = Σ_c U_k[o][c] · V_k[c][t..] for 8 output channels, in registers;
 /// added to M's values if `add` (the sum over a later chunk of input channels).
+///
+/// # Safety
+/// - The CPU runs AVX-512F.
+/// - `u` holds c_in · 8 initialised floats.
+/// - `v` and `m` are 64-byte aligned and tbp a multiple of 16; V holds c_in rows of 16·NV
+///   initialised floats at stride tbp; M 8 such rows, writable, and initialised if `add`.
 #[target_feature(enable = "avx512f")]
 unsafe fn tile<const NV: usize>(u: *const f32, v: *const f32, tbp: usize, c_in: usize, m: *mut f32, add: bool) {
     // SAFETY: the caller passes U rows of 8 weights for c_in channels, 64-byte aligned V rows
@@ -876,6 +922,13 @@ enum Sink {
 
 /// Y = A^T M A + bias (then the ReLU) for the tiles of one tile row of one output channel: two
 /// output rows, to `sink`; M_k for tile t at `m + k · kstride + t`.
+///
+/// # Safety
+/// - The CPU runs AVX-512F; wd is even.
+/// - M holds 16 rows of wd / 2 initialised floats (the tile row's tiles) at stride `kstride`.
+/// - The sink has room for the tile row (see `Sink`): two output rows of wd floats at stride
+///   wd, and one pooled row of wd / 2 unless `pooled` is null; for `Sum`, those rows of every
+///   class, initialised, and the classes' weights readable.
 #[target_feature(enable = "avx512f")]
 unsafe fn output_row(m: *const f32, kstride: usize, wd: usize, bias: f32, relu: bool, sink: Sink) {
     // SAFETY: the caller passes M rows of the tile row's tiles at stride `kstride` and a sink
@@ -908,6 +961,10 @@ unsafe fn output_row(m: *const f32, kstride: usize, wd: usize, bias: f32, relu: 
 /// Y = A^T M A + bias (then the ReLU) for tiles of side 4: four output rows, to `sink`, M laid
 /// out as for `output_row`. A^T rows: (1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0),
 /// (0, 1, -1, 8, -8, 1).
+///
+/// # Safety
+/// As `output_row`'s, for tiles of side 4: wd a multiple of 4, 36 rows of M of wd / 4 floats,
+/// four output rows and two pooled rows.
 #[target_feature(enable = "avx512f")]
 unsafe fn output_row4(m: *const f32, kstride: usize, wd: usize, bias: f32, relu: bool, sink: Sink) {
     // SAFETY: the caller passes M rows of the tile row's tiles at stride `kstride` and a sink
@@ -927,6 +984,14 @@ unsafe fn output_row4(m: *const f32, kstride: usize, wd: usize, bias: f32, relu:
 /// 16 consecutive tiles of M per vector whichever tile rows they fall in, each group of four
 /// stored where its row puts it: row by row, 96² (24 tiles a row) and 48² (12) left a quarter of
 /// the vectors' lanes empty. `sink` is that of the unit's first tile row.
+///
+/// # Safety
+/// - The CPU runs AVX-512F; tw is a multiple of 4, wd = 4 · tw and tb a multiple of tw.
+/// - M holds 36 rows of tb initialised floats rounded up to a multiple of 16 (whole vectors are
+///   loaded) at stride `kstride`.
+/// - The sink has room for the unit's tb / tw tile rows: 4 · tb / tw output rows of wd floats
+///   (and 2 · tb / tw pooled rows of wd / 2 unless `pooled` is null); for `Sum`, those rows of
+///   every class, initialised, and the classes' weights readable.
 #[target_feature(enable = "avx512f")]
 unsafe fn output_tiles4(
     m: *const f32,
@@ -1015,6 +1080,12 @@ fn finish<const S: usize>(y: [__m512; S], bias: f32, relu: bool) -> [__m512; S] 
 
 /// The S output rows y[r] of `lanes` tiles of side S (column j of tile l in lane l of y[r][j]),
 /// from output column `col`, where `sink` says.
+///
+/// # Safety
+/// - The CPU runs AVX-512F; S is 2 or 4 and `lanes` at most 16.
+/// - The sink's S rows of wd floats hold columns col .. col + S · lanes (and, unless `pooled` is
+///   null, its S / 2 pooled rows of wd / 2 floats columns col / 2 .. col / 2 + S / 2 · lanes);
+///   for `Sum`, those of every class, initialised, and the classes' weights readable.
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn emit<const S: usize>(sink: Sink, wd: usize, col: usize, y: [[__m512; S]; S], lanes: usize) {
@@ -1116,8 +1187,9 @@ fn at6(m: [__m512; 6]) -> [__m512; 4] {
 
 #[cfg(test)]
 mod tests {
+    use super::super::cpu::cat;
+    use super::super::testing::{close, naive, rand, require_avx512};
     use super::*;
-    use crate::kernel::conv::tests::{close, naive, rand};
 
     fn run(g: &Geom, m: usize, split: &[usize], relu: bool) {
         let x = rand(g.n * g.c_in * g.pixels(), 3);
@@ -1161,9 +1233,7 @@ mod tests {
     /// (the first, inner and last rows of a unit up-sampled from the right input rows).
     #[test]
     fn half_resolution_part_matches_upsampling_first() {
-        if !super::super::direct::available() {
-            return;
-        }
+        require_avx512();
         for (n, lateral, below, c_out, h, w, m) in [
             (2, 3, 5, 6, 12, 20, 2),
             (1, 0, 4, 9, 8, 36, 2),
@@ -1173,8 +1243,8 @@ mod tests {
         ] {
             let g = Geom { n, c_in: lateral + below, c_out, sp: [1, h, w], k: [1, 3, 3] };
             let (x, low) = (rand(n * lateral * h * w, 3), rand(n * below * h * w / 4, 4));
-            let up = super::super::upsample::forward(&low, &[n, below, h / 2, w / 2]);
-            let cat = super::super::conv::cat(n, &[&x, &up]);
+            let up = upsample::forward(&low, &[n, below, h / 2, w / 2]);
+            let cat = cat(n, &[&x, &up]);
             let (wts, b) = (rand(c_out * g.c_in * 9, 5), rand(c_out, 7));
             let want = naive(&g, &cat, &wts, &b);
             let wt = prepare_tiled(&g, m, |o, c, t| wts[(o * g.c_in + c) * 9 + t]);
@@ -1189,9 +1259,7 @@ mod tests {
     /// The pooled and the head epilogues against pooling / a 1x1 convolution of the definition.
     #[test]
     fn epilogues_match_the_definition() {
-        if !super::super::direct::available() {
-            return;
-        }
+        require_avx512();
         let init =
             |y: Vec<MaybeUninit<f32>>| -> Vec<f32> { y.into_iter().map(|v| unsafe { v.assume_init() }).collect() };
         // F(2x2) with a masked vector of 7 tiles and one of 17; F(4x4) with 5 (masked), 16 and
@@ -1241,9 +1309,7 @@ mod tests {
     /// The weight gradient against its definition, Σ dy(o, y, x) · x(c, y + l - 1, x + m - 1).
     #[test]
     fn weight_gradient_matches_the_definition() {
-        if !super::super::direct::available() {
-            return;
-        }
+        require_avx512();
         for (n, c_in, c_out, h, w, split) in
             [(2, 5, 11, 6, 6, vec![5]), (1, 9, 40, 10, 14, vec![4, 5]), (3, 26, 17, 8, 36, vec![1, 25])]
         {
@@ -1275,9 +1341,7 @@ mod tests {
 
     #[test]
     fn matches_the_definition() {
-        if !super::super::direct::available() {
-            return;
-        }
+        require_avx512();
         let g = |n, c_in, c_out, h, w| Geom { n, c_in, c_out, sp: [1, h, w], k: [1, 3, 3] };
         // F(2x2): tile rows of 3, 7 (a masked vector), 16, 24 (one and a half) and 34 tiles (a
         // tail of 2).
