@@ -200,7 +200,7 @@ mod tests {
             (&OK.replace("ElementDataFile = LOCAL\n", ""), &[], &["`ElementDataFile`", "missing"]),
             (&OK.replace("LOCAL", "LIST"), &[], &["ElementDataFile = LIST"]),
             (&OK.replace("LOCAL", "gone.raw"), &[], &["gone.raw"]),
-            (&OK.replace("2 1 1", "4294967296 65536 65536"), &[0, 0], &["declares", "holds 2"]),
+            (&OK.replace("2 1 1", "65536 65536 4096"), &[0, 0], &["declares", "holds 2"]),
             (OK, &[0], &["declares 2", "holds 1"]),
             (OK, &[0, 0, 0], &["3 bytes of voxel data"]),
             (&OK.replace("NDims = 3", "NDims = 3\nCompressedData = True"), &[0, 0], &["corrupt"]),
