@@ -355,8 +355,8 @@ mod tests {
             (&OK.replace("2 1 1", "2 x 1"), &[0, 0], &["`sizes`"]),
             (&OK.replace("dimension: 3", "dimension: 2"), &[0, 0], &["dimension: 2"]),
             (&OK.replace("2 1 1", "65536 65536 65536"), &[0, 0], &["declares 281474976710656 bytes", "holds 2"]),
-            (&OK, &[0], &["declares 2", "holds 1"]),
-            (&OK, &[0, 0, 0], &["3 bytes of voxel data", "declares 2"]),
+            (OK, &[0], &["declares 2", "holds 1"]),
+            (OK, &[0, 0, 0], &["3 bytes of voxel data", "declares 2"]),
             (&OK.replace("raw", "gzip"), &[0, 0], &["corrupt"]),
             (&OK.replace("encoding: raw", "encoding: raw\nspace: scanner-xyz"), &[0, 0], &["space: scanner-xyz"]),
             (
