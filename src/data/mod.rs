@@ -4,6 +4,7 @@
 
 pub mod io;
 pub mod patch;
+pub mod volume;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
