@@ -63,7 +63,7 @@ fn input<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
 }
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
 }
 
 /// Largest absolute difference, after checking shapes agree and every value is finite.
@@ -144,11 +144,11 @@ fn training_step_matches_flex() {
     let cfg = tiny(2, 1);
     let shape = [2, 1, 32, 32];
     let target = |d: &Device| input(shape, d).greater_elem(0.3).float();
-    let base = seeded::<4>(&cfg, 11, &flex().autodiff());
-    let before = params(&base);
+    let before = params(&seeded::<4>(&cfg, 11, &flex().autodiff()));
     let mut results = vec![];
     for device in [flex().autodiff(), vulkan().autodiff()] {
-        let m = base.clone().fork(&device);
+        // Built afresh for each run: a clone would share its parameters with the first run.
+        let m = seeded::<4>(&cfg, 11, &flex().autodiff()).fork(&device);
         let mut optim = unetpp::optim::adam(1e-8);
         let (m, loss) = unetpp::train::step(m, &mut optim, LR, input(shape, &device), target(&device));
         results.push((loss, params(&m)));
@@ -156,12 +156,15 @@ fn training_step_matches_flex() {
     let ((loss_f, pf), (loss_v, pv)) = (&results[0], &results[1]);
     assert!(loss_f.is_finite() && (loss_f - loss_v).abs() <= 1e-5 * loss_f.abs().max(1.0), "loss {loss_f} vs {loss_v}");
     assert_eq!(pf.len(), pv.len());
-    for (i, ((a, b), w0)) in pf.iter().zip(pv).zip(&before).enumerate() {
-        let moved = max_diff(a, w0);
-        assert!(moved > LR as f32 / 2.0, "parameter {i} did not move on Flex ({moved})");
+    for (i, (a, b)) in pf.iter().zip(pv).enumerate() {
         let d = max_diff(a, b);
         assert!(d <= LR as f32 / 100.0, "parameter {i}: updated weights differ by {d}");
     }
+    // The step did something to compare: most weights moved by about lr on Flex (not all: the
+    // biases of convolutions followed by BatchNorm have no gradient).
+    let (all, w0) = (pf.concat(), before.concat());
+    let moved = all.iter().zip(&w0).filter(|(a, b)| (*a - *b).abs() > LR as f32 / 2.0).count();
+    assert!(moved * 10 >= all.len() * 9, "only {moved} of {} weights moved on Flex", all.len());
 }
 
 fn samples(name: &str) -> PathBuf {
