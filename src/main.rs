@@ -260,7 +260,8 @@ struct TrainArgs {
     patience: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// percentile[:LOW:HIGH], zscore, or window:LOW:HIGH (e.g. window:-1000:400 for CT)
+    /// percentile[:LOW:HIGH], zscore, window:LOW:HIGH in the file's own units (e.g. window:-1000:400 for CT), or
+    /// imagenet (divide by the type's full scale, then ImageNet mean/std)
     #[arg(long)]
     normalize: Option<Normalize>,
     /// Validation share when the data has no val/ folder

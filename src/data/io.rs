@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, bail, ensure};
 use image::{DynamicImage, GenericImageView, ImageDecoder};
 use ndarray::{Array3, ShapeBuilder};
-use nifti::{IntoNdArray, NiftiHeader, NiftiType};
+use nifti::{NiftiHeader, NiftiType};
 
 use super::{DataConfig, Pair, Sample};
 
@@ -226,7 +226,7 @@ fn nifti_full_scale(header: &nifti::NiftiHeader) -> f32 {
 /// than by `nifti::ReaderOptions`, which trusts the header: it reserves what `dim` and an
 /// extension's `esize` declare, and reads the voxels right after the extensions whatever
 /// `vox_offset` says.
-fn read_nifti(path: &Path) -> anyhow::Result<(Vec<u8>, NiftiHeader)> {
+pub(crate) fn read_nifti(path: &Path) -> anyhow::Result<(Vec<u8>, NiftiHeader)> {
     let p = path.display();
     let max = max_decoded_bytes();
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open NIfTI {p}"))?;
@@ -296,24 +296,8 @@ fn read_volume(path: &Path) -> anyhow::Result<(Raw, nifti::NiftiHeader)> {
     let volume = nifti::InMemNiftiVolume::from_reader(&bytes[header.vox_offset as usize..], &header)
         .with_context(|| format!("cannot read NIfTI voxels of {}", path.display()))?;
     drop(bytes);
-    let arr =
-        volume.into_ndarray::<f32>().with_context(|| format!("cannot decode NIfTI voxels of {}", path.display()))?;
-    let dims = arr.shape().to_vec();
-    let channels = if dims.len() == 4 { dims[3] } else { 1 };
-    ensure!(dims.len() == 3 || dims.len() == 4, "{}: expected a 3D volume, got shape {:?}", path.display(), dims);
-    let (x, y, z) = (dims[0], dims[1], dims[2]);
-    // NIfTI is indexed [x, y, z]; we store [c][z][y][x].
-    let mut data = Vec::with_capacity(x * y * z * channels);
-    for c in 0..channels {
-        for k in 0..z {
-            for j in 0..y {
-                for i in 0..x {
-                    data.push(if dims.len() == 4 { arr[[i, j, k, c]] } else { arr[[i, j, k]] });
-                }
-            }
-        }
-    }
-    Ok((Raw { data, channels, shape: [z, y, x] }, header))
+    let (data, channels, shape) = super::volume::nifti::channels_first(volume, path)?;
+    Ok((Raw { data, channels, shape }, header))
 }
 
 /// An image or volume in the file's own units.

@@ -22,7 +22,7 @@
 use std::path::Path;
 
 use anyhow::{Context, bail, ensure};
-use nifti::{IntoNdArray, NiftiHeader, NiftiObject, ReaderOptions};
+use nifti::{IntoNdArray, NiftiHeader};
 
 use super::{Geometry, Volume};
 
@@ -127,31 +127,22 @@ pub fn nifti_geometry(h: &NiftiHeader) -> anyhow::Result<Geometry> {
 
 /// Reads a NIfTI-1 volume (see the module doc) with its geometry.
 pub fn read(path: &Path) -> anyhow::Result<Volume> {
-    let name = path.to_string_lossy().to_lowercase();
-    if !name.ends_with(".gz") {
-        // Bound the voxel count by the file before the crate allocates for it.
-        let header =
-            NiftiHeader::from_file(path).with_context(|| format!("cannot read NIfTI header of {}", path.display()))?;
-        let nd = header.dim[0] as usize;
-        ensure!((1..=7).contains(&nd), "{}: `dim[0]` = {nd} must be 1..7", path.display());
-        let voxels = header.dim[1..=nd].iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
-        let bytes = voxels.and_then(|v| v.checked_mul((header.bitpix.max(0) as u64).div_ceil(8)));
-        let len = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
-        let avail = len.saturating_sub(header.vox_offset.max(0.0) as u64);
-        ensure!(
-            bytes.is_some_and(|b| b <= avail),
-            "{}: `dim` {:?} x `bitpix` {} asks for more voxel data than the file holds ({avail} bytes)",
-            path.display(),
-            &header.dim[1..=nd],
-            header.bitpix
-        );
-    }
-    let obj = ReaderOptions::new().read_file(path).with_context(|| format!("cannot read NIfTI {}", path.display()))?;
-    let geometry = nifti_geometry(obj.header()).with_context(|| format!("{}", path.display()))?;
-    let arr = obj
-        .into_volume()
-        .into_ndarray::<f32>()
-        .with_context(|| format!("cannot decode NIfTI voxels of {}", path.display()))?;
+    // The checked reader every NIfTI goes through: header fields, sizes and the decode limit
+    // are verified before anything is allocated for the voxels.
+    let (bytes, header) = crate::data::io::read_nifti(path)?;
+    let geometry = nifti_geometry(&header).with_context(|| format!("{}", path.display()))?;
+    let volume = nifti::InMemNiftiVolume::from_reader(&bytes[header.vox_offset as usize..], &header)
+        .with_context(|| format!("cannot read NIfTI voxels of {}", path.display()))?;
+    drop(bytes);
+    let (data, channels, shape) = channels_first(volume, path)?;
+    Ok(Volume { data, channels, shape, geometry })
+}
+
+/// NIfTI voxels, indexed [x, y, z(, c)], as our channels-first [c][z][y][x] with the shape
+/// [z, y, x].
+pub fn channels_first(volume: nifti::InMemNiftiVolume, path: &Path) -> anyhow::Result<(Vec<f32>, usize, [usize; 3])> {
+    let arr =
+        volume.into_ndarray::<f32>().with_context(|| format!("cannot decode NIfTI voxels of {}", path.display()))?;
     let dims = arr.shape().to_vec();
     ensure!(
         dims.len() == 3 || dims.len() == 4,
@@ -170,5 +161,5 @@ pub fn read(path: &Path) -> anyhow::Result<Volume> {
             }
         }
     }
-    Ok(Volume { data, channels, shape: [z, y, x], geometry })
+    Ok((data, channels, [z, y, x]))
 }
