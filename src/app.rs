@@ -34,7 +34,7 @@ pub fn detect_dims(root: &Path) -> anyhow::Result<usize> {
     let volume = std::fs::read_dir(&dir)
         .with_context(|| format!("cannot read {}", dir.display()))?
         .flatten()
-        .any(|e| io::is_volume(&e.path()) && depth_of(&e.path()).is_none_or(|d| d > 1));
+        .any(|e| io::is_volume(&e.path()) && data::depth_of(&e.path()).is_none_or(|d| d > 1));
     Ok(if volume { 3 } else { 2 })
 }
 
@@ -65,12 +65,17 @@ impl InferOptions {
             );
         }
         let Some(tile) = self.tile else { return Ok(()) };
-        check_size(tile, cfg, "--tile")?;
+        cfg.check_size(tile, "--tile")?;
         // Only a tile asked for: the default window shrinks to small images, and refusing it
         // on a small machine would refuse inputs that fit.
         let voxels = tile[1] * tile[2] * if cfg.dims == 3 { tile[0] } else { 1 };
-        ensure_memory(cfg.inference_bytes(voxels), || {
-            format!("inference with --tile {} (--width {}, --depth {})", fmt_size(tile, cfg.dims), cfg.width, cfg.depth)
+        crate::limits::ensure_memory(cfg.inference_bytes(voxels), || {
+            format!(
+                "inference with --tile {} (--width {}, --depth {})",
+                crate::model::fmt_size(tile, cfg.dims),
+                cfg.width,
+                cfg.depth
+            )
         })
     }
 }
@@ -84,7 +89,7 @@ pub fn eval(ck: &Path, data_dir: &Path, out: &Path, opts: &InferOptions, skip_ba
     let splits = Splits::find(data_dir)?;
     let dir = splits.test.or(splits.val).context("no test/ or val/ split to evaluate")?;
     let images: Vec<PathBuf> = data::pairs(&dir, true)?.into_iter().map(|p| p.image).collect();
-    ensure_dims(&images, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
+    data::ensure_dims(&images, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
     match meta.model.dims {
         2 => eval_d::<4>(ck, data_dir, out, opts, skip_bad),
         _ => eval_d::<5>(ck, data_dir, out, opts, skip_bad),
@@ -137,38 +142,50 @@ pub fn predict(
     let meta = checkpoint::read_meta(ck)?;
     meta.model.validate().with_context(|| format!("checkpoint {}", ck.display()))?;
     opts.validate(&meta.model)?;
-    ensure_dims(&inputs(input)?.1, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
+    let inputs = Inputs::find(input)?;
+    data::ensure_dims(&inputs.files, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
     match meta.model.dims {
-        2 => predict_d::<4>(ck, input, out, opts, probs, overwrite),
-        _ => predict_d::<5>(ck, input, out, opts, probs, overwrite),
+        2 => predict_d::<4>(ck, &inputs, out, opts, probs, overwrite),
+        _ => predict_d::<5>(ck, &inputs, out, opts, probs, overwrite),
     }
 }
 
-/// The folder the inputs are in, and the inputs: `input` itself, or the supported, non-hidden
-/// files of the folder (or of its `images/`), sorted.
-fn inputs(input: &Path) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
-    if input.is_file() {
-        let dir = input.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        return Ok((dir.to_path_buf(), vec![input.to_path_buf()]));
+/// What `predict --input` names, listed once: the path as given, the folder the inputs are in,
+/// and the inputs: `input` itself, or the supported, non-hidden files of the folder (or of its
+/// `images/`), sorted.
+struct Inputs {
+    given: PathBuf,
+    dir: PathBuf,
+    files: Vec<PathBuf>,
+}
+
+impl Inputs {
+    fn find(input: &Path) -> anyhow::Result<Inputs> {
+        if input.is_file() {
+            let dir = input.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            return Ok(Inputs { given: input.to_path_buf(), dir: dir.to_path_buf(), files: vec![input.to_path_buf()] });
+        }
+        let dir = if input.join("images").is_dir() { input.join("images") } else { input.to_path_buf() };
+        // Hidden files are skipped as in data sets: they include a killed run's temporary files.
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_file()
+                    && io::is_supported(p)
+                    && !p.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+            })
+            .collect();
+        files.sort();
+        anyhow::ensure!(!files.is_empty(), "no images found in {}", dir.display());
+        Ok(Inputs { given: input.to_path_buf(), dir, files })
     }
-    let dir = if input.join("images").is_dir() { input.join("images") } else { input.to_path_buf() };
-    // Hidden files are skipped as in data sets: they include a killed run's temporary files.
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| format!("cannot read {}", dir.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.is_file() && io::is_supported(p) && !p.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
-        })
-        .collect();
-    files.sort();
-    anyhow::ensure!(!files.is_empty(), "no images found in {}", dir.display());
-    Ok((dir, files))
 }
 
 fn predict_d<const D: usize>(
     ck: &Path,
-    input: &Path,
+    inputs: &Inputs,
     out: &Path,
     opts: &InferOptions,
     probs: bool,
@@ -177,14 +194,13 @@ fn predict_d<const D: usize>(
     let device = opts.backend.device();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
     let model = model.fold_batchnorm();
-    let (dir, files) = inputs(input)?;
-    let plan = crate::output::plan_predictions(input, &dir, &files, out, meta.model.classes, probs, overwrite)?;
+    let Inputs { given, dir, files } = inputs;
+    let plan = crate::output::plan_predictions(given, dir, files, out, meta.model.classes, probs, overwrite)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let tile = opts.tile.unwrap_or(default_tile(&meta.model));
     let mut written = vec![];
     for (path, paths) in plan {
         let s = infer::read_unlabelled(&path, &meta.data)?;
-        anyhow::ensure!(meta.model.dims == 3 || s.shape[0] == 1, "{} is a volume but the model is 2D", path.display());
         let p = infer::probabilities(&model, &s, opts.mode, tile, &device)?;
         let done = infer::write_prediction(out, &s, &p, meta.model.classes, probs)?;
         debug_assert_eq!(done, paths);
@@ -307,104 +323,6 @@ fn ensure_not_input(out: &Path, inputs: &[&Path]) -> anyhow::Result<()> {
             out.display(),
             i.display()
         );
-    }
-    Ok(())
-}
-
-/// `h,w` in 2D, `d,h,w` in 3D: a size as `--patch` and `--tile` take it.
-pub fn fmt_size(size: [usize; 3], dims: usize) -> String {
-    size[3 - dims..].iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")
-}
-
-/// A patch or window must be a positive multiple of 2^depth on every spatial axis: the model
-/// halves it `depth` times, and inference would otherwise silently round it.
-pub fn check_size(size: [usize; 3], cfg: &ModelConfig, option: &str) -> anyhow::Result<()> {
-    let m = 1usize << cfg.depth.min(20);
-    let axes = &size[3 - cfg.dims.clamp(2, 3)..];
-    if axes.iter().all(|&v| v >= m && v % m == 0) {
-        return Ok(());
-    }
-    let fix: Vec<String> = axes.iter().map(|&v| (v.div_ceil(m).max(1) * m).to_string()).collect();
-    let given = fmt_size(size, cfg.dims.clamp(2, 3));
-    anyhow::bail!(
-        "{option} {given}: {} size {given} must be divisible by 2^depth = {m} (--depth {}) and at least {m} on \
-         every axis, e.g. {option} {}",
-        option.trim_start_matches('-'),
-        cfg.depth,
-        fix.join(",")
-    )
-}
-
-/// The environment variable that replaces the memory limit (GiB), for when the estimate or
-/// the available-memory reading is wrong for this machine.
-pub const MEMORY_ENV: &str = "UNETPP_MEMORY_GB";
-
-const GIB: f64 = (1u64 << 30) as f64;
-
-/// Bytes this process may allocate and where the figure comes from: `UNETPP_MEMORY_GB` when
-/// set, else Linux's MemAvailable (lowered to a cgroup v2 limit's headroom where there is one);
-/// `None` where neither is known (no check is made there).
-pub fn memory_limit() -> anyhow::Result<Option<(f64, String)>> {
-    if let Ok(v) = std::env::var(MEMORY_ENV) {
-        let gib = v.trim().parse::<f64>().ok().filter(|g| g.is_finite() && *g > 0.0);
-        let gib = gib.with_context(|| format!("{MEMORY_ENV}={v}: must be a positive number of GiB"))?;
-        return Ok(Some((gib * GIB, format!("{MEMORY_ENV}={v}"))));
-    }
-    let read = |p: &str| std::fs::read_to_string(p).ok();
-    let mut limit = read("/proc/meminfo").and_then(|info| {
-        let kb = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
-        let kb: f64 = kb.trim().trim_end_matches("kB").trim().parse().ok()?;
-        Some((kb * 1024.0, "MemAvailable in /proc/meminfo".to_string()))
-    });
-    let cgroup = || -> Option<f64> {
-        let max: f64 = read("/sys/fs/cgroup/memory.max")?.trim().parse().ok()?;
-        let used: f64 = read("/sys/fs/cgroup/memory.current")?.trim().parse().ok()?;
-        Some((max - used).max(0.0))
-    };
-    if let Some(c) = cgroup()
-        && limit.as_ref().is_none_or(|(l, _)| c < *l)
-    {
-        limit = Some((c, "the cgroup's memory.max less memory.current".to_string()));
-    }
-    Ok(limit)
-}
-
-/// Refuses work estimated to need more memory than the machine has, before it allocates
-/// (and aborts, or drives the machine into swap). `what` names the options responsible.
-pub fn ensure_memory(bytes: f64, what: impl FnOnce() -> String) -> anyhow::Result<()> {
-    let Some((limit, source)) = memory_limit()? else { return Ok(()) };
-    anyhow::ensure!(
-        bytes <= limit,
-        "{} would need about {:.1} GiB, more than the {:.1} GiB available ({source}); choose smaller values, \
-         or set {MEMORY_ENV} to override the limit",
-        what(),
-        bytes / GIB,
-        limit / GIB
-    );
-    Ok(())
-}
-
-/// Slices of an input: 1 for a 2D image or a single-slice NIfTI; `None` where the header
-/// cannot be read (the reader reports that file by name later).
-fn depth_of(path: &Path) -> Option<usize> {
-    if !io::is_volume(path) {
-        return Some(1);
-    }
-    let h = nifti::NiftiHeader::from_file(path).ok()?;
-    Some(if h.dim[0] >= 3 { h.dim[3].max(1) as usize } else { 1 })
-}
-
-/// Refuses the first input whose dimensionality is not the model's: a 2D image through a 3D
-/// model (or a volume through a 2D one) would run and score nonsense without an error.
-pub fn ensure_dims(files: &[PathBuf], dims: usize, model: &str) -> anyhow::Result<()> {
-    for f in files {
-        match depth_of(f) {
-            Some(1) if dims == 3 => anyhow::bail!("{} is a 2D image but {model} is a 3D model", f.display()),
-            Some(d) if d > 1 && dims == 2 => {
-                anyhow::bail!("{} is a 3D volume ({d} slices) but {model} is a 2D model", f.display())
-            }
-            _ => {}
-        }
     }
     Ok(())
 }

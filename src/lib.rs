@@ -9,6 +9,7 @@ pub mod fsio;
 pub mod import;
 pub mod infer;
 pub mod kernel;
+pub mod limits;
 pub mod loss;
 pub mod metrics;
 pub mod model;

@@ -222,11 +222,8 @@ fn diverged(dir: &Path, state: &State, what: String) -> anyhow::Error {
 }
 
 fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool, lock: Option<rundir::Lock>) -> anyhow::Result<Run> {
-    let multiple = 1 << cfg.model.depth;
+    // `TrainConfig::validate` has checked the patch against the model's depth.
     let patch_size = [if cfg.model.dims == 2 { 1 } else { cfg.patch[0] }, cfg.patch[1], cfg.patch[2]];
-    for (a, &p) in patch_size.iter().enumerate().skip(3 - cfg.model.dims) {
-        anyhow::ensure!(p % multiple == 0, "patch size {p} (axis {a}) must be divisible by 2^depth = {multiple}");
-    }
     let (train, val) = load_splits(cfg)?;
     eprintln!("{} training and {} validation images from {}", train.len(), val.len(), cfg.data.display());
     let _lock = match lock {
@@ -426,8 +423,8 @@ impl TrainConfig {
             "--val-fraction must be in (0, 1) (the share of images held out when there is no val/), got {}",
             self.val_fraction
         );
-        crate::app::check_size(self.patch, &self.model, "--patch")?;
-        crate::app::check_size(self.tile, &self.model, "--tile")?;
+        self.model.check_size(self.patch, "--patch")?;
+        self.model.check_size(self.tile, "--tile")?;
         ensure!(
             self.val_crop.iter().all(|&v| v >= 1),
             "val_crop must be at least 1 on every axis, got {:?}",
@@ -451,8 +448,8 @@ impl TrainConfig {
         }
         let dims = self.model.dims;
         let voxels = |s: [usize; 3]| s[1] * s[2] * if dims == 3 { s[0] } else { 1 };
-        let (m, fmt) = (&self.model, |s| crate::app::fmt_size(s, dims));
-        crate::app::ensure_memory(m.training_bytes(voxels(self.patch), self.batch_size), || {
+        let (m, fmt) = (&self.model, |s| crate::model::fmt_size(s, dims));
+        crate::limits::ensure_memory(m.training_bytes(voxels(self.patch), self.batch_size), || {
             format!(
                 "training on --patch {} with --batch-size {} (--width {}, --depth {})",
                 fmt(self.patch),
@@ -462,13 +459,13 @@ impl TrainConfig {
             )
         })?;
         let window: [usize; 3] = std::array::from_fn(|a| self.tile[a].min(self.val_crop[a]));
-        crate::app::ensure_memory(m.inference_bytes(voxels(window)), || {
+        crate::limits::ensure_memory(m.inference_bytes(voxels(window)), || {
             format!("validating with --tile {} (--width {}, --depth {})", fmt(self.tile), m.width, m.depth)
         })?;
         let splits = Splits::find(&self.data)?;
         for dir in [&splits.train, &splits.val].into_iter().flatten() {
             let images: Vec<PathBuf> = data::pairs(dir, true)?.into_iter().map(|p| p.image).collect();
-            crate::app::ensure_dims(&images, dims, &format!("the run's model (--dims {dims})"))?;
+            data::ensure_dims(&images, dims, &format!("the run's model (--dims {dims})"))?;
         }
         Ok(())
     }

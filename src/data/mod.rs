@@ -265,6 +265,31 @@ pub fn load(dir: &Path, cfg: &DataConfig, need_masks: bool, skip_bad: bool) -> a
     Ok(out)
 }
 
+/// Slices of an input: 1 for a 2D image or a single-slice NIfTI; `None` where the header
+/// cannot be read (the reader reports that file by name later).
+pub fn depth_of(path: &Path) -> Option<usize> {
+    if !io::is_volume(path) {
+        return Some(1);
+    }
+    let h = nifti::NiftiHeader::from_file(path).ok()?;
+    Some(if h.dim[0] >= 3 { h.dim[3].max(1) as usize } else { 1 })
+}
+
+/// Refuses the first input whose dimensionality is not the model's: a 2D image through a 3D
+/// model (or a volume through a 2D one) would run and score nonsense without an error.
+pub fn ensure_dims(files: &[PathBuf], dims: usize, model: &str) -> anyhow::Result<()> {
+    for f in files {
+        match depth_of(f) {
+            Some(1) if dims == 3 => anyhow::bail!("{} is a 2D image but {model} is a 3D model", f.display()),
+            Some(d) if d > 1 && dims == 2 => {
+                anyhow::bail!("{} is a 3D volume ({d} slices) but {model} is a 2D model", f.display())
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -121,6 +121,11 @@ pub const MAX_CLASSES: usize = 255;
 /// [`ModelConfig::training_bytes`]).
 const TRAIN_TENSORS_PER_NODE: f64 = 6.0;
 
+/// `h,w` in 2D, `d,h,w` in 3D: a size as `--patch` and `--tile` take it.
+pub fn fmt_size(size: [usize; 3], dims: usize) -> String {
+    size[3 - dims..].iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")
+}
+
 impl ModelConfig {
     pub fn new(arch: Arch, preset: Preset, depth: usize) -> Self {
         Self {
@@ -204,7 +209,7 @@ impl ModelConfig {
             );
         }
         let params = self.parameters_held();
-        crate::app::ensure_memory(params * 4.0, || {
+        crate::limits::ensure_memory(params * 4.0, || {
             format!(
                 "a model of about {:.0} million parameters (--width {}, --depth {})",
                 params / 1e6,
@@ -244,6 +249,26 @@ impl ModelConfig {
     /// encoder's (at most ResNet-50's 23.5 million).
     fn parameters_held(&self) -> f64 {
         self.parameters_estimate() + if self.encoder == Encoder::Plain { 0.0 } else { 23.5e6 }
+    }
+
+    /// A patch or window must be a positive multiple of 2^depth on every spatial axis: the model
+    /// halves it `depth` times, and inference would otherwise silently round it.
+    pub fn check_size(&self, size: [usize; 3], option: &str) -> anyhow::Result<()> {
+        let cfg = self;
+        let m = 1usize << cfg.depth.min(20);
+        let axes = &size[3 - cfg.dims.clamp(2, 3)..];
+        if axes.iter().all(|&v| v >= m && v % m == 0) {
+            return Ok(());
+        }
+        let fix: Vec<String> = axes.iter().map(|&v| (v.div_ceil(m).max(1) * m).to_string()).collect();
+        let given = fmt_size(size, cfg.dims.clamp(2, 3));
+        anyhow::bail!(
+            "{option} {given}: {} size {given} must be divisible by 2^depth = {m} (--depth {}) and at least {m} on \
+             every axis, e.g. {option} {}",
+            option.trim_start_matches('-'),
+            cfg.depth,
+            fix.join(",")
+        )
     }
 
     /// Rough bytes one training step takes on a batch of `batch` patches of `voxels` voxels.
