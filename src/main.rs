@@ -171,16 +171,16 @@ struct BackendArg {
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    #[arg(long, value_enum, default_value = "unetpp")]
+    #[arg(long, default_value = "unetpp")]
     arch: Arch,
-    #[arg(long, value_enum, default_value = "modern")]
+    #[arg(long, default_value = "modern")]
     preset: Preset,
     /// Down-sampling steps L (default 4; 5 with a ResNet encoder, as smp)
     #[arg(long)]
     depth: Option<usize>,
     /// Encoder column X^{i,0}: the paper's blocks, or a ResNet as in segmentation_models.pytorch
     /// (2D; nearest up-sampling, 3x3 head, decoder widths 256..16 unless --decoder-channels)
-    #[arg(long, value_enum, default_value = "plain")]
+    #[arg(long, default_value = "plain")]
     encoder: Encoder,
     /// Widths of the U-Net-path nodes X^{i,L-i}, deepest first, e.g. 256,128,64,32,16
     #[arg(long, value_delimiter = ',')]

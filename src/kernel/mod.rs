@@ -43,6 +43,5 @@ mod tests;
 
 pub use ext::KernelBackend;
 pub use ops::{
-    batch_norm, max_pool2x, same_conv, same_conv_head, same_conv_pool, same_conv_up, set_enabled, sigmoid, supported,
-    upsample2x,
+    Out, Sink, batch_norm, conv_relu_fused, fuses, max_pool2x, same_conv, set_enabled, sigmoid, supported, upsample2x,
 };
