@@ -83,6 +83,8 @@ pub fn same_conv<const D: usize>(xs: Vec<Tensor<D>>, weight: Tensor<D>, bias: Te
 
 /// Where a convolution + ReLU layer's output goes: stored, stored and 2x max-pooled, or only
 /// into a 1x1 convolution (a head: weight, bias) that is all that reads it.
+// A `Tensor` is 256 bytes; these are moved once per layer, so boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Sink<const D: usize> {
     Store,
     Pool,
@@ -91,6 +93,7 @@ pub enum Sink<const D: usize> {
 
 /// A layer's output as its `Sink` takes it: the output, the output and its pooling, or the
 /// head's output.
+#[allow(clippy::large_enum_variant)]
 pub enum Out<const D: usize> {
     Stored(Tensor<D>),
     Pooled(Tensor<D>, Tensor<D>),
