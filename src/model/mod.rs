@@ -2,10 +2,15 @@
 //! skip pathway), eq. 1 of the paper:
 //!
 //! ```text
-//! x^{i,0} = H(pool(x^{i-1,0}))
-//! x^{i,j} = H([x^{i,0}, ..., x^{i,j-1}, U(x^{i+1,j-1})])      (UNet++)
+//! x^{i,0} = H(D(x^{i-1,0}))                                  (D: 2x max pooling)
+//! x^{i,j} = H([x^{i,0}, ..., x^{i,j-1}, U(x^{i+1,j-1})])      (UNet++; U: 2x up-sampling)
 //! x^{i,j} = H([x^{i,0}, U(x^{i+1,j-1})]),  only where i+j = L (U-Net)
 //! ```
+//!
+//! [`UNetPP::forward_level`] computes these lines and nothing else: which nodes run and where
+//! each output goes (stored, pooled for the node below, only into a head) is the plan's
+//! ([`plan`]), and whether a layer of H runs as one fused kernel pass is decided in one place,
+//! `layers::Block::layer`.
 //!
 //! The same struct covers 2D (`D = 4`) and 3D (`D = 5`), any depth and width. Heads are 1x1
 //! convolutions on X^{0,j} returning logits. The sub-grid `i + j <= l` is a complete network
