@@ -44,9 +44,10 @@ pub fn default_tile(cfg: &ModelConfig) -> [usize; 3] {
 }
 
 /// Options shared by `eval` and `predict`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct InferOptions {
-    pub mode: Mode,
+    /// Default [`Mode::Accurate`].
+    pub mode: Option<Mode>,
     /// Sliding-window size; default [`default_tile`].
     pub tile: Option<[usize; 3]>,
     pub backend: Backend,
@@ -54,8 +55,16 @@ pub struct InferOptions {
 
 impl InferOptions {
     /// Checks `--mode` and `--tile` against the model they will run.
+    pub fn mode(&self) -> Mode {
+        self.mode.unwrap_or(Mode::Accurate)
+    }
+
+    pub fn tile(&self, cfg: &ModelConfig) -> [usize; 3] {
+        self.tile.unwrap_or(default_tile(cfg))
+    }
+
     pub fn validate(&self, cfg: &ModelConfig) -> anyhow::Result<()> {
-        if let Mode::Fast(l) = self.mode {
+        if let Mode::Fast(l) = self.mode() {
             let heads = cfg.head_columns();
             let allowed: Vec<String> = heads.iter().map(|j| format!("fast:{j}")).collect();
             anyhow::ensure!(
@@ -112,8 +121,8 @@ fn eval_d<const D: usize>(
     let samples = data::load(&dir, &meta.data, true, skip_bad)?;
     let overlays = out.join("overlays");
     std::fs::create_dir_all(&overlays).with_context(|| format!("cannot create {}", overlays.display()))?;
-    let tile = opts.tile.unwrap_or(default_tile(&meta.model));
-    let (scores, summary) = infer::evaluate(&model, &samples, opts.mode, tile, &device, Some(&overlays))?;
+    let tile = opts.tile(&meta.model);
+    let (scores, summary) = infer::evaluate(&model, &samples, opts.mode(), tile, &device, Some(&overlays))?;
     let mut csv = String::from("image,dice,iou\n");
     for s in &scores {
         writeln!(csv, "\"{}\",{:.6},{:.6}", s.name.replace('"', "\"\""), s.dice, s.iou)?;
@@ -197,11 +206,11 @@ fn predict_d<const D: usize>(
     let Inputs { given, dir, files } = inputs;
     let plan = crate::output::plan_predictions(given, dir, files, out, meta.model.classes, probs, overwrite)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let tile = opts.tile.unwrap_or(default_tile(&meta.model));
+    let tile = opts.tile(&meta.model);
     let mut written = vec![];
     for (path, paths) in plan {
         let s = infer::read_unlabelled(&path, &meta.data)?;
-        let p = infer::probabilities(&model, &s, opts.mode, tile, &device)?;
+        let p = infer::probabilities(&model, &s, opts.mode(), tile, &device)?;
         let done = infer::write_prediction(out, &s, &p, meta.model.classes, probs)?;
         debug_assert_eq!(done, paths);
         written.extend(done);

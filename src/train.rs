@@ -3,7 +3,10 @@
 //! One `TrainConfig` (saved as `config.toml` in the run directory) drives a run; how the run
 //! directory is locked, committed and recovered is in [`rundir`].
 
+mod options;
 pub mod rundir;
+
+pub use options::{ModelOptions, TrainOptions};
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -107,25 +110,8 @@ pub fn load_splits(cfg: &TrainConfig) -> anyhow::Result<(Vec<Sample>, Vec<Sample
             s.source.display()
         );
     }
-    let val = val.iter().map(|s| centre_crop(s, cfg.val_crop)).collect();
+    let val = val.iter().map(|s| patch::centre_crop(s, cfg.val_crop)).collect();
     Ok((train, val))
-}
-
-/// A crop of at most `size` centred on the foreground centroid (or the image centre).
-fn centre_crop(s: &Sample, size: [usize; 3]) -> Sample {
-    let size: [usize; 3] = std::array::from_fn(|a| size[a].min(s.shape[a]));
-    let fg: Vec<usize> = s.mask.iter().enumerate().filter(|(_, v)| **v > 0).map(|(i, _)| i).collect();
-    let centre: [usize; 3] = if fg.is_empty() {
-        s.shape.map(|l| l / 2)
-    } else {
-        let plane = s.shape[1] * s.shape[2];
-        let coord = |i: usize| [i / plane, (i / s.shape[2]) % s.shape[1], i % s.shape[2]];
-        std::array::from_fn(|a| fg.iter().map(|&i| coord(i)[a]).sum::<usize>() / fg.len())
-    };
-    let origin: [isize; 3] =
-        std::array::from_fn(|a| (centre[a].saturating_sub(size[a] / 2)).min(s.shape[a] - size[a]) as isize);
-    let p = patch::crop(s, origin, size);
-    Sample { image: p.image, mask: p.mask, shape: size, ..s.clone() }
 }
 
 /// One optimisation step on a batch: the deep-supervision loss, its gradients and Adam, with
