@@ -99,10 +99,7 @@ pub fn eval(ck: &Path, data_dir: &Path, out: &Path, opts: &InferOptions, skip_ba
     let dir = splits.test.or(splits.val).context("no test/ or val/ split to evaluate")?;
     let images: Vec<PathBuf> = data::pairs(&dir, true)?.into_iter().map(|p| p.image).collect();
     data::ensure_dims(&images, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
-    match meta.model.dims {
-        2 => eval_d::<4>(ck, data_dir, out, opts, skip_bad),
-        _ => eval_d::<5>(ck, data_dir, out, opts, skip_bad),
-    }
+    crate::for_rank!(meta.model.dims, eval_d(ck, data_dir, out, opts, skip_bad))
 }
 
 fn eval_d<const D: usize>(
@@ -153,10 +150,7 @@ pub fn predict(
     opts.validate(&meta.model)?;
     let inputs = Inputs::find(input)?;
     data::ensure_dims(&inputs.files, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
-    match meta.model.dims {
-        2 => predict_d::<4>(ck, &inputs, out, opts, probs, overwrite),
-        _ => predict_d::<5>(ck, &inputs, out, opts, probs, overwrite),
-    }
+    crate::for_rank!(meta.model.dims, predict_d(ck, &inputs, out, opts, probs, overwrite))
 }
 
 /// What `predict --input` names, listed once: the path as given, the folder the inputs are in,
@@ -256,10 +250,8 @@ pub fn prune(ck: &Path, level: usize, out: &Path) -> anyhow::Result<(usize, usiz
         ck.display(),
         if heads.len() == 1 { " (it was trained without deep supervision or is already pruned)" } else { "" }
     );
-    match meta.model.dims {
-        2 => prune_d::<4>(ck, level, out),
-        _ => prune_d::<5>(ck, level, out),
-    }
+    meta.model.validate().with_context(|| format!("checkpoint {}", ck.display()))?;
+    crate::for_rank!(meta.model.dims, prune_d(ck, level, out))
 }
 
 fn prune_d<const D: usize>(ck: &Path, level: usize, out: &Path) -> anyhow::Result<(usize, usize)> {
@@ -278,7 +270,6 @@ fn prune_d<const D: usize>(ck: &Path, level: usize, out: &Path) -> anyhow::Resul
 /// A human-readable description: the grid, heads and parameters per pruning level.
 pub fn info(cfg: &ModelConfig) -> anyhow::Result<String> {
     cfg.validate()?;
-    let device = Device::flex();
     let mut s = String::new();
     writeln!(
         s,
@@ -303,14 +294,7 @@ pub fn info(cfg: &ModelConfig) -> anyhow::Result<String> {
             (0..=cfg.depth - i).filter(|&j| cfg.has_node(i, j)).map(|j| format!("X{i},{j}")).collect();
         writeln!(s, "  {}", row.join(" "))?;
     }
-    let params = |pruned: Option<usize>| -> anyhow::Result<usize> {
-        Ok(match (cfg.dims, pruned) {
-            (2, None) => cfg.init::<4>(&device).num_params(),
-            (2, Some(l)) => cfg.init::<4>(&device).prune(l)?.num_params(),
-            (_, None) => cfg.init::<5>(&device).num_params(),
-            (_, Some(l)) => cfg.init::<5>(&device).prune(l)?.num_params(),
-        })
-    };
+    let params = |pruned| crate::dispatch::num_params(cfg, pruned);
     writeln!(s, "parameters: {} (BatchNorm running statistics included)", params(None)?)?;
     let heads = cfg.head_columns();
     if heads.len() > 1 {

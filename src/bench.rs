@@ -65,10 +65,7 @@ pub fn run(o: BenchOptions) -> Vec<Timing> {
     for (batch, shape) in sizes {
         let dims = &shape[3 - o.dims..];
         let label = format!("{batch}x1x{}", dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x"));
-        match o.dims {
-            2 => out.extend(bench_d::<4>(&cfg, batch, shape, o, &label)),
-            _ => out.extend(bench_d::<5>(&cfg, batch, shape, o, &label)),
-        }
+        out.extend(crate::for_rank!(o.dims, bench_d(&cfg, batch, shape, o, &label)));
     }
     out
 }

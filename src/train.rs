@@ -164,10 +164,7 @@ pub fn train(cfg: Option<TrainConfig>, dir: &Path) -> anyhow::Result<Run> {
         }
     };
     cfg.validate()?;
-    match cfg.model.dims {
-        2 => run::<4>(&cfg, dir, resume, lock),
-        _ => run::<5>(&cfg, dir, resume, lock),
-    }
+    crate::for_rank!(cfg.model.dims, run(&cfg, dir, resume, lock))
 }
 
 /// Burn gives every parameter a random id, which the optimiser state is keyed by and the
