@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use burn::module::Module;
-use burn::prelude::*;
 
 use crate::backend::Backend;
 use crate::checkpoint::{self, Meta};
@@ -214,16 +213,18 @@ fn predict_d<const D: usize>(
 }
 
 /// Converts a PyTorch NestedUNet/UNet checkpoint (`.pth`, `.pt`, `.safetensors`) into a unetpp
-/// checkpoint; inputs are to be normalised with `normalize`.
+/// checkpoint; inputs are to be normalised with `normalize`. The weights are loaded (and their
+/// conversion checked) on `backend`.
 pub fn import(
     src: &Path,
     out: &Path,
     normalize: crate::data::Normalize,
     opts: crate::import::ImportOptions,
+    backend: Backend,
 ) -> anyhow::Result<crate::import::Report> {
     normalize.check().map_err(anyhow::Error::msg)?;
     ensure_not_input(out, &[src])?;
-    let (model, report) = crate::import::import_with(src, opts, &Device::flex())?;
+    let (model, report) = crate::import::import_with(src, opts, &backend.device())?;
     let cfg = model.config().clone();
     let data = crate::data::DataConfig { channels: cfg.in_channels, classes: cfg.classes, normalize };
     checkpoint::save(&model, &Meta { model: cfg, data, epoch: 0, val_iou: None }, out)?;
@@ -231,16 +232,16 @@ pub fn import(
 }
 
 /// Writes a 2D checkpoint as `.safetensors` with pytorch-nested-unet's names.
-pub fn export(ck: &Path, out: &Path) -> anyhow::Result<()> {
+pub fn export(ck: &Path, out: &Path, backend: Backend) -> anyhow::Result<()> {
     ensure_not_input(out, &[ck])?;
     let meta = checkpoint::read_meta(ck)?;
     anyhow::ensure!(meta.model.dims == 2, "only 2D models export to the NestedUNet layout");
-    let (model, _) = checkpoint::load::<4>(ck, &Device::flex())?;
+    let (model, _) = checkpoint::load::<4>(ck, &backend.device())?;
     crate::import::export(&model, out)
 }
 
 /// Writes UNet++ L_level of a checkpoint; returns parameter counts before and after.
-pub fn prune(ck: &Path, level: usize, out: &Path) -> anyhow::Result<(usize, usize)> {
+pub fn prune(ck: &Path, level: usize, out: &Path, backend: Backend) -> anyhow::Result<(usize, usize)> {
     ensure_not_input(out, &[ck])?;
     let meta = checkpoint::read_meta(ck)?;
     let heads = meta.model.head_columns();
@@ -251,11 +252,11 @@ pub fn prune(ck: &Path, level: usize, out: &Path) -> anyhow::Result<(usize, usiz
         if heads.len() == 1 { " (it was trained without deep supervision or is already pruned)" } else { "" }
     );
     meta.model.validate().with_context(|| format!("checkpoint {}", ck.display()))?;
-    crate::for_rank!(meta.model.dims, prune_d(ck, level, out))
+    crate::for_rank!(meta.model.dims, prune_d(ck, level, out, backend))
 }
 
-fn prune_d<const D: usize>(ck: &Path, level: usize, out: &Path) -> anyhow::Result<(usize, usize)> {
-    let device = Device::flex();
+fn prune_d<const D: usize>(ck: &Path, level: usize, out: &Path, backend: Backend) -> anyhow::Result<(usize, usize)> {
+    let device = backend.device();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
     let before = model.num_params();
     let pruned = model.prune(level)?;
@@ -265,6 +266,76 @@ fn prune_d<const D: usize>(ck: &Path, level: usize, out: &Path) -> anyhow::Resul
     }
     checkpoint::save(&pruned, &Meta { model: pruned.config().clone(), ..meta }, out)?;
     Ok((before, after))
+}
+
+/// `info`: [`info`] of a checkpoint's architecture, or of the one `model` asks for (2D unless
+/// it says otherwise).
+pub fn info_of(ck: Option<&Path>, model: &crate::train::ModelOptions) -> anyhow::Result<String> {
+    let cfg = match ck {
+        Some(c) => checkpoint::read_meta(c)?.model,
+        None => model.config(2),
+    };
+    info(&cfg)
+}
+
+/// `experiment`: runs a spec file into `out` (default `runs/<spec name>`, `-quick` appended with
+/// `quick`) and writes the report to `report` (default `out/results.md`); returns the runs and
+/// the report's path. `command` is the command line the report quotes.
+pub fn experiment(
+    spec: &Path,
+    out: Option<&Path>,
+    report: Option<&Path>,
+    command: &str,
+    quick: bool,
+) -> anyhow::Result<(Vec<crate::experiment::RunResult>, PathBuf)> {
+    let stem = spec.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let suffix = if quick { "-quick" } else { "" };
+    let out = out.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(format!("runs/{stem}{suffix}")));
+    let report = report.map(Path::to_path_buf).unwrap_or_else(|| out.join("results.md"));
+    let spec = crate::experiment::read_spec(spec)?;
+    let results = crate::experiment::run(spec, &out, &report, command, crate::experiment::Options { quick })?;
+    Ok((results, report))
+}
+
+/// What `bench` times.
+#[derive(Clone, Debug)]
+pub enum BenchKind {
+    /// The model's forward passes and training step.
+    Model,
+    /// Our CPU kernels against burn Flex's own ops, op by op.
+    Kernels,
+    /// The model against the PyTorch / ONNX Runtime peers run by `python peer`.
+    Compare { python: PathBuf, peer: PathBuf, rounds: usize },
+}
+
+/// `bench`: the timings as the text to print; [`BenchKind::Model`] timings are also written as
+/// JSON to `json` when given.
+pub fn bench(o: crate::bench::BenchOptions, kind: &BenchKind, json: Option<&Path>) -> anyhow::Result<String> {
+    o.validate()?;
+    let mut s = String::new();
+    match kind {
+        BenchKind::Kernels => {
+            writeln!(s, "| op | unetpp kernel ms | burn Flex ms | ratio |\n|---|---|---|---|")?;
+            for (case, ours, burn) in crate::bench::kernels(o.reps) {
+                writeln!(s, "| {case} | {ours:.1} | {burn:.1} | {:.2} |", ours / burn)?;
+            }
+        }
+        BenchKind::Compare { python, peer, rounds } => s = crate::bench::compare(python, peer, o, *rounds)?,
+        BenchKind::Model => {
+            let timings = crate::bench::run(o);
+            writeln!(s, "{:<36} {:>10}", "case", "median ms")?;
+            for t in &timings {
+                writeln!(s, "{:<36} {:>10.1}", t.case, t.median_ms)?;
+            }
+            if let Some(mb) = crate::bench::peak_rss_mb() {
+                writeln!(s, "peak RSS MB: {mb:.0}")?;
+            }
+            if let Some(path) = json {
+                crate::fsio::write_atomic(path, serde_json::to_string_pretty(&timings)?.as_bytes())?;
+            }
+        }
+    }
+    Ok(s)
 }
 
 /// A human-readable description: the grid, heads and parameters per pruning level.

@@ -29,6 +29,17 @@ pub struct BenchOptions {
     pub train_only: bool,
 }
 
+impl BenchOptions {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            matches!(self.dims, 2 | 3),
+            "--dims must be 2 or 3 (the 2D or the 3D model), got {}",
+            self.dims
+        );
+        Ok(())
+    }
+}
+
 /// The cases: batch 4 and 1 of 96x96 and one 256x256 in 2D; 1x64^3 in 3D.
 pub fn sizes(dims: usize) -> Vec<(usize, [usize; 3])> {
     if dims == 3 { vec![(1, [64; 3])] } else { vec![(4, [1, 96, 96]), (1, [1, 96, 96]), (1, [1, 256, 256])] }

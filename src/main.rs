@@ -3,8 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
-use unetpp::app::{self, InferOptions};
+use unetpp::app::{self, BenchKind, InferOptions};
 use unetpp::backend::Backend;
+use unetpp::bench::BenchOptions;
 use unetpp::data::{Normalize, patch};
 use unetpp::model::{Arch, Encoder, Mode, Preset};
 use unetpp::train::{ModelOptions, TrainConfig, TrainOptions};
@@ -59,6 +60,8 @@ enum Command {
         level: usize,
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        backend: BackendArg,
     },
     /// Train and evaluate every model x seed of a spec (experiments/*.toml) and write a report;
     /// finished runs in --out are reused, cut-off ones resumed
@@ -120,6 +123,8 @@ enum Command {
         /// smp models trained with decoder_interpolation="bilinear" (the weights cannot tell)
         #[arg(long)]
         bilinear: bool,
+        #[command(flatten)]
+        backend: BackendArg,
     },
     /// Write a 2D checkpoint as .safetensors with pytorch-nested-unet names
     Export {
@@ -127,6 +132,8 @@ enum Command {
         checkpoint: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        backend: BackendArg,
     },
     /// Architecture and parameter counts per pruning level
     Info {
@@ -325,68 +332,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {} file(s) to {}", written.len(), out.display());
             Ok(())
         }
-        Command::Prune { checkpoint, level, out } => {
-            let (before, after) = app::prune(&checkpoint, level, &out)?;
+        Command::Prune { checkpoint, level, out, backend } => {
+            let (before, after) = app::prune(&checkpoint, level, &out, backend.backend.unwrap_or_default())?;
             println!("UNet++ L{level}: {after} parameters (from {before}), written to {}", out.display());
             Ok(())
         }
         Command::Experiment { spec, out, report, quick } => {
-            let stem = spec.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-            let suffix = if quick { "-quick" } else { "" };
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{stem}{suffix}")));
-            let report = report.unwrap_or_else(|| out.join("results.md"));
             let command: Vec<String> = std::env::args().skip(1).collect();
             let command = format!("unetpp {}", command.join(" "));
-            let spec = unetpp::experiment::read_spec(&spec)?;
-            let results =
-                unetpp::experiment::run(spec, &out, &report, &command, unetpp::experiment::Options { quick })?;
+            let (results, report) = app::experiment(&spec, out.as_deref(), report.as_deref(), &command, quick)?;
             println!("{} runs; report written to {}", results.len(), report.display());
             Ok(())
         }
         Command::Bench { reps, dims, json, backend, train_only, compare, rounds, kernels, python, peer } => {
-            if kernels {
-                println!("| op | unetpp kernel ms | burn Flex ms | ratio |\n|---|---|---|---|");
-                for (case, ours, burn) in unetpp::bench::kernels(reps) {
-                    println!("| {case} | {ours:.1} | {burn:.1} | {:.2} |", ours / burn);
-                }
-                return Ok(());
-            }
-            let o =
-                unetpp::bench::BenchOptions { reps, dims, backend: backend.backend.unwrap_or_default(), train_only };
-            if compare {
-                print!("{}", unetpp::bench::compare(&python, &peer, o, rounds)?);
-                return Ok(());
-            }
-            let timings = unetpp::bench::run(o);
-            println!("{:<36} {:>10}", "case", "median ms");
-            for t in &timings {
-                println!("{:<36} {:>10.1}", t.case, t.median_ms);
-            }
-            if let Some(mb) = unetpp::bench::peak_rss_mb() {
-                println!("peak RSS MB: {mb:.0}");
-            }
-            if let Some(path) = json {
-                unetpp::fsio::write_atomic(&path, serde_json::to_string_pretty(&timings)?.as_bytes())?;
-            }
+            let o = BenchOptions { reps, dims, backend: backend.backend.unwrap_or_default(), train_only };
+            let kind = match (kernels, compare) {
+                (true, _) => BenchKind::Kernels,
+                (_, true) => BenchKind::Compare { python, peer, rounds },
+                _ => BenchKind::Model,
+            };
+            print!("{}", app::bench(o, &kind, json.as_deref())?);
             Ok(())
         }
-        Command::Import { from, out, normalize, bilinear } => {
-            let report = app::import(&from, &out, normalize, unetpp::import::ImportOptions { bilinear })?;
+        Command::Import { from, out, normalize, bilinear, backend } => {
+            let opts = unetpp::import::ImportOptions { bilinear };
+            let report = app::import(&from, &out, normalize, opts, backend.backend.unwrap_or_default())?;
             print!("{report}");
             println!("written to {}", out.display());
             Ok(())
         }
-        Command::Export { checkpoint, out } => {
-            app::export(&checkpoint, &out)?;
+        Command::Export { checkpoint, out, backend } => {
+            app::export(&checkpoint, &out, backend.backend.unwrap_or_default())?;
             println!("written to {}", out.display());
             Ok(())
         }
         Command::Info { checkpoint, model } => {
-            let cfg = match checkpoint {
-                Some(c) => unetpp::checkpoint::read_meta(&c)?.model,
-                None => model.options().config(2),
-            };
-            print!("{}", app::info(&cfg)?);
+            print!("{}", app::info_of(checkpoint.as_deref(), &model.options())?);
             Ok(())
         }
     }
