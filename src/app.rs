@@ -9,7 +9,7 @@ use burn::module::Module;
 use crate::backend::Backend;
 use crate::checkpoint::{self, Meta};
 use crate::data::{self, Splits, io};
-use crate::infer::{self, Summary};
+use crate::infer::{self, Summary, writer};
 use crate::model::{Mode, ModelConfig};
 pub use crate::train::train;
 
@@ -118,17 +118,9 @@ fn eval_d<const D: usize>(
     let overlays = out.join("overlays");
     std::fs::create_dir_all(&overlays).with_context(|| format!("cannot create {}", overlays.display()))?;
     let tile = opts.tile(&meta.model);
-    let (scores, summary) = infer::evaluate(&model, &samples, opts.mode(), tile, &device, Some(&overlays))?;
-    let mut csv = String::from("image,dice,iou\n");
-    for s in &scores {
-        writeln!(csv, "\"{}\",{:.6},{:.6}", s.name.replace('"', "\"\""), s.dice, s.iou)?;
-    }
-    crate::fsio::write_atomic(&out.join("scores.csv"), csv.as_bytes())?;
-    crate::fsio::write_atomic(
-        &out.join("summary.json"),
-        serde_json::to_string_pretty(&serde_json::json!({ "summary": summary, "images": scores, "checkpoint": ck }))?
-            .as_bytes(),
-    )?;
+    let overlay = |s: &data::Sample, pred: &[u8]| writer::overlay(&overlays, s, pred);
+    let (scores, summary) = infer::evaluate(&model, &samples, opts.mode(), tile, &device, overlay)?;
+    writer::scores(out, &scores, &summary, ck)?;
     Ok(summary)
 }
 
@@ -204,7 +196,8 @@ fn predict_d<const D: usize>(
     for (path, paths) in plan {
         let s = infer::read_unlabelled(&path, &meta.data)?;
         let p = infer::probabilities(&model, &s, opts.mode(), tile, &device)?;
-        let done = infer::write_prediction(out, &s, &p, meta.model.classes, probs)?;
+        let pred = infer::labels(&p, meta.model.classes);
+        let done = writer::prediction(out, &s, &pred, &p, meta.model.classes, probs)?;
         debug_assert_eq!(done, paths);
         written.extend(done);
         eprintln!("predicted {}", infer::describe(&s));

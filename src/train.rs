@@ -314,7 +314,7 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool, lock: Option
         let (val_iou, val_dice) = if val.is_empty() {
             (f64::NAN, f64::NAN)
         } else {
-            let (_, s) = infer::evaluate(&valid, &val, Mode::Accurate, cfg.tile, &valid.devices()[0], None)?;
+            let (_, s) = infer::evaluate(&valid, &val, Mode::Accurate, cfg.tile, &valid.devices()[0], |_, _| Ok(()))?;
             (s.mean_iou, s.mean_dice)
         };
         // The next state, committed only once its files are on disk.
