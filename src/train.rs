@@ -1,9 +1,10 @@
 //! Training with deep supervision: Adam, random patches, validation IoU on whole images after
 //! every epoch, early stopping, atomic best/last checkpoints, resume, metrics CSV and curves.
-//! One `TrainConfig` (saved as `config.toml` in the run directory) drives a run; how the run
-//! directory is locked, committed and recovered is in [`rundir`].
+//! One `TrainConfig` (saved as `config.toml` in the run directory) drives a run; the defaults it
+//! takes from the data are in [`options`]; how the run directory is locked, committed and
+//! recovered is in [`rundir`].
 
-mod options;
+pub mod options;
 pub mod rundir;
 
 pub use options::{ModelOptions, TrainOptions};
@@ -81,6 +82,7 @@ pub struct Run {
     pub state: State,
 }
 
+/// The run directory's checkpoint folder.
 pub fn checkpoints(dir: &Path) -> PathBuf {
     dir.join("checkpoints")
 }
@@ -204,6 +206,7 @@ fn diverged(dir: &Path, state: &State, what: String) -> anyhow::Error {
     anyhow::anyhow!("training diverged: {what}; try a lower --lr ({kept})")
 }
 
+/// The epochs of the run in `dir`, from its last committed epoch when `resume`.
 fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool, lock: Option<rundir::Lock>) -> anyhow::Result<Run> {
     // `TrainConfig::validate` has checked the patch against the model's depth.
     let patch_size = [if cfg.model.dims == 2 { 1 } else { cfg.patch[0] }, cfg.patch[1], cfg.patch[2]];
