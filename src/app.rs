@@ -206,15 +206,17 @@ fn predict_d<const D: usize>(
 }
 
 /// Converts a PyTorch NestedUNet/UNet checkpoint (`.pth`, `.pt`, `.safetensors`) into a unetpp
-/// checkpoint; inputs are to be normalised with `normalize`. The weights are loaded (and their
+/// checkpoint; inputs are to be normalised with `normalize` (default percentile 0.5..99.5, as
+/// training's 2D default). The weights are loaded (and their
 /// conversion checked) on `backend`.
 pub fn import(
     src: &Path,
     out: &Path,
-    normalize: crate::data::Normalize,
+    normalize: Option<crate::data::Normalize>,
     opts: crate::import::ImportOptions,
     backend: Backend,
 ) -> anyhow::Result<crate::import::Report> {
+    let normalize = normalize.unwrap_or(crate::data::Normalize::Percentile { low: 0.5, high: 99.5 });
     normalize.check().map_err(anyhow::Error::msg)?;
     ensure_not_input(out, &[src])?;
     let (model, report) = crate::import::import_with(src, opts, &backend.device())?;

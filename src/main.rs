@@ -117,9 +117,9 @@ enum Command {
         from: PathBuf,
         #[arg(long)]
         out: PathBuf,
-        /// How the PyTorch model's inputs were normalised (see `train --help`)
-        #[arg(long, default_value = "percentile")]
-        normalize: Normalize,
+        /// How the PyTorch model's inputs were normalised (see `train --help`; default percentile)
+        #[arg(long)]
+        normalize: Option<Normalize>,
         /// smp models trained with decoder_interpolation="bilinear" (the weights cannot tell)
         #[arg(long)]
         bilinear: bool,
@@ -187,9 +187,10 @@ struct ModelArgs {
     #[arg(long)]
     depth: Option<usize>,
     /// Encoder column X^{i,0}: the paper's blocks, or a ResNet as in segmentation_models.pytorch
-    /// (2D; nearest up-sampling, 3x3 head, decoder widths 256..16 unless --decoder-channels)
-    #[arg(long, value_enum, default_value = "plain")]
-    encoder: Encoder,
+    /// (2D; nearest up-sampling, 3x3 head, decoder widths 256..16 unless --decoder-channels);
+    /// default plain
+    #[arg(long, value_enum)]
+    encoder: Option<Encoder>,
     /// Widths of the U-Net-path nodes X^{i,L-i}, deepest first, e.g. 256,128,64,32,16
     #[arg(long, value_delimiter = ',')]
     decoder_channels: Option<Vec<usize>>,

@@ -17,7 +17,8 @@ pub struct ModelOptions {
     pub preset: Option<Preset>,
     /// Default 4; 5 with a ResNet encoder, as smp.
     pub depth: Option<usize>,
-    pub encoder: Encoder,
+    /// Default the paper's blocks ([`Encoder::Plain`]).
+    pub encoder: Option<Encoder>,
     pub decoder_channels: Option<Vec<usize>>,
     /// Default the preset's (32; 35 for wide-unet).
     pub width: Option<usize>,
@@ -33,7 +34,8 @@ pub struct ModelOptions {
 impl ModelOptions {
     /// The architecture for data of `dims` spatial dimensions (unless `dims` was given).
     pub fn config(&self, dims: usize) -> ModelConfig {
-        let depth = self.depth.unwrap_or(if self.encoder == Encoder::Plain { 4 } else { 5 });
+        let encoder = self.encoder.unwrap_or_default();
+        let depth = self.depth.unwrap_or(if encoder == Encoder::Plain { 4 } else { 5 });
         let base = ModelConfig::new(self.arch.unwrap_or(Arch::Unetpp), self.preset.unwrap_or(Preset::Modern), depth);
         let cfg = ModelConfig {
             width: self.width.unwrap_or(base.width),
@@ -44,7 +46,7 @@ impl ModelOptions {
             ..base
         };
         let ds = cfg.deep_supervision;
-        let cfg = cfg.with_encoder(self.encoder, ds);
+        let cfg = cfg.with_encoder(encoder, ds);
         match &self.decoder_channels {
             Some(d) => ModelConfig { decoder_channels: d.clone(), ..cfg },
             None => cfg,
@@ -164,7 +166,7 @@ mod tests {
         let c = TrainConfig::from_options(&TrainOptions { data: sample, model, ..Default::default() }).unwrap();
         assert_eq!((c.patch, c.val_crop, c.tile), ([64; 3], [64, 192, 192], [64, 128, 128]));
         assert_eq!(c.input.normalize, Normalize::ZScore);
-        let resnet = ModelOptions { encoder: Encoder::Resnet18, ..Default::default() }.config(2);
+        let resnet = ModelOptions { encoder: Some(Encoder::Resnet18), ..Default::default() }.config(2);
         assert_eq!(resnet.depth, 5);
     }
 }
