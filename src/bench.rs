@@ -97,6 +97,7 @@ fn bench_d<const D: usize>(
         let x = Tensor::<D>::random(dims, burn::tensor::Distribution::Default, &device);
         for mode in std::iter::once(Mode::Accurate).chain((1..=cfg.depth).rev().map(Mode::Fast)) {
             out.push(time(format!("forward {mode} {label}"), o.reps, || {
+                let _busy = crate::backend::busy_workers();
                 let _ = model.predict(x.clone(), mode).unwrap().into_data();
             }));
         }

@@ -178,10 +178,10 @@ struct BackendArg {
 #[derive(Args, Clone)]
 struct ModelArgs {
     /// Default unetpp
-    #[arg(long, value_enum)]
+    #[arg(long)]
     arch: Option<Arch>,
     /// Default modern
-    #[arg(long, value_enum)]
+    #[arg(long)]
     preset: Option<Preset>,
     /// Down-sampling steps L (default 4; 5 with a ResNet encoder, as smp)
     #[arg(long)]
@@ -189,7 +189,7 @@ struct ModelArgs {
     /// Encoder column X^{i,0}: the paper's blocks, or a ResNet as in segmentation_models.pytorch
     /// (2D; nearest up-sampling, 3x3 head, decoder widths 256..16 unless --decoder-channels);
     /// default plain
-    #[arg(long, value_enum)]
+    #[arg(long)]
     encoder: Option<Encoder>,
     /// Widths of the U-Net-path nodes X^{i,L-i}, deepest first, e.g. 256,128,64,32,16
     #[arg(long, value_delimiter = ',')]

@@ -62,6 +62,8 @@ pub fn probabilities_modes<const D: usize>(
     let mut sums = vec![vec![0f32; k * n]; modes.len()];
     let mut count = vec![0u16; n];
     let wn = win.iter().product::<usize>();
+    // rayon's workers poll for work through the windows' model passes instead of sleeping.
+    let _busy = crate::backend::busy_workers();
     for &oz in &origins(s.shape[0], win[0]) {
         for &oy in &origins(s.shape[1], win[1]) {
             for &ox in &origins(s.shape[2], win[2]) {

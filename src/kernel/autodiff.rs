@@ -1,5 +1,6 @@
 //! `KernelBackend` for Autodiff<Flex>: each operation runs Flex's forward and records its
 //! backward (the types here), which the kernels compute too; training weights are never cached.
+//! There is no fused form here: with gradients a layer is composed of these operations.
 
 use super::conv;
 use super::ext::{KernelBackend, PARTS};
@@ -12,7 +13,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::FlexTensor;
-use burn::backend::ops::{ActivationOps, FloatTensorOps};
+use burn::backend::ops::ActivationOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{AutodiffBackend, Flex, TensorMetadata};
 
@@ -163,60 +164,6 @@ impl<C: CheckpointStrategy> KernelBackend for Autodiff<Flex, C> {
         };
         // With gradients the activation stays burn's own op (and its backward).
         if relu { <Self as ActivationOps<Self>>::relu(y) } else { y }
-    }
-
-    // With gradients the fused forms are their parts, each with its own backward.
-    fn same_conv_up(
-        x0: FloatTensor<Self>,
-        x1: FloatTensor<Self>,
-        x2: FloatTensor<Self>,
-        x3: FloatTensor<Self>,
-        x4: FloatTensor<Self>,
-        x5: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        relu: bool,
-    ) -> FloatTensor<Self> {
-        let mut xs = [x0, x1, x2, x3, x4, x5];
-        let last = xs.iter().rposition(|x| x.shape()[1] > 0).expect("an input part");
-        xs[last] = Self::upsample2x(xs[last].clone());
-        let [x0, x1, x2, x3, x4, x5] = xs;
-        Self::same_conv(x0, x1, x2, x3, x4, x5, weight, bias, relu)
-    }
-
-    fn same_conv_pool(
-        x0: FloatTensor<Self>,
-        x1: FloatTensor<Self>,
-        x2: FloatTensor<Self>,
-        x3: FloatTensor<Self>,
-        x4: FloatTensor<Self>,
-        x5: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        relu: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let y = Self::same_conv(x0, x1, x2, x3, x4, x5, weight, bias, relu);
-        (y.clone(), Self::max_pool2x(y))
-    }
-
-    fn same_conv_head(
-        x0: FloatTensor<Self>,
-        x1: FloatTensor<Self>,
-        x2: FloatTensor<Self>,
-        x3: FloatTensor<Self>,
-        x4: FloatTensor<Self>,
-        x5: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        relu: bool,
-        head_w: FloatTensor<Self>,
-        head_b: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        let y = Self::same_conv(x0, x1, x2, x3, x4, x5, weight, bias, relu);
-        let mut none = y.shape();
-        none[1] = 0;
-        let empty = || <Self as FloatTensorOps<Self>>::float_empty(none.clone(), &y.device(), y.dtype().into());
-        Self::same_conv(y.clone(), empty(), empty(), empty(), empty(), empty(), head_w, head_b, false)
     }
 
     fn upsample2x(x: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -6,7 +6,7 @@
 //! which are also what CPUs without AVX-512 run.
 
 use super::cpu::{self, Geom, cat, written};
-use super::{direct, gemm, norm, pool, upsample, winograd};
+use super::{direct, gemm, norm, winograd};
 use std::mem::MaybeUninit;
 
 /// Winograd (F(2x2) or F(4x4), `winograd::tile_side`) on AVX-512 wherever it applies (2D 3x3,
@@ -95,87 +95,61 @@ fn winograd(g: &Geom, xs: (&[&[f32]], bool), u: &winograd::Weights, b: &[f32], r
     unsafe { written(len, |out| winograd::forward(g, xs, u, b, relu, &mut [out], store)) }
 }
 
-/// `forward_prepared` of a concatenation whose last part is given at half resolution and enters
-/// as its 2x linear up-sampling (align_corners = false), `spatial` (2 or 3) axes: a nested node's
-/// input. 2D Winograd up-samples the rows each unit transforms as it goes (the up-sampled part,
-/// the largest input of such a node, is never stored); the other paths up-sample it first.
-pub fn forward_up(
-    g: &Geom,
-    spatial: usize,
-    xs: &[&[f32]],
-    (w, b): (&[f32], &[f32]),
-    relu: bool,
-    prep: Option<&Prepared>,
-) -> Vec<f32> {
-    let Some((last, lateral)) = xs.split_last() else { panic!("no input parts") };
-    if let (2, Some(Prepared::Winograd(u))) = (spatial, prep) {
-        return winograd(g, (xs, true), u, b, relu);
-    }
-    let half: Vec<usize> = g.sp[3 - spatial..].iter().map(|&s| s / 2).collect();
-    let c = last.len() / (g.n * half.iter().product::<usize>());
-    let up = upsample::forward(last, &[&[g.n, c][..], &half].concat());
-    let parts: Vec<&[f32]> = lateral.iter().copied().chain([up.as_slice()]).collect();
-    forward_prepared(g, &parts, w, b, relu, prep)
+/// Whether `forward_fused` takes the convolution `g` of `spatial` (2 or 3) axes: 2D Winograd,
+/// the path whose output transform can pool, or sum into a head, each tile row as it leaves
+/// it and whose input transform can up-sample a half-resolution part as it reads it. Where
+/// it holds, `prepare` gives Winograd weights.
+pub fn fuses(g: &Geom, spatial: usize) -> bool {
+    spatial == 2 && winograd_ok(g, false)
 }
 
-/// `forward_prepared`, then 2x max pooling of each of its `spatial` (2 or 3) axes: (y, pool(y)).
-/// 2D Winograd pools each tile row as it stores it (no second pass over y); the other paths
-/// pool afterwards.
-pub fn forward_pooled(
-    g: &Geom,
-    spatial: usize,
-    xs: &[&[f32]],
-    (w, b): (&[f32], &[f32]),
-    relu: bool,
-    prep: Option<&Prepared>,
-) -> (Vec<f32>, Vec<f32>) {
-    let len = g.n * g.c_out * g.pixels();
-    if let (2, Some(Prepared::Winograd(u))) = (spatial, prep) {
-        let mut y = vec![];
-        // SAFETY: Winograd writes every element of its output and of the pooled output.
-        let pooled = unsafe {
-            written(len / 4, |pooled| {
-                let epi = winograd::Epilogue::Pool(pooled);
-                y = written(len, |out| winograd::forward(g, (xs, false), u, b, relu, &mut [out], epi));
-            })
-        };
-        return (y, pooled);
-    }
-    let y = forward_prepared(g, xs, w, b, relu, prep);
-    let shape = [&[g.n, g.c_out][..], &g.sp[3 - spatial..]].concat();
-    let pooled = pool::forward(&y, &shape);
-    (y, pooled)
+/// Where `forward_fused` sends relu(conv(cat(xs))): see `ext::Sink`; `Head` holds the 1x1
+/// convolution's weights `[classes][c_out]` and bias.
+pub enum Sink<'a> {
+    Store,
+    Pool,
+    Head(&'a [f32], &'a [f32]),
 }
 
-/// The 1x1 convolution `hw` ([classes][c_out]) + `hb` of `forward_prepared`'s output: a head on a
-/// node whose output nothing else reads. Winograd sums each tile row into the head as it leaves
-/// the output transform, and never stores the node's output.
-#[allow(clippy::too_many_arguments)]
-pub fn forward_head(
+/// relu(conv(cat(xs)) + b) on the 2D Winograd path (`fuses`), the last part at half resolution
+/// and read as its 2x linear up-sampling if `half`: the stored output, or the head's with
+/// `Sink::Head` (the node's output then never stored), and with `Sink::Pool` its 2x max
+/// pooling, each computed as the output transform leaves a tile row (no second pass).
+pub fn forward_fused(
     g: &Geom,
-    xs: &[&[f32]],
-    w: &[f32],
+    (xs, half): (&[&[f32]], bool),
+    u: &winograd::Weights,
     b: &[f32],
-    relu: bool,
-    prep: Option<&Prepared>,
-    hw: &[f32],
-    hb: &[f32],
-) -> Vec<f32> {
-    let len = g.n * hb.len() * g.pixels();
-    if let Some(Prepared::Winograd(u)) = prep {
-        // SAFETY: Winograd writes every element of the head's output.
-        return unsafe {
-            written(len, |out| {
-                let epi = winograd::Epilogue::Head { w: hw, b: hb, out };
-                winograd::forward(g, (xs, false), u, b, relu, &mut [], epi)
-            })
-        };
+    sink: Sink<'_>,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let len = g.n * g.c_out * g.pixels();
+    // SAFETY (all three): Winograd writes every element of each output it is given.
+    match sink {
+        Sink::Store => (winograd(g, (xs, half), u, b, true), None),
+        Sink::Pool => {
+            let mut y = vec![];
+            let pooled = unsafe {
+                written(len / 4, |pooled| {
+                    let epi = winograd::Epilogue::Pool(pooled);
+                    y = written(len, |out| winograd::forward(g, (xs, half), u, b, true, &mut [out], epi));
+                })
+            };
+            (y, Some(pooled))
+        }
+        Sink::Head(hw, hb) => {
+            let head = unsafe {
+                written(g.n * hb.len() * g.pixels(), |out| {
+                    let epi = winograd::Epilogue::Head { w: hw, b: hb, out };
+                    winograd::forward(g, (xs, half), u, b, true, &mut [], epi)
+                })
+            };
+            (head, None)
+        }
     }
-    let y = forward_prepared(g, xs, w, b, relu, prep);
-    forward(&Geom { c_in: g.c_out, c_out: hb.len(), k: [1, 1, 1], ..*g }, &y, hw, hb)
 }
 
-/// y = conv(x, w) + b, NC(D)HW in and out.
+/// y = conv(x, w) + b, NC(D)HW in and out (the tests' one-part form of `forward_parts`).
+#[cfg(test)]
 pub fn forward(g: &Geom, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     forward_parts(g, &[x], w, b, false)
 }

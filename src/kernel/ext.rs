@@ -1,10 +1,11 @@
 //! The kernels' burn backend extension: the operations the model calls through `Dispatch`,
 //! which burn's `backend_extension` macro routes to the implementations for Flex (`flex`) and
 //! Autodiff<Flex> (`autodiff`); other backends keep burn's own ops (`ops` never calls these for
-//! them).
+//! them). `FusedBackend` is Flex's alone: with gradients, or where the kernel cannot fuse, a
+//! layer is composed of the operations of `KernelBackend` instead (`ops::fuses` tells which).
 
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend as BurnBackend, backend_extension};
+use burn::backend::{Backend as BurnBackend, ExtensionType, backend_extension};
 
 /// Input parts `same_conv` reads in place (UNet++ needs depth + 1 <= 6).
 pub(super) const PARTS: usize = 6;
@@ -28,52 +29,6 @@ pub trait KernelBackend: BurnBackend {
         bias: FloatTensor<Self>,
         relu: bool,
     ) -> FloatTensor<Self>;
-    /// `same_conv` of parts whose last used one is at half resolution and enters as its 2x linear
-    /// up-sampling (align_corners = false): a nested node's input, up-sampled by the kernel as
-    /// it reads it where it can.
-    #[allow(clippy::too_many_arguments)]
-    fn same_conv_up(
-        x0: FloatTensor<Self>,
-        x1: FloatTensor<Self>,
-        x2: FloatTensor<Self>,
-        x3: FloatTensor<Self>,
-        x4: FloatTensor<Self>,
-        x5: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        relu: bool,
-    ) -> FloatTensor<Self>;
-    /// `same_conv`, and the 2x max pooling of its output (an encoder node's output and the
-    /// input of the node below it): pooled as the kernel stores y, where it can.
-    #[allow(clippy::too_many_arguments)]
-    fn same_conv_pool(
-        x0: FloatTensor<Self>,
-        x1: FloatTensor<Self>,
-        x2: FloatTensor<Self>,
-        x3: FloatTensor<Self>,
-        x4: FloatTensor<Self>,
-        x5: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        relu: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
-    /// A 1x1 convolution (`head_w` [classes, c_out, 1, ..], `head_b`) of `same_conv`'s output, for
-    /// a node that nothing but its head reads: where the kernel can, that output is summed into
-    /// the head as it is computed and never stored.
-    #[allow(clippy::too_many_arguments)]
-    fn same_conv_head(
-        x0: FloatTensor<Self>,
-        x1: FloatTensor<Self>,
-        x2: FloatTensor<Self>,
-        x3: FloatTensor<Self>,
-        x4: FloatTensor<Self>,
-        x5: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        relu: bool,
-        head_w: FloatTensor<Self>,
-        head_b: FloatTensor<Self>,
-    ) -> FloatTensor<Self>;
     /// 2x linear up-sampling of every spatial axis, `align_corners = false`.
     fn upsample2x(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// 2x max pooling of every spatial axis, stride 2.
@@ -91,4 +46,43 @@ pub trait KernelBackend: BurnBackend {
         epsilon: f64,
         relu: bool,
     ) -> FloatTensor<Self>;
+}
+
+/// Where `conv_relu_fused` sends its output: stored as it is, stored and 2x max-pooled (an
+/// encoder node's output and the input of the node below it), or only into a 1x1 convolution
+/// (`weight` [classes, c_out, 1, ..], `bias`): a head on a node that nothing else reads.
+#[derive(ExtensionType)]
+pub enum Sink<B: BurnBackend> {
+    Store,
+    Pool,
+    Head { weight: FloatTensor<B>, bias: FloatTensor<B> },
+}
+
+/// `conv_relu_fused`'s output: the stored output (or the head's), and with `Sink::Pool` its
+/// pooling too.
+#[derive(ExtensionType)]
+pub enum Fused<B: BurnBackend> {
+    One(FloatTensor<B>),
+    Pooled(FloatTensor<B>, FloatTensor<B>),
+}
+
+#[backend_extension(Flex)]
+pub trait FusedBackend: BurnBackend {
+    /// relu(same_conv(x0..x5)) in one pass of the 2D Winograd kernel, only where it takes the
+    /// geometry (`ops::fuses`): with `half`, the last used part is at half resolution and
+    /// enters as its 2x linear up-sampling (align_corners = false), which is never stored;
+    /// the output goes to `sink` as each tile row leaves the output transform.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_relu_fused(
+        x0: FloatTensor<Self>,
+        x1: FloatTensor<Self>,
+        x2: FloatTensor<Self>,
+        x3: FloatTensor<Self>,
+        x4: FloatTensor<Self>,
+        x5: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        half: bool,
+        #[extension_type] sink: Sink<Self>,
+    ) -> Fused<Self>;
 }

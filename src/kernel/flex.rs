@@ -1,10 +1,11 @@
-//! `KernelBackend` for Flex: the kernels on contiguous copies of the tensors (no copy where a
+//! `KernelBackend` and `FusedBackend` for Flex: the kernels on contiguous copies of the tensors (no copy where a
 //! tensor is contiguous already), with prepared weights kept for inference (`cache`).
 
 use super::cache::prepared;
-use super::ext::{KernelBackend, PARTS};
+use super::conv::{self, Prepared};
+use super::ext::{Fused, FusedBackend, KernelBackend, PARTS, Sink};
 use super::tensors::{contiguous, data, geom, layout, tensor};
-use super::{conv, cpu::Geom, norm, pool, upsample};
+use super::{cpu::Geom, norm, pool, upsample};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Flex, TensorMetadata};
 
@@ -22,67 +23,6 @@ impl KernelBackend for Flex {
     ) -> FlexTensor {
         // Without autodiff the weights are a fixed model's: prepared once, kept while it lives.
         conv_flex([x0, x1, x2, x3, x4, x5], weight, bias, relu, true)
-    }
-
-    fn same_conv_up(
-        x0: FlexTensor,
-        x1: FlexTensor,
-        x2: FlexTensor,
-        x3: FlexTensor,
-        x4: FlexTensor,
-        x5: FlexTensor,
-        weight: FlexTensor,
-        bias: FlexTensor,
-        relu: bool,
-    ) -> FlexTensor {
-        let (g, shape, parts, w, b) = conv_inputs([x0, x1, x2, x3, x4, x5], weight, bias, true);
-        let parts: Vec<&[f32]> = parts.iter().map(data).collect();
-        let prep = prepared(&g, &w, &b);
-        let y = conv::forward_up(&g, shape.len() - 2, &parts, (data(&w), data(&b)), relu, prep.as_deref());
-        tensor(y, shape)
-    }
-
-    fn same_conv_pool(
-        x0: FlexTensor,
-        x1: FlexTensor,
-        x2: FlexTensor,
-        x3: FlexTensor,
-        x4: FlexTensor,
-        x5: FlexTensor,
-        weight: FlexTensor,
-        bias: FlexTensor,
-        relu: bool,
-    ) -> (FlexTensor, FlexTensor) {
-        let (g, shape, parts, w, b) = conv_inputs([x0, x1, x2, x3, x4, x5], weight, bias, false);
-        let parts: Vec<&[f32]> = parts.iter().map(data).collect();
-        let prep = prepared(&g, &w, &b);
-        let (y, pooled) =
-            conv::forward_pooled(&g, shape.len() - 2, &parts, (data(&w), data(&b)), relu, prep.as_deref());
-        let pooled_shape = pool::pooled_shape(&shape);
-        (tensor(y, shape), tensor(pooled, pooled_shape))
-    }
-
-    fn same_conv_head(
-        x0: FlexTensor,
-        x1: FlexTensor,
-        x2: FlexTensor,
-        x3: FlexTensor,
-        x4: FlexTensor,
-        x5: FlexTensor,
-        weight: FlexTensor,
-        bias: FlexTensor,
-        relu: bool,
-        head_w: FlexTensor,
-        head_b: FlexTensor,
-    ) -> FlexTensor {
-        let (g, mut shape, parts, w, b) = conv_inputs([x0, x1, x2, x3, x4, x5], weight, bias, false);
-        let parts: Vec<&[f32]> = parts.iter().map(data).collect();
-        let (hw, hb) = (contiguous(&head_w), contiguous(&head_b));
-        assert!(hw.shape()[2..].iter().all(|&k| k == 1), "the head must be a 1x1 convolution");
-        let prep = prepared(&g, &w, &b);
-        let y = conv::forward_head(&g, &parts, data(&w), data(&b), relu, prep.as_deref(), data(&hw), data(&hb));
-        shape[1] = hb.shape()[0];
-        tensor(y, shape)
     }
 
     fn upsample2x(x: FlexTensor) -> FlexTensor {
@@ -124,19 +64,61 @@ impl KernelBackend for Flex {
     }
 }
 
+impl FusedBackend for Flex {
+    fn conv_relu_fused(
+        x0: FlexTensor,
+        x1: FlexTensor,
+        x2: FlexTensor,
+        x3: FlexTensor,
+        x4: FlexTensor,
+        x5: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        half: bool,
+        sink: Sink<Flex>,
+    ) -> Fused<Flex> {
+        let (g, mut shape, parts, w, b) = conv_inputs([x0, x1, x2, x3, x4, x5], weight, bias, half);
+        let parts: Vec<&[f32]> = parts.iter().map(data).collect();
+        let prep = prepared(&g, &w, &b);
+        let Some(Prepared::Winograd(u)) = prep.as_deref() else {
+            panic!("conv_relu_fused called on a convolution the Winograd kernel does not take (see `ops::fuses`)")
+        };
+        let (pool, head) = match sink {
+            Sink::Store => (false, None),
+            Sink::Pool => (true, None),
+            Sink::Head { weight, bias } => (false, Some((contiguous(&weight), contiguous(&bias)))),
+        };
+        let to = match &head {
+            Some((hw, hb)) => conv::Sink::Head(data(hw), data(hb)),
+            None if pool => conv::Sink::Pool,
+            None => conv::Sink::Store,
+        };
+        let (y, pooled) = conv::forward_fused(&g, (&parts, half), u, data(&b), to);
+        if let Some((_, hb)) = &head {
+            shape[1] = hb.shape()[0];
+        }
+        match pooled {
+            Some(pooled) => {
+                let pooled_shape = pool::pooled_shape(&shape);
+                Fused::Pooled(tensor(y, shape), tensor(pooled, pooled_shape))
+            }
+            None => Fused::One(tensor(y, shape)),
+        }
+    }
+}
+
 /// The convolution's geometry, output shape, used input parts and weights, contiguous; with
-/// `half_last`, the last used part is at half resolution.
+/// `half`, the last used part is at half resolution.
 fn conv_inputs(
     xs: [FlexTensor; PARTS],
     weight: FlexTensor,
     bias: FlexTensor,
-    half_last: bool,
+    half: bool,
 ) -> (Geom, Vec<usize>, Vec<FlexTensor>, FlexTensor, FlexTensor) {
     let xs: Vec<FlexTensor> = xs.iter().filter(|x| x.shape()[1] > 0).map(contiguous).collect();
     let (w, b) = (contiguous(&weight), contiguous(&bias));
     let last = xs.last().expect("an input part").shape().to_vec();
-    let mut shape: Vec<usize> =
-        last.iter().enumerate().map(|(i, &d)| if i >= 2 && half_last { 2 * d } else { d }).collect();
+    let mut shape: Vec<usize> = last.iter().enumerate().map(|(i, &d)| if i >= 2 && half { 2 * d } else { d }).collect();
     for x in &xs[..xs.len() - 1] {
         assert_eq!(x.shape()[2..], shape[2..], "input parts of different sizes");
     }

@@ -6,8 +6,9 @@
 //!
 //! The files form layers, each importing only from the layers below it (never in a circle):
 //! - `ops`: the public operations on `Tensor`s, through `Dispatch` to `ext`'s trait;
-//! - `autodiff` (with the backward types), then `flex`: the trait's implementations; `cache`,
-//!   the inference weight cache; `tensors`, Flex tensors as slices; `ext`, the trait;
+//! - `autodiff` (with the backward types), then `flex`: the traits' implementations (the fused
+//!   inference op is Flex's alone); `cache`, the inference weight cache; `tensors`, Flex tensors
+//!   as slices; `ext`, the traits;
 //! - `conv`: picks a convolution path per shape and CPU, and prepares its weights;
 //! - the kernels on slices: `winograd`, `direct`, `gemm`, `upsample`, `pool`, `norm`, `sigmoid`;
 //! - `cpu`: the AVX-512 check, geometry, aligned pooled buffers and parallel writes that all of
@@ -43,6 +44,5 @@ mod tests;
 
 pub use ext::KernelBackend;
 pub use ops::{
-    batch_norm, max_pool2x, same_conv, same_conv_head, same_conv_pool, same_conv_up, set_enabled, sigmoid, supported,
-    upsample2x,
+    Out, Sink, batch_norm, conv_relu_fused, fuses, max_pool2x, same_conv, set_enabled, sigmoid, supported, upsample2x,
 };

@@ -1,9 +1,10 @@
 //! The kernels' public operations on `Tensor`s, which the model calls: each goes through
 //! `Dispatch` to the `KernelBackend` implementations where the tensor lives on Flex, and
-//! `supported` tells the model when that is.
+//! `supported` tells the model when that is; `fuses` tells when `conv_relu_fused` runs.
 
-use super::ext::{KernelBackend, PARTS};
+use super::ext::{self, Fused, FusedBackend, KernelBackend, PARTS};
 use super::sigmoid as logistic;
+use super::{conv, tensors::geom};
 use burn::backend::Dispatch;
 use burn::backend::tensor::FloatTensor;
 use burn::prelude::*;
@@ -73,47 +74,82 @@ pub fn batch_norm<const D: usize>(
 
 /// `same_conv` on rank-4 (2D) or rank-5 (3D) tensors: the convolution of the channel
 /// concatenation of `xs` (up to six read in place, more are concatenated first), followed by
-/// ReLU when `relu` is set.
+/// ReLU when `relu` is set. (`conv_relu_fused` adds up-sampling, pooling and a head to it.)
 pub fn same_conv<const D: usize>(xs: Vec<Tensor<D>>, weight: Tensor<D>, bias: Tensor<1>, relu: bool) -> Tensor<D> {
     let [a, b, c, d, e, f] = six(xs);
     let (w, bias) = (weight.into_dispatch(), bias.into_dispatch());
     Tensor::from_dispatch(<Dispatch as KernelBackend>::same_conv(a, b, c, d, e, f, w, bias, relu))
 }
 
-/// `same_conv` of `xs` whose last part is at half resolution and enters as its 2x linear
-/// up-sampling (align_corners = false), up-sampled by the kernel as it reads it where it can.
-pub fn same_conv_up<const D: usize>(xs: Vec<Tensor<D>>, weight: Tensor<D>, bias: Tensor<1>, relu: bool) -> Tensor<D> {
-    assert!(xs.len() <= PARTS, "at most {PARTS} parts when the last is up-sampled");
-    let [a, b, c, d, e, f] = six(xs);
-    let (w, bias) = (weight.into_dispatch(), bias.into_dispatch());
-    Tensor::from_dispatch(<Dispatch as KernelBackend>::same_conv_up(a, b, c, d, e, f, w, bias, relu))
+/// Where a convolution + ReLU layer's output goes: stored, stored and 2x max-pooled, or only
+/// into a 1x1 convolution (a head: weight, bias) that is all that reads it.
+// A `Tensor` is 256 bytes; these are moved once per layer, so boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Sink<const D: usize> {
+    Store,
+    Pool,
+    Head(Tensor<D>, Tensor<1>),
 }
 
-/// `same_conv` and the 2x max pooling of its output, pooled as the kernel stores where it can.
-pub fn same_conv_pool<const D: usize>(
+/// A layer's output as its `Sink` takes it: the output, the output and its pooling, or the
+/// head's output.
+#[allow(clippy::large_enum_variant)]
+pub enum Out<const D: usize> {
+    Stored(Tensor<D>),
+    Pooled(Tensor<D>, Tensor<D>),
+    Head(Tensor<D>),
+}
+
+impl<const D: usize> Out<D> {
+    /// The output (or the head's), without the pooling.
+    pub fn into_tensor(self) -> Tensor<D> {
+        match self {
+            Out::Stored(y) | Out::Pooled(y, _) | Out::Head(y) => y,
+        }
+    }
+}
+
+/// Whether `conv_relu_fused` runs for the stride-1 convolution `weight` of the parts `xs` (the
+/// last at half size if `half`) into a head of weight `head`: on Flex without autodiff, f32, a
+/// 1x1 head, at most six parts, and a geometry the 2D Winograd kernel takes (`conv::fuses`).
+pub fn fuses<const D: usize>(xs: &[&Tensor<D>], half: bool, weight: &Tensor<D>, head: Option<&Tensor<D>>) -> bool {
+    let Some(&last) = xs.last() else { return false };
+    let pointwise = head.is_none_or(|w| w.dims()[2..].iter().all(|&k| k == 1));
+    if !supported(last) || last.is_autodiff() || !pointwise || xs.len() > PARTS {
+        return false;
+    }
+    let mut shape = last.dims();
+    if half {
+        shape[2..].iter_mut().for_each(|s| *s *= 2);
+    }
+    shape[1] = xs.iter().map(|x| x.dims()[1]).sum();
+    conv::fuses(&geom(&shape, &weight.dims()), D - 2)
+}
+
+/// relu(conv(cat(xs)) + bias) into `sink` in one pass of the Winograd kernel, the last part at
+/// half size and entering as its 2x linear up-sampling (align_corners = false) if `half`: that
+/// part is up-sampled as it is read, and the output pooled or summed into the head as it is
+/// stored. Only where `fuses` holds.
+pub fn conv_relu_fused<const D: usize>(
     xs: Vec<Tensor<D>>,
+    half: bool,
     weight: Tensor<D>,
     bias: Tensor<1>,
-    relu: bool,
-) -> (Tensor<D>, Tensor<D>) {
+    sink: Sink<D>,
+) -> Out<D> {
     let [a, b, c, d, e, f] = six(xs);
     let (w, bias) = (weight.into_dispatch(), bias.into_dispatch());
-    let (y, pooled) = <Dispatch as KernelBackend>::same_conv_pool(a, b, c, d, e, f, w, bias, relu);
-    (Tensor::from_dispatch(y), Tensor::from_dispatch(pooled))
-}
-
-/// The 1x1 convolution `head_w`, `head_b` of `same_conv`'s output, which is not stored where the
-/// kernel can sum it into the head as it computes it.
-pub fn same_conv_head<const D: usize>(
-    xs: Vec<Tensor<D>>,
-    (weight, bias): (Tensor<D>, Tensor<1>),
-    relu: bool,
-    (head_w, head_b): (Tensor<D>, Tensor<1>),
-) -> Tensor<D> {
-    let [a, b, c, d, e, f] = six(xs);
-    let (w, bias) = (weight.into_dispatch(), bias.into_dispatch());
-    let (hw, hb) = (head_w.into_dispatch(), head_b.into_dispatch());
-    Tensor::from_dispatch(<Dispatch as KernelBackend>::same_conv_head(a, b, c, d, e, f, w, bias, relu, hw, hb))
+    let head = matches!(sink, Sink::Head(..));
+    let sink = match sink {
+        Sink::Store => ext::Sink::Store,
+        Sink::Pool => ext::Sink::Pool,
+        Sink::Head(w, b) => ext::Sink::Head { weight: w.into_dispatch(), bias: b.into_dispatch() },
+    };
+    match <Dispatch as FusedBackend>::conv_relu_fused(a, b, c, d, e, f, w, bias, half, sink) {
+        Fused::One(y) if head => Out::Head(Tensor::from_dispatch(y)),
+        Fused::One(y) => Out::Stored(Tensor::from_dispatch(y)),
+        Fused::Pooled(y, pooled) => Out::Pooled(Tensor::from_dispatch(y), Tensor::from_dispatch(pooled)),
+    }
 }
 
 /// The input parts as six (up to five read in place, the rest concatenated into the sixth;

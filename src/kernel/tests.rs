@@ -184,34 +184,50 @@ fn prepared_weights_follow_the_weights() {
     }
 }
 
-/// The fused inference ops (`same_conv_up`, `same_conv_pool`, `same_conv_head`) against
-/// their parts, with and without autodiff (where they are those parts, gradients included),
-/// at a size the Winograd kernel takes.
+/// `conv_relu_fused` into each sink, with a half-size part and without, against burn's
+/// convolution on the concatenation with the part up-sampled first, at a size the Winograd
+/// kernel takes; and `fuses` refuses what it cannot fuse.
 #[test]
-fn fused_ops_equal_their_parts() {
-    for d in [Device::flex(), Device::flex().autodiff()] {
-        let grad = |t: Tensor<4>| if d.is_autodiff() { t.require_grad() } else { t };
-        let x = Tensor::<4>::random([2, 16, 24, 24], Distribution::Default, &d);
-        let low = grad(Tensor::<4>::random([2, 8, 12, 12], Distribution::Default, &d));
-        let (c1, c2, head) =
-            (Conv::<4>::new(24, 16, 3, &d), Conv::<4>::new(16, 16, 3, &d), Conv::<4>::new(16, 2, 1, &d));
-        let parts = || vec![x.clone(), low.clone()];
-        let up = c1.forward_relu_up(parts());
-        let want = c1.forward_relu(vec![x.clone(), upsample2x(low.clone())]);
-        assert!(rel(up.clone(), want.clone()) <= 1e-5, "up-sampled part");
-        let y_want = c2.forward_relu(vec![want]);
-        let (y, pooled) = c2.forward_relu_pool(vec![up.clone()]);
-        assert!(rel(y, y_want.clone()) <= 1e-5, "pooled op's output");
-        assert!(rel(pooled, max_pool2x(y_want.clone())) <= 1e-5, "pooled");
-        let (h, h_want) = (c2.forward_relu_head(vec![up], &head), head.forward(y_want));
-        assert!(rel(h.clone(), h_want.clone()) <= 1e-5, "head");
-        if d.is_autodiff() {
-            let (ga, gb) = (h.sum().backward(), h_want.sum().backward());
-            assert!(rel(low.grad(&ga).unwrap(), low.grad(&gb).unwrap()) <= 1e-4, "gradient of the low part");
-            let gh = |g| head.weight.val().grad(g).unwrap();
-            assert!(rel(gh(&ga), gh(&gb)) <= 1e-4, "head weight gradient");
-        }
-    }
+fn conv_relu_fused_equals_its_parts() {
+    let d = Device::flex();
+    let x = Tensor::<4>::random([2, 16, 24, 24], Distribution::Default, &d);
+    let low = Tensor::<4>::random([2, 8, 12, 12], Distribution::Default, &d);
+    let (c1, c2, head) = (Conv::<4>::new(24, 16, 3, &d), Conv::<4>::new(16, 16, 3, &d), Conv::<4>::new(16, 2, 1, &d));
+    let relu = burn::tensor::activation::relu::<4>;
+    let w = |c: &Conv<4>| (c.weight.val(), c.bias_val());
+    assert!(fuses(&[&x, &low], true, &c1.weight.val(), None));
+    let (w1, b1) = w(&c1);
+    let up = conv_relu_fused(vec![x.clone(), low.clone()], true, w1, b1, Sink::Store).into_tensor();
+    let want = relu(c1.forward_burn(Tensor::cat(vec![x.clone(), upsample2x(low.clone())], 1)));
+    assert!(rel(up.clone(), want.clone()) <= 1e-4, "half-size part");
+    let y_want = relu(c2.forward_burn(want));
+    let (w2, b2) = w(&c2);
+    let Out::Pooled(y, pooled) = conv_relu_fused(vec![up.clone()], false, w2.clone(), b2.clone(), Sink::Pool) else {
+        panic!("a pooled output")
+    };
+    assert!(rel(y, y_want.clone()) <= 1e-4, "pooled sink's output");
+    assert!(rel(pooled, max_pool2x(y_want.clone())) <= 1e-4, "pooled");
+    assert!(fuses(&[&up], false, &w2, Some(&head.weight.val())));
+    let (hw, hb) = w(&head);
+    let Out::Head(h) = conv_relu_fused(vec![up.clone()], false, w2.clone(), b2, Sink::Head(hw, hb)) else {
+        panic!("a head output")
+    };
+    assert!(rel(h, head.forward_burn(y_want)) <= 1e-4, "head");
+    // Not fused: with gradients, kernels off, a 3x3 head, 6x6 images (Winograd's lower bound),
+    // more than six parts, 3D.
+    let ad = Tensor::<4>::random(up.dims(), Distribution::Default, &d.clone().autodiff());
+    assert!(!fuses(&[&ad], false, &w2, None), "autodiff");
+    set_enabled(false);
+    assert!(!fuses(&[&up], false, &w2, None), "kernels off");
+    set_enabled(true);
+    assert!(!fuses(&[&up], false, &w2, Some(&w2)), "3x3 head");
+    let small = Tensor::<4>::random([1, 16, 6, 6], Distribution::Default, &d);
+    assert!(!fuses(&[&small], false, &w2, None), "6x6");
+    let thin: Vec<Tensor<4>> = (0..8).map(|_| Tensor::random([1, 2, 24, 24], Distribution::Default, &d)).collect();
+    assert!(!fuses(&thin.iter().collect::<Vec<_>>(), false, &w2, None), "eight parts");
+    let x3 = Tensor::<5>::random([1, 16, 12, 12, 12], Distribution::Default, &d);
+    let w3 = Conv::<5>::new(16, 16, 3, &d).weight.val();
+    assert!(!fuses(&[&x3], false, &w3, None), "3D");
 }
 
 #[test]

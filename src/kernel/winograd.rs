@@ -174,13 +174,13 @@ struct Plane<'a> {
     half: bool,
 }
 
-/// The input channels of the parts `xs`, the last at half resolution if `half_last`.
-fn channel_planes<'a>(g: &Geom, xs: &[&'a [f32]], half_last: bool) -> Vec<Plane<'a>> {
+/// The input channels of the parts `xs`, the last at half resolution if `half`.
+fn channel_planes<'a>(g: &Geom, xs: &[&'a [f32]], half: bool) -> Vec<Plane<'a>> {
     let planes: Vec<_> = xs
         .iter()
         .enumerate()
         .flat_map(|(k, &part)| {
-            let half = half_last && k + 1 == xs.len();
+            let half = half && k + 1 == xs.len();
             let channels = part.len() / (g.n * g.pixels() / if half { 4 } else { 1 });
             (0..channels).map(move |channel| Plane { part, channels, channel, half })
         })
@@ -208,13 +208,13 @@ pub enum Epilogue<'a> {
 /// concatenation of the parts `xs`, read in place, and so is the output of the parts `ys` (the
 /// input gradient of a concatenation transforms dL/dy once for all its parts). Every element of
 /// `ys` is written, and of the epilogue's output; with `Epilogue::Head`, `ys` is empty. With
-/// `half_last`, the last part is at half resolution and enters as its 2x linear up-sampling
+/// `half`, the last part is at half resolution and enters as its 2x linear up-sampling
 /// (align_corners = false): each unit up-samples the rows it transforms, in L1, so that a nested
 /// node's largest input is never stored.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     g: &Geom,
-    (xs, half_last): (&[&[f32]], bool),
+    (xs, half): (&[&[f32]], bool),
     wt: &Weights,
     b: &[f32],
     relu: bool,
@@ -254,7 +254,7 @@ pub fn forward(
         })
         .collect();
     assert!(outs.len() == g.c_out || classes > 0, "output parts must add up to c_out channels");
-    let planes = channel_planes(g, xs, half_last);
+    let planes = channel_planes(g, xs, half);
     let (rows, group) = units(g, side, classes > 0);
     let work: Vec<(usize, usize, usize)> = (0..g.n)
         .flat_map(|n| (0..th).step_by(rows).flat_map(move |r0| (0..g.c_out).step_by(group).map(move |o0| (n, r0, o0))))

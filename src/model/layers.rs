@@ -9,6 +9,9 @@ use burn::tensor::activation::relu;
 use burn::tensor::module::{conv_transpose2d, conv_transpose3d, conv2d, conv3d, interpolate, max_pool2d};
 use burn::tensor::ops::{ConvOptions, ConvTransposeOptions, InterpolateMode, InterpolateOptions, MaxPoolOptions};
 
+use crate::kernel;
+pub use crate::kernel::Out;
+
 /// Reinterprets a shape array of one rank as another of the same length (checked).
 fn same<const A: usize, const B: usize>(d: [usize; A]) -> [usize; B] {
     d[..].try_into().expect("rank mismatch")
@@ -76,44 +79,12 @@ impl<const D: usize> Conv<D> {
         self.forward_act(xs, true)
     }
 
-    /// relu(conv(cat(xs))) where the last part enters as its 2x linear up-sampling
-    /// (align_corners = false): our kernel, where it runs, reads that part at half resolution.
-    pub fn forward_relu_up(&self, mut xs: Vec<Tensor<D>>) -> Tensor<D> {
-        if xs.len() <= 6 && self.in_kernel(&xs[0]) {
-            return crate::kernel::same_conv_up(xs, self.weight.val(), self.bias_val(), true);
-        }
-        let low = xs.pop().expect("an up-sampled part");
-        xs.push(upsample(low, false, false));
-        self.forward_relu(xs)
-    }
-
-    /// relu(conv(cat(xs))) and its 2x max pooling, pooled as our kernel stores where it runs.
-    pub fn forward_relu_pool(&self, xs: Vec<Tensor<D>>) -> (Tensor<D>, Tensor<D>) {
-        if self.in_kernel(&xs[0]) {
-            return crate::kernel::same_conv_pool(xs, self.weight.val(), self.bias_val(), true);
-        }
-        let y = self.forward_relu(xs);
-        (y.clone(), max_pool(y))
-    }
-
-    /// head(relu(conv(cat(xs)))): where our kernel runs and `head` is 1x1, the ReLU output is
-    /// summed into the head as it is computed instead of being stored (a node only its head
-    /// reads).
-    pub fn forward_relu_head(&self, xs: Vec<Tensor<D>>, head: &Conv<D>) -> Tensor<D> {
-        let pointwise = head.stride == 1 && head.weight.dims()[2..].iter().all(|&k| k == 1);
-        if pointwise && self.in_kernel(&xs[0]) {
-            let (conv, head) = ((self.weight.val(), self.bias_val()), (head.weight.val(), head.bias_val()));
-            return crate::kernel::same_conv_head(xs, conv, true, head);
-        }
-        head.forward(self.forward_relu(xs))
-    }
-
     /// Whether our kernel computes this convolution of `x` (and of the parts beside it).
     fn in_kernel(&self, x: &Tensor<D>) -> bool {
         self.stride == 1 && self.weight.dims()[2] % 2 == 1 && crate::kernel::supported(x)
     }
 
-    fn bias_val(&self) -> Tensor<1> {
+    pub fn bias_val(&self) -> Tensor<1> {
         let c_out = self.weight.dims()[0];
         self.bias.as_ref().map(|b| b.val()).unwrap_or_else(|| Tensor::zeros([c_out], &self.weight.device()))
     }
@@ -255,6 +226,71 @@ pub fn upsample<const D: usize>(x: Tensor<D>, nearest: bool, align_corners: bool
     }
 }
 
+/// An input of a layer, concatenated with the others along channels: at the output's size, or
+/// at half of it and entering as its 2x linear up-sampling (align_corners = false), which the
+/// kernel may do as it reads it: eq. 1's U(x^{i+1,j-1}), the tensor from below taken at its own
+/// size as MONAI's `UpCat` takes it.
+pub enum Part<const D: usize> {
+    Same(Tensor<D>),
+    Half(Tensor<D>),
+}
+
+impl<const D: usize> Part<D> {
+    fn tensor(&self) -> &Tensor<D> {
+        match self {
+            Part::Same(x) | Part::Half(x) => x,
+        }
+    }
+
+    fn into_tensor(self) -> Tensor<D> {
+        match self {
+            Part::Same(x) | Part::Half(x) => x,
+        }
+    }
+
+    /// The part at the output's size.
+    fn full(self) -> Tensor<D> {
+        match self {
+            Part::Same(x) => x,
+            Part::Half(x) => upsample(x, false, false),
+        }
+    }
+}
+
+/// Where a layer's output goes: stored; stored and 2x max-pooled (an encoder node's output, and
+/// D of it for the node below); or only into a head, when nothing else reads it.
+pub enum Sink<'a, const D: usize> {
+    Store,
+    Pool,
+    Head(&'a Conv<D>),
+}
+
+impl<const D: usize> Sink<'_, D> {
+    fn head(&self) -> Option<&Conv<D>> {
+        match self {
+            Sink::Head(head) => Some(head),
+            _ => None,
+        }
+    }
+
+    /// The composed form: `y` into the sink.
+    fn take(self, y: Tensor<D>) -> Out<D> {
+        match self {
+            Sink::Store => Out::Stored(y),
+            Sink::Pool => Out::Pooled(y.clone(), max_pool(y)),
+            Sink::Head(head) => Out::Head(head.forward(y)),
+        }
+    }
+
+    fn for_kernel(self) -> kernel::Sink<D> {
+        match self {
+            Sink::Store => kernel::Sink::Store,
+            Sink::Pool => kernel::Sink::Pool,
+            Sink::Head(head) => kernel::Sink::Head(head.weight.val(), head.bias_val()),
+        }
+    }
+}
+
 /// H in eq. 1: two (conv -> [BatchNorm] -> ReLU -> [dropout]) layers.
 #[derive(Module, Debug)]
 pub struct Block<const D: usize> {
@@ -282,66 +318,42 @@ impl<const D: usize> Block<D> {
         }
     }
 
-    fn layer(&self, xs: Vec<Tensor<D>>, conv: &Conv<D>, norm: &Option<BatchNorm>) -> Tensor<D> {
-        // Without BatchNorm (or with it folded, at inference) ReLU follows the convolution
-        // directly and goes into its kernel.
+    /// H on the channel concatenation of `parts`, its output going to `sink`.
+    pub fn forward(&self, parts: Vec<Part<D>>, sink: Sink<'_, D>) -> Out<D> {
+        let y = self.layer(&self.conv1, &self.norm1, parts, Sink::Store).into_tensor();
+        self.layer(&self.conv2, &self.norm2, vec![Part::Same(y)], sink)
+    }
+
+    /// One layer of H, conv -> [BatchNorm] -> ReLU -> [dropout], on the concatenation of `parts`,
+    /// into `sink`: the one place that decides fusion, for every backend. Where ReLU follows the
+    /// convolution directly (BatchNorm folded or absent, no dropout) and the kernel takes the
+    /// layer whole (`kernel::fuses`: Flex inference, 2D, the Winograd path), a half-size part is
+    /// up-sampled as it is read and the output pooled or summed into the head as it is stored;
+    /// everywhere else (training, 3D, other backends) the layer is composed of its operations.
+    fn layer(&self, conv: &Conv<D>, norm: &Option<BatchNorm>, parts: Vec<Part<D>>, sink: Sink<'_, D>) -> Out<D> {
+        let half = matches!(parts.last(), Some(Part::Half(_)));
+        let xs: Vec<&Tensor<D>> = parts.iter().map(Part::tensor).collect();
+        let head = sink.head();
+        let fused = norm.is_none()
+            && self.dropout.is_none()
+            && parts.iter().rev().skip(1).all(|p| matches!(p, Part::Same(_)))
+            && conv.stride == 1
+            && head.is_none_or(|h| h.stride == 1)
+            && kernel::fuses(&xs, half, &conv.weight.val(), head.map(|h| h.weight.val()).as_ref());
+        if fused {
+            let xs = parts.into_iter().map(Part::into_tensor).collect();
+            return kernel::conv_relu_fused(xs, half, conv.weight.val(), conv.bias_val(), sink.for_kernel());
+        }
+        let xs = parts.into_iter().map(Part::full).collect();
         let y = match norm {
             None => conv.forward_relu(xs),
             Some(norm) => norm_relu(norm, conv.forward_parts(xs)),
         };
-        match &self.dropout {
+        let y = match &self.dropout {
             Some(dropout) => dropout.forward(y),
             None => y,
-        }
-    }
-
-    pub fn forward(&self, x: Tensor<D>) -> Tensor<D> {
-        self.forward_parts(vec![x], false)
-    }
-
-    /// The block on the channel concatenation of `xs`, without copying them together first
-    /// where the convolution kernel can read them in place. With `half`, the last part is at
-    /// half resolution and enters as its 2x linear up-sampling (align_corners = false).
-    pub fn forward_parts(&self, xs: Vec<Tensor<D>>, half: bool) -> Tensor<D> {
-        let y = self.first(xs, half);
-        self.layer(vec![y], &self.conv2, &self.norm2)
-    }
-
-    /// The first layer (see `forward_parts`): where the ReLU follows its convolution directly,
-    /// the kernel up-samples the half-resolution part as it reads it, and the up-sampled tensor
-    /// (a nested node's largest input) is never made.
-    fn first(&self, mut xs: Vec<Tensor<D>>, half: bool) -> Tensor<D> {
-        if half && self.norm1.is_none() && self.dropout.is_none() {
-            return self.conv1.forward_relu_up(xs);
-        }
-        if half {
-            let low = xs.pop().expect("an up-sampled part");
-            xs.push(upsample(low, false, false));
-        }
-        self.layer(xs, &self.conv1, &self.norm1)
-    }
-
-    /// `forward_parts` and the 2x max pooling of its output (an encoder node's output and the
-    /// input of the node below it): pooled as the last convolution stores, where the ReLU
-    /// follows that convolution directly (BatchNorm folded or absent, no dropout).
-    pub fn forward_parts_pooled(&self, xs: Vec<Tensor<D>>) -> (Tensor<D>, Tensor<D>) {
-        let y = self.first(xs, false);
-        if self.norm2.is_none() && self.dropout.is_none() {
-            return self.conv2.forward_relu_pool(vec![y]);
-        }
-        let y = self.layer(vec![y], &self.conv2, &self.norm2);
-        (y.clone(), max_pool(y))
-    }
-
-    /// head(forward_parts(xs, half)) for a node that nothing but its head reads: its output is never
-    /// stored where the head can be summed as the last convolution computes it (as for
-    /// `forward_parts_pooled`).
-    pub fn forward_parts_head(&self, xs: Vec<Tensor<D>>, half: bool, head: &Conv<D>) -> Tensor<D> {
-        let y = self.first(xs, half);
-        if self.norm2.is_none() && self.dropout.is_none() {
-            return self.conv2.forward_relu_head(vec![y], head);
-        }
-        head.forward(self.layer(vec![y], &self.conv2, &self.norm2))
+        };
+        sink.take(y)
     }
 
     /// Inference only: each BatchNorm (running statistics) folded into the convolution before

@@ -2,10 +2,15 @@
 //! skip pathway), eq. 1 of the paper:
 //!
 //! ```text
-//! x^{i,0} = H(pool(x^{i-1,0}))
-//! x^{i,j} = H([x^{i,0}, ..., x^{i,j-1}, U(x^{i+1,j-1})])      (UNet++)
+//! x^{i,0} = H(D(x^{i-1,0}))                                  (D: 2x max pooling)
+//! x^{i,j} = H([x^{i,0}, ..., x^{i,j-1}, U(x^{i+1,j-1})])      (UNet++; U: 2x up-sampling)
 //! x^{i,j} = H([x^{i,0}, U(x^{i+1,j-1})]),  only where i+j = L (U-Net)
 //! ```
+//!
+//! [`UNetPP::forward_level`] computes these lines and nothing else: which nodes run and where
+//! each output goes (stored, pooled for the node below, only into a head) is the plan's
+//! ([`plan`]), and whether a layer of H runs as one fused kernel pass is decided in one place,
+//! `layers::Block::layer`.
 //!
 //! The same struct covers 2D (`D = 4`) and 3D (`D = 5`), any depth and width. Heads are 1x1
 //! convolutions on X^{0,j} returning logits. The sub-grid `i + j <= l` is a complete network
@@ -15,16 +20,19 @@
 //! backbone's stages, X^{0,0} does not exist, and the nested decoder is the same grid.
 
 pub mod layers;
+mod names;
+pub mod plan;
 pub mod resnet;
 
 use burn::module::Module;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use layers::{Block, Conv, UpConv, max_pool, upsample};
+use layers::{Block, Conv, Out, Part, Sink, UpConv, upsample};
+use plan::{Output, Step};
 use resnet::ResNet;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Arch {
     Unet,
@@ -34,7 +42,7 @@ pub enum Arch {
 
 /// The encoder column X^{i,0}: the paper's own blocks, or a torchvision ResNet (ImageNet-style,
 /// stem at stride 2, so level 0 holds only decoder nodes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Encoder {
     #[default]
@@ -67,7 +75,7 @@ impl Encoder {
 
 /// `paper`: the official Keras code (no BN, dropout 0.5, transposed-conv up-sampling).
 /// `modern`: BN + ReLU, bilinear/trilinear up-sampling, no dropout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
     Paper,
@@ -359,19 +367,6 @@ impl ModelConfig {
         }
     }
 
-    /// The nodes that fast mode at `level` evaluates, in evaluation order.
-    pub fn plan(&self, level: usize) -> Vec<(usize, usize)> {
-        let mut order = vec![];
-        for j in 0..=level {
-            for i in 0..=level - j {
-                if self.has_node(i, j) {
-                    order.push((i, j));
-                }
-            }
-        }
-        order
-    }
-
     pub fn init<const D: usize>(&self, device: &Device) -> UNetPP<D> {
         assert_eq!(D, self.dims + 2, "tensor rank must be dims + 2");
         let paper = self.preset == Preset::Paper;
@@ -402,7 +397,7 @@ impl ModelConfig {
             .map(|&j| Conv::new(self.node_width(0, j), self.classes, self.head_kernel, device))
             .collect();
         let encoder = (!plain).then(|| ResNet::new(self.encoder, self.in_channels, self.depth, device));
-        UNetPP { encoder, grid, heads, config: self.clone().into() }
+        UNetPP { encoder, grid, heads, config: self.clone() }
     }
 }
 
@@ -413,16 +408,6 @@ pub struct Node<const D: usize> {
     pub block: Block<D>,
 }
 
-/// Wrapper so the config rides along in the module without being a parameter.
-#[derive(Clone, Debug)]
-pub struct Frozen(pub ModelConfig);
-
-impl From<ModelConfig> for Frozen {
-    fn from(c: ModelConfig) -> Self {
-        Self(c)
-    }
-}
-
 #[derive(Module, Debug)]
 pub struct UNetPP<const D: usize> {
     /// X^{i,0} for i >= 1 when the encoder is a ResNet (the grid then has no j = 0 nodes).
@@ -431,8 +416,9 @@ pub struct UNetPP<const D: usize> {
     pub grid: Vec<Vec<Option<Node<D>>>>,
     /// heads[h] sits on X^{0, config.head_columns()[h]}.
     pub heads: Vec<Conv<D>>,
+    /// The architecture: carried with the parameters, not one of them.
     #[module(skip)]
-    pub config: Frozen,
+    pub config: ModelConfig,
 }
 
 /// How inference combines the heads.
@@ -476,74 +462,70 @@ pub struct GridOutput<const D: usize> {
 
 impl<const D: usize> UNetPP<D> {
     pub fn config(&self) -> &ModelConfig {
-        &self.config.0
+        &self.config
     }
 
-    fn node(&self, i: usize, j: usize) -> &Node<D> {
-        self.grid[i][j].as_ref().expect("node present by construction")
-    }
-
-    /// Evaluates the sub-grid i + j <= level and the heads inside it.
+    /// Evaluates the sub-grid i + j <= level (`ModelConfig::plan`) and the heads inside it.
     pub fn forward_level(&self, x: Tensor<D>, level: usize) -> GridOutput<D> {
         let cfg = self.config();
-        let mut out: Vec<Vec<Option<Tensor<D>>>> = (0..=level).map(|i| vec![None; level + 1 - i]).collect();
         let plan = cfg.plan(level);
+        // x^{i,j}, and D(x^{i,0}) for X^{i+1,0}.
+        let mut out: Vec<Vec<Option<Tensor<D>>>> = (0..=level).map(|i| vec![None; level + 1 - i]).collect();
+        let mut down: Vec<Option<Tensor<D>>> = vec![None; level + 1];
         if let Some(encoder) = &self.encoder {
             for (i, f) in encoder.forward(x.clone(), level).into_iter().enumerate() {
                 out[i + 1][0] = Some(f);
             }
         }
-        // X^{i,0} pooled for X^{i+1,0} as it is computed, and the head on X^{0,level} (the last
-        // node, which nothing else reads) summed as X^{0,level} is computed: neither output is
-        // read again from memory where the kernel fuses them.
-        let mut pooled: Vec<Option<Tensor<D>>> = vec![None; level + 1];
-        let columns = cfg.head_columns();
-        let last_head = columns.iter().position(|&j| j == level).map(|h| &self.heads[h]);
-        let mut fused_head = None;
-        for &(i, j) in &plan {
-            if j == 0 && self.encoder.is_some() {
-                continue;
-            }
-            let node = self.node(i, j);
-            // The inputs; with `half`, the last is X^{i+1,j-1} itself, which the block up-samples
-            // (bilinear, align_corners = false) as it reads it.
-            let (input, half) = if j == 0 {
-                let x = match i {
-                    0 => x.clone(),
-                    _ => pooled[i - 1].take().unwrap_or_else(|| max_pool(out[i - 1][0].clone().unwrap())),
-                };
-                (vec![x], false)
-            } else {
-                let below = out[i + 1][j - 1].clone().unwrap();
-                let (up, half) = match &node.up {
-                    Some(up) => (up.forward(below), false),
-                    None if !cfg.nearest && !cfg.align_corners => (below, true),
-                    None => (upsample(below, cfg.nearest, cfg.align_corners), false),
-                };
-                let mut parts: Vec<Tensor<D>> =
-                    cfg.lateral_inputs(i, j).iter().map(|&k| out[i][k].clone().unwrap()).collect();
-                parts.push(up);
-                (parts, half)
+        let stored = |out: &[Vec<Option<Tensor<D>>>], i: usize, j: usize| out[i][j].clone().expect("planned before");
+        let mut last_head = None;
+        for &Step { i, j, output } in &plan {
+            // A ResNet's stages X^{i,0} have no node block: the encoder computed them above.
+            let Some(node) = &self.grid[i][j] else { continue };
+            let parts = match j {
+                0 if i == 0 => vec![Part::Same(x.clone())],
+                // x^{i,0} = H(D(x^{i-1,0}))
+                0 => vec![Part::Same(down[i - 1].take().expect("X^{i-1,0} pooled"))],
+                // x^{i,j} = H([x^{i,0}, ..., x^{i,j-1}, U(x^{i+1,j-1})])
+                _ => cfg
+                    .lateral_inputs(i, j)
+                    .iter()
+                    .map(|&k| Part::Same(stored(&out, i, k)))
+                    .chain([self.up(node, stored(&out, i + 1, j - 1))])
+                    .collect(),
             };
-            match (i, j, last_head) {
-                (_, 0, _) if i < level => {
-                    let (y, p) = node.block.forward_parts_pooled(input);
-                    (out[i][j], pooled[i]) = (Some(y), Some(p));
-                }
-                (0, _, Some(head)) if j == level => {
-                    fused_head = Some((j, node.block.forward_parts_head(input, half, head)));
-                }
-                _ => out[i][j] = Some(node.block.forward_parts(input, half)),
+            let sink = match output {
+                Output::Stored => Sink::Store,
+                Output::Pooled => Sink::Pool,
+                Output::Head(h) => Sink::Head(&self.heads[h]),
+            };
+            match node.block.forward(parts, sink) {
+                Out::Stored(y) => out[i][j] = Some(y),
+                Out::Pooled(y, pooled) => (out[i][j], down[i]) = (Some(y), Some(pooled)),
+                Out::Head(logits) => last_head = Some((j, logits)),
             }
         }
-        let heads = columns
+        let heads = cfg
+            .head_columns()
             .into_iter()
             .zip(&self.heads)
             .filter(|(j, _)| *j <= level && out[0][*j].is_some())
-            .map(|(j, head)| (j, head.forward(out[0][j].clone().unwrap())))
-            .chain(fused_head)
+            .map(|(j, head)| (j, head.forward(stored(&out, 0, j))))
+            .chain(last_head)
             .collect();
         GridOutput { heads, nodes_evaluated: plan.len() }
+    }
+
+    /// U in eq. 1, X^{i+1,j-1} as node X^{i,j} reads it: the paper preset's learned transposed
+    /// convolution, nearest or align-corners up-sampling done here, or the default linear
+    /// up-sampling left to the node as a half-size part.
+    fn up(&self, node: &Node<D>, below: Tensor<D>) -> Part<D> {
+        let cfg = self.config();
+        match &node.up {
+            Some(up) => Part::Same(up.forward(below)),
+            None if cfg.nearest || cfg.align_corners => Part::Same(upsample(below, cfg.nearest, cfg.align_corners)),
+            None => Part::Half(below),
+        }
     }
 
     /// Logits of every head (training with deep supervision).
@@ -576,7 +558,6 @@ impl<const D: usize> UNetPP<D> {
                 }
             });
         }
-        let _busy = crate::backend::busy_workers();
         let probs: Vec<(usize, Tensor<D>)> =
             self.forward_level(x, level).heads.into_iter().map(|(j, t)| (j, to_probs(t, cfg.classes))).collect();
         Ok(modes
@@ -630,7 +611,7 @@ impl<const D: usize> UNetPP<D> {
         };
         let config = ModelConfig { depth: level, deep_supervision: false, decoder_channels, ..cfg };
         let encoder = self.encoder.map(|e| e.truncate(level));
-        Ok(UNetPP { encoder, grid, heads: vec![head], config: config.into() })
+        Ok(UNetPP { encoder, grid, heads: vec![head], config })
     }
 }
 

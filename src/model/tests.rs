@@ -238,8 +238,9 @@ fn folded_batchnorm_matches_the_plain_path() {
     assert!((a - b).abs().max().into_scalar::<f32>() <= 1e-4);
 }
 
-/// Inference pools each encoder node and sums the last node into its head as the convolutions
-/// store (`Block::forward_parts_pooled`, `forward_parts_head`): with widths and sizes that take
+/// Inference up-samples each node's half-size part as the convolution reads it, pools each
+/// encoder node and sums the last node into its head as the convolutions store
+/// (`Block::layer`'s fused path): with widths and sizes that take
 /// the Winograd kernel (F(2x2) at 24x32, F(4x4) at 48x48), binary and two-class heads, every
 /// mode gives the probabilities of burn's unfused ops to 1e-4 relative.
 #[test]
