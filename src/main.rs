@@ -177,10 +177,10 @@ struct BackendArg {
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// Default unetpp
+    /// unet, wide-unet or unetpp (default unetpp)
     #[arg(long)]
     arch: Option<Arch>,
-    /// Default modern
+    /// paper (the Keras original) or modern (BatchNorm, bilinear up-sampling; default)
     #[arg(long)]
     preset: Option<Preset>,
     /// Down-sampling steps L (default 4; 5 with a ResNet encoder, as smp)
@@ -188,7 +188,7 @@ struct ModelArgs {
     depth: Option<usize>,
     /// Encoder column X^{i,0}: the paper's blocks, or a ResNet as in segmentation_models.pytorch
     /// (2D; nearest up-sampling, 3x3 head, decoder widths 256..16 unless --decoder-channels);
-    /// default plain
+    /// plain (default), resnet18, resnet34 or resnet50
     #[arg(long)]
     encoder: Option<Encoder>,
     /// Widths of the U-Net-path nodes X^{i,L-i}, deepest first, e.g. 256,128,64,32,16
