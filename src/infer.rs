@@ -134,6 +134,9 @@ pub struct Summary {
     pub mean_iou: f64,
     pub std_iou: f64,
     pub seconds: f64,
+    /// Mean Dice and IoU per class (multi-class), named by label.
+    #[serde(skip)]
+    pub per_class: Vec<(String, Overlap)>,
 }
 
 /// Scores every sample; optionally writes overlays (2D) into `overlay_dir`.
@@ -188,6 +191,7 @@ pub fn evaluate_modes<const D: usize>(
                 mean_iou,
                 std_iou,
                 seconds,
+                per_class: vec![],
             };
             (scores, summary)
         })
@@ -235,9 +239,20 @@ pub fn write_prediction(
     classes: usize,
     with_probs: bool,
 ) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let paths = crate::output::prediction_paths(out_dir, &s.source, classes, with_probs);
+    write_prediction_to(&paths, s, probs, classes)?;
+    Ok(paths)
+}
+
+/// Writes the mask, then the probability maps, to `paths` (a mask only when it holds one path).
+pub fn write_prediction_to(
+    paths: &[std::path::PathBuf],
+    s: &Sample,
+    probs: &[f32],
+    classes: usize,
+) -> anyhow::Result<()> {
     let pred = labels(probs, classes);
     let n = s.voxels();
-    let paths = crate::output::prediction_paths(out_dir, &s.source, classes, with_probs);
     let volume = io::is_volume(&s.source);
     let scale = if classes == 1 { 255 } else { 1 };
     for (i, path) in paths.iter().enumerate() {
@@ -251,7 +266,7 @@ pub fn write_prediction(
             }
         }
     }
-    Ok(paths)
+    Ok(())
 }
 
 /// Reads an input without a mask for prediction.

@@ -191,25 +191,26 @@ struct ModelArgs {
     /// 2 or 3 spatial dimensions (default: from the data)
     #[arg(long)]
     dims: Option<usize>,
-    /// 1 (grey) or 3 (RGB)
-    #[arg(long, default_value_t = 1)]
-    channels: usize,
-    /// 1 = binary; n >= 2 = label ids 0..n-1 (multi-class)
-    #[arg(long, default_value_t = 1)]
-    classes: usize,
+    /// 1 (grey) or 3 (RGB); default 1, or the channels of an nnU-Net data set's dataset.json
+    #[arg(long)]
+    channels: Option<usize>,
+    /// 1 = binary; n >= 2 = label ids 0..n-1 (multi-class); default 1, or dataset.json's labels
+    #[arg(long)]
+    classes: Option<usize>,
     /// Train a single head on X^{0,L} instead of deep supervision
     #[arg(long)]
     no_deep_supervision: bool,
 }
 
 impl ModelArgs {
-    fn config(&self, dims: usize) -> ModelConfig {
+    /// `found`: the channels and classes the data set names (nnU-Net's dataset.json).
+    fn config(&self, dims: usize, found: Option<(usize, usize)>) -> ModelConfig {
         let depth = self.depth.unwrap_or(if self.encoder == Encoder::Plain { 4 } else { 5 });
         let base = ModelConfig::new(self.arch, self.preset, depth);
         let cfg = ModelConfig {
             width: self.width.unwrap_or(base.width),
-            in_channels: self.channels,
-            classes: self.classes,
+            in_channels: self.channels.or(found.map(|f| f.0)).unwrap_or(1),
+            classes: self.classes.or(found.map(|f| f.1)).unwrap_or(1),
             dims: self.dims.unwrap_or(dims),
             deep_supervision: base.deep_supervision && !self.no_deep_supervision,
             ..base
@@ -323,6 +324,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "{} images, mode {}: mean Dice {:.4} ± {:.4}, mean IoU {:.4} ± {:.4}",
                 summary.images, summary.mode, summary.mean_dice, summary.std_dice, summary.mean_iou, summary.std_iou
             );
+            for (name, o) in &summary.per_class {
+                println!("  {name}: mean Dice {:.4}, mean IoU {:.4}", o.dice, o.iou);
+            }
             println!("per-image scores and overlays in {}", out.display());
             Ok(())
         }
@@ -390,7 +394,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info { checkpoint, model } => {
             let cfg = match checkpoint {
                 Some(c) => unetpp::checkpoint::read_meta(&c)?.model,
-                None => model.config(2),
+                None => model.config(2, None),
             };
             print!("{}", app::info(&cfg)?);
             Ok(())
@@ -429,13 +433,14 @@ fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         eprintln!("no --data given: training on the bundled sample {} (pass --data DIR for your own)", data.display());
     }
     let dims = app::detect_dims(&data)?;
+    let nnunet = unetpp::data::layout::defaults(&data, a.normalize.is_some())?;
     // Fine-tuning keeps the checkpoint's architecture and, unless told otherwise, its input normalisation.
     let (model, normalize) = match &a.weights {
         Some(w) => {
             let meta = unetpp::checkpoint::read_meta(w)?;
             (meta.model, a.normalize.or(Some(meta.data.normalize)))
         }
-        None => (a.model.config(dims), a.normalize),
+        None => (a.model.config(dims, nnunet.as_ref().map(|n| (n.channel_names.len(), n.labels.len()))), a.normalize),
     };
     let patch = parse_size(a.patch.as_deref())?.unwrap_or(if model.dims == 3 { [64; 3] } else { [1, 96, 96] });
     let tile = parse_size(a.tile.as_deref())?.unwrap_or(app::default_tile(&model));
@@ -447,7 +452,7 @@ fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     });
     Ok(TrainConfig {
         data,
-        input: DataConfig { channels: model.in_channels, classes: model.classes, normalize },
+        input: DataConfig { channels: model.in_channels, classes: model.classes, normalize, nnunet },
         model,
         epochs: a.epochs.unwrap_or(epochs),
         steps_per_epoch: a.steps_per_epoch.unwrap_or(steps),

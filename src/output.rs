@@ -117,6 +117,9 @@ pub fn is_ours(path: &Path) -> bool {
 
 /// The folders of a data set that hold images or ground truth: `images/`, `masks/`, `labels/`.
 fn data_folders(split: &Path) -> Vec<(PathBuf, &'static str)> {
+    if let Ok(Some(s)) = crate::data::layout::split(split) {
+        return [(s.images, "image"), (s.labels, "ground-truth")].into_iter().filter(|(p, _)| p.is_dir()).collect();
+    }
     [("images", "image"), ("masks", "ground-truth"), ("labels", "ground-truth")]
         .into_iter()
         .map(|(d, what)| (split.join(d), what))
