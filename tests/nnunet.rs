@@ -123,6 +123,15 @@ fn train_eval_predict_with_only_data() {
         assert_eq!(raw.shape, [16, 16, 16]);
         assert!(raw.data.iter().all(|&v| v == 0.0 || v == 1.0 || v == 2.0));
     }
+    // Never into the data set's ground truth or image folders, even with --overwrite.
+    for folder in ["labelsTs", "labelsTr", "imagesTr"] {
+        let before: Vec<_> = walk(&data).into_iter().map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect();
+        let out = data.join(folder);
+        let args = ["predict", "--checkpoint", s(&ck), "--input", s(&data), "--out", s(&out), "--overwrite"];
+        fails(&args, &[folder]);
+        let after: Vec<_> = walk(&data).into_iter().map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect();
+        assert!(before == after, "predict --out {folder} changed the data set");
+    }
 }
 
 fn reference() -> serde_json::Value {
@@ -258,4 +267,40 @@ fn channels_or_classes_that_contradict_dataset_json_and_eval_without_labels_are_
         &["has no labelsTs folder", "evaluation needs the cases' labels there"],
     );
     assert!(!eval.join("scores.csv").exists());
+}
+
+/// A 2D nnU-Net data set (`file_ending` .png, two grey channels per case) reads as multi-channel
+/// 2D samples, each channel normalised by its own scheme.
+#[test]
+fn two_dimensional_png_cases_read_with_their_channels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("Dataset991_Png");
+    for sub in ["imagesTr", "labelsTr"] {
+        std::fs::create_dir_all(d.join(sub)).unwrap();
+    }
+    let json = r#"{"channel_names": {"0": "rgb_to_0_1", "1": "noNorm"}, "labels": {"background": 0, "cell": 1, "edge": 2},
+                   "numTraining": 2, "file_ending": ".png"}"#;
+    std::fs::write(d.join("dataset.json"), json).unwrap();
+    for case in ["a", "b"] {
+        let grey = |f: fn(u32, u32) -> u8| image::GrayImage::from_fn(8, 6, |x, y| image::Luma([f(x, y)]));
+        grey(|x, _| (x * 30) as u8).save(d.join(format!("imagesTr/{case}_0000.png"))).unwrap();
+        grey(|_, y| (y * 7) as u8).save(d.join(format!("imagesTr/{case}_0001.png"))).unwrap();
+        grey(|x, y| ((x + y) % 3) as u8).save(d.join(format!("labelsTr/{case}.png"))).unwrap();
+    }
+    assert_eq!(unetpp::app::detect_dims(&d).unwrap(), 2);
+    let nn = unetpp::data::layout::defaults(&d, false).unwrap().unwrap();
+    assert_eq!(nn.norms, [ChannelNorm::RgbTo01, ChannelNorm::NoNorm]);
+    let cfg = unetpp::data::DataConfig {
+        channels: 2,
+        classes: 3,
+        normalize: unetpp::data::Normalize::ZScore,
+        nnunet: Some(nn),
+    };
+    let samples = unetpp::data::load(&d.join("imagesTr"), &cfg, true, false).unwrap();
+    assert_eq!(samples.len(), 2);
+    let smp = &samples[1];
+    assert_eq!((smp.name.as_str(), smp.channels, smp.shape), ("b", 2, [1, 6, 8]));
+    // Pixel (x 3, y 2): channel 0 is 90 / 255, channel 1 stays 14, the label is (3 + 2) % 3.
+    let i = 2 * 8 + 3;
+    assert_eq!((smp.image[i], smp.image[48 + i], smp.mask[i]), (90.0 / 255.0, 14.0, 2));
 }
