@@ -88,7 +88,8 @@ pub fn eval(ck: &Path, data_dir: &Path, out: &Path, opts: &InferOptions, skip_ba
     meta.model.validate().with_context(|| format!("checkpoint {}", ck.display()))?;
     opts.validate(&meta.model)?;
     let splits = Splits::find(data_dir)?;
-    let dir = splits.test.or(splits.val).context("no test/ or val/ split to evaluate")?;
+    let dir =
+        splits.test.or(splits.val).context("no test/ or val/ split (nnU-Net: imagesTs/ with labelsTs/) to evaluate")?;
     let images: Vec<PathBuf> = data::pairs(&dir, true)?.into_iter().map(|p| p.image).collect();
     data::ensure_dims(&images, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
     match meta.model.dims {
@@ -108,7 +109,8 @@ fn eval_d<const D: usize>(
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
     let model = model.fold_batchnorm();
     let splits = Splits::find(data_dir)?;
-    let dir = splits.test.or(splits.val).context("no test/ or val/ split to evaluate")?;
+    let dir =
+        splits.test.or(splits.val).context("no test/ or val/ split (nnU-Net: imagesTs/ with labelsTs/) to evaluate")?;
     crate::output::check_eval_out(data_dir, out)?;
     let samples = data::load(&dir, &meta.data, true, skip_bad)?;
     let overlays = out.join("overlays");
