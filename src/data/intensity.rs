@@ -8,8 +8,8 @@
 //! The CT statistics are the data set's fingerprint: collected once over every foreground voxel
 //! (label > 0) of every training case, then saved in the run's configuration and checkpoint so
 //! that eval and predict normalise exactly as training did. nnU-Net v2 draws 10,000 foreground
-//! voxels per case (with replacement, seeded); we use all of them, so the numbers are exact and
-//! do not depend on a random stream.
+//! voxels per case (with replacement, seeded); the mean and std here are over all of them, the
+//! percentiles over up to 100,000 per case (see [`Foreground`]), with no random stream.
 
 use serde::{Deserialize, Serialize};
 
@@ -34,15 +34,12 @@ pub fn is_ct(name: &str) -> bool {
     name.to_lowercase() == "ct"
 }
 
-/// The scheme for a channel name; CT gets its statistics from [`ct_stats`].
-pub fn scheme(name: &str, foreground: Option<&mut Vec<f32>>) -> anyhow::Result<ChannelNorm> {
+/// The scheme for a channel name; CT's statistics come from `foreground`.
+pub fn scheme(name: &str, foreground: Option<Foreground>) -> anyhow::Result<ChannelNorm> {
     Ok(match name.to_lowercase().as_str() {
-        "ct" => {
-            let v = foreground.filter(|v| !v.is_empty()).ok_or_else(|| {
-                anyhow::anyhow!("channel `{name}` (CT) needs foreground voxels, but no training label has any")
-            })?;
-            ct_stats(v)
-        }
+        "ct" => foreground.and_then(Foreground::stats).ok_or_else(|| {
+            anyhow::anyhow!("channel `{name}` (CT) needs foreground voxels, but no training label has any")
+        })?,
         "nonorm" => ChannelNorm::NoNorm,
         "rescale_to_0_1" => ChannelNorm::RescaleTo01,
         "rgb_to_0_1" => ChannelNorm::RgbTo01,
@@ -50,13 +47,45 @@ pub fn scheme(name: &str, foreground: Option<&mut Vec<f32>>) -> anyhow::Result<C
     })
 }
 
-/// Mean, population std and numpy's (linear) 0.5/99.5 percentiles of the foreground voxels.
-pub fn ct_stats(v: &mut [f32]) -> ChannelNorm {
-    v.sort_unstable_by(f32::total_cmp);
-    let n = v.len() as f64;
-    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
-    let std = (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
-    ChannelNorm::Ct { low: percentile_linear(v, 0.5), high: percentile_linear(v, 99.5), mean, std }
+/// One channel's foreground intensities over the training cases: exact count, mean and sum of
+/// squared deviations (merged case by case, Chan et al.), and for the percentiles every voxel of
+/// a case up to [`Foreground::PER_CASE`], an evenly strided subset beyond, so that memory stays
+/// bounded on large data sets (nnU-Net keeps 10,000 random voxels per case).
+#[derive(Clone, Debug, Default)]
+pub struct Foreground {
+    n: f64,
+    mean: f64,
+    m2: f64,
+    samples: Vec<f32>,
+}
+
+impl Foreground {
+    pub const PER_CASE: usize = 100_000;
+
+    pub fn add_case(&mut self, v: &[f32]) {
+        if v.is_empty() {
+            return;
+        }
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let m2 = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>();
+        let total = self.n + n;
+        let delta = mean - self.mean;
+        self.m2 += m2 + delta * delta * self.n * n / total;
+        self.mean += delta * n / total;
+        self.n = total;
+        self.samples.extend(v.iter().step_by(v.len().div_ceil(Self::PER_CASE)));
+    }
+
+    /// Mean, population std and numpy's (linear) 0.5/99.5 percentiles; `None` without voxels.
+    pub fn stats(mut self) -> Option<ChannelNorm> {
+        if self.samples.is_empty() {
+            return None;
+        }
+        self.samples.sort_unstable_by(f32::total_cmp);
+        let (low, high) = (percentile_linear(&self.samples, 0.5), percentile_linear(&self.samples, 99.5));
+        Some(ChannelNorm::Ct { low, high, mean: self.mean, std: (self.m2 / self.n).sqrt() })
+    }
 }
 
 /// `np.percentile(v, p)` (linear interpolation) of sorted `v`.
@@ -103,10 +132,13 @@ mod tests {
 
     #[test]
     fn ct_statistics_by_hand() {
-        // 0..=100: mean 50, population std sqrt(850), np.percentile(.., 0.5) = 0.5, 99.5 -> 99.5.
-        let mut v: Vec<f32> = (0..=100).rev().map(|x| x as f32).collect();
-        let ChannelNorm::Ct { low, high, mean, std } = ct_stats(&mut v) else { panic!() };
-        assert_eq!((low, high, mean), (0.5, 99.5, 50.0));
+        // 0..=100 in three cases: mean 50, population std sqrt(850), np.percentile(.., 0.5) = 0.5.
+        let v: Vec<f32> = (0..=100).rev().map(|x| x as f32).collect();
+        let mut fg = Foreground::default();
+        [&v[..10], &v[10..11], &[], &v[11..]].iter().for_each(|c| fg.add_case(c));
+        let ChannelNorm::Ct { low, high, mean, std } = fg.stats().unwrap() else { panic!() };
+        assert_eq!((low, high), (0.5, 99.5));
+        assert!((mean - 50.0).abs() < 1e-12);
         assert!((std - 850f64.sqrt()).abs() < 1e-9);
         let mut x = vec![-1000.0, 50.0, 1000.0];
         ChannelNorm::Ct { low, high, mean, std }.apply(&mut x);
@@ -119,7 +151,12 @@ mod tests {
         assert_eq!(scheme("T2", None).unwrap(), ChannelNorm::ZScore);
         assert_eq!(scheme("noNorm", None).unwrap(), ChannelNorm::NoNorm);
         assert_eq!(scheme("Rescale_To_0_1", None).unwrap(), ChannelNorm::RescaleTo01);
-        assert!(format!("{}", scheme("ct", Some(&mut vec![])).unwrap_err()).contains("no training label"));
+        assert!(format!("{}", scheme("ct", Some(Foreground::default())).unwrap_err()).contains("no training label"));
+        // Beyond PER_CASE voxels a case contributes an evenly strided subset to the percentiles.
+        let mut fg = Foreground::default();
+        fg.add_case(&(0..250_000).map(|x| x as f32).collect::<Vec<_>>());
+        assert_eq!(fg.samples.len(), 83_334);
+        assert_eq!(fg.samples[1], 3.0);
         let mut x = vec![2.0, 4.0, 6.0];
         ChannelNorm::RescaleTo01.apply(&mut x);
         assert_eq!(x, vec![0.0, 0.5, 1.0]);

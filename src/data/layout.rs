@@ -296,7 +296,7 @@ pub fn defaults(root: &Path, explicit_normalize: bool) -> anyhow::Result<Option<
     let mut norms = vec![];
     if !explicit_normalize {
         let ct: Vec<usize> = (0..s.json.channels.len()).filter(|&c| intensity::is_ct(&s.json.channels[c])).collect();
-        let mut fg: Vec<Vec<f32>> = vec![vec![]; s.json.channels.len()];
+        let mut fg = vec![intensity::Foreground::default(); s.json.channels.len()];
         if !ct.is_empty() {
             for p in pairs(&s, true)? {
                 let label = io::read_raw(p.mask.as_ref().unwrap())?;
@@ -308,12 +308,15 @@ pub fn defaults(root: &Path, explicit_normalize: bool) -> anyhow::Result<Option<
                         p.channels[c].display(),
                         p.mask.as_ref().unwrap().display()
                     );
-                    fg[c].extend(img.data.iter().zip(&label.data).filter(|(_, l)| **l > 0.0).map(|(v, _)| *v));
+                    let voxels: Vec<f32> =
+                        img.data.iter().zip(&label.data).filter(|(_, l)| **l > 0.0).map(|(v, _)| *v).collect();
+                    fg[c].add_case(&voxels);
                 }
             }
         }
         for (c, name) in s.json.channels.iter().enumerate() {
-            norms.push(intensity::scheme(name, Some(&mut fg[c])).with_context(|| s.json_path.display().to_string())?);
+            let voxels = std::mem::take(&mut fg[c]);
+            norms.push(intensity::scheme(name, Some(voxels)).with_context(|| s.json_path.display().to_string())?);
         }
     }
     Ok(Some(NnunetInput { channel_names: s.json.channels.clone(), norms, labels: s.json.labels.clone() }))
