@@ -29,7 +29,8 @@ pub fn next_run_dir(root: &Path) -> anyhow::Result<PathBuf> {
 /// 3 when the data set holds NIfTI volumes of more than one slice, else 2.
 pub fn detect_dims(root: &Path) -> anyhow::Result<usize> {
     let s = Splits::find(root)?;
-    let dir = s.train.or(s.test).unwrap().join("images");
+    let split = s.train.or(s.test).unwrap();
+    let dir = if data::layout::split(&split)?.is_some() { split } else { split.join("images") };
     let volume = std::fs::read_dir(&dir)
         .with_context(|| format!("cannot read {}", dir.display()))?
         .flatten()
@@ -95,7 +96,8 @@ pub fn eval(ck: &Path, data_dir: &Path, out: &Path, opts: &InferOptions, skip_ba
     meta.model.validate().with_context(|| format!("checkpoint {}", ck.display()))?;
     opts.validate(&meta.model)?;
     let splits = Splits::find(data_dir)?;
-    let dir = splits.test.or(splits.val).context("no test/ or val/ split to evaluate")?;
+    let dir =
+        splits.test.or(splits.val).context("no test/ or val/ split (nnU-Net: imagesTs/ with labelsTs/) to evaluate")?;
     let images: Vec<PathBuf> = data::pairs(&dir, true)?.into_iter().map(|p| p.image).collect();
     data::ensure_dims(&images, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
     crate::for_rank!(meta.model.dims, eval_d(ck, data_dir, out, opts, skip_bad))
@@ -112,14 +114,16 @@ fn eval_d<const D: usize>(
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
     let model = model.fold_batchnorm();
     let splits = Splits::find(data_dir)?;
-    let dir = splits.test.or(splits.val).context("no test/ or val/ split to evaluate")?;
+    let dir =
+        splits.test.or(splits.val).context("no test/ or val/ split (nnU-Net: imagesTs/ with labelsTs/) to evaluate")?;
     crate::output::check_eval_out(data_dir, out)?;
     let samples = data::load(&dir, &meta.data, true, skip_bad)?;
     let overlays = out.join("overlays");
     std::fs::create_dir_all(&overlays).with_context(|| format!("cannot create {}", overlays.display()))?;
     let tile = opts.tile(&meta.model);
     let overlay = |s: &data::Sample, pred: &[u8]| writer::overlay(&overlays, s, pred);
-    let (scores, summary) = infer::evaluate(&model, &samples, opts.mode(), tile, &device, overlay)?;
+    let (scores, mut summary) = infer::evaluate(&model, &samples, opts.mode(), tile, &device, overlay)?;
+    summary.per_class = crate::report::class_means(&scores, &crate::report::class_names(&meta.data));
     writer::scores(out, &scores, &summary, ck)?;
     Ok(summary)
 }
@@ -139,7 +143,7 @@ pub fn predict(
     let meta = checkpoint::read_meta(ck)?;
     meta.model.validate().with_context(|| format!("checkpoint {}", ck.display()))?;
     opts.validate(&meta.model)?;
-    let inputs = Inputs::find(input)?;
+    let inputs = Inputs::find(input, &meta.data)?;
     data::ensure_dims(&inputs.files, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
     crate::for_rank!(meta.model.dims, predict_d(ck, &inputs, out, opts, probs, overwrite))
 }
@@ -151,13 +155,20 @@ struct Inputs {
     given: PathBuf,
     dir: PathBuf,
     files: Vec<PathBuf>,
+    /// nnU-Net cases (one file per channel), in the order of `files` (their first channels).
+    cases: Option<Vec<data::layout::Case>>,
 }
 
 impl Inputs {
-    fn find(input: &Path) -> anyhow::Result<Inputs> {
+    fn find(input: &Path, cfg: &data::DataConfig) -> anyhow::Result<Inputs> {
         if input.is_file() {
             let dir = input.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            return Ok(Inputs { given: input.to_path_buf(), dir: dir.to_path_buf(), files: vec![input.to_path_buf()] });
+            let (given, dir, files) = (input.to_path_buf(), dir.to_path_buf(), vec![input.to_path_buf()]);
+            return Ok(Inputs { given, dir, files, cases: None });
+        }
+        if let Some((dir, cases)) = data::layout::predict_cases(input, cfg)? {
+            let files = cases.iter().map(|c| c.files[0].clone()).collect();
+            return Ok(Inputs { given: input.to_path_buf(), dir, files, cases: Some(cases) });
         }
         let dir = if input.join("images").is_dir() { input.join("images") } else { input.to_path_buf() };
         // Hidden files are skipped as in data sets: they include a killed run's temporary files.
@@ -173,7 +184,7 @@ impl Inputs {
             .collect();
         files.sort();
         anyhow::ensure!(!files.is_empty(), "no images found in {}", dir.display());
-        Ok(Inputs { given: input.to_path_buf(), dir, files })
+        Ok(Inputs { given: input.to_path_buf(), dir, files, cases: None })
     }
 }
 
@@ -188,21 +199,37 @@ fn predict_d<const D: usize>(
     let device = opts.backend.device();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
     let model = model.fold_batchnorm();
-    let Inputs { given, dir, files } = inputs;
-    let plan = crate::output::plan_predictions(given, dir, files, out, meta.model.classes, probs, overwrite)?;
+    let Inputs { given, dir, files, cases } = inputs;
+    // An nnU-Net case's outputs are named CASE.nii.gz, as nnU-Net names them.
+    let names: Vec<PathBuf> = match cases {
+        Some(cases) => cases.iter().zip(files).map(|(c, f)| dir.join(c.name.clone() + output_ending(f))).collect(),
+        None => files.clone(),
+    };
+    let plan = crate::output::plan_predictions(given, dir, &names, out, meta.model.classes, probs, overwrite)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let tile = opts.tile(&meta.model);
     let mut written = vec![];
-    for (path, paths) in plan {
-        let s = infer::read_unlabelled(&path, &meta.data)?;
+    for (i, (path, paths)) in plan.into_iter().enumerate() {
+        let s = match cases {
+            Some(cases) => {
+                let c = &cases[i];
+                let (image, shape) = data::layout::read_channels(&c.name, &c.files, &meta.data)?;
+                let channels = meta.data.channels;
+                data::Sample { name: c.name.clone(), image, mask: vec![], channels, shape, source: c.files[0].clone() }
+            }
+            None => infer::read_unlabelled(&path, &meta.data)?,
+        };
         let p = infer::probabilities(&model, &s, opts.mode(), tile, &device)?;
         let pred = infer::labels(&p, meta.model.classes);
-        let done = writer::prediction(out, &s, &pred, &p, meta.model.classes, probs)?;
-        debug_assert_eq!(done, paths);
-        written.extend(done);
+        writer::prediction_to(&paths, &s, &pred, &p, meta.model.classes)?;
+        written.extend(paths);
         eprintln!("predicted {}", infer::describe(&s));
     }
     Ok(written)
+}
+
+fn output_ending(input: &Path) -> &'static str {
+    if io::is_volume(input) { ".nii.gz" } else { ".png" }
 }
 
 /// Converts a PyTorch NestedUNet/UNet checkpoint (`.pth`, `.pt`, `.safetensors`) into a unetpp
@@ -221,7 +248,7 @@ pub fn import(
     ensure_not_input(out, &[src])?;
     let (model, report) = crate::import::import_with(src, opts, &backend.device())?;
     let cfg = model.config().clone();
-    let data = crate::data::DataConfig { channels: cfg.in_channels, classes: cfg.classes, normalize };
+    let data = crate::data::DataConfig { channels: cfg.in_channels, classes: cfg.classes, normalize, nnunet: None };
     checkpoint::save(&model, &Meta { model: cfg, data, epoch: 0, val_iou: None }, out)?;
     Ok(report)
 }

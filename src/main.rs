@@ -200,10 +200,10 @@ struct ModelArgs {
     /// 2 or 3 spatial dimensions (default: from the data)
     #[arg(long)]
     dims: Option<usize>,
-    /// 1 (grey, the default) or 3 (RGB)
+    /// 1 (grey, the default) or 3 (RGB); an nnU-Net data set's default is its dataset.json's channels
     #[arg(long)]
     channels: Option<usize>,
-    /// 1 = binary (the default); n >= 2 = label ids 0..n-1 (multi-class)
+    /// 1 = binary (the default); n >= 2 = label ids 0..n-1 (multi-class); nnU-Net data: dataset.json's labels
     #[arg(long)]
     classes: Option<usize>,
     /// Train a single head on X^{0,L} instead of deep supervision
@@ -324,6 +324,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "{} images, mode {}: mean Dice {:.4} ± {:.4}, mean IoU {:.4} ± {:.4}",
                 summary.images, summary.mode, summary.mean_dice, summary.std_dice, summary.mean_iou, summary.std_iou
             );
+            for (name, o) in &summary.per_class {
+                println!("  {name}: mean Dice {:.4}, mean IoU {:.4}", o.dice, o.iou);
+            }
             println!("per-image scores and overlays in {}", out.display());
             Ok(())
         }

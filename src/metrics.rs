@@ -1,8 +1,8 @@
 //! IoU and Dice on hard predictions. An empty prediction on an empty mask scores 1.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Overlap {
     pub iou: f64,
     pub dice: f64,

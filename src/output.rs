@@ -117,6 +117,9 @@ pub fn is_ours(path: &Path) -> bool {
 
 /// The folders of a data set that hold images or ground truth: `images/`, `masks/`, `labels/`.
 fn data_folders(split: &Path) -> Vec<(PathBuf, &'static str)> {
+    if let Ok(Some(s)) = crate::data::layout::split(split) {
+        return [(s.images, "image"), (s.labels, "ground-truth")].into_iter().filter(|(p, _)| p.is_dir()).collect();
+    }
     [("images", "image"), ("masks", "ground-truth"), ("labels", "ground-truth")]
         .into_iter()
         .map(|(d, what)| (split.join(d), what))
@@ -173,6 +176,9 @@ pub fn plan_predictions(
         let truth = data_folders(root).into_iter().filter(|(_, what)| *what == "ground-truth");
         protected.extend(truth.map(|(d, _)| (resolve(&d), "the ground-truth folder")));
     }
+    if let Ok(Some(s)) = crate::data::layout::split(&image_dir) {
+        protected.push((resolve(&s.labels), "the ground-truth folder"));
+    }
     for (dir, what) in &protected {
         if &target == dir {
             bail!(
@@ -186,8 +192,9 @@ pub fn plan_predictions(
 
     // Any data set's images/, masks/ or labels/ (one with images/ beside it), not only the inputs'.
     if let (Some(name), Some(root)) = (target.file_name(), target.parent())
-        && ["images", "masks", "labels"].iter().any(|d| name == OsStr::new(d))
-        && root.join("images").is_dir()
+        && (["images", "masks", "labels"].iter().any(|d| name == OsStr::new(d)) && root.join("images").is_dir()
+            || ["imagesTr", "labelsTr", "imagesTs", "labelsTs"].iter().any(|d| name == OsStr::new(d))
+                && crate::data::layout::is_nnunet(root))
     {
         bail!(
             "--out {} is the {}/ folder of the data set {}: predictions must not be mixed into a data set's \

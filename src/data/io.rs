@@ -334,7 +334,8 @@ pub fn read_input(path: &Path, cfg: &DataConfig) -> anyhow::Result<(Vec<f32>, [u
         (a, b) => bail!("{} has {a} channel(s) but the model takes {b} (set --channels {a})", path.display()),
     };
     let mut data = data;
-    cfg.normalize.apply(&mut data, cfg.channels, full_scale);
+    let norms = cfg.nnunet.as_ref().map(|n| n.norms.as_slice()).unwrap_or_default();
+    super::intensity::normalize(&mut data, cfg.channels, norms, cfg.normalize, full_scale);
     Ok((data, raw.shape))
 }
 
@@ -386,6 +387,9 @@ pub fn read_mask(path: &Path, classes: usize) -> anyhow::Result<(Vec<u8>, [usize
 }
 
 pub fn read_pair(pair: &Pair, cfg: &DataConfig) -> anyhow::Result<Sample> {
+    if !pair.channels.is_empty() {
+        return super::layout::read_case(pair, cfg);
+    }
     let (image, shape) = read_input(&pair.image, cfg)?;
     let mask = match &pair.mask {
         Some(m) => {

@@ -2,7 +2,10 @@
 //! (PNG, TIFF, JPEG, BMP; 8/16-bit; grey or RGB) or 3D NIfTI volumes. Every pair is read and
 //! checked before training starts, so a bad file is reported by name up front.
 
+pub mod dataset_json;
+pub mod intensity;
 pub mod io;
+pub mod layout;
 pub mod patch;
 pub mod volume;
 
@@ -147,6 +150,9 @@ pub struct DataConfig {
     /// 1 = binary (mask > 0 is foreground), n >= 2 = label ids 0..n.
     pub classes: usize,
     pub normalize: Normalize,
+    /// Channel and label names and per-channel normalisation of an nnU-Net data set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nnunet: Option<layout::NnunetInput>,
 }
 
 /// The image/mask file pairs of one split.
@@ -155,6 +161,8 @@ pub struct Pair {
     pub name: String,
     pub image: PathBuf,
     pub mask: Option<PathBuf>,
+    /// nnU-Net: one file per channel (`image` is the first); empty when `image` holds them all.
+    pub channels: Vec<PathBuf>,
 }
 
 /// A data set root (`train/`, `val/`, `test/`) or a single folder with `images/`.
@@ -168,6 +176,9 @@ pub struct Splits {
 impl Splits {
     pub fn find(root: &Path) -> anyhow::Result<Splits> {
         anyhow::ensure!(root.is_dir(), "data folder {} does not exist", root.display());
+        if layout::is_nnunet(root) {
+            return Ok(layout::splits(root));
+        }
         if root.join("images").is_dir() {
             let p = Some(root.to_path_buf());
             return Ok(Splits { train: p.clone(), val: None, test: p });
@@ -218,6 +229,9 @@ fn list(dir: &Path) -> anyhow::Result<BTreeMap<OsString, PathBuf>> {
 /// Pairs `DIR/images/*` with `DIR/masks/*` (or `DIR/labels/*`) by stem. With `need_masks`, an
 /// image without a mask is an error, as is a mask without an image in any case.
 pub fn pairs(dir: &Path, need_masks: bool) -> anyhow::Result<Vec<Pair>> {
+    if let Some(split) = layout::split(dir)? {
+        return layout::pairs(&split, need_masks);
+    }
     let images = list(&dir.join("images"))?;
     anyhow::ensure!(!images.is_empty(), "no images found in {}", dir.join("images").display());
     let mask_dir = ["masks", "labels"].iter().map(|m| dir.join(m)).find(|p| p.is_dir());
@@ -240,7 +254,7 @@ pub fn pairs(dir: &Path, need_masks: bool) -> anyhow::Result<Vec<Pair>> {
                 image.display(),
                 mask_dir.as_ref().unwrap().display()
             );
-            Ok(Pair { name: name.to_string_lossy().into_owned(), image, mask })
+            Ok(Pair { name: name.to_string_lossy().into_owned(), image, mask, channels: vec![] })
         })
         .collect()
 }
@@ -248,6 +262,9 @@ pub fn pairs(dir: &Path, need_masks: bool) -> anyhow::Result<Vec<Pair>> {
 /// Reads and checks every pair of a folder. With `skip_bad`, bad pairs are reported on stderr
 /// and left out; otherwise the first one is the error.
 pub fn load(dir: &Path, cfg: &DataConfig, need_masks: bool, skip_bad: bool) -> anyhow::Result<Vec<Sample>> {
+    if let Some(split) = layout::split(dir)? {
+        layout::check_config(&split, cfg)?;
+    }
     let pairs = pairs(dir, need_masks)?;
     let mut out = vec![];
     let loaded: Vec<_> = {

@@ -139,6 +139,9 @@ pub struct Summary {
     pub mean_iou: f64,
     pub std_iou: f64,
     pub seconds: f64,
+    /// Mean Dice and IoU per class (multi-class), named by label.
+    #[serde(skip)]
+    pub per_class: Vec<(String, Overlap)>,
 }
 
 /// Scores every sample; hands each sample's predicted labels to `each` (e.g.
@@ -194,6 +197,7 @@ pub fn evaluate_modes<const D: usize>(
                 mean_iou,
                 std_iou,
                 seconds,
+                per_class: vec![],
             };
             (scores, summary)
         })

@@ -2,7 +2,6 @@
 //! the input's geometry), overlays of a prediction on its image, and evaluation's `scores.csv`
 //! and `summary.json`. Every file is written atomically.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::{ImageScore, Summary};
@@ -12,12 +11,13 @@ use crate::data::io;
 /// Writes `scores.csv` (one row per image) and `summary.json` (the summary, the rows and the
 /// checkpoint they came from) into `out`.
 pub fn scores(out: &Path, scores: &[ImageScore], summary: &Summary, checkpoint: &Path) -> anyhow::Result<()> {
-    let mut csv = String::from("image,dice,iou\n");
-    for s in scores {
-        writeln!(csv, "\"{}\",{:.6},{:.6}", s.name.replace('"', "\"\""), s.dice, s.iou)?;
-    }
+    // Multi-class: a Dice and an IoU column per class, and `classes` keyed by label name.
+    let names: Vec<String> = summary.per_class.iter().map(|(n, _)| n.clone()).collect();
+    let csv = crate::report::scores_csv(scores, &names);
     crate::fsio::write_atomic(&out.join("scores.csv"), csv.as_bytes())?;
-    let json = serde_json::json!({ "summary": summary, "images": scores, "checkpoint": checkpoint });
+    let classes = crate::report::classes_json(summary);
+    let json =
+        serde_json::json!({ "summary": summary, "classes": classes, "images": scores, "checkpoint": checkpoint });
     crate::fsio::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&json)?.as_bytes())
 }
 
@@ -67,8 +67,15 @@ pub fn prediction(
     classes: usize,
     with_probs: bool,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    let n = s.voxels();
     let paths = crate::output::prediction_paths(out_dir, &s.source, classes, with_probs);
+    prediction_to(&paths, s, pred, probs, classes)?;
+    Ok(paths)
+}
+
+/// Writes the labels, then one probability map per further path, to `paths` (an nnU-Net case
+/// is written as CASE.nii.gz, not under its first channel file's name).
+pub fn prediction_to(paths: &[PathBuf], s: &Sample, pred: &[u8], probs: &[f32], classes: usize) -> anyhow::Result<()> {
+    let n = s.voxels();
     let volume = io::is_volume(&s.source);
     let scale = if classes == 1 { 255 } else { 1 };
     for (i, path) in paths.iter().enumerate() {
@@ -82,7 +89,7 @@ pub fn prediction(
             }
         }
     }
-    Ok(paths)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -120,6 +127,7 @@ mod tests {
             mean_iou: 2.0 / 3.0,
             std_iou: 1.0 / 3.0,
             seconds: 1.0,
+            per_class: vec![],
         };
         scores(dir.path(), &rows, &summary, Path::new("m.unetpp")).unwrap();
         let csv = std::fs::read_to_string(dir.path().join("scores.csv")).unwrap();

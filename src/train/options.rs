@@ -24,9 +24,9 @@ pub struct ModelOptions {
     pub width: Option<usize>,
     /// Default the data's.
     pub dims: Option<usize>,
-    /// Default 1.
+    /// Default 1, or the channels an nnU-Net data set's dataset.json names.
     pub channels: Option<usize>,
-    /// Default 1 (binary).
+    /// Default 1 (binary), or the labels an nnU-Net data set's dataset.json names.
     pub classes: Option<usize>,
     pub no_deep_supervision: bool,
 }
@@ -76,7 +76,8 @@ pub struct TrainOptions {
     pub patience: Option<usize>,
     /// Default 42.
     pub seed: Option<u64>,
-    /// Default percentile 0.5..99.5 (2D) or zscore (3D); a fine-tuned checkpoint's own.
+    /// Default percentile 0.5..99.5 (2D) or zscore (3D); a fine-tuned checkpoint's own; per
+    /// channel by modality on an nnU-Net data set (given, it replaces those for every channel).
     pub normalize: Option<Normalize>,
     /// Default 0.2.
     pub val_fraction: Option<f64>,
@@ -105,20 +106,27 @@ impl TrainConfig {
             );
         }
         let dims = crate::app::detect_dims(&data)?;
+        // An nnU-Net data set names its channels and labels, and picks each channel's normalisation.
+        let nnunet = crate::data::layout::defaults(&data, o.normalize.is_some())?;
+        let found = |f: fn(&crate::data::layout::NnunetInput) -> usize| nnunet.as_ref().map(f);
         // Fine-tuning keeps the checkpoint's architecture and, unless told otherwise, its input normalisation.
         let (model, normalize) = match &o.weights {
             Some(w) => {
                 let meta = crate::checkpoint::read_meta(w)?;
                 (meta.model, o.normalize.or(Some(meta.data.normalize)))
             }
-            None => (o.model.config(dims), o.normalize),
+            None => {
+                let channels = o.model.channels.or(found(|n| n.channel_names.len()));
+                let classes = o.model.classes.or(found(|n| n.labels.len()));
+                (ModelOptions { channels, classes, ..o.model.clone() }.config(dims), o.normalize)
+            }
         };
         let three = model.dims == 3;
         let normalize =
             normalize.unwrap_or(if three { Normalize::ZScore } else { Normalize::Percentile { low: 0.5, high: 99.5 } });
         Ok(TrainConfig {
             data,
-            input: DataConfig { channels: model.in_channels, classes: model.classes, normalize },
+            input: DataConfig { channels: model.in_channels, classes: model.classes, normalize, nnunet },
             epochs: o.epochs.unwrap_or(epochs),
             steps_per_epoch: o.steps_per_epoch.unwrap_or(steps),
             batch_size: o.batch_size.unwrap_or(batch),
