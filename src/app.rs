@@ -123,7 +123,7 @@ fn eval_d<const D: usize>(
     let tile = opts.tile(&meta.model);
     let overlay = |s: &data::Sample, pred: &[u8]| writer::overlay(&overlays, s, pred);
     let (scores, mut summary) = infer::evaluate(&model, &samples, opts.mode(), tile, &device, overlay)?;
-    summary.per_class = crate::report::class_means(&scores, &crate::report::class_names(&meta.data));
+    summary.per_class = crate::infer::by_label::class_means(&scores, &crate::infer::by_label::class_names(&meta.data));
     writer::scores(out, &scores, &summary, ck)?;
     Ok(summary)
 }

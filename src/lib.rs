@@ -17,5 +17,4 @@ pub mod model;
 pub mod optim;
 pub mod output;
 pub mod plot;
-pub mod report;
 pub mod train;

@@ -2,6 +2,7 @@
 //! inputs and average their probabilities; then labels and evaluation scores. Nothing here
 //! writes files: [`writer`] turns the results into prediction files, overlays and score tables.
 
+pub mod by_label;
 pub mod writer;
 
 use std::path::Path;

@@ -13,9 +13,9 @@ use crate::data::io;
 pub fn scores(out: &Path, scores: &[ImageScore], summary: &Summary, checkpoint: &Path) -> anyhow::Result<()> {
     // Multi-class: a Dice and an IoU column per class, and `classes` keyed by label name.
     let names: Vec<String> = summary.per_class.iter().map(|(n, _)| n.clone()).collect();
-    let csv = crate::report::scores_csv(scores, &names);
+    let csv = crate::infer::by_label::scores_csv(scores, &names);
     crate::fsio::write_atomic(&out.join("scores.csv"), csv.as_bytes())?;
-    let classes = crate::report::classes_json(summary);
+    let classes = crate::infer::by_label::classes_json(summary);
     let json =
         serde_json::json!({ "summary": summary, "classes": classes, "images": scores, "checkpoint": checkpoint });
     crate::fsio::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&json)?.as_bytes())
