@@ -125,7 +125,8 @@ fn centre_crop(s: &Sample, size: [usize; 3]) -> Sample {
     let origin: [isize; 3] =
         std::array::from_fn(|a| (centre[a].saturating_sub(size[a] / 2)).min(s.shape[a] - size[a]) as isize);
     let p = patch::crop(s, origin, size);
-    Sample { image: p.image, mask: p.mask, shape: size, ..s.clone() }
+    // A crop is no longer on the file's grid.
+    Sample { image: p.image, mask: p.mask, shape: size, geometry: None, ..s.clone() }
 }
 
 /// One optimisation step on a batch: the deep-supervision loss, its gradients and Adam, with

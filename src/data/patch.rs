@@ -158,6 +158,7 @@ mod tests {
             channels: 1,
             shape: [1, 3, 4],
             source: "s.png".into(),
+            geometry: None,
         }
     }
 

@@ -179,7 +179,7 @@ pub fn read(path: &Path) -> anyhow::Result<Volume> {
     };
     let bytes = super::payload(src, raw, compression, total)?;
     let data = super::planar(super::decode(&bytes, elem, big), channels);
-    Ok(Volume { data, channels, shape: [z, y, x], geometry })
+    Ok(Volume { data, channels, shape: [z, y, x], geometry, full_scale: elem.full_scale() })
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ pub mod geometry;
 pub mod metaimage;
 pub mod nifti;
 pub mod nrrd;
+pub mod orient;
+pub mod write;
 
 use std::io::Read;
 use std::path::Path;
@@ -33,6 +35,45 @@ pub struct Volume {
     /// `[z, y, x]`; note [`Geometry`]'s arrays are in ITK's `x, y, z` order.
     pub shape: [usize; 3],
     pub geometry: Geometry,
+    /// The full scale of the stored sample type (255 for 8-bit, the type's maximum for other
+    /// integers, 1 for floating-point or rescaled data), which `--normalize imagenet` divides by.
+    pub full_scale: f32,
+}
+
+/// The 3D formats by file name: NIfTI (`.nii`, `.nii.gz`), NRRD (`.nrrd`, `.nhdr`) and
+/// MetaImage (`.mha`, `.mhd`), case-insensitive. A detached header's data file (`.raw`,
+/// `.raw.gz`, `.zraw`) is none of them: it is read through its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Nifti,
+    Nrrd,
+    MetaImage,
+}
+
+impl Format {
+    pub fn of(path: &Path) -> Option<Format> {
+        let n = path.file_name()?.to_string_lossy().to_lowercase();
+        let ends = |exts: &[&str]| exts.iter().any(|e| n.ends_with(e));
+        if ends(&[".nii", ".nii.gz"]) {
+            Some(Format::Nifti)
+        } else if ends(&[".nrrd", ".nhdr"]) {
+            Some(Format::Nrrd)
+        } else if ends(&[".mha", ".mhd"]) {
+            Some(Format::MetaImage)
+        } else {
+            None
+        }
+    }
+}
+
+/// Reads a volume in any of the [`Format`]s, in its file's own layout.
+pub fn read(path: &Path) -> anyhow::Result<Volume> {
+    match Format::of(path) {
+        Some(Format::Nifti) => nifti::read(path),
+        Some(Format::Nrrd) => nrrd::read(path),
+        Some(Format::MetaImage) => metaimage::read(path),
+        None => bail!("{}: not a volume (.nii, .nii.gz, .nrrd, .nhdr, .mha or .mhd)", path.display()),
+    }
 }
 
 /// The sample types the NRRD and MetaImage readers decode.
@@ -57,6 +98,20 @@ impl Elem {
             Elem::I16 | Elem::U16 => 2,
             Elem::I32 | Elem::U32 | Elem::F32 => 4,
             Elem::I64 | Elem::U64 | Elem::F64 => 8,
+        }
+    }
+
+    pub(crate) fn full_scale(self) -> f32 {
+        match self {
+            Elem::I8 => i8::MAX as f32,
+            Elem::U8 => u8::MAX as f32,
+            Elem::I16 => i16::MAX as f32,
+            Elem::U16 => u16::MAX as f32,
+            Elem::I32 => i32::MAX as f32,
+            Elem::U32 => u32::MAX as f32,
+            Elem::I64 => i64::MAX as f32,
+            Elem::U64 => u64::MAX as f32,
+            Elem::F32 | Elem::F64 => 1.0,
         }
     }
 }

@@ -317,7 +317,7 @@ pub fn read(path: &Path) -> anyhow::Result<Volume> {
         super::decode(&bytes, elem, big)
     };
     let data = if channel_axis == Some(0) && dim == 4 { super::planar(data, channels) } else { data };
-    Ok(Volume { data, channels, shape: [z, y, x], geometry })
+    Ok(Volume { data, channels, shape: [z, y, x], geometry, full_scale: elem.full_scale() })
 }
 
 #[cfg(test)]
