@@ -326,11 +326,7 @@ pub fn read_raw(path: &Path) -> anyhow::Result<Raw> {
 /// [`read_raw`] plus the full scale of the file's sample type (255 for 8-bit, 65535 for 16-bit,
 /// the maximum of other integer types, 1 for floating-point data).
 pub fn read_scaled(path: &Path) -> anyhow::Result<(Raw, f32)> {
-    if is_volume(path) {
-        read_volume(path)
-    } else {
-        read_image(path, "image")
-    }
+    if is_volume(path) { read_volume(path) } else { read_image(path, "image") }
 }
 
 pub fn read_header(path: &Path) -> anyhow::Result<nifti::NiftiHeader> {
@@ -343,10 +339,7 @@ pub fn read_input(path: &Path, cfg: &DataConfig) -> anyhow::Result<(Vec<f32>, [u
 }
 
 /// [`read_input`], a volume LPS-aligned, with the frame that puts it back on its file's grid.
-pub fn read_input_framed(
-    path: &Path,
-    cfg: &DataConfig,
-) -> anyhow::Result<(Vec<f32>, [usize; 3], Option<Frame>)> {
+pub fn read_input_framed(path: &Path, cfg: &DataConfig) -> anyhow::Result<(Vec<f32>, [usize; 3], Option<Frame>)> {
     let (raw, full_scale) = read_scaled(path)?;
     let n = raw.shape.iter().product::<usize>();
     if let Some(i) = raw.data.iter().position(|v| !v.is_finite()) {
