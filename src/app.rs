@@ -213,9 +213,9 @@ fn predict_d<const D: usize>(
         let s = match cases {
             Some(cases) => {
                 let c = &cases[i];
-                let (image, shape) = data::layout::read_channels(&c.name, &c.files, &meta.data)?;
-                let channels = meta.data.channels;
-                data::Sample { name: c.name.clone(), image, mask: vec![], channels, shape, source: c.files[0].clone() }
+                let (image, shape, geometry) = data::layout::read_channels(&c.name, &c.files, &meta.data)?;
+                let (name, channels, source) = (c.name.clone(), meta.data.channels, c.files[0].clone());
+                data::Sample { name, image, mask: vec![], channels, shape, source, geometry }
             }
             None => infer::read_unlabelled(&path, &meta.data)?,
         };

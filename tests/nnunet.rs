@@ -169,12 +169,15 @@ fn ct_and_zscore_normalisation_match_numpy() {
     let sample = &samples[0];
     assert_eq!((sample.name.as_str(), sample.shape), (r["test_case"].as_str().unwrap(), [16, 16, 16]));
     let n = sample.voxels();
+    // The reference indexes the file's voxels; the sample is LPS-aligned, so undo that first.
+    let frame = sample.geometry.as_ref().expect("a volume has its frame");
+    let image = frame.orientation.undo(&sample.image, 2, frame.file_shape);
     let idx: Vec<usize> = r["voxel_indices"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
     for (c, key) in [(0, "channel0_ct"), (1, "channel1_zscore")] {
         let want = r[key].as_array().unwrap();
         let mut worst = 0f64;
         for (&i, w) in idx.iter().zip(want) {
-            worst = worst.max((sample.image[c * n + i] as f64 - w.as_f64().unwrap()).abs());
+            worst = worst.max((image[c * n + i] as f64 - w.as_f64().unwrap()).abs());
         }
         assert!(worst < 1e-5, "{key}: largest difference {worst}");
     }

@@ -1,4 +1,5 @@
-//! Reading and writing images (via `image`) and volumes (via `nifti`).
+//! Reading and writing images (via `image`) and volumes (NIfTI, NRRD, MetaImage: see
+//! [`super::volume`]). Volumes are given to the network LPS-aligned ([`super::volume::orient`]).
 
 use std::io::Read;
 use std::path::Path;
@@ -9,13 +10,15 @@ use image::{DynamicImage, GenericImageView, ImageDecoder};
 use ndarray::{Array3, ShapeBuilder};
 use nifti::{NiftiHeader, NiftiType};
 
+use super::volume::orient::Frame;
+use super::volume::{Format, Geometry};
 use super::{DataConfig, Pair, Sample};
 
 const IMAGE_EXTS: [&str; 6] = ["png", "tif", "tiff", "jpg", "jpeg", "bmp"];
 
+/// NIfTI, NRRD or MetaImage by name ([`Format::of`]).
 pub fn is_volume(path: &Path) -> bool {
-    let n = path.to_string_lossy().to_lowercase();
-    n.ends_with(".nii") || n.ends_with(".nii.gz")
+    Format::of(path).is_some()
 }
 
 pub fn is_supported(path: &Path) -> bool {
@@ -24,11 +27,13 @@ pub fn is_supported(path: &Path) -> bool {
 }
 
 /// Raw channels-first voxels in the file's own units (8-bit 0..255, 16-bit 0..65535, floats and
-/// NIfTI as stored), plus [depth, height, width].
+/// NIfTI as stored), plus [depth, height, width], in the file's own voxel order.
 pub struct Raw {
     pub data: Vec<f32>,
     pub channels: usize,
     pub shape: [usize; 3],
+    /// A volume's geometry; `None` for 2D images.
+    pub geometry: Option<Geometry>,
 }
 
 static MAX_DECODED_BYTES: AtomicU64 = AtomicU64::new(4 << 30);
@@ -149,7 +154,7 @@ fn read_image(path: &Path, what: &str) -> anyhow::Result<(Raw, f32)> {
     let img = decode(path, what)?;
     let (w, h) = img.dimensions();
     let shape = [1, h as usize, w as usize];
-    let raw = |data, channels| Raw { data, channels, shape };
+    let raw = |data, channels| Raw { data, channels, shape, geometry: None };
     Ok(match &img {
         DynamicImage::ImageLuma8(b) => (raw(planar(b.as_raw(), 1, 1), 1), 255.0),
         DynamicImage::ImageLumaA8(b) => (raw(planar(b.as_raw(), 2, 1), 1), 255.0),
@@ -199,12 +204,12 @@ fn read_tiff_grey(path: &Path, what: &str) -> anyhow::Result<Option<(Raw, f32)>>
     };
     let (w, h) = (w as usize, h as usize);
     ensure!(data.len() == w * h, "{what} {}: {} samples for {w}x{h} pixels", path.display(), data.len());
-    Ok(Some((Raw { data, channels: 1, shape: [1, h, w] }, full_scale)))
+    Ok(Some((Raw { data, channels: 1, shape: [1, h, w], geometry: None }, full_scale)))
 }
 
 /// The full scale of a NIfTI file's integer voxel type; 1 for floats and scaled (scl_slope)
 /// data, taken as already in [0, 1].
-fn nifti_full_scale(header: &nifti::NiftiHeader) -> f32 {
+pub(crate) fn nifti_full_scale(header: &nifti::NiftiHeader) -> f32 {
     use nifti::NiftiType as T;
     if !(header.scl_slope == 0.0 || header.scl_slope == 1.0) || header.scl_inter != 0.0 {
         return 1.0;
@@ -291,13 +296,26 @@ fn check_header(path: &Path, h: &NiftiHeader, bytes: &[u8]) -> anyhow::Result<()
     Ok(())
 }
 
-fn read_volume(path: &Path) -> anyhow::Result<(Raw, nifti::NiftiHeader)> {
-    let (bytes, header) = read_nifti(path)?;
-    let volume = nifti::InMemNiftiVolume::from_reader(&bytes[header.vox_offset as usize..], &header)
-        .with_context(|| format!("cannot read NIfTI voxels of {}", path.display()))?;
-    drop(bytes);
-    let (data, channels, shape) = super::volume::nifti::channels_first(volume, path)?;
-    Ok((Raw { data, channels, shape }, header))
+fn read_volume(path: &Path) -> anyhow::Result<(Raw, f32)> {
+    let v = super::volume::read(path)?;
+    Ok((Raw { data: v.data, channels: v.channels, shape: v.shape, geometry: Some(v.geometry) }, v.full_scale))
+}
+
+/// Puts a volume's planes into the LPS-aligned layout; 2D images pass through.
+pub(crate) fn oriented<T: Copy>(
+    data: Vec<T>,
+    channels: usize,
+    geometry: Option<Geometry>,
+    shape: [usize; 3],
+) -> (Vec<T>, [usize; 3], Option<Frame>) {
+    match geometry {
+        Some(g) => {
+            let frame = Frame::canonical(g, shape);
+            let (data, shape) = frame.apply(&data, channels);
+            (data, shape, Some(frame))
+        }
+        None => (data, shape, None),
+    }
 }
 
 /// An image or volume in the file's own units.
@@ -308,12 +326,7 @@ pub fn read_raw(path: &Path) -> anyhow::Result<Raw> {
 /// [`read_raw`] plus the full scale of the file's sample type (255 for 8-bit, 65535 for 16-bit,
 /// the maximum of other integer types, 1 for floating-point data).
 pub fn read_scaled(path: &Path) -> anyhow::Result<(Raw, f32)> {
-    if is_volume(path) {
-        let (raw, header) = read_volume(path)?;
-        Ok((raw, nifti_full_scale(&header)))
-    } else {
-        read_image(path, "image")
-    }
+    if is_volume(path) { read_volume(path) } else { read_image(path, "image") }
 }
 
 pub fn read_header(path: &Path) -> anyhow::Result<nifti::NiftiHeader> {
@@ -322,6 +335,11 @@ pub fn read_header(path: &Path) -> anyhow::Result<nifti::NiftiHeader> {
 
 /// Reads an image, converts it to `cfg.channels`, checks its values and normalises it.
 pub fn read_input(path: &Path, cfg: &DataConfig) -> anyhow::Result<(Vec<f32>, [usize; 3])> {
+    read_input_framed(path, cfg).map(|(data, shape, _)| (data, shape))
+}
+
+/// [`read_input`], a volume LPS-aligned, with the frame that puts it back on its file's grid.
+pub fn read_input_framed(path: &Path, cfg: &DataConfig) -> anyhow::Result<(Vec<f32>, [usize; 3], Option<Frame>)> {
     let (raw, full_scale) = read_scaled(path)?;
     let n = raw.shape.iter().product::<usize>();
     if let Some(i) = raw.data.iter().position(|v| !v.is_finite()) {
@@ -336,13 +354,18 @@ pub fn read_input(path: &Path, cfg: &DataConfig) -> anyhow::Result<(Vec<f32>, [u
     let mut data = data;
     let norms = cfg.nnunet.as_ref().map(|n| n.norms.as_slice()).unwrap_or_default();
     super::intensity::normalize(&mut data, cfg.channels, norms, cfg.normalize, full_scale);
-    Ok((data, raw.shape))
+    Ok(oriented(data, cfg.channels, raw.geometry, raw.shape))
 }
 
 /// Reads a mask as label ids in the file's own values: `> 0` is foreground for binary
 /// (`classes == 1`), the value itself the class for multi-class. A value that is negative, not
 /// a whole number, or (multi-class) not below `classes` and 256 is an error naming the file.
 pub fn read_mask(path: &Path, classes: usize) -> anyhow::Result<(Vec<u8>, [usize; 3])> {
+    read_mask_framed(path, classes).map(|(labels, shape, _)| (labels, shape))
+}
+
+/// [`read_mask`], a volume LPS-aligned by its own geometry, with its frame.
+pub fn read_mask_framed(path: &Path, classes: usize) -> anyhow::Result<(Vec<u8>, [usize; 3], Option<Frame>)> {
     let raw = if is_volume(path) { read_volume(path)?.0 } else { read_image(path, "mask")?.0 };
     // Labels are stored as u8.
     let top = classes.clamp(1, 256) - 1;
@@ -383,17 +406,24 @@ pub fn read_mask(path: &Path, classes: usize) -> anyhow::Result<(Vec<u8>, [usize
         };
         labels.push(id);
     }
-    Ok((labels, raw.shape))
+    Ok(oriented(labels, 1, raw.geometry, raw.shape))
 }
 
 pub fn read_pair(pair: &Pair, cfg: &DataConfig) -> anyhow::Result<Sample> {
     if !pair.channels.is_empty() {
         return super::layout::read_case(pair, cfg);
     }
-    let (image, shape) = read_input(&pair.image, cfg)?;
+    let (image, shape, geometry) = read_input_framed(&pair.image, cfg)?;
     let mask = match &pair.mask {
         Some(m) => {
-            let (mask, mshape) = read_mask(m, cfg.classes)?;
+            let (mask, mshape, mframe) = read_mask_framed(m, cfg.classes)?;
+            // Labels follow their image: both are LPS-aligned by their own headers, which must put
+            // them on one grid. Sizes that differ in the files are reported as such below.
+            if let (Some(a), Some(b)) = (&geometry, &mframe)
+                && (mshape == shape || a.file_shape == b.file_shape)
+            {
+                super::volume::orient::ensure_same_grid(&pair.image, a, m, b)?;
+            }
             ensure!(
                 mshape == shape,
                 "size mismatch: image {} is {} but mask {} is {}",
@@ -406,7 +436,15 @@ pub fn read_pair(pair: &Pair, cfg: &DataConfig) -> anyhow::Result<Sample> {
         }
         None => vec![],
     };
-    Ok(Sample { name: pair.name.clone(), image, mask, channels: cfg.channels, shape, source: pair.image.clone() })
+    Ok(Sample {
+        name: pair.name.clone(),
+        image,
+        mask,
+        channels: cfg.channels,
+        shape,
+        source: pair.image.clone(),
+        geometry,
+    })
 }
 
 pub fn fmt_shape(s: [usize; 3]) -> String {
@@ -444,7 +482,16 @@ pub fn write_nifti<T: nifti::DataElement + bytemuck::Pod>(
     shape: [usize; 3],
     reference: &Path,
 ) -> anyhow::Result<()> {
-    let mut header = read_header(reference)?;
+    write_nifti_header(path, voxels, shape, read_header(reference)?)
+}
+
+/// [`write_nifti`] with `header`'s geometry (its `dim` and `datatype` follow `voxels`).
+pub fn write_nifti_header<T: nifti::DataElement + bytemuck::Pod>(
+    path: &Path,
+    voxels: &[T],
+    shape: [usize; 3],
+    mut header: nifti::NiftiHeader,
+) -> anyhow::Result<()> {
     header.scl_slope = 1.0;
     header.scl_inter = 0.0;
     header.set_description(crate::output::NIFTI_DESCRIP.as_bytes())?;

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::dataset_json::DatasetJson;
 use super::intensity::{self, ChannelNorm};
+use super::volume::orient::Frame;
 use super::{DataConfig, Pair, Sample, Splits, io};
 
 pub const DATASET_JSON: &str = "dataset.json";
@@ -194,7 +195,12 @@ pub fn check_config(s: &Split, cfg: &DataConfig) -> anyhow::Result<()> {
 
 /// Reads and normalises a case's channel files (each single-channel, all the same size) into one
 /// channels-first image.
-pub fn read_channels(name: &str, files: &[PathBuf], cfg: &DataConfig) -> anyhow::Result<(Vec<f32>, [usize; 3])> {
+/// A case's channel files as one LPS-aligned, normalised array, with the frame of its first file.
+pub fn read_channels(
+    name: &str,
+    files: &[PathBuf],
+    cfg: &DataConfig,
+) -> anyhow::Result<(Vec<f32>, [usize; 3], Option<Frame>)> {
     ensure!(
         files.len() == cfg.channels,
         "case `{name}` has {} channel file(s) but the model takes {} channel(s)",
@@ -202,9 +208,12 @@ pub fn read_channels(name: &str, files: &[PathBuf], cfg: &DataConfig) -> anyhow:
         cfg.channels
     );
     let mut data = vec![];
-    let (mut shape, mut full) = (None, 1.0);
+    let (mut shape, mut full, mut geometry) = (None, 1.0, None);
     for f in files {
         let (raw, scale) = io::read_scaled(f)?;
+        if geometry.is_none() {
+            geometry = raw.geometry.clone();
+        }
         ensure!(
             raw.channels == 1,
             "{} has {} channels; nnU-Net stores one channel per file",
@@ -230,12 +239,12 @@ pub fn read_channels(name: &str, files: &[PathBuf], cfg: &DataConfig) -> anyhow:
     }
     let norms = cfg.nnunet.as_ref().map(|n| n.norms.as_slice()).unwrap_or_default();
     intensity::normalize(&mut data, cfg.channels, norms, cfg.normalize, full);
-    Ok((data, shape.unwrap()))
+    Ok(io::oriented(data, cfg.channels, geometry, shape.unwrap()))
 }
 
 /// Reads a label file in its own values; a value that is not one of the labels is an error
 /// naming the file, the value and the labels there are.
-pub fn read_labels(path: &Path, cfg: &DataConfig) -> anyhow::Result<(Vec<u8>, [usize; 3])> {
+pub fn read_labels(path: &Path, cfg: &DataConfig) -> anyhow::Result<(Vec<u8>, [usize; 3], Option<Frame>)> {
     let raw = io::read_raw(path)?;
     ensure!(
         raw.channels == 1,
@@ -258,15 +267,20 @@ pub fn read_labels(path: &Path, cfg: &DataConfig) -> anyhow::Result<(Vec<u8>, [u
         );
         out.push(v as u8);
     }
-    Ok((out, raw.shape))
+    Ok(io::oriented(out, 1, raw.geometry, raw.shape))
 }
 
 /// A case as a [`Sample`] (with its labels when `pair.mask` is given).
 pub fn read_case(pair: &Pair, cfg: &DataConfig) -> anyhow::Result<Sample> {
-    let (image, shape) = read_channels(&pair.name, &pair.channels, cfg)?;
+    let (image, shape, geometry) = read_channels(&pair.name, &pair.channels, cfg)?;
     let mask = match &pair.mask {
         Some(m) => {
-            let (mask, mshape) = read_labels(m, cfg)?;
+            let (mask, mshape, mframe) = read_labels(m, cfg)?;
+            if let (Some(a), Some(b)) = (&geometry, &mframe)
+                && (mshape == shape || a.file_shape == b.file_shape)
+            {
+                crate::data::volume::orient::ensure_same_grid(&pair.image, a, m, b)?;
+            }
             ensure!(
                 mshape == shape,
                 "size mismatch: case `{}` is {} but its label file {} is {}",
@@ -279,7 +293,8 @@ pub fn read_case(pair: &Pair, cfg: &DataConfig) -> anyhow::Result<Sample> {
         }
         None => vec![],
     };
-    Ok(Sample { name: pair.name.clone(), image, mask, channels: cfg.channels, shape, source: pair.image.clone() })
+    let (name, channels, source) = (pair.name.clone(), cfg.channels, pair.image.clone());
+    Ok(Sample { name, image, mask, channels, shape, source, geometry })
 }
 
 /// What an nnU-Net data set gives a new run: channel and label names, and (unless `--normalize`

@@ -1,5 +1,5 @@
 //! Data sets on disk: `images/` + `masks/` (or `labels/`) paired by file stem, 2D images
-//! (PNG, TIFF, JPEG, BMP; 8/16-bit; grey or RGB) or 3D NIfTI volumes. Every pair is read and
+//! (PNG, TIFF, JPEG, BMP; 8/16-bit; grey or RGB) or 3D volumes (NIfTI, NRRD, MetaImage). Every pair is read and
 //! checked before training starts, so a bad file is reported by name up front.
 
 pub mod dataset_json;
@@ -26,6 +26,9 @@ pub struct Sample {
     /// [depth, height, width]
     pub shape: [usize; 3],
     pub source: PathBuf,
+    /// A volume's grid: `image`/`mask` are LPS-aligned, this puts them back on the file's grid
+    /// (see [`volume::orient`]). `None` for 2D images.
+    pub geometry: Option<volume::orient::Frame>,
 }
 
 impl Sample {
@@ -287,6 +290,9 @@ pub fn load(dir: &Path, cfg: &DataConfig, need_masks: bool, skip_bad: bool) -> a
 pub fn depth_of(path: &Path) -> Option<usize> {
     if !io::is_volume(path) {
         return Some(1);
+    }
+    if volume::Format::of(path) != Some(volume::Format::Nifti) {
+        return volume::read(path).ok().map(|v| v.shape[0]);
     }
     let h = nifti::NiftiHeader::from_file(path).ok()?;
     Some(if h.dim[0] >= 3 { h.dim[3].max(1) as usize } else { 1 })

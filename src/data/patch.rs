@@ -160,7 +160,8 @@ pub fn centre_crop(s: &Sample, size: [usize; 3]) -> Sample {
     let origin: [isize; 3] =
         std::array::from_fn(|a| (centre[a].saturating_sub(size[a] / 2)).min(s.shape[a] - size[a]) as isize);
     let p = crop(s, origin, size);
-    Sample { image: p.image, mask: p.mask, shape: size, ..s.clone() }
+    // A crop is no longer on the file's grid.
+    Sample { image: p.image, mask: p.mask, shape: size, geometry: None, ..s.clone() }
 }
 
 /// A patch or window size as the command line writes it: `96` -> [96, 96, 96] (a 2D model
@@ -192,6 +193,7 @@ mod tests {
             channels: 1,
             shape: [1, 3, 4],
             source: "s.png".into(),
+            geometry: None,
         }
     }
 
@@ -243,7 +245,15 @@ mod tests {
         let mut mask = vec![0u8; 24];
         mask[3 * 6 + 5] = 1;
         let image: Vec<f32> = (0..24).map(|i| i as f32).collect();
-        let s = Sample { name: "c".into(), image, mask, channels: 1, shape: [1, 4, 6], source: "c.png".into() };
+        let s = Sample {
+            name: "c".into(),
+            image,
+            mask,
+            channels: 1,
+            shape: [1, 4, 6],
+            source: "c.png".into(),
+            geometry: None,
+        };
         let c = centre_crop(&s, [1, 2, 2]);
         assert_eq!(
             (c.shape, c.image.clone(), c.mask.clone()),

@@ -207,8 +207,9 @@ pub fn evaluate_modes<const D: usize>(
 
 /// Reads an input without a mask for prediction.
 pub fn read_unlabelled(path: &Path, cfg: &DataConfig) -> anyhow::Result<Sample> {
-    let (image, shape) = io::read_input(path, cfg)?;
+    let (image, shape, geometry) = io::read_input_framed(path, cfg)?;
     Ok(Sample {
+        geometry,
         name: crate::data::stem(path),
         image,
         mask: vec![],

@@ -80,8 +80,8 @@ pub fn prediction_to(paths: &[PathBuf], s: &Sample, pred: &[u8], probs: &[f32], 
     let scale = if classes == 1 { 255 } else { 1 };
     for (i, path) in paths.iter().enumerate() {
         match (volume, i) {
-            (true, 0) => io::write_nifti(path, pred, s.shape, &s.source)?,
-            (true, _) => io::write_nifti(path, &probs[(i - 1) * n..i * n], s.shape, &s.source)?,
+            (true, 0) => crate::data::volume::write::prediction(path, pred, s)?,
+            (true, _) => crate::data::volume::write::prediction(path, &probs[(i - 1) * n..i * n], s)?,
             (false, 0) => io::write_png(path, &pred.iter().map(|&v| v * scale).collect::<Vec<_>>(), s.shape)?,
             (false, _) => {
                 let px: Vec<u8> = probs[(i - 1) * n..i * n].iter().map(|p| (p * 255.0).round() as u8).collect();
@@ -107,6 +107,7 @@ mod tests {
             channels: 1,
             shape: [1, 8, 8],
             source: "ramp.png".into(),
+            geometry: None,
         };
         let grey = display_grey(&s);
         assert_eq!((grey[0], grey[63]), (0, 255));

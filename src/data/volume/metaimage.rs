@@ -179,7 +179,7 @@ pub fn read(path: &Path) -> anyhow::Result<Volume> {
     };
     let bytes = super::payload(src, raw, compression, total)?;
     let data = super::planar(super::decode(&bytes, elem, big), channels);
-    Ok(Volume { data, channels, shape: [z, y, x], geometry })
+    Ok(Volume { data, channels, shape: [z, y, x], geometry, full_scale: elem.full_scale() })
 }
 
 #[cfg(test)]
@@ -200,7 +200,8 @@ mod tests {
             (&OK.replace("ElementDataFile = LOCAL\n", ""), &[], &["`ElementDataFile`", "missing"]),
             (&OK.replace("LOCAL", "LIST"), &[], &["ElementDataFile = LIST"]),
             (&OK.replace("LOCAL", "gone.raw"), &[], &["gone.raw"]),
-            (&OK.replace("2 1 1", "65536 65536 4096"), &[0, 0], &["declares", "holds 2"]),
+            (&OK.replace("2 1 1", "1024 1024 16"), &[0, 0], &["declares", "holds 2"]),
+            (&OK.replace("2 1 1", "65536 65536 4096"), &[0, 0], &["`DimSize`", "MiB an input may decode to"]),
             (OK, &[0], &["declares 2", "holds 1"]),
             (OK, &[0, 0, 0], &["3 bytes of voxel data"]),
             (&OK.replace("NDims = 3", "NDims = 3\nCompressedData = True"), &[0, 0], &["corrupt"]),

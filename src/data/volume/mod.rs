@@ -1,5 +1,7 @@
 //! 3D volumes with their physical geometry: NIfTI-1 ([`nifti`]), NRRD ([`nrrd`]) and MetaImage
-//! ([`metaimage`]). Each format has one entry point, `read(path) -> anyhow::Result<Volume>`.
+//! ([`metaimage`]). Each format has one entry point, `read(path) -> anyhow::Result<Volume>`;
+//! [`read`] picks it by file name ([`Format`]). Train/eval/predict give volumes to the network
+//! LPS-aligned ([`orient`]) and write predictions back on the input's grid ([`write`]).
 //!
 //! Every reader returns voxels channels-first as `[c][z][y][x]` (x fastest, as stored on disk by
 //! all three formats) in the file's own units (integers as stored, no rescaling), plus a
@@ -8,14 +10,17 @@
 //! RAS-space NRRD's RAS coordinates are converted by negating their first two components.
 //!
 //! What every reader refuses, with an error naming the file and the field (never a panic):
-//! a header that is not valid for its format, a size that overflows or asks for more voxels
-//! than the data present holds (or data left over), an unknown element type or encoding, a
+//! a header that is not valid for its format, a size that overflows, decodes to more than
+//! `io::max_decoded_bytes` or asks for more voxels than the data present holds (or data left
+//! over), an unknown element type or encoding, a
 //! spatial dimension other than 3, and a geometry that is not a rotation times a positive scale.
 
 pub mod geometry;
 pub mod metaimage;
 pub mod nifti;
 pub mod nrrd;
+pub mod orient;
+pub mod write;
 
 use std::io::Read;
 use std::path::Path;
@@ -33,6 +38,45 @@ pub struct Volume {
     /// `[z, y, x]`; note [`Geometry`]'s arrays are in ITK's `x, y, z` order.
     pub shape: [usize; 3],
     pub geometry: Geometry,
+    /// The full scale of the stored sample type (255 for 8-bit, the type's maximum for other
+    /// integers, 1 for floating-point or rescaled data), which `--normalize imagenet` divides by.
+    pub full_scale: f32,
+}
+
+/// The 3D formats by file name: NIfTI (`.nii`, `.nii.gz`), NRRD (`.nrrd`, `.nhdr`) and
+/// MetaImage (`.mha`, `.mhd`), case-insensitive. A detached header's data file (`.raw`,
+/// `.raw.gz`, `.zraw`) is none of them: it is read through its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Nifti,
+    Nrrd,
+    MetaImage,
+}
+
+impl Format {
+    pub fn of(path: &Path) -> Option<Format> {
+        let n = path.file_name()?.to_string_lossy().to_lowercase();
+        let ends = |exts: &[&str]| exts.iter().any(|e| n.ends_with(e));
+        if ends(&[".nii", ".nii.gz"]) {
+            Some(Format::Nifti)
+        } else if ends(&[".nrrd", ".nhdr"]) {
+            Some(Format::Nrrd)
+        } else if ends(&[".mha", ".mhd"]) {
+            Some(Format::MetaImage)
+        } else {
+            None
+        }
+    }
+}
+
+/// Reads a volume in any of the [`Format`]s, in its file's own layout.
+pub fn read(path: &Path) -> anyhow::Result<Volume> {
+    match Format::of(path) {
+        Some(Format::Nifti) => nifti::read(path),
+        Some(Format::Nrrd) => nrrd::read(path),
+        Some(Format::MetaImage) => metaimage::read(path),
+        None => bail!("{}: not a volume (.nii, .nii.gz, .nrrd, .nhdr, .mha or .mhd)", path.display()),
+    }
 }
 
 /// The sample types the NRRD and MetaImage readers decode.
@@ -57,6 +101,20 @@ impl Elem {
             Elem::I16 | Elem::U16 => 2,
             Elem::I32 | Elem::U32 | Elem::F32 => 4,
             Elem::I64 | Elem::U64 | Elem::F64 => 8,
+        }
+    }
+
+    pub(crate) fn full_scale(self) -> f32 {
+        match self {
+            Elem::I8 => i8::MAX as f32,
+            Elem::U8 => u8::MAX as f32,
+            Elem::I16 => i16::MAX as f32,
+            Elem::U16 => u16::MAX as f32,
+            Elem::I32 => i32::MAX as f32,
+            Elem::U32 => u32::MAX as f32,
+            Elem::I64 => i64::MAX as f32,
+            Elem::U64 => u64::MAX as f32,
+            Elem::F32 | Elem::F64 => 1.0,
         }
     }
 }
@@ -97,13 +155,25 @@ pub(crate) enum Compression {
     Zlib,
 }
 
-/// The number of bytes `sizes` samples of `elem` take, refusing overflow.
+/// The number of bytes `sizes` samples of `elem` take, refusing overflow and more than
+/// [`crate::data::io::max_decoded_bytes`] once decoded (as stored or as f32, whichever is
+/// larger): a header may not make us decompress or allocate what it likes.
 pub(crate) fn byte_count(path: &Path, field: &str, sizes: &[usize], elem: Elem) -> anyhow::Result<usize> {
-    sizes
+    let total = sizes
         .iter()
         .chain([&elem.size()])
         .try_fold(1usize, |acc, &s| acc.checked_mul(s))
-        .with_context(|| format!("{}: `{field}` {sizes:?} overflows the address space", path.display()))
+        .with_context(|| format!("{}: `{field}` {sizes:?} overflows the address space", path.display()))?;
+    let decoded = (total / elem.size()) as u128 * elem.size().max(4) as u128;
+    let max = crate::data::io::max_decoded_bytes();
+    ensure!(
+        decoded <= max as u128,
+        "{}: `{field}` {sizes:?} declares {:.1} MiB of voxels, more than the {:.1} MiB an input may decode to",
+        path.display(),
+        decoded as f64 / (1u64 << 20) as f64,
+        max as f64 / (1u64 << 20) as f64
+    );
+    Ok(total)
 }
 
 /// Exactly `need` payload bytes from `raw` (the bytes after the header, or a detached data
@@ -184,6 +254,9 @@ mod tests {
         assert!(e.contains("v.nrrd") && e.contains("corrupt"), "{e}");
         let e = byte_count(p, "sizes", &[usize::MAX, 2], Elem::U8).unwrap_err().to_string();
         assert!(e.contains("sizes") && e.contains("overflows"), "{e}");
+        // 2^40 voxels: a few bytes of header must not make us decompress or allocate 4 TiB.
+        let e = byte_count(p, "sizes", &[1 << 20, 1 << 20], Elem::U8).unwrap_err().to_string();
+        assert!(e.contains("v.nrrd") && e.contains("sizes") && e.contains("MiB an input may decode to"), "{e}");
     }
 
     #[test]

@@ -131,11 +131,12 @@ pub fn read(path: &Path) -> anyhow::Result<Volume> {
     // are verified before anything is allocated for the voxels.
     let (bytes, header) = crate::data::io::read_nifti(path)?;
     let geometry = nifti_geometry(&header).with_context(|| format!("{}", path.display()))?;
+    let full_scale = crate::data::io::nifti_full_scale(&header);
     let volume = nifti::InMemNiftiVolume::from_reader(&bytes[header.vox_offset as usize..], &header)
         .with_context(|| format!("cannot read NIfTI voxels of {}", path.display()))?;
     drop(bytes);
     let (data, channels, shape) = channels_first(volume, path)?;
-    Ok(Volume { data, channels, shape, geometry })
+    Ok(Volume { data, channels, shape, geometry, full_scale })
 }
 
 /// NIfTI voxels, indexed [x, y, z(, c)], as our channels-first [c][z][y][x] with the shape

@@ -317,7 +317,7 @@ pub fn read(path: &Path) -> anyhow::Result<Volume> {
         super::decode(&bytes, elem, big)
     };
     let data = if channel_axis == Some(0) && dim == 4 { super::planar(data, channels) } else { data };
-    Ok(Volume { data, channels, shape: [z, y, x], geometry })
+    Ok(Volume { data, channels, shape: [z, y, x], geometry, full_scale: elem.full_scale() })
 }
 
 #[cfg(test)]
@@ -354,7 +354,8 @@ mod tests {
             (&OK.replace("2 1 1", "2 1"), &[0, 0], &["`sizes`"]),
             (&OK.replace("2 1 1", "2 x 1"), &[0, 0], &["`sizes`"]),
             (&OK.replace("dimension: 3", "dimension: 2"), &[0, 0], &["dimension: 2"]),
-            (&OK.replace("2 1 1", "65536 65536 65536"), &[0, 0], &["declares 281474976710656 bytes", "holds 2"]),
+            (&OK.replace("2 1 1", "1024 1024 16"), &[0, 0], &["declares 16777216 bytes", "holds 2"]),
+            (&OK.replace("2 1 1", "65536 65536 65536"), &[0, 0], &["`sizes`", "MiB an input may decode to"]),
             (OK, &[0], &["declares 2", "holds 1"]),
             (OK, &[0, 0, 0], &["3 bytes of voxel data", "declares 2"]),
             (&OK.replace("raw", "gzip"), &[0, 0], &["corrupt"]),
