@@ -16,6 +16,8 @@ pub mod geometry;
 pub mod metaimage;
 pub mod nifti;
 pub mod nrrd;
+pub mod resample;
+pub mod spacing;
 
 use std::io::Read;
 use std::path::Path;
