@@ -6,7 +6,7 @@ separate coarse axis), on small seeded arrays.
 Run once (outputs are committed):
     python3 -m venv /work/venv-resample && /work/venv-resample/bin/pip install numpy scipy scikit-image
     /work/venv-resample/bin/python scripts/resample_refs.py
-Writes tests/data/resample/<case>.json; arrays are flat, C order ([z][y][x]).
+Writes tests/data/resample/<case>.json; arrays are flat, C order ([z][y][x]), floats as float32.
 """
 
 import json
@@ -81,6 +81,11 @@ def labels_nnunet(lab, shape_out, axis):
     return along_axis_nearest(v.astype(float), shape_out).astype(lab.dtype) if v.shape[axis] != shape_out[axis] else v
 
 
+def f32(a):
+    """Floats as their shortest float32 text: exact for the f32 inputs, within 6e-8 for outputs."""
+    return [float(str(v)) for v in np.asarray(a, dtype=np.float32).ravel()]
+
+
 def blocky_labels(rng, shape, classes):
     coarse = rng.integers(0, classes, size=[max(1, (n + 2) // 3) for n in shape])
     idx = np.ix_(*[np.minimum(np.arange(n) // 3, c - 1) for n, c in zip(shape, coarse.shape)])
@@ -119,15 +124,15 @@ def main():
             "target": target,
             "new_shape": to,
             "separate": axis,
-            "image": image.ravel().tolist(),
-            "image_out": resample(image, to, axis, 3).ravel().tolist(),
+            "image": f32(image),
+            "image_out": f32(resample(image, to, axis, 3)),
             "labels": lab.ravel().tolist(),
             "labels_out": labels_argmax(lab, to, axis).ravel().tolist(),
             "labels_nnunet_out": labels_nnunet(lab, to, axis).ravel().tolist(),
             "labels2": lab2.ravel().tolist(),
             "labels2_nnunet_out": labels_nnunet(lab2, to, axis).ravel().tolist(),
-            "probs": probs.ravel().tolist(),
-            "probs_out": np.stack([resample(p, to, axis, 1) for p in probs]).ravel().tolist(),
+            "probs": f32(probs),
+            "probs_out": f32(np.stack([resample(p, to, axis, 1) for p in probs])),
         }
         with open(os.path.join(OUT, name + ".json"), "w") as f:
             json.dump(case, f, separators=(",", ":"))
