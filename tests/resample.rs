@@ -61,6 +61,10 @@ fn labels_match_the_argmax_of_linear_one_hot_exactly_and_nnunet_on_two_classes()
         let plan = plan_of(&c);
         let got = resample_labels(&u8s(&c["labels"]), &plan).unwrap();
         assert_eq!(got, u8s(&c["labels_out"]), "{name}: four classes, arg-max");
+        // nnU-Net's rule (a class where its mask reaches 0.5) differs only where none does, and
+        // writes 0 there.
+        let nnunet = u8s(&c["labels_nnunet_out"]);
+        assert!(got.iter().zip(&nnunet).all(|(a, b)| a == b || *b == 0), "{name}: differs from nnU-Net elsewhere");
         let got = resample_labels(&u8s(&c["labels2"]), &plan).unwrap();
         assert_eq!(got, u8s(&c["labels2_nnunet_out"]), "{name}: two classes, nnU-Net's resize_segmentation");
     }

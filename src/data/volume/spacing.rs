@@ -4,7 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::Geometry;
-use super::resample::{Kind, Plan, check_spacing, resample};
+use super::resample::{Kind, Plan, check_spacing, resample, resample_labels};
+use crate::data::Sample;
 
 /// A voxel spacing in mm, in ITK's axis order `x, y, z` as [`Geometry::spacing`].
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -69,6 +70,34 @@ pub fn probabilities_back(probs: &[f32], classes: usize, plan: &Plan) -> anyhow:
     resample(probs, classes, &plan.inverse(), Kind::Probabilities)
 }
 
+/// `s`, a volume with voxel spacing `spacing` (mm, x, y, z), resampled to `target`: its image
+/// with cubic splines, its mask (if any) by the arg-max of its classes; with the plan that
+/// brings predictions back. `s` is returned as it is when the grid would not change.
+pub fn resample_sample(s: &Sample, spacing: [f64; 3], target: Spacing) -> anyhow::Result<(Sample, Plan)> {
+    let plan = Plan::to_spacing(s.shape, Spacing(spacing).zyx(), target.zyx(), &s.source.display().to_string())?;
+    let image = resample(&s.image, s.channels, &plan, Kind::Image)?;
+    let mask = if s.mask.is_empty() { vec![] } else { resample_labels(&s.mask, &plan)? };
+    let r =
+        Sample { name: s.name.clone(), image, mask, channels: s.channels, shape: plan.to, source: s.source.clone() };
+    Ok((r, plan))
+}
+
+/// Probabilities of `s` on its own grid (one vector per mode, `classes` planes each), computed by
+/// `predict` on `s` resampled to `target` and resampled back, so that labels, scores and
+/// written masks are on the user's grid. Without a target (or a spacing: 2D) `predict` sees `s`.
+pub fn on_input_grid(
+    s: &Sample,
+    spacing: Option<[f64; 3]>,
+    target: Option<Spacing>,
+    predict: impl FnOnce(&Sample) -> anyhow::Result<Vec<Vec<f32>>>,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let (Some(spacing), Some(target)) = (spacing, target) else { return predict(s) };
+    // The ground truth stays on the input's grid; only the image is resampled.
+    let unlabelled = Sample { mask: vec![], ..s.clone() };
+    let (r, plan) = resample_sample(&unlabelled, spacing, target)?;
+    predict(&r)?.into_iter().map(|p| resample(&p, p.len() / r.voxels(), &plan.inverse(), Kind::Probabilities)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +129,29 @@ mod tests {
         // New voxel i along x lies at old continuous index (i + 0.5) * 2 - 0.5, y at (j + 0.5) / 2 - 0.5.
         let (a, b) = (h.index_to_world([3.0, 5.0, 7.0]), g.index_to_world([6.5, 2.25, 7.0]));
         assert!((0..3).all(|r| (a[r] - b[r]).abs() < 1e-9), "{a:?} vs {b:?}");
+    }
+
+    #[test]
+    fn predictions_on_the_target_grid_come_back_onto_the_input_grid() {
+        let shape = [6, 20, 24];
+        let n: usize = shape.iter().product();
+        let image: Vec<f32> = (0..n).map(|i| (i % 24) as f32 / 24.0).collect();
+        let s = Sample { name: "v".into(), image, mask: vec![1; n], channels: 1, shape, source: "v.nii.gz".into() };
+        let mut seen = None;
+        // A stand-in model: two classes from the intensity, on the grid it is given.
+        let probs = on_input_grid(&s, Some([0.7, 0.7, 3.0]), Some(Spacing([1.4, 1.0, 3.0])), |r| {
+            seen = Some((r.shape, r.mask.len()));
+            Ok(vec![r.image.iter().map(|&x| 1.0 - x).chain(r.image.iter().copied()).collect()])
+        })
+        .unwrap();
+        assert_eq!(seen, Some(([6, 14, 12], 0)), "the model sees the resampled image, not the mask");
+        assert_eq!(probs.len(), 1);
+        assert_eq!(probs[0].len(), 2 * n);
+        assert!((0..n).all(|i| (probs[0][i] + probs[0][n + i] - 1.0).abs() < 1e-6));
+        // The foreground probability still follows x across the input's grid.
+        assert!(probs[0][n + 23] > 0.9 && probs[0][n] < 0.1, "{} {}", probs[0][n], probs[0][n + 23]);
+        // No target: the model sees the sample itself.
+        let same = on_input_grid(&s, Some([1.0; 3]), None, |r| Ok(vec![r.image.clone()])).unwrap();
+        assert_eq!(same[0], s.image);
     }
 }
