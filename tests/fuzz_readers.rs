@@ -320,8 +320,13 @@ struct Target {
 
 fn image_reader() -> Reader {
     Box::new(|p| {
-        let grey = DataConfig { channels: 1, classes: 1, normalize: Normalize::Percentile { low: 0.5, high: 99.5 } };
-        let rgb = DataConfig { channels: 3, classes: 2, normalize: Normalize::ZScore };
+        let grey = DataConfig {
+            channels: 1,
+            classes: 1,
+            normalize: Normalize::Percentile { low: 0.5, high: 99.5 },
+            spacing: None,
+        };
+        let rgb = DataConfig { channels: 3, classes: 2, normalize: Normalize::ZScore, spacing: None };
         let a = io::read_input(p, &grey).map(drop);
         let b = io::read_input(p, &rgb).map(drop);
         let c = io::read_mask(p, 1).map(drop);
@@ -571,7 +576,12 @@ fn tiny_checkpoint() -> Vec<u8> {
     let model = ModelConfig { width: 4, ..ModelConfig::new(Arch::Unetpp, Preset::Modern, 2) };
     let meta = checkpoint::Meta {
         model: model.clone(),
-        data: DataConfig { channels: 1, classes: 1, normalize: Normalize::Percentile { low: 0.5, high: 99.5 } },
+        data: DataConfig {
+            channels: 1,
+            classes: 1,
+            normalize: Normalize::Percentile { low: 0.5, high: 99.5 },
+            spacing: None,
+        },
         epoch: 2,
         val_iou: Some(0.25),
     };

@@ -172,3 +172,98 @@ fn bad_spacings_shapes_and_oversized_targets_are_errors_naming_the_value() {
     assert!(resample(&[0.0; 63], 1, &plan, Kind::Image).is_err());
     assert!(resample_labels(&[0; 65], &plan).is_err());
 }
+
+fn unetpp(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = unetpp(args);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "unetpp {args:?} failed:\n{text}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(args: &[&str], needles: &[&str]) {
+    let out = unetpp(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "unetpp {args:?} should fail with exit 1, stderr:\n{err}");
+    assert!(!err.contains("panicked"), "panic instead of an error:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks `{n}`:\n{err}");
+    }
+}
+
+fn samples(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("samples").join(name)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Tiny 3D settings as tests/cli.rs's 3D run.
+const TINY_3D: &[&str] = &[
+    "--width",
+    "2",
+    "--depth",
+    "2",
+    "--epochs",
+    "1",
+    "--steps-per-epoch",
+    "2",
+    "--batch-size",
+    "1",
+    "--patch",
+    "8,32,32",
+    "--tile",
+    "16,32,32",
+];
+
+#[test]
+fn train_at_a_target_spacing_then_predict_and_eval_on_the_inputs_grid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let data = samples("lesions");
+    let mut args = vec!["train", "--data", s(&data), "--out", s(&run), "--spacing", "1,1,5"];
+    args.extend(TINY_3D);
+    ok(&args);
+    // The run's configuration and the checkpoint keep the spacing, so predict and eval use it.
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(config.contains("spacing = [1.0, 1.0, 5.0]"), "{config}");
+    let best = run.join("checkpoints/best.unetpp");
+    let meta = unetpp::checkpoint::read_meta(&best).unwrap();
+    assert_eq!(meta.data.spacing.map(|s| s.0), Some([1.0, 1.0, 5.0]));
+    // lung1 is 64x64x16 at 0.57x0.57x5 mm: the network sees about 36x36x16; the mask comes back
+    // at 64x64x16 on the input's affine.
+    let pred = tmp.path().join("pred");
+    let input = data.join("test/images/lung1.nii.gz");
+    ok(&["predict", "--checkpoint", s(&best), "--input", s(&input), "--out", s(&pred), "--probabilities"]);
+    use nifti::NiftiObject;
+    let obj = nifti::ReaderOptions::new().read_file(pred.join("lung1.nii.gz")).unwrap();
+    let reference = nifti::ReaderOptions::new().read_file(&input).unwrap();
+    assert_eq!(&obj.header().dim[1..4], &reference.header().dim[1..4]);
+    assert_eq!(obj.header().srow_x, reference.header().srow_x, "prediction keeps the input's affine");
+    let stdout = ok(&["eval", "--checkpoint", s(&best), "--data", s(&data), "--out", s(&tmp.path().join("ev"))]);
+    assert!(stdout.contains("1 images"), "{stdout}");
+}
+
+#[test]
+fn bad_spacing_options_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = samples("lesions");
+    let r = tmp.path().join("r");
+    for (bad, needle) in [("0,1,1", "greater than 0"), ("1,NaN,1", "greater than 0"), ("1,2", "X,Y,Z")] {
+        let mut args = vec!["train", "--data", s(&data), "--out", s(&r), "--spacing", bad];
+        args.extend(TINY_3D);
+        fails(&args, &["--spacing", needle]);
+    }
+    assert!(!r.exists(), "nothing written for a refused option");
+    // A target spacing means nothing to 2D images.
+    let nuclei = samples("nuclei");
+    let out = tmp.path().join("r2");
+    fails(
+        &["train", "--data", s(&nuclei), "--out", s(&out), "--spacing", "1,1,1", "--patch", "32", "--epochs", "1"],
+        &["--spacing", "2D"],
+    );
+}

@@ -170,7 +170,12 @@ fn tiny_config(data: &Path) -> unetpp::train::TrainConfig {
     let model = ModelConfig { width: 4, ..ModelConfig::new(Arch::Unetpp, Preset::Modern, 2) };
     unetpp::train::TrainConfig {
         data: data.to_path_buf(),
-        input: DataConfig { channels: 1, classes: 1, normalize: Normalize::Percentile { low: 0.5, high: 99.5 } },
+        input: DataConfig {
+            channels: 1,
+            classes: 1,
+            normalize: Normalize::Percentile { low: 0.5, high: 99.5 },
+            spacing: None,
+        },
         model,
         epochs: 1,
         steps_per_epoch: 1,
@@ -240,7 +245,7 @@ fn a_config_file_goes_through_the_same_checks() {
 fn checkpoint(dir: &Path, name: &str, model: ModelConfig) -> PathBuf {
     let path = dir.join(name);
     let meta = Meta {
-        data: DataConfig { channels: 1, classes: 1, normalize: Normalize::ZScore },
+        data: DataConfig { channels: 1, classes: 1, normalize: Normalize::ZScore, spacing: None },
         model: model.clone(),
         epoch: 1,
         val_iou: None,

@@ -147,6 +147,10 @@ pub struct DataConfig {
     /// 1 = binary (mask > 0 is foreground), n >= 2 = label ids 0..n.
     pub classes: usize,
     pub normalize: Normalize,
+    /// Voxel spacing (mm, x, y, z) volumes are resampled to before the network sees them, and
+    /// predictions resampled back from ([`volume::spacing`]); `None` keeps each volume's grid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spacing: Option<volume::spacing::Spacing>,
 }
 
 /// The image/mask file pairs of one split.

@@ -78,6 +78,8 @@ pub struct TrainOptions {
     pub seed: Option<u64>,
     /// Default percentile 0.5..99.5 (2D) or zscore (3D); a fine-tuned checkpoint's own.
     pub normalize: Option<Normalize>,
+    /// Default: none (each volume's own grid); a fine-tuned checkpoint's own.
+    pub spacing: Option<crate::data::volume::spacing::Spacing>,
     /// Default 0.2.
     pub val_fraction: Option<f64>,
     /// Default [`crate::app::default_tile`].
@@ -106,19 +108,19 @@ impl TrainConfig {
         }
         let dims = crate::app::detect_dims(&data)?;
         // Fine-tuning keeps the checkpoint's architecture and, unless told otherwise, its input normalisation.
-        let (model, normalize) = match &o.weights {
+        let (model, normalize, spacing) = match &o.weights {
             Some(w) => {
                 let meta = crate::checkpoint::read_meta(w)?;
-                (meta.model, o.normalize.or(Some(meta.data.normalize)))
+                (meta.model, o.normalize.or(Some(meta.data.normalize)), o.spacing.or(meta.data.spacing))
             }
-            None => (o.model.config(dims), o.normalize),
+            None => (o.model.config(dims), o.normalize, o.spacing),
         };
         let three = model.dims == 3;
         let normalize =
             normalize.unwrap_or(if three { Normalize::ZScore } else { Normalize::Percentile { low: 0.5, high: 99.5 } });
         Ok(TrainConfig {
             data,
-            input: DataConfig { channels: model.in_channels, classes: model.classes, normalize },
+            input: DataConfig { channels: model.in_channels, classes: model.classes, normalize, spacing },
             epochs: o.epochs.unwrap_or(epochs),
             steps_per_epoch: o.steps_per_epoch.unwrap_or(steps),
             batch_size: o.batch_size.unwrap_or(batch),

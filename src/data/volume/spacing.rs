@@ -82,16 +82,52 @@ pub fn resample_sample(s: &Sample, spacing: [f64; 3], target: Spacing) -> anyhow
     Ok((r, plan))
 }
 
+/// The voxel spacing (mm, x, y, z) of a sample's array, from its file's header; `None` for a
+/// 2D image.
+// The arrays are in the file's voxel order here; once volumes are reoriented on reading, this
+// must be the spacing of the reoriented grid.
+pub fn spacing_of(s: &Sample) -> anyhow::Result<Option<[f64; 3]>> {
+    if !crate::data::io::is_volume(&s.source) {
+        return Ok(None);
+    }
+    let header = crate::data::io::read_header(&s.source)?;
+    Ok(Some(super::nifti::nifti_geometry(&header)?.spacing))
+}
+
+/// The spacing of a volume sample that is to be resampled to `target`; a 2D image is an error.
+fn volume_spacing(s: &Sample, target: Spacing) -> anyhow::Result<[f64; 3]> {
+    spacing_of(s)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "--spacing {target}: {} is a 2D image; a target spacing applies to 3D volumes only",
+            s.source.display()
+        )
+    })
+}
+
+/// Training samples resampled to `target` (their masks by arg-max); as they are without one.
+pub fn to_target(samples: Vec<Sample>, target: Option<Spacing>) -> anyhow::Result<Vec<Sample>> {
+    let Some(target) = target else { return Ok(samples) };
+    samples.iter().map(|s| Ok(resample_sample(s, volume_spacing(s, target)?, target)?.0)).collect()
+}
+
 /// Probabilities of `s` on its own grid (one vector per mode, `classes` planes each), computed by
 /// `predict` on `s` resampled to `target` and resampled back, so that labels, scores and
-/// written masks are on the user's grid. Without a target (or a spacing: 2D) `predict` sees `s`.
+/// written masks are on the user's grid. Without a target `predict` sees `s` itself.
 pub fn on_input_grid(
     s: &Sample,
-    spacing: Option<[f64; 3]>,
     target: Option<Spacing>,
     predict: impl FnOnce(&Sample) -> anyhow::Result<Vec<Vec<f32>>>,
 ) -> anyhow::Result<Vec<Vec<f32>>> {
-    let (Some(spacing), Some(target)) = (spacing, target) else { return predict(s) };
+    let Some(target) = target else { return predict(s) };
+    on_grid(s, volume_spacing(s, target)?, target, predict)
+}
+
+fn on_grid(
+    s: &Sample,
+    spacing: [f64; 3],
+    target: Spacing,
+    predict: impl FnOnce(&Sample) -> anyhow::Result<Vec<Vec<f32>>>,
+) -> anyhow::Result<Vec<Vec<f32>>> {
     // The ground truth stays on the input's grid; only the image is resampled.
     let unlabelled = Sample { mask: vec![], ..s.clone() };
     let (r, plan) = resample_sample(&unlabelled, spacing, target)?;
@@ -139,7 +175,7 @@ mod tests {
         let s = Sample { name: "v".into(), image, mask: vec![1; n], channels: 1, shape, source: "v.nii.gz".into() };
         let mut seen = None;
         // A stand-in model: two classes from the intensity, on the grid it is given.
-        let probs = on_input_grid(&s, Some([0.7, 0.7, 3.0]), Some(Spacing([1.4, 1.0, 3.0])), |r| {
+        let probs = on_grid(&s, [0.7, 0.7, 3.0], Spacing([1.4, 1.0, 3.0]), |r| {
             seen = Some((r.shape, r.mask.len()));
             Ok(vec![r.image.iter().map(|&x| 1.0 - x).chain(r.image.iter().copied()).collect()])
         })
@@ -151,7 +187,11 @@ mod tests {
         // The foreground probability still follows x across the input's grid.
         assert!(probs[0][n + 23] > 0.9 && probs[0][n] < 0.1, "{} {}", probs[0][n], probs[0][n + 23]);
         // No target: the model sees the sample itself.
-        let same = on_input_grid(&s, Some([1.0; 3]), None, |r| Ok(vec![r.image.clone()])).unwrap();
+        let same = on_input_grid(&s, None, |r| Ok(vec![r.image.clone()])).unwrap();
         assert_eq!(same[0], s.image);
+        // A target for a 2D image is an error naming the option and the file.
+        let flat = Sample { shape: [1, 20, 24], image: vec![0.0; 480], source: "a.png".into(), ..s.clone() };
+        let e = on_input_grid(&flat, Some(Spacing([1.0; 3])), |r| Ok(vec![r.image.clone()])).unwrap_err().to_string();
+        assert!(e.contains("--spacing 1,1,1") && e.contains("a.png") && e.contains("2D"), "{e}");
     }
 }
