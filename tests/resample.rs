@@ -184,10 +184,11 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn fails(args: &[&str], needles: &[&str]) {
+/// Runs a command that must fail cleanly with exit `code` (1: ours, 2: clap's) and `needles`.
+fn fails(args: &[&str], code: i32, needles: &[&str]) {
     let out = unetpp(args);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "unetpp {args:?} should fail with exit 1, stderr:\n{err}");
+    assert_eq!(out.status.code(), Some(code), "unetpp {args:?} should fail with exit {code}, stderr:\n{err}");
     assert!(!err.contains("panicked"), "panic instead of an error:\n{err}");
     for n in needles {
         assert!(err.contains(n), "stderr lacks `{n}`:\n{err}");
@@ -231,6 +232,19 @@ fn train_at_a_target_spacing_then_predict_and_eval_on_the_inputs_grid() {
     // The run's configuration and the checkpoint keep the spacing, so predict and eval use it.
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(config.contains("spacing = [1.0, 1.0, 5.0]"), "{config}");
+    // The training samples are on the target grid: lung2 (64x64x16 at 0.63x0.63x5 mm) and the
+    // brains (64x64x16 at 0.78x0.78x6.5 mm).
+    let opts = unetpp::train::TrainOptions {
+        data: Some(data.clone()),
+        spacing: Some("1,1,5".parse().unwrap()),
+        ..Default::default()
+    };
+    let cfg = unetpp::train::TrainConfig::from_options(&opts).unwrap();
+    let (train, val) = unetpp::train::load_splits(&cfg).unwrap();
+    let mut shapes: Vec<[usize; 3]> = train.iter().chain(&val).map(|s| s.shape).collect();
+    shapes.sort();
+    assert_eq!(shapes, vec![[16, 40, 40], [21, 50, 50], [21, 50, 50]]);
+    assert!(train.iter().chain(&val).all(|s| s.mask.len() == s.voxels() && s.mask.contains(&1)));
     let best = run.join("checkpoints/best.unetpp");
     let meta = unetpp::checkpoint::read_meta(&best).unwrap();
     assert_eq!(meta.data.spacing.map(|s| s.0), Some([1.0, 1.0, 5.0]));
@@ -256,7 +270,7 @@ fn bad_spacing_options_are_refused_by_name() {
     for (bad, needle) in [("0,1,1", "greater than 0"), ("1,NaN,1", "greater than 0"), ("1,2", "X,Y,Z")] {
         let mut args = vec!["train", "--data", s(&data), "--out", s(&r), "--spacing", bad];
         args.extend(TINY_3D);
-        fails(&args, &["--spacing", needle]);
+        fails(&args, 2, &["--spacing", needle]);
     }
     assert!(!r.exists(), "nothing written for a refused option");
     // A target spacing means nothing to 2D images.
@@ -264,6 +278,7 @@ fn bad_spacing_options_are_refused_by_name() {
     let out = tmp.path().join("r2");
     fails(
         &["train", "--data", s(&nuclei), "--out", s(&out), "--spacing", "1,1,1", "--patch", "32", "--epochs", "1"],
+        1,
         &["--spacing", "2D"],
     );
 }
