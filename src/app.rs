@@ -8,6 +8,7 @@ use burn::module::Module;
 
 use crate::backend::Backend;
 use crate::checkpoint::{self, Meta};
+use crate::data::volume::spacing::on_input_grid;
 use crate::data::{self, Splits, io};
 use crate::infer::{self, Summary, writer};
 use crate::model::{Mode, ModelConfig};
@@ -122,7 +123,8 @@ fn eval_d<const D: usize>(
     std::fs::create_dir_all(&overlays).with_context(|| format!("cannot create {}", overlays.display()))?;
     let tile = opts.tile(&meta.model);
     let overlay = |s: &data::Sample, pred: &[u8]| writer::overlay(&overlays, s, pred);
-    let (scores, mut summary) = infer::evaluate(&model, &samples, opts.mode(), tile, &device, overlay)?;
+    let (scores, mut summary) =
+        infer::evaluate(&model, &samples, opts.mode(), tile, &device, meta.data.spacing, overlay)?;
     summary.per_class = crate::infer::by_label::class_means(&scores, &crate::infer::by_label::class_names(&meta.data));
     writer::scores(out, &scores, &summary, ck)?;
     Ok(summary)
@@ -219,7 +221,10 @@ fn predict_d<const D: usize>(
             }
             None => infer::read_unlabelled(&path, &meta.data)?,
         };
-        let p = infer::probabilities(&model, &s, opts.mode(), tile, &device)?;
+        let p = on_input_grid(&s, meta.data.spacing, |r| {
+            Ok(vec![infer::probabilities(&model, r, opts.mode(), tile, &device)?])
+        })?
+        .remove(0);
         let pred = infer::labels(&p, meta.model.classes);
         writer::prediction_to(&paths, &s, &pred, &p, meta.model.classes)?;
         written.extend(paths);
@@ -248,7 +253,13 @@ pub fn import(
     ensure_not_input(out, &[src])?;
     let (model, report) = crate::import::import_with(src, opts, &backend.device())?;
     let cfg = model.config().clone();
-    let data = crate::data::DataConfig { channels: cfg.in_channels, classes: cfg.classes, normalize, nnunet: None };
+    let data = crate::data::DataConfig {
+        channels: cfg.in_channels,
+        classes: cfg.classes,
+        normalize,
+        nnunet: None,
+        spacing: None,
+    };
     checkpoint::save(&model, &Meta { model: cfg, data, epoch: 0, val_iou: None }, out)?;
     Ok(report)
 }

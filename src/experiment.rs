@@ -202,7 +202,7 @@ fn evaluate<const D: usize>(cfg: &TrainConfig, ck: &Path, quick: bool) -> anyhow
     let samples = test_samples(cfg, &meta.data, quick)?;
     let modes = modes_of(&meta.model);
     let start = std::time::Instant::now();
-    let all = infer::evaluate_modes(&model, &samples, &modes, cfg.tile, &device, |_, _| Ok(()))?;
+    let all = infer::evaluate_modes(&model, &samples, &modes, cfg.tile, &device, meta.data.spacing, |_, _| Ok(()))?;
     let seconds = start.elapsed().as_secs_f64();
     let scores = &all[0].0;
     let images = scores.iter().map(|s| (s.name.clone(), s.iou)).collect();

@@ -272,6 +272,10 @@ struct TrainArgs {
     /// imagenet (divide by the type's full scale, then ImageNet mean/std)
     #[arg(long)]
     normalize: Option<Normalize>,
+    /// Resample volumes to this voxel spacing, X,Y,Z in mm (or one number), as nnU-Net does;
+    /// predict and eval use the checkpoint's (default: each volume's own grid)
+    #[arg(long)]
+    spacing: Option<unetpp::data::volume::spacing::Spacing>,
     /// Validation share when the data has no val/ folder (default 0.2)
     #[arg(long)]
     val_fraction: Option<f64>,
@@ -398,6 +402,7 @@ impl TrainArgs {
             patience: self.patience,
             seed: self.seed,
             normalize: self.normalize,
+            spacing: self.spacing,
             val_fraction: self.val_fraction,
             tile: self.tile,
             skip_bad: self.skip_bad,

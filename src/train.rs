@@ -104,6 +104,8 @@ pub fn load_splits(cfg: &TrainConfig) -> anyhow::Result<(Vec<Sample>, Vec<Sample
             val
         }
     };
+    let to_target = |v| data::volume::spacing::to_target(v, cfg.input.spacing);
+    let (train, val) = (to_target(train)?, to_target(val)?);
     let dims = cfg.model.dims;
     for s in train.iter().chain(&val) {
         anyhow::ensure!(
@@ -317,7 +319,8 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool, lock: Option
         let (val_iou, val_dice) = if val.is_empty() {
             (f64::NAN, f64::NAN)
         } else {
-            let (_, s) = infer::evaluate(&valid, &val, Mode::Accurate, cfg.tile, &valid.devices()[0], |_, _| Ok(()))?;
+            let (_, s) =
+                infer::evaluate(&valid, &val, Mode::Accurate, cfg.tile, &valid.devices()[0], None, |_, _| Ok(()))?;
             (s.mean_iou, s.mean_dice)
         };
         // The next state, committed only once its files are on disk.

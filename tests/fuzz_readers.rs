@@ -325,8 +325,9 @@ fn image_reader() -> Reader {
             classes: 1,
             normalize: Normalize::Percentile { low: 0.5, high: 99.5 },
             nnunet: None,
+            spacing: None,
         };
-        let rgb = DataConfig { channels: 3, classes: 2, normalize: Normalize::ZScore, nnunet: None };
+        let rgb = DataConfig { channels: 3, classes: 2, normalize: Normalize::ZScore, nnunet: None, spacing: None };
         let a = io::read_input(p, &grey).map(drop);
         let b = io::read_input(p, &rgb).map(drop);
         let c = io::read_mask(p, 1).map(drop);
@@ -581,6 +582,7 @@ fn tiny_checkpoint() -> Vec<u8> {
             classes: 1,
             normalize: Normalize::Percentile { low: 0.5, high: 99.5 },
             nnunet: None,
+            spacing: None,
         },
         epoch: 2,
         val_iou: Some(0.25),

@@ -61,7 +61,13 @@ fn world_centroid(v: &Volume) -> ([f64; 3], usize) {
 
 /// The fixtures' intensities are 0..20 around a blob of 100: this window maps the blob to 1.
 fn config() -> DataConfig {
-    DataConfig { channels: 1, classes: 1, normalize: Normalize::Window { low: 0.0, high: 100.0 }, nnunet: None }
+    DataConfig {
+        channels: 1,
+        classes: 1,
+        normalize: Normalize::Window { low: 0.0, high: 100.0 },
+        nnunet: None,
+        spacing: None,
+    }
 }
 
 #[test]

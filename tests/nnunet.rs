@@ -163,6 +163,7 @@ fn ct_and_zscore_normalisation_match_numpy() {
         classes: 3,
         normalize: unetpp::data::Normalize::Percentile { low: 0.5, high: 99.5 },
         nnunet: Some(nn),
+        spacing: None,
     };
     let samples = unetpp::data::load(&fixture().join("imagesTs"), &cfg, true, false).unwrap();
     assert_eq!(samples.len(), 1);
@@ -298,6 +299,7 @@ fn two_dimensional_png_cases_read_with_their_channels() {
         classes: 3,
         normalize: unetpp::data::Normalize::ZScore,
         nnunet: Some(nn),
+        spacing: None,
     };
     let samples = unetpp::data::load(&d.join("imagesTr"), &cfg, true, false).unwrap();
     assert_eq!(samples.len(), 2);

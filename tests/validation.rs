@@ -175,6 +175,7 @@ fn tiny_config(data: &Path) -> unetpp::train::TrainConfig {
             classes: 1,
             normalize: Normalize::Percentile { low: 0.5, high: 99.5 },
             nnunet: None,
+            spacing: None,
         },
         model,
         epochs: 1,
@@ -245,7 +246,7 @@ fn a_config_file_goes_through_the_same_checks() {
 fn checkpoint(dir: &Path, name: &str, model: ModelConfig) -> PathBuf {
     let path = dir.join(name);
     let meta = Meta {
-        data: DataConfig { channels: 1, classes: 1, normalize: Normalize::ZScore, nnunet: None },
+        data: DataConfig { channels: 1, classes: 1, normalize: Normalize::ZScore, nnunet: None, spacing: None },
         model: model.clone(),
         epoch: 1,
         val_iou: None,

@@ -156,6 +156,10 @@ pub struct DataConfig {
     /// Channel and label names and per-channel normalisation of an nnU-Net data set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nnunet: Option<layout::NnunetInput>,
+    /// Voxel spacing (mm, x, y, z) volumes are resampled to before the network sees them, and
+    /// predictions resampled back from ([`volume::spacing`]); `None` keeps each volume's grid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spacing: Option<volume::spacing::Spacing>,
 }
 
 /// The image/mask file pairs of one split.

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::io::{self, fmt_shape};
 use crate::data::patch::{crop, images_tensor};
+use crate::data::volume::spacing::{Spacing, on_input_grid};
 use crate::data::{DataConfig, Sample};
 use crate::metrics::{self, Overlap};
 use crate::model::{Mode, UNetPP};
@@ -153,19 +154,22 @@ pub fn evaluate<const D: usize>(
     mode: Mode,
     tile: [usize; 3],
     device: &Device,
+    spacing: Option<Spacing>,
     each: impl FnMut(&Sample, &[u8]) -> anyhow::Result<()>,
 ) -> anyhow::Result<(Vec<ImageScore>, Summary)> {
-    Ok(evaluate_modes(model, samples, &[mode], tile, device, each)?.remove(0))
+    Ok(evaluate_modes(model, samples, &[mode], tile, device, spacing, each)?.remove(0))
 }
 
 /// [`evaluate`] in several modes from one pass per window (`each` sees the first mode's labels).
-/// `seconds` is the wall time of the whole pass.
+/// `seconds` is the wall time of the whole pass. With a target `spacing` the network sees each
+/// sample resampled to it and the scores are taken on the sample's own grid.
 pub fn evaluate_modes<const D: usize>(
     model: &UNetPP<D>,
     samples: &[Sample],
     modes: &[Mode],
     tile: [usize; 3],
     device: &Device,
+    spacing: Option<Spacing>,
     mut each: impl FnMut(&Sample, &[u8]) -> anyhow::Result<()>,
 ) -> anyhow::Result<Vec<(Vec<ImageScore>, Summary)>> {
     let start = std::time::Instant::now();
@@ -173,7 +177,7 @@ pub fn evaluate_modes<const D: usize>(
     let mut scores = vec![vec![]; modes.len()];
     for s in samples {
         anyhow::ensure!(!s.mask.is_empty(), "{} has no ground-truth mask to evaluate against", s.source.display());
-        let all = probabilities_modes(model, s, modes, tile, device)?;
+        let all = on_input_grid(s, spacing, |r| probabilities_modes(model, r, modes, tile, device))?;
         for (m, probs) in all.iter().enumerate() {
             let pred = labels(probs, classes);
             let (o, per_class) = overlap(&pred, &s.mask, classes);

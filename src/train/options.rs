@@ -79,6 +79,8 @@ pub struct TrainOptions {
     /// Default percentile 0.5..99.5 (2D) or zscore (3D); a fine-tuned checkpoint's own; per
     /// channel by modality on an nnU-Net data set (given, it replaces those for every channel).
     pub normalize: Option<Normalize>,
+    /// Default: none (each volume's own grid); a fine-tuned checkpoint's own.
+    pub spacing: Option<crate::data::volume::spacing::Spacing>,
     /// Default 0.2.
     pub val_fraction: Option<f64>,
     /// Default [`crate::app::default_tile`].
@@ -110,15 +112,15 @@ impl TrainConfig {
         let nnunet = crate::data::layout::defaults(&data, o.normalize.is_some())?;
         let found = |f: fn(&crate::data::layout::NnunetInput) -> usize| nnunet.as_ref().map(f);
         // Fine-tuning keeps the checkpoint's architecture and, unless told otherwise, its input normalisation.
-        let (model, normalize) = match &o.weights {
+        let (model, normalize, spacing) = match &o.weights {
             Some(w) => {
                 let meta = crate::checkpoint::read_meta(w)?;
-                (meta.model, o.normalize.or(Some(meta.data.normalize)))
+                (meta.model, o.normalize.or(Some(meta.data.normalize)), o.spacing.or(meta.data.spacing))
             }
             None => {
                 let channels = o.model.channels.or(found(|n| n.channel_names.len()));
                 let classes = o.model.classes.or(found(|n| n.labels.len()));
-                (ModelOptions { channels, classes, ..o.model.clone() }.config(dims), o.normalize)
+                (ModelOptions { channels, classes, ..o.model.clone() }.config(dims), o.normalize, o.spacing)
             }
         };
         let three = model.dims == 3;
@@ -126,7 +128,7 @@ impl TrainConfig {
             normalize.unwrap_or(if three { Normalize::ZScore } else { Normalize::Percentile { low: 0.5, high: 99.5 } });
         Ok(TrainConfig {
             data,
-            input: DataConfig { channels: model.in_channels, classes: model.classes, normalize, nnunet },
+            input: DataConfig { channels: model.in_channels, classes: model.classes, normalize, nnunet, spacing },
             epochs: o.epochs.unwrap_or(epochs),
             steps_per_epoch: o.steps_per_epoch.unwrap_or(steps),
             batch_size: o.batch_size.unwrap_or(batch),

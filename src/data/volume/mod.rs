@@ -20,6 +20,8 @@ pub mod metaimage;
 pub mod nifti;
 pub mod nrrd;
 pub mod orient;
+pub mod resample;
+pub mod spacing;
 pub mod write;
 
 use std::io::Read;
