@@ -50,11 +50,14 @@ pub struct InferOptions {
     /// Sliding-window size; default [`default_tile`].
     pub tile: Option<[usize; 3]>,
     pub backend: Backend,
+    /// How `eval` scores (NSD tolerance, empty-label convention).
+    pub metrics: crate::metrics::Settings,
 }
 
 impl InferOptions {
     /// Checks `--mode` and `--tile` against the model they will run.
     pub fn validate(&self, cfg: &ModelConfig) -> anyhow::Result<()> {
+        self.metrics.validate()?;
         if let Mode::Fast(l) = self.mode {
             let heads = cfg.head_columns();
             let allowed: Vec<String> = heads.iter().map(|j| format!("fast:{j}")).collect();
@@ -106,6 +109,7 @@ fn eval_d<const D: usize>(
     let device = opts.backend.device();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
     let model = model.fold_batchnorm();
+    let postprocess = crate::postprocess::Decision::load_beside(ck, meta.model.classes)?;
     let splits = Splits::find(data_dir)?;
     let dir = splits.test.or(splits.val).context("no test/ or val/ split to evaluate")?;
     crate::output::check_eval_out(data_dir, out)?;
@@ -113,18 +117,38 @@ fn eval_d<const D: usize>(
     let overlays = out.join("overlays");
     std::fs::create_dir_all(&overlays).with_context(|| format!("cannot create {}", overlays.display()))?;
     let tile = opts.tile.unwrap_or(default_tile(&meta.model));
-    let (scores, summary) = infer::evaluate(&model, &samples, opts.mode, tile, &device, Some(&overlays))?;
-    let mut csv = String::from("image,dice,iou\n");
-    for s in &scores {
-        writeln!(csv, "\"{}\",{:.6},{:.6}", s.name.replace('"', "\"\""), s.dice, s.iou)?;
+    let pp_file = postprocess.as_ref().map(|_| crate::postprocess::beside(ck));
+    if let Some(f) = &pp_file {
+        eprintln!("applying the post-processing decided in {}", f.display());
     }
-    crate::fsio::write_atomic(&out.join("scores.csv"), csv.as_bytes())?;
-    crate::fsio::write_atomic(
-        &out.join("summary.json"),
-        serde_json::to_string_pretty(&serde_json::json!({ "summary": summary, "images": scores, "checkpoint": ck }))?
-            .as_bytes(),
-    )?;
+    let scoring = infer::Scoring { metrics: opts.metrics, postprocess };
+    let (scores, summary) =
+        infer::evaluate_scored(&model, &samples, &[opts.mode], tile, &device, Some(&overlays), &scoring)?.remove(0);
+    crate::fsio::write_atomic(&out.join("scores.csv"), scores_csv(&scores, meta.model.classes).as_bytes())?;
+    let json = serde_json::json!({ "summary": summary, "images": scores, "checkpoint": ck, "postprocess": pp_file });
+    crate::fsio::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
     Ok(summary)
+}
+
+/// `image,dice,iou,hd95,nsd` (each case's mean over its labels), then per label of a multi-class
+/// model `dice_c,iou_c,hd95_c,nsd_c`. Undefined scores (`--empty nan`) are written `NaN`.
+fn scores_csv(scores: &[infer::ImageScore], classes: usize) -> String {
+    let mut csv = String::from("image,dice,iou,hd95,nsd");
+    if classes > 1 {
+        for c in 1..classes {
+            let _ = write!(csv, ",dice_{c},iou_{c},hd95_{c},nsd_{c}");
+        }
+    }
+    csv.push('\n');
+    for s in scores {
+        let _ =
+            write!(csv, "\"{}\",{:.6},{:.6},{:.6},{:.6}", s.name.replace('"', "\"\""), s.dice, s.iou, s.hd95, s.nsd);
+        for l in s.per_class.iter().filter(|_| classes > 1) {
+            let _ = write!(csv, ",{:.6},{:.6},{:.6},{:.6}", l.dice, l.iou, l.hd95, l.nsd);
+        }
+        csv.push('\n');
+    }
+    csv
 }
 
 /// Predicts masks for one file or every image in a folder (or its `images/`); returns the files
@@ -194,15 +218,19 @@ fn predict_d<const D: usize>(
     let device = opts.backend.device();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
     let model = model.fold_batchnorm();
+    let postprocess = crate::postprocess::Decision::load_beside(ck, meta.model.classes)?;
     let Inputs { given, dir, files } = inputs;
     let plan = crate::output::plan_predictions(given, dir, files, out, meta.model.classes, probs, overwrite)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let tile = opts.tile.unwrap_or(default_tile(&meta.model));
+    if postprocess.is_some() {
+        eprintln!("applying the post-processing decided in {}", crate::postprocess::beside(ck).display());
+    }
     let mut written = vec![];
     for (path, paths) in plan {
         let s = infer::read_unlabelled(&path, &meta.data)?;
         let p = infer::probabilities(&model, &s, opts.mode, tile, &device)?;
-        let done = infer::write_prediction(out, &s, &p, meta.model.classes, probs)?;
+        let done = infer::write_prediction(out, &s, &p, meta.model.classes, probs, postprocess.as_ref())?;
         debug_assert_eq!(done, paths);
         written.extend(done);
         eprintln!("predicted {}", infer::describe(&s));

@@ -229,7 +229,16 @@ fn otsu(cfg: &TrainConfig, quick: bool) -> anyhow::Result<Summary> {
     }
     let (mean_iou, std_iou) = metrics::mean_std(&scores.iter().map(|o| o.iou).collect::<Vec<_>>());
     let (mean_dice, std_dice) = metrics::mean_std(&scores.iter().map(|o| o.dice).collect::<Vec<_>>());
-    Ok(Summary { mode: "otsu".into(), images: scores.len(), mean_dice, std_dice, mean_iou, std_iou, seconds: 0.0 })
+    Ok(Summary {
+        mode: "otsu".into(),
+        images: scores.len(),
+        mean_dice,
+        std_dice,
+        mean_iou,
+        std_iou,
+        seconds: 0.0,
+        surface: None,
+    })
 }
 
 /// The threshold maximising the between-class variance of a 256-bin histogram.

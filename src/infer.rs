@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::io::{self, fmt_shape};
 use crate::data::patch::{crop, images_tensor};
 use crate::data::{DataConfig, Sample};
-use crate::metrics::{self, Overlap};
+use crate::metrics::{self, LabelScore, Overlap};
 use crate::model::{Mode, UNetPP};
 
 /// Window origins along one axis of length `len` for windows of `win`, half overlapping.
@@ -122,7 +122,10 @@ pub struct ImageScore {
     pub name: String,
     pub iou: f64,
     pub dice: f64,
-    pub per_class: Vec<Overlap>,
+    /// Mean over the labels; NaN where no label has one (see [`crate::metrics`]).
+    pub hd95: f64,
+    pub nsd: f64,
+    pub per_class: Vec<LabelScore>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -134,6 +137,17 @@ pub struct Summary {
     pub mean_iou: f64,
     pub std_iou: f64,
     pub seconds: f64,
+    /// HD95, NSD and per-label means; absent for scores made without them (Otsu rows).
+    #[serde(default)]
+    pub surface: Option<metrics::SurfaceSummary>,
+}
+
+/// How `eval` scores and post-processes its predictions.
+#[derive(Clone, Debug, Default)]
+pub struct Scoring {
+    pub metrics: metrics::Settings,
+    /// Applied to each hard prediction before it is scored (and drawn).
+    pub postprocess: Option<crate::postprocess::Decision>,
 }
 
 /// Scores every sample; optionally writes overlays (2D) into `overlay_dir`.
@@ -158,19 +172,37 @@ pub fn evaluate_modes<const D: usize>(
     device: &Device,
     overlay_dir: Option<&Path>,
 ) -> anyhow::Result<Vec<(Vec<ImageScore>, Summary)>> {
+    evaluate_scored(model, samples, modes, tile, device, overlay_dir, &Scoring::default())
+}
+
+/// [`evaluate_modes`] with the scoring settings and post-processing of `scoring`.
+pub fn evaluate_scored<const D: usize>(
+    model: &UNetPP<D>,
+    samples: &[Sample],
+    modes: &[Mode],
+    tile: [usize; 3],
+    device: &Device,
+    overlay_dir: Option<&Path>,
+    scoring: &Scoring,
+) -> anyhow::Result<Vec<(Vec<ImageScore>, Summary)>> {
     let start = std::time::Instant::now();
     let classes = model.config().classes;
     let mut scores = vec![vec![]; modes.len()];
     for s in samples {
         anyhow::ensure!(!s.mask.is_empty(), "{} has no ground-truth mask to evaluate against", s.source.display());
         let all = probabilities_modes(model, s, modes, tile, device)?;
+        let spacing = metrics::spacing_of(&s.source)?;
         for (m, probs) in all.iter().enumerate() {
-            let pred = labels(probs, classes);
-            let (o, per_class) = overlap(&pred, &s.mask, classes);
+            let mut pred = labels(probs, classes);
+            if let Some(pp) = &scoring.postprocess {
+                pp.apply(&mut pred, s.shape);
+            }
+            let per_class = metrics::score_labels(&pred, &s.mask, s.shape, spacing, classes, &scoring.metrics);
             if let Some(dir) = overlay_dir.filter(|_| s.shape[0] == 1 && m == 0) {
                 write_overlay(dir, s, &pred)?;
             }
-            scores[m].push(ImageScore { name: s.name.clone(), iou: o.iou, dice: o.dice, per_class });
+            let [dice, iou, hd95, nsd] = metrics::case_means(&per_class);
+            scores[m].push(ImageScore { name: s.name.clone(), iou, dice, hd95, nsd, per_class });
         }
     }
     let seconds = start.elapsed().as_secs_f64();
@@ -178,8 +210,10 @@ pub fn evaluate_modes<const D: usize>(
         .iter()
         .zip(scores)
         .map(|(mode, scores)| {
-            let (mean_dice, std_dice) = metrics::mean_std(&scores.iter().map(|s| s.dice).collect::<Vec<_>>());
-            let (mean_iou, std_iou) = metrics::mean_std(&scores.iter().map(|s| s.iou).collect::<Vec<_>>());
+            let (mean_dice, std_dice) = metrics::nan_mean_std(&scores.iter().map(|s| s.dice).collect::<Vec<_>>());
+            let (mean_iou, std_iou) = metrics::nan_mean_std(&scores.iter().map(|s| s.iou).collect::<Vec<_>>());
+            let labels: Vec<&[LabelScore]> = scores.iter().map(|s| s.per_class.as_slice()).collect();
+            let surface = Some(metrics::summarize(&labels, &scoring.metrics));
             let summary = Summary {
                 mode: mode.to_string(),
                 images: scores.len(),
@@ -188,6 +222,7 @@ pub fn evaluate_modes<const D: usize>(
                 mean_iou,
                 std_iou,
                 seconds,
+                surface,
             };
             (scores, summary)
         })
@@ -234,8 +269,12 @@ pub fn write_prediction(
     probs: &[f32],
     classes: usize,
     with_probs: bool,
+    postprocess: Option<&crate::postprocess::Decision>,
 ) -> anyhow::Result<Vec<std::path::PathBuf>> {
-    let pred = labels(probs, classes);
+    let mut pred = labels(probs, classes);
+    if let Some(pp) = postprocess {
+        pp.apply(&mut pred, s.shape);
+    }
     let n = s.voxels();
     let paths = crate::output::prediction_paths(out_dir, &s.source, classes, with_probs);
     let volume = io::is_volume(&s.source);

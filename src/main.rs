@@ -32,8 +32,35 @@ enum Command {
         data: PathBuf,
         #[arg(long)]
         skip_bad: bool,
+        /// Normalised surface Dice tolerance, in mm for volumes (NIfTI spacing), pixels for 2D images
+        #[arg(long, default_value_t = 1.0)]
+        nsd_tolerance: f64,
+        /// What a label absent from both reference and prediction scores: `one` (Dice, IoU, NSD 1,
+        /// HD95 0) or `nan` (undefined and left out of the means, as nnU-Net)
+        #[arg(long, value_enum, default_value = "one")]
+        empty: unetpp::metrics::Empty,
         #[command(flatten)]
         infer: InferArgs,
+    },
+    /// Decide nnU-Net's post-processing (keep the largest connected component, of all foreground
+    /// and per label, where it raises the mean Dice) from validation predictions; `predict` and
+    /// `eval` apply a decision saved beside their checkpoint as CHECKPOINT_STEM.postprocess.json
+    Postprocess {
+        /// Predicted masks (as `predict` writes them)
+        #[arg(long)]
+        predictions: PathBuf,
+        /// Reference masks with the same file names (without extension)
+        #[arg(long)]
+        labels: PathBuf,
+        /// Where the decision (JSON) goes, e.g. RUN/checkpoints/best.postprocess.json
+        #[arg(long)]
+        out: PathBuf,
+        /// 1 = binary; n >= 2 = label ids 0..n-1
+        #[arg(long, default_value_t = 1)]
+        classes: usize,
+        /// `full`: 26 neighbours in 3D, 8 in 2D (nnU-Net); `face`: 6 in 3D, 4 in 2D
+        #[arg(long, value_enum, default_value = "full")]
+        connectivity: unetpp::postprocess::Connectivity,
     },
     /// Write masks (PNG for 2D, NIfTI for 3D) for an image, a volume or a folder of them.
     ///
@@ -158,7 +185,12 @@ struct InferArgs {
 
 impl InferArgs {
     fn options(&self) -> anyhow::Result<InferOptions> {
-        Ok(InferOptions { mode: self.mode, tile: parse_size(self.tile.as_deref())?, backend: self.backend.backend })
+        Ok(InferOptions {
+            mode: self.mode,
+            tile: parse_size(self.tile.as_deref())?,
+            backend: self.backend.backend,
+            metrics: Default::default(),
+        })
     }
 }
 
@@ -316,13 +348,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let run = app::train(Some(cfg), &out)?;
             report(&run.dir)
         }
-        Command::Eval { data, skip_bad, infer } => {
+        Command::Eval { data, skip_bad, nsd_tolerance, empty, infer } => {
             let (checkpoint, out) = (&infer.checkpoint, &infer.out);
-            let summary = app::eval(checkpoint, &data, out, &infer.options()?, skip_bad)?;
+            let metrics = unetpp::metrics::Settings { nsd_tolerance, empty };
+            let summary = app::eval(checkpoint, &data, out, &InferOptions { metrics, ..infer.options()? }, skip_bad)?;
             println!(
                 "{} images, mode {}: mean Dice {:.4} ± {:.4}, mean IoU {:.4} ± {:.4}",
                 summary.images, summary.mode, summary.mean_dice, summary.std_dice, summary.mean_iou, summary.std_iou
             );
+            if let Some(s) = &summary.surface {
+                println!("{}", unetpp::metrics::describe(s));
+            }
             println!("per-image scores and overlays in {}", out.display());
             Ok(())
         }
@@ -330,6 +366,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let out = &infer.out;
             let written = app::predict(&infer.checkpoint, &input, out, &infer.options()?, probabilities, overwrite)?;
             println!("wrote {} file(s) to {}", written.len(), out.display());
+            Ok(())
+        }
+        Command::Postprocess { predictions, labels, out, classes, connectivity } => {
+            let d = unetpp::postprocess::run(&predictions, &labels, &out, classes, connectivity)?;
+            println!("{}", unetpp::postprocess::describe(&d));
+            println!("decision written to {}", out.display());
             Ok(())
         }
         Command::Prune { checkpoint, level, out } => {
