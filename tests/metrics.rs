@@ -1,0 +1,215 @@
+//! Metrics in physical units and nnU-Net's post-processing: against scipy and MONAI on the
+//! random shapes `scripts/metrics_refs.py` wrote (tests/data/metrics/refs.json), hand-made shapes,
+//! constructed post-processing cases, and the `eval` / `postprocess` / `predict` commands.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use unetpp::metrics::{self, Empty, Settings, distance, edt};
+use unetpp::postprocess::{self, Case, Connectivity};
+
+fn refs() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/metrics/refs.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn arr3<T: Copy>(v: &Value, f: impl Fn(&Value) -> T) -> [T; 3] {
+    let a = v.as_array().unwrap();
+    [f(&a[0]), f(&a[1]), f(&a[2])]
+}
+
+fn labels(v: &Value) -> Vec<u8> {
+    v.as_str().unwrap().bytes().map(|b| b - b'0').collect()
+}
+
+fn close(got: f64, want: f64, rel: f64) -> bool {
+    (got - want).abs() <= rel * want.abs().max(1.0)
+}
+
+#[test]
+fn distance_transform_matches_scipy() {
+    for case in refs()["edt"].as_array().unwrap() {
+        let shape = arr3(&case["shape"], |v| v.as_u64().unwrap() as usize);
+        let spacing = arr3(&case["spacing"], |v| v.as_f64().unwrap());
+        let feature: Vec<bool> = labels(&case["feature"]).iter().map(|&v| v > 0).collect();
+        let want: Vec<f64> = case["distance"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let got = edt::squared(&feature, shape, spacing);
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(close(g.sqrt(), *w, 1e-12), "{shape:?} voxel {i}: {} vs scipy {w}", g.sqrt());
+        }
+    }
+}
+
+#[test]
+fn hd95_and_nsd_match_monai() {
+    let cases = refs()["surface"].as_array().unwrap().clone();
+    assert_eq!(cases.len(), 5);
+    for case in cases {
+        let shape = arr3(&case["shape"], |v| v.as_u64().unwrap() as usize);
+        let spacing = arr3(&case["spacing"], |v| v.as_f64().unwrap());
+        let classes = case["classes"].as_u64().unwrap() as usize;
+        let settings = Settings { nsd_tolerance: case["tolerance"].as_f64().unwrap(), empty: Empty::One };
+        let scores =
+            metrics::score_labels(&labels(&case["pred"]), &labels(&case["truth"]), shape, spacing, classes, &settings);
+        let hd95 = case["hd95"].as_array().unwrap();
+        let nsd = case["nsd"].as_array().unwrap();
+        assert_eq!(scores.len(), hd95.len());
+        for (i, s) in scores.iter().enumerate() {
+            // MONAI returns float32.
+            let (h, n) = (hd95[i].as_f64().unwrap(), nsd[i].as_f64().unwrap());
+            assert!(close(s.hd95, h, 1e-6), "{shape:?} label {}: HD95 {} vs MONAI {h}", s.label, s.hd95);
+            assert!(close(s.nsd, n, 1e-6), "{shape:?} label {}: NSD {} vs MONAI {n}", s.label, s.nsd);
+            assert!(s.nsd > 0.0 && s.nsd < 1.0 && s.hd95 > 0.0, "a case that tests something: {s:?}");
+        }
+    }
+}
+
+#[test]
+fn components_match_scipy_label_with_face_and_full_connectivity() {
+    for case in refs()["components"].as_array().unwrap() {
+        let shape = arr3(&case["shape"], |v| v.as_u64().unwrap() as usize);
+        let mask: Vec<bool> = labels(&case["mask"]).iter().map(|&v| v > 0).collect();
+        for (name, conn) in [("face", Connectivity::Face), ("full", Connectivity::Full)] {
+            let mut sizes = postprocess::components(&mask, shape, conn).1[1..].to_vec();
+            sizes.sort();
+            let want: Vec<usize> = case[name].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            assert_eq!(sizes, want, "{shape:?} {name}");
+        }
+    }
+}
+
+/// A ball of radius `r` voxels (in index units) centred at `c`.
+fn ball(shape: [usize; 3], c: [f64; 3], r: f64) -> Vec<bool> {
+    let mut m = vec![false; shape.iter().product()];
+    for z in 0..shape[0] {
+        for y in 0..shape[1] {
+            for x in 0..shape[2] {
+                let d = [z as f64 - c[0], y as f64 - c[1], x as f64 - c[2]];
+                m[(z * shape[1] + y) * shape[2] + x] = d.iter().map(|v| v * v).sum::<f64>() <= r * r;
+            }
+        }
+    }
+    m
+}
+
+#[test]
+fn a_ball_and_its_translate() {
+    // Moving a shape by t moves each surface voxel onto a surface voxel of the copy, so every
+    // distance is at most |t|; the poles along t are exactly |t| from the other surface. Here
+    // t = 2 slices of 2.5 mm.
+    let shape = [24, 20, 20];
+    let a = ball(shape, [10.0, 10.0, 10.0], 6.0);
+    let b = ball(shape, [12.0, 10.0, 10.0], 6.0);
+    let d = distance::surface_distances(&a, &b, shape, [2.5, 0.5, 0.5], false);
+    let max = d.pred_to_ref.iter().chain(&d.ref_to_pred).fold(0.0f64, |m, &v| m.max(v));
+    assert_eq!(max, 5.0);
+    assert_eq!(d.nsd(5.0), 1.0);
+    assert!(d.nsd(4.9) < 1.0);
+    let hd95 = d.hd95();
+    assert!(hd95 > 0.0 && hd95 <= 5.0, "{hd95}");
+    // The same voxels at a spacing twice as large are twice as far apart.
+    let d2 = distance::surface_distances(&a, &b, shape, [5.0, 1.0, 1.0], false);
+    assert_eq!(d2.hd95(), 2.0 * hd95);
+}
+
+#[test]
+fn empty_labels_follow_the_chosen_convention() {
+    let shape = [1, 3, 4];
+    let none = vec![false; 12];
+    let mut some = none.clone();
+    some[5] = true;
+    let one = Settings::default();
+    let nan = Settings { empty: Empty::Nan, ..one };
+    let s = metrics::score_label(1, &none, &none, shape, [1.0, 2.0, 3.0], &one);
+    assert_eq!((s.dice, s.iou, s.hd95, s.nsd), (1.0, 1.0, 0.0, 1.0));
+    let s = metrics::score_label(1, &none, &none, shape, [1.0, 2.0, 3.0], &nan);
+    assert!(s.dice.is_nan() && s.iou.is_nan() && s.hd95.is_nan() && s.nsd.is_nan());
+    // Present on one side only: Dice 0, HD95 the image's diagonal (2 x 2 mm, 3 x 3 mm).
+    for (p, t) in [(&some, &none), (&none, &some)] {
+        let s = metrics::score_label(1, p, t, shape, [1.0, 2.0, 3.0], &nan);
+        assert_eq!((s.dice, s.iou, s.nsd), (0.0, 0.0, 0.0));
+        assert_eq!(s.hd95, (16.0f64 + 81.0).sqrt());
+    }
+    // NaN cases are left out of the means; with `one` they count as perfect.
+    let cases = [
+        metrics::score_labels(&[0, 0], &[0, 0], [1, 1, 2], [1.0; 3], 1, &nan),
+        metrics::score_labels(&[1, 0], &[1, 1], [1, 1, 2], [1.0; 3], 1, &nan),
+    ];
+    let refs: Vec<&[metrics::LabelScore]> = cases.iter().map(|c| c.as_slice()).collect();
+    let s = metrics::summarize(&refs, &nan);
+    assert_eq!((s.per_label[0].cases, s.per_label[0].mean_dice), (1, 2.0 / 3.0));
+}
+
+/// A 2D case: `truth` and `pred` drawn as rectangles `(y, x, h, w)` on a 32x32 grid, label 1.
+fn case(truth: &[(usize, usize, usize, usize)], pred: &[(usize, usize, usize, usize)]) -> Case {
+    let draw = |rects: &[(usize, usize, usize, usize)]| {
+        let mut m = vec![0u8; 32 * 32];
+        for &(y0, x0, h, w) in rects {
+            for y in y0..y0 + h {
+                for x in x0..x0 + w {
+                    m[y * 32 + x] = 1;
+                }
+            }
+        }
+        m
+    };
+    Case { name: "c".into(), pred: draw(pred), truth: draw(truth), shape: [1, 32, 32] }
+}
+
+#[test]
+fn removing_a_spurious_component_is_adopted() {
+    // Each prediction finds the object and adds a small false positive far from it.
+    let cases = [
+        case(&[(4, 4, 10, 10)], &[(4, 4, 10, 10), (25, 25, 3, 3)]),
+        case(&[(10, 12, 8, 8)], &[(10, 12, 8, 7), (1, 28, 2, 2)]),
+    ];
+    let d = postprocess::decide(&cases, 1, Connectivity::Full);
+    assert!(d.keep_largest_foreground, "{d:?}");
+    assert!(d.dice_after.foreground_mean > d.dice_before.foreground_mean);
+    let mut p = cases[0].pred.clone();
+    d.apply(&mut p, [1, 32, 32]);
+    assert_eq!(p, cases[0].truth);
+}
+
+#[test]
+fn removing_half_of_a_split_object_is_rejected() {
+    // The real object is in two parts; the predictions find both.
+    let cases = [
+        case(&[(4, 4, 10, 6), (4, 14, 10, 6)], &[(4, 4, 10, 6), (5, 14, 9, 6)]),
+        case(&[(20, 2, 5, 5), (20, 20, 6, 6)], &[(20, 2, 5, 5), (20, 20, 6, 6), (2, 2, 1, 1)]),
+    ];
+    let d = postprocess::decide(&cases, 1, Connectivity::Full);
+    assert!(!d.keep_largest_foreground, "{d:?}");
+    assert!(d.is_noop());
+    assert_eq!(d.dice_after, d.dice_before);
+}
+
+#[test]
+fn connectivity_decides_what_counts_as_spurious() {
+    // A false positive touching the object only at a corner: one component with 8-connectivity
+    // (nothing to remove), a separate one with 4-connectivity (removed, Dice rises).
+    let cases = [case(&[(4, 4, 8, 8)], &[(4, 4, 8, 8), (12, 12, 3, 3)])];
+    assert!(!postprocess::decide(&cases, 1, Connectivity::Full).keep_largest_foreground);
+    assert!(postprocess::decide(&cases, 1, Connectivity::Face).keep_largest_foreground);
+}
+
+#[test]
+fn per_label_steps_are_decided_per_label() {
+    // Label 1 has a spurious blob (removing it helps); label 2 is truly in two parts.
+    let mut c = case(&[(2, 2, 6, 6)], &[(2, 2, 6, 6), (2, 20, 2, 2)]);
+    for (y, x) in [(20, 2), (20, 20)] {
+        for dy in 0..5 {
+            for dx in 0..5 {
+                c.truth[(y + dy) * 32 + x + dx] = 2;
+                c.pred[(y + dy) * 32 + x + dx] = 2;
+            }
+        }
+    }
+    let d = postprocess::decide(&[c], 3, Connectivity::Full);
+    assert!(!d.keep_largest_foreground, "label 2 would lose half: {d:?}");
+    assert_eq!(d.keep_largest_per_label, vec![1]);
+    assert_eq!(d.dice_after.per_label[0].1, 1.0);
+    assert_eq!(d.dice_after.per_label[1].1, 1.0);
+}
