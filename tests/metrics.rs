@@ -2,8 +2,7 @@
 //! random shapes `scripts/metrics_refs.py` wrote (tests/data/metrics/refs.json), hand-made shapes,
 //! constructed post-processing cases, and the `eval` / `postprocess` / `predict` commands.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 use serde_json::Value;
 use unetpp::metrics::{self, Empty, Settings, distance, edt};
@@ -74,7 +73,8 @@ fn components_match_scipy_label_with_face_and_full_connectivity() {
         for (name, conn) in [("face", Connectivity::Face), ("full", Connectivity::Full)] {
             let mut sizes = postprocess::components(&mask, shape, conn).1[1..].to_vec();
             sizes.sort();
-            let want: Vec<usize> = case[name].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            let want: Vec<usize> =
+                case[name].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
             assert_eq!(sizes, want, "{shape:?} {name}");
         }
     }
@@ -212,4 +212,40 @@ fn per_label_steps_are_decided_per_label() {
     assert_eq!(d.keep_largest_per_label, vec![1]);
     assert_eq!(d.dice_after.per_label[0].1, 1.0);
     assert_eq!(d.dice_after.per_label[1].1, 1.0);
+}
+
+#[test]
+fn a_ct_sized_pair_is_scored_in_seconds() {
+    // 512x512x100 at 0.7x0.7x2.5 mm: a box and its copy moved 3 voxels along x, plus one stray
+    // predicted voxel in a far corner, so the bounding box is the whole volume (the worst case).
+    let shape = [100, 512, 512];
+    let mut truth = vec![false; shape.iter().product()];
+    for z in 10..90 {
+        for y in 50..450 {
+            truth[(z * 512 + y) * 512 + 50..(z * 512 + y) * 512 + 450].fill(true);
+        }
+    }
+    let mut pred = vec![false; truth.len()];
+    pred[3..].copy_from_slice(&truth[..truth.len() - 3]);
+    pred[0] = true;
+    let (start, cpu) = (std::time::Instant::now(), cpu_seconds());
+    let d = distance::surface_distances(&pred, &truth, shape, [2.5, 0.7, 0.7], false);
+    let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+    eprintln!("512x512x100 surface distances: {secs:.2} s wall, {cpu:.2} s CPU (all threads)");
+    // The stray voxel is the farthest: from (0, 0, 0) to the box corner (10, 50, 50).
+    let far = ((10.0f64 * 2.5).powi(2) + 2.0 * (50.0f64 * 0.7).powi(2)).sqrt();
+    let max = d.pred_to_ref.iter().fold(0.0f64, |m, &v| m.max(v));
+    assert!((max - far).abs() < 1e-9, "{max} vs {far}");
+    // Every other surface voxel is within the 3-voxel shift (2.1 mm) of the other surface.
+    assert_eq!(d.pred_to_ref.iter().filter(|&&v| v > 2.1 + 1e-9).count(), 1);
+    assert!(d.ref_to_pred.iter().all(|&v| v <= 2.1 + 1e-9));
+}
+
+/// CPU time of the whole process, so that a timing on a loaded machine still says what the work
+/// costs.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().map(|v| v.parse::<f64>().unwrap_or(0.0)).sum());
+    ticks / 100.0
 }

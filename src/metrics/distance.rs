@@ -24,12 +24,15 @@ pub struct SurfaceDistances {
 /// The smallest `[z, y, x]` box holding every true voxel of `a` or `b`, as (start, shape).
 fn bounding_box(a: &[bool], b: &[bool], shape: [usize; 3]) -> Option<([usize; 3], [usize; 3])> {
     let (mut lo, mut hi) = ([usize::MAX; 3], [0usize; 3]);
-    let plane = shape[1] * shape[2];
-    for (i, _) in a.iter().zip(b).enumerate().filter(|(_, (x, y))| **x || **y) {
-        let c = [i / plane, i / shape[2] % shape[1], i % shape[2]];
-        for k in 0..3 {
-            lo[k] = lo[k].min(c[k]);
-            hi[k] = hi[k].max(c[k]);
+    let nx = shape[2];
+    for (r, (ra, rb)) in a.chunks_exact(nx).zip(b.chunks_exact(nx)).enumerate() {
+        let first = ra.iter().position(|&v| v).into_iter().chain(rb.iter().position(|&v| v)).min();
+        let Some(first) = first else { continue };
+        let last = ra.iter().rposition(|&v| v).into_iter().chain(rb.iter().rposition(|&v| v)).max().unwrap();
+        let (z, y) = (r / shape[1], r % shape[1]);
+        for (k, (l, h)) in [(z, z), (y, y), (first, last)].into_iter().enumerate() {
+            lo[k] = lo[k].min(l);
+            hi[k] = hi[k].max(h);
         }
     }
     (lo[0] != usize::MAX).then(|| (lo, std::array::from_fn(|k| hi[k] - lo[k] + 1)))
@@ -50,22 +53,30 @@ fn crop(m: &[bool], shape: [usize; 3], start: [usize; 3], size: [usize; 3]) -> V
 /// no neighbours across z.
 pub fn surface(m: &[bool], shape: [usize; 3], planar: bool) -> Vec<bool> {
     let [nz, ny, nx] = shape;
-    let at = |z: usize, y: usize, x: usize| m[(z * ny + y) * nx + x];
+    let plane = ny * nx;
     let mut out = vec![false; m.len()];
+    let none = vec![false; nx];
+    let all = vec![true; nx];
     for z in 0..nz {
         for y in 0..ny {
+            let at = |z: usize, y: usize| &m[(z * ny + y) * nx..(z * ny + y + 1) * nx];
+            let row = at(z, y);
+            if !row.iter().any(|&v| v) {
+                continue;
+            }
+            // Neighbour rows; outside the image is background, and a 2D image has no z neighbours.
+            let up = if y > 0 { at(z, y - 1) } else { &none };
+            let down = if y + 1 < ny { at(z, y + 1) } else { &none };
+            let (front, back) = if planar {
+                (&all[..], &all[..])
+            } else {
+                (if z > 0 { at(z - 1, y) } else { &none[..] }, if z + 1 < nz { at(z + 1, y) } else { &none[..] })
+            };
+            let o = &mut out[z * plane + y * nx..z * plane + (y + 1) * nx];
             for x in 0..nx {
-                if !at(z, y, x) {
-                    continue;
-                }
-                let inner_xy = x > 0 && x + 1 < nx && y > 0 && y + 1 < ny;
-                let interior = inner_xy
-                    && at(z, y, x - 1)
-                    && at(z, y, x + 1)
-                    && at(z, y - 1, x)
-                    && at(z, y + 1, x)
-                    && (planar || (z > 0 && z + 1 < nz && at(z - 1, y, x) && at(z + 1, y, x)));
-                out[(z * ny + y) * nx + x] = !interior;
+                let left = x > 0 && row[x - 1];
+                let right = x + 1 < nx && row[x + 1];
+                o[x] = row[x] && !(left && right && up[x] && down[x] && front[x] && back[x]);
             }
         }
     }
@@ -86,13 +97,17 @@ pub fn surface_distances(
     // Everything outside the box is background for both masks, so cropping changes no surface and
     // no nearest-voxel search.
     let Some((start, size)) = bounding_box(pred, truth, shape) else { return SurfaceDistances::default() };
-    let (p, t) = (crop(pred, shape, start, size), crop(truth, shape, start, size));
-    let (sp, st) = (surface(&p, size, planar), surface(&t, size, planar));
+    let (sp, st) = if size == shape {
+        (surface(pred, size, planar), surface(truth, size, planar))
+    } else {
+        let (p, t) = (crop(pred, shape, start, size), crop(truth, shape, start, size));
+        (surface(&p, size, planar), surface(&t, size, planar))
+    };
     let directed = |from: &[bool], to: &[bool]| -> Vec<f64> {
         if !to.iter().any(|&v| v) {
             return from.iter().filter(|&&v| v).map(|_| f64::INFINITY).collect();
         }
-        let d2 = edt::squared(to, size, spacing);
+        let d2 = edt::squared_at(to, size, spacing, Some(from));
         from.iter().zip(&d2).filter(|(f, _)| **f).map(|(_, d)| d.sqrt()).collect()
     };
     SurfaceDistances { pred_to_ref: directed(&sp, &st), ref_to_pred: directed(&st, &sp) }

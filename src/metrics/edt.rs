@@ -3,41 +3,92 @@
 //! axis, each exact, so the result equals a brute-force search (and scipy's
 //! `distance_transform_edt(~features, sampling=spacing) ** 2`).
 
+use rayon::prelude::*;
+
 /// Squared distance in physical units from every voxel of a `[z, y, x]` grid to the nearest voxel
 /// where `feature` is true (0 on features); `f64::INFINITY` everywhere when there is none.
 pub fn squared(feature: &[bool], shape: [usize; 3], spacing: [f64; 3]) -> Vec<f64> {
+    squared_at(feature, shape, spacing, None)
+}
+
+/// [`squared`], exact only where `needed` is true (elsewhere any value): the last pass skips
+/// the rows that hold no needed voxel.
+pub fn squared_at(feature: &[bool], shape: [usize; 3], spacing: [f64; 3], needed: Option<&[bool]>) -> Vec<f64> {
     assert_eq!(feature.len(), shape.iter().product::<usize>());
-    let mut d: Vec<f64> = feature.iter().map(|&f| if f { 0.0 } else { f64::INFINITY }).collect();
     let [nz, ny, nx] = shape;
-    let longest = nz.max(ny).max(nx);
-    let mut scratch = Scratch::new(longest);
-    let mut line = vec![0.0; longest];
-    // x lines are contiguous; y and z lines are gathered into `line`, transformed and scattered.
-    for row in d.chunks_exact_mut(nx) {
-        line[..nx].copy_from_slice(row);
-        scratch.transform(&line[..nx], spacing[2], row);
+    let plane = ny * nx;
+    let mut d = along_z(feature, shape, spacing[0]);
+    // y: per slice, columns gathered in blocks so that every cache line read is used.
+    if ny > 1 {
+        d.par_chunks_mut(plane).for_each(|slice| {
+            const B: usize = 16;
+            let mut scratch = Scratch::new(ny);
+            let mut block = vec![0.0; B * ny];
+            let mut out = vec![0.0; ny];
+            for x0 in (0..nx).step_by(B) {
+                let w = B.min(nx - x0);
+                for y in 0..ny {
+                    for b in 0..w {
+                        block[b * ny + y] = slice[y * nx + x0 + b];
+                    }
+                }
+                for b in 0..w {
+                    let line = &block[b * ny..(b + 1) * ny];
+                    if line.iter().all(|v| v.is_infinite()) {
+                        continue;
+                    }
+                    scratch.transform(line, spacing[1], &mut out);
+                    for y in 0..ny {
+                        slice[y * nx + x0 + b] = out[y];
+                    }
+                }
+            }
+        });
     }
-    let mut out = vec![0.0; longest];
-    for (axis, len, stride) in [(1, ny, nx), (0, nz, ny * nx)] {
-        if len == 1 {
-            continue;
+    // x: rows are contiguous.
+    d.par_chunks_mut(nx).enumerate().for_each_init(
+        || (Scratch::new(nx), vec![0.0; nx]),
+        |(scratch, line), (r, row)| {
+            if needed.is_some_and(|n| !n[r * nx..(r + 1) * nx].iter().any(|&v| v)) {
+                return;
+            }
+            line.copy_from_slice(row);
+            scratch.transform(line, spacing[2], row);
+        },
+    );
+    let _ = nz;
+    d
+}
+
+/// The first pass, on the binary grid: the distance along z to the nearest feature in the same
+/// (y, x) column, found by one sweep down and one up over whole slices (contiguous memory).
+fn along_z(feature: &[bool], shape: [usize; 3], s: f64) -> Vec<f64> {
+    let [nz, ny, nx] = shape;
+    let plane = ny * nx;
+    let mut d = vec![f64::INFINITY; feature.len()];
+    let mut last = vec![usize::MAX; plane];
+    for z in 0..nz {
+        let (f, o) = (&feature[z * plane..(z + 1) * plane], &mut d[z * plane..(z + 1) * plane]);
+        for i in 0..plane {
+            if f[i] {
+                last[i] = z;
+            }
+            if last[i] != usize::MAX {
+                let t = (z - last[i]) as f64 * s;
+                o[i] = t * t;
+            }
         }
-        let outer = if axis == 1 { nz } else { 1 };
-        let inner = if axis == 1 { nx } else { ny * nx };
-        for o in 0..outer {
-            let base = o * ny * nx;
-            for i in 0..inner {
-                let start = base + i;
-                for k in 0..len {
-                    line[k] = d[start + k * stride];
-                }
-                if line[..len].iter().all(|v| v.is_infinite()) {
-                    continue;
-                }
-                scratch.transform(&line[..len], spacing[axis], &mut out[..len]);
-                for k in 0..len {
-                    d[start + k * stride] = out[k];
-                }
+    }
+    last.fill(usize::MAX);
+    for z in (0..nz).rev() {
+        let (f, o) = (&feature[z * plane..(z + 1) * plane], &mut d[z * plane..(z + 1) * plane]);
+        for i in 0..plane {
+            if f[i] {
+                last[i] = z;
+            }
+            if last[i] != usize::MAX {
+                let t = (last[i] - z) as f64 * s;
+                o[i] = o[i].min(t * t);
             }
         }
     }
