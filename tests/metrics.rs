@@ -249,3 +249,133 @@ fn cpu_seconds() -> f64 {
     let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().map(|v| v.parse::<f64>().unwrap_or(0.0)).sum());
     ticks / 100.0
 }
+
+fn unetpp(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs")
+}
+
+fn ok(args: &[&str]) -> (String, String) {
+    let out = unetpp(args);
+    let (o, e) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(out.status.success(), "unetpp {args:?} failed:\n{o}{e}");
+    (o, e)
+}
+
+/// A command that must fail cleanly (exit 1, no panic) naming each of `needles`.
+fn fails(args: &[&str], needles: &[&str]) {
+    let out = unetpp(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "unetpp {args:?} should fail with exit 1:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks `{n}`:\n{err}");
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Components (8-connected) of each predicted PNG mask in `dir`.
+fn components_per_mask(dir: &Path) -> Vec<usize> {
+    let mut v = vec![];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let img = image::open(e.path()).unwrap().to_luma8();
+        let mask: Vec<bool> = img.as_raw().iter().map(|&p| p > 0).collect();
+        let shape = [1, img.height() as usize, img.width() as usize];
+        v.push(postprocess::components(&mask, shape, Connectivity::Full).1.len() - 1);
+    }
+    v
+}
+
+#[test]
+fn eval_reports_surface_metrics_and_postprocess_is_decided_and_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let nuclei = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/nuclei");
+    let run = t.join("run");
+    #[rustfmt::skip]
+    ok(&["train", "--data", s(&nuclei), "--out", s(&run), "--width", "4", "--depth", "2", "--epochs", "3",
+        "--steps-per-epoch", "6", "--batch-size", "2", "--patch", "32", "--tile", "64", "--lr", "3e-3"]);
+    // Trained just enough (and seeded) to predict several separate nuclei per test image.
+    let ck = run.join("checkpoints/best.unetpp");
+
+    let (stdout, _) = ok(&["eval", "--checkpoint", s(&ck), "--data", s(&nuclei), "--out", s(&t.join("e1"))]);
+    assert!(stdout.contains("mean HD95") && stdout.contains("NSD@1"), "{stdout}");
+    let csv = std::fs::read_to_string(t.join("e1/scores.csv")).unwrap();
+    assert!(csv.starts_with("image,dice,iou,hd95,nsd\n"), "{csv}");
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(t.join("e1/summary.json")).unwrap()).unwrap();
+    let surface = &summary["summary"]["surface"];
+    assert_eq!(surface["per_label"].as_array().unwrap().len(), 1, "{summary}");
+    assert!(surface["mean_hd95"].as_f64().unwrap() > 0.0, "{summary}");
+    assert_eq!(surface["empty"], "one");
+    assert!(summary["postprocess"].is_null());
+    let e1 = t.join("e1").to_string_lossy().into_owned();
+    fails(
+        &["eval", "--checkpoint", s(&ck), "--data", s(&nuclei), "--out", &e1, "--nsd-tolerance=-1"],
+        &["--nsd-tolerance -1"],
+    );
+
+    // Decide on the validation predictions.
+    let preds = t.join("val-pred");
+    ok(&["predict", "--checkpoint", s(&ck), "--input", s(&nuclei.join("val/images")), "--out", s(&preds)]);
+    let decision = t.join("decision.json");
+    let (stdout, _) = ok(&[
+        "postprocess",
+        "--predictions",
+        s(&preds),
+        "--labels",
+        s(&nuclei.join("val/masks")),
+        "--out",
+        s(&decision),
+        "--connectivity",
+        "face",
+    ]);
+    assert!(stdout.contains("keep the largest foreground component") && stdout.contains("decision written"));
+    let d: Value = serde_json::from_str(&std::fs::read_to_string(&decision).unwrap()).unwrap();
+    assert_eq!(d["cases"], components_per_mask(&preds).len());
+    assert_eq!(d["connectivity"], "face");
+    fails(
+        &["postprocess", "--predictions", s(&preds), "--labels", s(&nuclei.join("test/masks")), "--out", s(&decision)],
+        &["has no reference with the same name in"],
+    );
+    fails(
+        &[
+            "postprocess",
+            "--predictions",
+            s(&preds),
+            "--labels",
+            s(&nuclei.join("val/masks")),
+            "--out",
+            s(&preds.join("d.json")),
+        ],
+        &["--out", "inside"],
+    );
+
+    // A decision beside the checkpoint is applied by predict and eval.
+    let test_images = nuclei.join("test/images");
+    ok(&["predict", "--checkpoint", s(&ck), "--input", s(&test_images), "--out", s(&t.join("plain"))]);
+    let mut forced: Value = d.clone();
+    forced["keep_largest_foreground"] = Value::Bool(true);
+    forced["connectivity"] = "full".into();
+    std::fs::write(postprocess::beside(&ck), forced.to_string()).unwrap();
+    let (_, stderr) = ok(&["predict", "--checkpoint", s(&ck), "--input", s(&test_images), "--out", s(&t.join("pp"))]);
+    assert!(stderr.contains("best.postprocess.json"), "{stderr}");
+    let (plain, pp) = (components_per_mask(&t.join("plain")), components_per_mask(&t.join("pp")));
+    assert!(plain.iter().any(|&n| n > 1), "the test needs predictions with several components: {plain:?}");
+    assert!(pp.iter().all(|&n| n <= 1), "{pp:?}");
+    let (_, stderr) = ok(&["eval", "--checkpoint", s(&ck), "--data", s(&nuclei), "--out", s(&t.join("e2"))]);
+    assert!(stderr.contains("applying the post-processing"), "{stderr}");
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(t.join("e2/summary.json")).unwrap()).unwrap();
+    assert!(summary["postprocess"].as_str().unwrap().ends_with("best.postprocess.json"));
+    assert_ne!(std::fs::read(t.join("e1/scores.csv")).unwrap(), std::fs::read(t.join("e2/scores.csv")).unwrap());
+
+    // A decision for another class count is refused, naming the file.
+    forced["classes"] = 3.into();
+    std::fs::write(postprocess::beside(&ck), forced.to_string()).unwrap();
+    fails(
+        &["eval", "--checkpoint", s(&ck), "--data", s(&nuclei), "--out", s(&t.join("e3"))],
+        &["best.postprocess.json", "3 class(es)"],
+    );
+    assert!(!t.join("e3").exists(), "nothing written before the check");
+}
