@@ -379,3 +379,15 @@ fn eval_reports_surface_metrics_and_postprocess_is_decided_and_applied() {
     );
     assert!(!t.join("e3").exists(), "nothing written before the check");
 }
+
+#[test]
+fn spacing_comes_from_the_nifti_header_and_is_pixels_in_2d() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples");
+    // pixdim[1..=3] of lung1 as stored: 0.5703125, 0.5703125, 5 (x, y, z).
+    let lung1 = metrics::spacing_of(&root.join("lesions/test/labels/lung1.nii.gz")).unwrap();
+    assert_eq!(lung1, [5.0, 0.5703125, 0.5703125]);
+    let png = root.join("nuclei/val/masks/2022-05-26_RPE1_2198.png");
+    assert_eq!(metrics::spacing_of(&png).unwrap(), [1.0; 3]);
+    let err = metrics::spacing_of(&root.join("nuclei/val/masks/missing.nii.gz")).unwrap_err();
+    assert!(format!("{err:#}").contains("missing.nii.gz"), "{err:#}");
+}
