@@ -15,7 +15,7 @@ pub fn squared(feature: &[bool], shape: [usize; 3], spacing: [f64; 3]) -> Vec<f6
 /// the rows that hold no needed voxel.
 pub fn squared_at(feature: &[bool], shape: [usize; 3], spacing: [f64; 3], needed: Option<&[bool]>) -> Vec<f64> {
     assert_eq!(feature.len(), shape.iter().product::<usize>());
-    let [nz, ny, nx] = shape;
+    let [_, ny, nx] = shape;
     let plane = ny * nx;
     let mut d = along_z(feature, shape, spacing[0]);
     // y: per slice, columns gathered in blocks so that every cache line read is used.
@@ -56,7 +56,6 @@ pub fn squared_at(feature: &[bool], shape: [usize; 3], spacing: [f64; 3], needed
             scratch.transform(line, spacing[2], row);
         },
     );
-    let _ = nz;
     d
 }
 
@@ -116,8 +115,8 @@ impl Scratch {
             ((f[q] + xq * xq) - (f[r] + xr * xr)) / (2.0 * (xq - xr))
         };
         let mut k: isize = -1;
-        for q in 0..f.len() {
-            if f[q].is_infinite() {
+        for (q, fq) in f.iter().enumerate() {
+            if fq.is_infinite() {
                 continue;
             }
             let mut x = f64::NEG_INFINITY;
