@@ -124,31 +124,17 @@ fn eval_d<const D: usize>(
     let scoring = infer::Scoring { metrics: opts.metrics, postprocess };
     let (scores, summary) =
         infer::evaluate_scored(&model, &samples, &[opts.mode], tile, &device, Some(&overlays), &scoring)?.remove(0);
-    crate::fsio::write_atomic(&out.join("scores.csv"), scores_csv(&scores, meta.model.classes).as_bytes())?;
+    crate::fsio::write_atomic(
+        &out.join("scores.csv"),
+        crate::metrics::scores_csv(
+            scores.iter().map(|s| (s.name.as_str(), s.per_class.as_slice())),
+            meta.model.classes,
+        )
+        .as_bytes(),
+    )?;
     let json = serde_json::json!({ "summary": summary, "images": scores, "checkpoint": ck, "postprocess": pp_file });
     crate::fsio::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
     Ok(summary)
-}
-
-/// `image,dice,iou,hd95,nsd` (each case's mean over its labels), then per label of a multi-class
-/// model `dice_c,iou_c,hd95_c,nsd_c`. Undefined scores (`--empty nan`) are written `NaN`.
-fn scores_csv(scores: &[infer::ImageScore], classes: usize) -> String {
-    let mut csv = String::from("image,dice,iou,hd95,nsd");
-    if classes > 1 {
-        for c in 1..classes {
-            let _ = write!(csv, ",dice_{c},iou_{c},hd95_{c},nsd_{c}");
-        }
-    }
-    csv.push('\n');
-    for s in scores {
-        let _ =
-            write!(csv, "\"{}\",{:.6},{:.6},{:.6},{:.6}", s.name.replace('"', "\"\""), s.dice, s.iou, s.hd95, s.nsd);
-        for l in s.per_class.iter().filter(|_| classes > 1) {
-            let _ = write!(csv, ",{:.6},{:.6},{:.6},{:.6}", l.dice, l.iou, l.hd95, l.nsd);
-        }
-        csv.push('\n');
-    }
-    csv
 }
 
 /// Predicts masks for one file or every image in a folder (or its `images/`); returns the files

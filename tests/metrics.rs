@@ -310,6 +310,16 @@ fn eval_reports_surface_metrics_and_postprocess_is_decided_and_applied() {
     assert!(surface["mean_hd95"].as_f64().unwrap() > 0.0, "{summary}");
     assert_eq!(surface["empty"], "one");
     assert!(summary["postprocess"].is_null());
+    let out = t.join("e-nan");
+    #[rustfmt::skip]
+    ok(&["eval", "--checkpoint", s(&ck), "--data", s(&nuclei), "--out", s(&out), "--empty", "nan", "--nsd-tolerance", "2.5"]);
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        (&summary["summary"]["surface"]["empty"], &summary["summary"]["surface"]["nsd_tolerance"]),
+        (&"nan".into(), &2.5.into())
+    );
+    let out = unetpp(&["eval", "--checkpoint", s(&ck), "--data", s(&nuclei), "--out", s(&out), "--empty", "zero"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("[possible values: one, nan]"));
     let e1 = t.join("e1").to_string_lossy().into_owned();
     fails(
         &["eval", "--checkpoint", s(&ck), "--data", s(&nuclei), "--out", &e1, "--nsd-tolerance=-1"],

@@ -227,6 +227,26 @@ pub fn summarize(cases: &[&[LabelScore]], settings: &Settings) -> SurfaceSummary
     }
 }
 
+/// `scores.csv`: `image,dice,iou,hd95,nsd` (each case's mean over its labels), then per label
+/// of a multi-class model `dice_c,iou_c,hd95_c,nsd_c`. Undefined scores are written `NaN`.
+pub fn scores_csv<'a>(rows: impl IntoIterator<Item = (&'a str, &'a [LabelScore])>, classes: usize) -> String {
+    use std::fmt::Write as _;
+    let mut csv = String::from("image,dice,iou,hd95,nsd");
+    for c in (1..classes).filter(|_| classes > 1) {
+        let _ = write!(csv, ",dice_{c},iou_{c},hd95_{c},nsd_{c}");
+    }
+    csv.push('\n');
+    for (name, labels) in rows {
+        let [dice, iou, hd95, nsd] = case_means(labels);
+        let _ = write!(csv, "\"{}\",{dice:.6},{iou:.6},{hd95:.6},{nsd:.6}", name.replace('"', "\"\""));
+        for l in labels.iter().filter(|_| classes > 1) {
+            let _ = write!(csv, ",{:.6},{:.6},{:.6},{:.6}", l.dice, l.iou, l.hd95, l.nsd);
+        }
+        csv.push('\n');
+    }
+    csv
+}
+
 /// The printed lines of a [`SurfaceSummary`]: HD95 and NSD means, then each label's means when
 /// there are several.
 pub fn describe(s: &SurfaceSummary) -> String {
@@ -286,6 +306,23 @@ mod tests {
         assert_eq!(per[0].iou, 0.5);
         assert_eq!(per[1].iou, 0.5);
         assert_eq!(mean.iou, 0.5);
+    }
+
+    #[test]
+    fn csv_has_the_case_means_first_then_each_label() {
+        let nan = Settings { empty: Empty::Nan, ..Default::default() };
+        // Label 1 predicted exactly; label 2 absent on both sides (NaN, left out of the mean).
+        let l = score_labels(&[1, 1, 0, 0], &[1, 1, 0, 0], [1, 2, 2], [1.0; 3], 3, &nan);
+        let csv = scores_csv([("a \"b\"", l.as_slice())], 3);
+        assert_eq!(
+            csv,
+            "image,dice,iou,hd95,nsd,dice_1,iou_1,hd95_1,nsd_1,dice_2,iou_2,hd95_2,nsd_2\n\
+             \"a \"\"b\"\"\",1.000000,1.000000,0.000000,1.000000,1.000000,1.000000,0.000000,1.000000,NaN,NaN,NaN,NaN\n"
+        );
+        let binary = score_labels(&[1, 0], &[1, 1], [1, 1, 2], [1.0; 3], 1, &nan);
+        assert!(
+            scores_csv([("x", binary.as_slice())], 1).starts_with("image,dice,iou,hd95,nsd\n\"x\",0.666667,0.500000,")
+        );
     }
 
     #[test]
