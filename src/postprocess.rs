@@ -66,7 +66,8 @@ pub fn components(mask: &[bool], shape: [usize; 3], conn: Connectivity) -> (Vec<
 }
 
 /// Sets to background every voxel whose label is in `labels` outside the largest component of
-/// those voxels together (ties: the first in raster order).
+/// those voxels together; components tied for largest are all kept, as nnU-Net's
+/// (acvl_utils') `remove_all_but_largest_component` does.
 pub fn keep_largest(pred: &mut [u8], shape: [usize; 3], labels: &[u8], conn: Connectivity) {
     let mut chosen = [false; 256];
     labels.iter().for_each(|&l| chosen[l as usize] = true);
@@ -75,9 +76,9 @@ pub fn keep_largest(pred: &mut [u8], shape: [usize; 3], labels: &[u8], conn: Con
     if sizes.len() <= 2 {
         return;
     }
-    let best = (1..sizes.len()).max_by(|&a, &b| sizes[a].cmp(&sizes[b]).then(b.cmp(&a))).unwrap() as u32;
+    let largest = sizes[1..].iter().copied().max().unwrap_or(0);
     for (v, &c) in pred.iter_mut().zip(&id) {
-        if c != 0 && c != best {
+        if c != 0 && sizes[c as usize] != largest {
             *v = 0;
         }
     }
@@ -375,5 +376,9 @@ mod tests {
         assert_eq!(p, vec![1, 1, 1, 0, 2, 0, 0, 0]);
         keep_largest(&mut p, [1, 1, 8], &[1, 2], Connectivity::Full);
         assert_eq!(p, vec![1, 1, 1, 0, 0, 0, 0, 0]);
+        // Two components tied for largest both stay.
+        let mut p = vec![1, 1, 0, 2, 2, 0, 1, 0];
+        keep_largest(&mut p, [1, 1, 8], &[1, 2], Connectivity::Full);
+        assert_eq!(p, vec![1, 1, 0, 2, 2, 0, 0, 0]);
     }
 }
