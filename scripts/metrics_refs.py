@@ -6,7 +6,9 @@ on them, for tests/metrics.rs (CI has no Python; run this once and commit its ou
   (anisotropic spacing, 2D and 3D);
 - MONAI's compute_hausdorff_distance(percentile=95) and compute_surface_dice (use_subvoxels=False)
   on random blob pairs, binary and multi-class, 2D and 3D, with anisotropic spacing;
-- scipy.ndimage.label component sizes with face (6/4) and full (26/8) connectivity.
+- scipy.ndimage.label component sizes with face (6/4) and full (26/8) connectivity;
+- MONAI's HD95 and NSD on the bundled real lesion labels (samples/lesions, NIfTI spacing) against
+  the same label moved by a few voxels (`np.roll`).
 
 Masks are stored as strings of '0'..'9' (label ids), voxels in [z][y][x] order (x fastest).
 Run with numpy, scipy, torch and monai (e.g. python3 -m venv v && v/bin/pip install torch scipy
@@ -14,8 +16,11 @@ monai==1.6.1):
 
     v/bin/python scripts/metrics_refs.py tests/data/metrics/refs.json
 """
+import gzip
 import json
+import struct
 import sys
+from pathlib import Path
 import warnings
 
 import monai
@@ -59,6 +64,19 @@ def to3(shape):
     return [1] + list(shape) if len(shape) == 2 else list(shape)
 
 
+def read_nifti_labels(path):
+    """A uint8 NIfTI-1 label volume as [z][y][x] and its pixdim spacing in the same order."""
+    raw = gzip.open(path).read()
+    dim = struct.unpack("<8h", raw[40:56])
+    datatype = struct.unpack("<h", raw[70:72])[0]
+    pixdim = struct.unpack("<8f", raw[76:108])
+    offset = int(struct.unpack("<f", raw[108:112])[0])
+    assert dim[0] == 3 and datatype == 2, (dim, datatype)
+    nx, ny, nz = dim[1:4]
+    data = np.frombuffer(raw[offset:offset + nx * ny * nz], dtype=np.uint8).reshape(nz, ny, nx)
+    return data, [float(pixdim[3]), float(pixdim[2]), float(pixdim[1])]
+
+
 def main(out):
     edt = []
     for shape, spacing, p in [((6, 9, 11), (2.5, 0.7, 1.3), 0.03), ((17, 13), (0.9, 1.7), 0.05)]:
@@ -96,10 +114,24 @@ def main(out):
             entry[name] = sorted(int(v) for v in np.bincount(lab.reshape(-1))[1:])
         components.append(entry)
 
+    root = Path(__file__).resolve().parent.parent
+    lesions = []
+    for name, shift, tol in [("test/labels/lung1.nii.gz", (1, 2, 0), 2.0),
+                             ("train/labels/brain1.nii.gz", (0, -1, 3), 1.5)]:
+        truth, spacing = read_nifti_labels(root / "samples/lesions" / name)
+        truth = (truth > 0).astype(np.uint8)
+        pred = np.roll(truth, shift, axis=(0, 1, 2))
+        y, yp = one_hot(truth, 1), one_hot(pred, 1)
+        hd = compute_hausdorff_distance(yp, y, include_background=False, percentile=95, spacing=spacing)
+        nsd = compute_surface_dice(yp, y, [tol], include_background=False, spacing=spacing)
+        lesions.append({"file": "samples/lesions/" + name, "shift": list(shift), "spacing": spacing,
+                        "tolerance": tol, "hd95": float(hd[0][0]), "nsd": float(nsd[0][0])})
+
     versions = {"numpy": np.__version__, "scipy": scipy.__version__, "torch": torch.__version__,
                 "monai": monai.__version__}
     with open(out, "w") as f:
-        json.dump({"versions": versions, "edt": edt, "surface": surface, "components": components}, f)
+        json.dump({"versions": versions, "edt": edt, "surface": surface, "components": components,
+                   "lesions": lesions}, f)
         f.write("\n")
 
 

@@ -401,3 +401,30 @@ fn spacing_comes_from_the_nifti_header_and_is_pixels_in_2d() {
     let err = metrics::spacing_of(&root.join("nuclei/val/masks/missing.nii.gz")).unwrap_err();
     assert!(format!("{err:#}").contains("missing.nii.gz"), "{err:#}");
 }
+
+#[test]
+fn hd95_and_nsd_match_monai_on_real_lesions_in_mm() {
+    // The bundled lesion labels, read with their NIfTI spacing, against themselves moved by a
+    // few voxels (wrapping round, as numpy.roll).
+    for case in refs()["lesions"].as_array().unwrap() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(case["file"].as_str().unwrap());
+        let (truth, shape) = unetpp::data::io::read_mask(&path, 1).unwrap();
+        let spacing = metrics::spacing_of(&path).unwrap();
+        assert_eq!(spacing, arr3(&case["spacing"], |v| v.as_f64().unwrap()));
+        let shift = arr3(&case["shift"], |v| v.as_i64().unwrap());
+        let mut pred = vec![0u8; truth.len()];
+        for z in 0..shape[0] {
+            for y in 0..shape[1] {
+                for x in 0..shape[2] {
+                    let to = |i: usize, k: usize| (i as i64 + shift[k]).rem_euclid(shape[k] as i64) as usize;
+                    pred[(to(z, 0) * shape[1] + to(y, 1)) * shape[2] + to(x, 2)] =
+                        truth[(z * shape[1] + y) * shape[2] + x];
+                }
+            }
+        }
+        let settings = Settings { nsd_tolerance: case["tolerance"].as_f64().unwrap(), empty: Empty::One };
+        let s = metrics::score_labels(&pred, &truth, shape, spacing, 1, &settings)[0];
+        let (h, n) = (case["hd95"].as_f64().unwrap(), case["nsd"].as_f64().unwrap());
+        assert!(close(s.hd95, h, 1e-6) && close(s.nsd, n, 1e-6), "{path:?}: {s:?} vs MONAI HD95 {h}, NSD {n}");
+    }
+}
