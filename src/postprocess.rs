@@ -324,14 +324,16 @@ pub fn read_cases(predictions: &Path, labels: &Path, classes: usize) -> anyhow::
 }
 
 /// `unetpp postprocess`: decides on the predictions in `predictions` against `labels` and writes
-/// the decision to `out` (refused when `out` is one of the inputs).
+/// the decision to `out` (refused inside either input folder). Defaults: 1 class (binary), full
+/// connectivity.
 pub fn run(
     predictions: &Path,
     labels: &Path,
     out: &Path,
-    classes: usize,
-    connectivity: Connectivity,
+    classes: Option<usize>,
+    connectivity: Option<Connectivity>,
 ) -> anyhow::Result<Decision> {
+    let (classes, connectivity) = (classes.unwrap_or(1), connectivity.unwrap_or_default());
     ensure!((1..=255).contains(&classes), "--classes {classes}: allowed 1 (binary) to 255");
     let cases = read_cases(predictions, labels, classes)?;
     let target = crate::output::resolve(out);
