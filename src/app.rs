@@ -52,6 +52,10 @@ pub struct InferOptions {
     /// Sliding-window size; default [`default_tile`].
     pub tile: Option<[usize; 3]>,
     pub backend: Backend,
+    /// `eval`'s NSD tolerance (mm, pixels in 2D); default [`crate::metrics::Settings`]'s.
+    pub nsd_tolerance: Option<f64>,
+    /// What a label absent on both sides scores in `eval`; default [`crate::metrics::Empty::One`].
+    pub empty: Option<crate::metrics::Empty>,
 }
 
 impl InferOptions {
@@ -60,11 +64,20 @@ impl InferOptions {
         self.mode.unwrap_or(Mode::Accurate)
     }
 
+    pub fn metrics(&self) -> crate::metrics::Settings {
+        let d = crate::metrics::Settings::default();
+        crate::metrics::Settings {
+            nsd_tolerance: self.nsd_tolerance.unwrap_or(d.nsd_tolerance),
+            empty: self.empty.unwrap_or(d.empty),
+        }
+    }
+
     pub fn tile(&self, cfg: &ModelConfig) -> [usize; 3] {
         self.tile.unwrap_or(default_tile(cfg))
     }
 
     pub fn validate(&self, cfg: &ModelConfig) -> anyhow::Result<()> {
+        self.metrics().validate()?;
         if let Mode::Fast(l) = self.mode() {
             let heads = cfg.head_columns();
             let allowed: Vec<String> = heads.iter().map(|j| format!("fast:{j}")).collect();
@@ -114,6 +127,7 @@ fn eval_d<const D: usize>(
     let device = opts.backend.device();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
     let model = model.fold_batchnorm();
+    let postprocess = crate::postprocess::Decision::load_beside(ck, meta.model.classes)?;
     let splits = Splits::find(data_dir)?;
     let dir =
         splits.test.or(splits.val).context("no test/ or val/ split (nnU-Net: imagesTs/ with labelsTs/) to evaluate")?;
@@ -122,12 +136,28 @@ fn eval_d<const D: usize>(
     let overlays = out.join("overlays");
     std::fs::create_dir_all(&overlays).with_context(|| format!("cannot create {}", overlays.display()))?;
     let tile = opts.tile(&meta.model);
+    let pp_file = postprocess.as_ref().map(|_| crate::postprocess::beside(ck));
+    if let Some(f) = &pp_file {
+        eprintln!("applying the post-processing decided in {}", f.display());
+    }
+    let scoring = infer::Scoring { metrics: opts.metrics(), postprocess, spacing: meta.data.spacing };
     let overlay = |s: &data::Sample, pred: &[u8]| writer::overlay(&overlays, s, pred);
     let (scores, mut summary) =
-        infer::evaluate(&model, &samples, opts.mode(), tile, &device, meta.data.spacing, overlay)?;
+        infer::evaluate_scored(&model, &samples, &[opts.mode()], tile, &device, overlay, &scoring)?.remove(0);
     summary.per_class = crate::infer::by_label::class_means(&scores, &crate::infer::by_label::class_names(&meta.data));
-    writer::scores(out, &scores, &summary, ck)?;
+    writer::scores(out, &scores, &summary, ck, pp_file.as_deref())?;
     Ok(summary)
+}
+
+/// `unetpp postprocess`: see [`crate::postprocess::run`].
+pub fn postprocess(
+    predictions: &Path,
+    labels: &Path,
+    out: &Path,
+    classes: Option<usize>,
+    connectivity: Option<crate::postprocess::Connectivity>,
+) -> anyhow::Result<crate::postprocess::Decision> {
+    crate::postprocess::run(predictions, labels, out, classes, connectivity)
 }
 
 /// Predicts masks for one file or every image in a folder (or its `images/`); returns the files
@@ -201,6 +231,7 @@ fn predict_d<const D: usize>(
     let device = opts.backend.device();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
     let model = model.fold_batchnorm();
+    let postprocess = crate::postprocess::Decision::load_beside(ck, meta.model.classes)?;
     let Inputs { given, dir, files, cases } = inputs;
     // An nnU-Net case's outputs are named CASE.nii.gz, as nnU-Net names them.
     let names: Vec<PathBuf> = match cases {
@@ -210,6 +241,9 @@ fn predict_d<const D: usize>(
     let plan = crate::output::plan_predictions(given, dir, &names, out, meta.model.classes, probs, overwrite)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let tile = opts.tile(&meta.model);
+    if postprocess.is_some() {
+        eprintln!("applying the post-processing decided in {}", crate::postprocess::beside(ck).display());
+    }
     let mut written = vec![];
     for (i, (path, paths)) in plan.into_iter().enumerate() {
         let s = match cases {
@@ -225,7 +259,10 @@ fn predict_d<const D: usize>(
             Ok(vec![infer::probabilities(&model, r, opts.mode(), tile, &device)?])
         })?
         .remove(0);
-        let pred = infer::labels(&p, meta.model.classes);
+        let mut pred = infer::labels(&p, meta.model.classes);
+        if let Some(pp) = &postprocess {
+            pp.apply(&mut pred, s.shape);
+        }
         writer::prediction_to(&paths, &s, &pred, &p, meta.model.classes)?;
         written.extend(paths);
         eprintln!("predicted {}", infer::describe(&s));

@@ -235,6 +235,7 @@ fn otsu(cfg: &TrainConfig, quick: bool) -> anyhow::Result<Summary> {
         std_iou,
         seconds: 0.0,
         per_class: vec![],
+        surface: None,
     })
 }
 

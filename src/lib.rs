@@ -17,4 +17,5 @@ pub mod model;
 pub mod optim;
 pub mod output;
 pub mod plot;
+pub mod postprocess;
 pub mod train;

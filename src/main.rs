@@ -32,8 +32,36 @@ enum Command {
         data: PathBuf,
         #[arg(long)]
         skip_bad: bool,
+        /// Normalised surface Dice tolerance, in mm for volumes (NIfTI spacing), pixels for 2D
+        /// images (default 1)
+        #[arg(long)]
+        nsd_tolerance: Option<f64>,
+        /// What a label absent from both reference and prediction scores: `one` (Dice, IoU, NSD 1,
+        /// HD95 0; the default) or `nan` (undefined and left out of the means, as nnU-Net)
+        #[arg(long, value_enum)]
+        empty: Option<unetpp::metrics::Empty>,
         #[command(flatten)]
         infer: InferArgs,
+    },
+    /// Decide nnU-Net's post-processing (keep the largest connected component, of all foreground
+    /// and per label, where it raises the mean Dice) from validation predictions; `predict` and
+    /// `eval` apply a decision saved beside their checkpoint as CHECKPOINT_STEM.postprocess.json
+    Postprocess {
+        /// Predicted masks (as `predict` writes them)
+        #[arg(long)]
+        predictions: PathBuf,
+        /// Reference masks with the same file names (without extension)
+        #[arg(long)]
+        labels: PathBuf,
+        /// Where the decision (JSON) goes, e.g. RUN/checkpoints/best.postprocess.json
+        #[arg(long)]
+        out: PathBuf,
+        /// 1 = binary (the default); n >= 2 = label ids 0..n-1
+        #[arg(long)]
+        classes: Option<usize>,
+        /// `full`: 26 neighbours in 3D, 8 in 2D (nnU-Net, the default); `face`: 6 in 3D, 4 in 2D
+        #[arg(long, value_enum)]
+        connectivity: Option<unetpp::postprocess::Connectivity>,
     },
     /// Write masks (PNG for 2D, NIfTI for 3D) for an image, a volume or a folder of them.
     ///
@@ -164,7 +192,12 @@ struct InferArgs {
 
 impl InferArgs {
     fn options(&self) -> InferOptions {
-        InferOptions { mode: self.mode, tile: self.tile, backend: self.backend.backend.unwrap_or_default() }
+        InferOptions {
+            mode: self.mode,
+            tile: self.tile,
+            backend: self.backend.backend.unwrap_or_default(),
+            ..Default::default()
+        }
     }
 }
 
@@ -321,13 +354,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let run = app::train(Some(cfg), &out)?;
             report(&run.dir)
         }
-        Command::Eval { data, skip_bad, infer } => {
+        Command::Eval { data, skip_bad, nsd_tolerance, empty, infer } => {
             let (checkpoint, out) = (&infer.checkpoint, &infer.out);
-            let summary = app::eval(checkpoint, &data, out, &infer.options(), skip_bad)?;
+            let opts = InferOptions { nsd_tolerance, empty, ..infer.options() };
+            let summary = app::eval(checkpoint, &data, out, &opts, skip_bad)?;
             println!(
                 "{} images, mode {}: mean Dice {:.4} ± {:.4}, mean IoU {:.4} ± {:.4}",
                 summary.images, summary.mode, summary.mean_dice, summary.std_dice, summary.mean_iou, summary.std_iou
             );
+            if let Some(s) = &summary.surface {
+                println!("{}", unetpp::metrics::describe(s));
+            }
             for (name, o) in &summary.per_class {
                 println!("  {name}: mean Dice {:.4}, mean IoU {:.4}", o.dice, o.iou);
             }
@@ -338,6 +375,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let out = &infer.out;
             let written = app::predict(&infer.checkpoint, &input, out, &infer.options(), probabilities, overwrite)?;
             println!("wrote {} file(s) to {}", written.len(), out.display());
+            Ok(())
+        }
+        Command::Postprocess { predictions, labels, out, classes, connectivity } => {
+            let d = app::postprocess(&predictions, &labels, &out, classes, connectivity)?;
+            println!("{}", unetpp::postprocess::describe(&d));
+            println!("decision written to {}", out.display());
             Ok(())
         }
         Command::Prune { checkpoint, level, out, backend } => {

@@ -103,9 +103,12 @@ fn train_eval_predict_with_only_data() {
     );
     let csv = std::fs::read_to_string(eval.join("scores.csv")).unwrap();
     let mut lines = csv.lines();
-    assert_eq!(lines.next(), Some("image,dice,iou,dice_lung,iou_lung,dice_spine,iou_spine"));
+    assert_eq!(
+        lines.next(),
+        Some("image,dice,iou,hd95,nsd,dice_lung,iou_lung,hd95_lung,nsd_lung,dice_spine,iou_spine,hd95_spine,nsd_spine")
+    );
     let row = lines.next().unwrap();
-    assert!(row.starts_with("\"tiny4\",") && row.split(',').count() == 7, "{csv}");
+    assert!(row.starts_with("\"tiny4\",") && row.split(',').count() == 13, "{csv}");
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(eval.join("summary.json")).unwrap()).unwrap();
     for label in ["lung", "spine"] {
         let dice = json["classes"][label]["dice"].as_f64().unwrap_or(f64::NAN);

@@ -212,7 +212,7 @@ pub fn read_channels(
     for f in files {
         let (raw, scale) = io::read_scaled(f)?;
         if geometry.is_none() {
-            geometry = raw.geometry.clone();
+            geometry = raw.geometry;
         }
         ensure!(
             raw.channels == 1,

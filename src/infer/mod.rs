@@ -14,7 +14,7 @@ use crate::data::io::{self, fmt_shape};
 use crate::data::patch::{crop, images_tensor};
 use crate::data::volume::spacing::{Spacing, on_input_grid};
 use crate::data::{DataConfig, Sample};
-use crate::metrics::{self, Overlap};
+use crate::metrics::{self, LabelScore, Overlap};
 use crate::model::{Mode, UNetPP};
 
 /// Window origins along one axis of length `len` for windows of `win`, half overlapping.
@@ -129,7 +129,10 @@ pub struct ImageScore {
     pub name: String,
     pub iou: f64,
     pub dice: f64,
-    pub per_class: Vec<Overlap>,
+    /// Mean over the labels; NaN where no label has one (see [`crate::metrics`]).
+    pub hd95: f64,
+    pub nsd: f64,
+    pub per_class: Vec<LabelScore>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -144,6 +147,20 @@ pub struct Summary {
     /// Mean Dice and IoU per class (multi-class), named by label.
     #[serde(skip)]
     pub per_class: Vec<(String, Overlap)>,
+    /// HD95, NSD and per-label means; absent for scores made without them (Otsu rows).
+    #[serde(default)]
+    pub surface: Option<metrics::SurfaceSummary>,
+}
+
+/// How `eval` scores and post-processes its predictions.
+#[derive(Clone, Debug, Default)]
+pub struct Scoring {
+    pub metrics: metrics::Settings,
+    /// Applied to each hard prediction before it is scored (and drawn).
+    pub postprocess: Option<crate::postprocess::Decision>,
+    /// The spacing the network works at (the checkpoint's `--spacing`); scores are taken on each
+    /// sample's own grid.
+    pub spacing: Option<Spacing>,
 }
 
 /// Scores every sample; hands each sample's predicted labels to `each` (e.g.
@@ -170,21 +187,39 @@ pub fn evaluate_modes<const D: usize>(
     tile: [usize; 3],
     device: &Device,
     spacing: Option<Spacing>,
+    each: impl FnMut(&Sample, &[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<(Vec<ImageScore>, Summary)>> {
+    evaluate_scored(model, samples, modes, tile, device, each, &Scoring { spacing, ..Default::default() })
+}
+
+/// [`evaluate_modes`] with the scoring settings and post-processing of `scoring`.
+pub fn evaluate_scored<const D: usize>(
+    model: &UNetPP<D>,
+    samples: &[Sample],
+    modes: &[Mode],
+    tile: [usize; 3],
+    device: &Device,
     mut each: impl FnMut(&Sample, &[u8]) -> anyhow::Result<()>,
+    scoring: &Scoring,
 ) -> anyhow::Result<Vec<(Vec<ImageScore>, Summary)>> {
     let start = std::time::Instant::now();
     let classes = model.config().classes;
     let mut scores = vec![vec![]; modes.len()];
     for s in samples {
         anyhow::ensure!(!s.mask.is_empty(), "{} has no ground-truth mask to evaluate against", s.source.display());
-        let all = on_input_grid(s, spacing, |r| probabilities_modes(model, r, modes, tile, device))?;
+        let all = on_input_grid(s, scoring.spacing, |r| probabilities_modes(model, r, modes, tile, device))?;
+        let voxel = metrics::voxel_spacing(s);
         for (m, probs) in all.iter().enumerate() {
-            let pred = labels(probs, classes);
-            let (o, per_class) = overlap(&pred, &s.mask, classes);
+            let mut pred = labels(probs, classes);
+            if let Some(pp) = &scoring.postprocess {
+                pp.apply(&mut pred, s.shape);
+            }
+            let per_class = metrics::score_labels(&pred, &s.mask, s.shape, voxel, classes, &scoring.metrics);
             if m == 0 {
                 each(s, &pred)?;
             }
-            scores[m].push(ImageScore { name: s.name.clone(), iou: o.iou, dice: o.dice, per_class });
+            let [dice, iou, hd95, nsd] = metrics::case_means(&per_class);
+            scores[m].push(ImageScore { name: s.name.clone(), iou, dice, hd95, nsd, per_class });
         }
     }
     let seconds = start.elapsed().as_secs_f64();
@@ -192,8 +227,10 @@ pub fn evaluate_modes<const D: usize>(
         .iter()
         .zip(scores)
         .map(|(mode, scores)| {
-            let (mean_dice, std_dice) = metrics::mean_std(&scores.iter().map(|s| s.dice).collect::<Vec<_>>());
-            let (mean_iou, std_iou) = metrics::mean_std(&scores.iter().map(|s| s.iou).collect::<Vec<_>>());
+            let (mean_dice, std_dice) = metrics::nan_mean_std(&scores.iter().map(|s| s.dice).collect::<Vec<_>>());
+            let (mean_iou, std_iou) = metrics::nan_mean_std(&scores.iter().map(|s| s.iou).collect::<Vec<_>>());
+            let labels: Vec<&[LabelScore]> = scores.iter().map(|s| s.per_class.as_slice()).collect();
+            let surface = Some(metrics::summarize(&labels, &scoring.metrics));
             let summary = Summary {
                 mode: mode.to_string(),
                 images: scores.len(),
@@ -203,6 +240,7 @@ pub fn evaluate_modes<const D: usize>(
                 std_iou,
                 seconds,
                 per_class: vec![],
+                surface,
             };
             (scores, summary)
         })

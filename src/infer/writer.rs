@@ -8,16 +8,23 @@ use super::{ImageScore, Summary};
 use crate::data::Sample;
 use crate::data::io;
 
-/// Writes `scores.csv` (one row per image) and `summary.json` (the summary, the rows and the
-/// checkpoint they came from) into `out`.
-pub fn scores(out: &Path, scores: &[ImageScore], summary: &Summary, checkpoint: &Path) -> anyhow::Result<()> {
-    // Multi-class: a Dice and an IoU column per class, and `classes` keyed by label name.
+/// Writes `scores.csv` (one row per image, [`crate::metrics::scores_csv`], label columns named
+/// as `summary.per_class`) and `summary.json` (the summary, per-label means keyed by name, the
+/// rows, the checkpoint they came from and the post-processing decision applied) into `out`.
+pub fn scores(
+    out: &Path,
+    scores: &[ImageScore],
+    summary: &Summary,
+    checkpoint: &Path,
+    postprocess: Option<&Path>,
+) -> anyhow::Result<()> {
     let names: Vec<String> = summary.per_class.iter().map(|(n, _)| n.clone()).collect();
-    let csv = crate::infer::by_label::scores_csv(scores, &names);
-    crate::fsio::write_atomic(&out.join("scores.csv"), csv.as_bytes())?;
+    let rows = scores.iter().map(|s| (s.name.as_str(), s.per_class.as_slice()));
+    crate::fsio::write_atomic(&out.join("scores.csv"), crate::metrics::scores_csv(rows, &names).as_bytes())?;
     let classes = crate::infer::by_label::classes_json(summary);
-    let json =
-        serde_json::json!({ "summary": summary, "classes": classes, "images": scores, "checkpoint": checkpoint });
+    let json = serde_json::json!({
+        "summary": summary, "classes": classes, "images": scores, "checkpoint": checkpoint, "postprocess": postprocess
+    });
     crate::fsio::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&json)?.as_bytes())
 }
 
@@ -117,8 +124,10 @@ mod tests {
     #[test]
     fn scores_quote_names_and_keep_six_decimals() {
         let dir = tempfile::tempdir().unwrap();
-        let row =
-            |name: &str, dice| ImageScore { name: name.into(), iou: dice / (2.0 - dice), dice, per_class: vec![] };
+        let row = |name: &str, dice: f64| {
+            let l = crate::metrics::LabelScore { label: 1, dice, iou: dice / (2.0 - dice), hd95: 2.0, nsd: 0.5 };
+            ImageScore { name: name.into(), iou: l.iou, dice, hd95: 2.0, nsd: 0.5, per_class: vec![l] }
+        };
         let rows = [row("a", 0.5), row("say \"b\", c", 1.0)];
         let summary = Summary {
             mode: "accurate".into(),
@@ -129,13 +138,19 @@ mod tests {
             std_iou: 1.0 / 3.0,
             seconds: 1.0,
             per_class: vec![],
+            surface: None,
         };
-        scores(dir.path(), &rows, &summary, Path::new("m.unetpp")).unwrap();
+        scores(dir.path(), &rows, &summary, Path::new("m.unetpp"), Some(Path::new("m.postprocess.json"))).unwrap();
         let csv = std::fs::read_to_string(dir.path().join("scores.csv")).unwrap();
-        assert_eq!(csv, "image,dice,iou\n\"a\",0.500000,0.333333\n\"say \"\"b\"\", c\",1.000000,1.000000\n");
+        assert_eq!(
+            csv,
+            "image,dice,iou,hd95,nsd\n\"a\",0.500000,0.333333,2.000000,0.500000\n\
+             \"say \"\"b\"\", c\",1.000000,1.000000,2.000000,0.500000\n"
+        );
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap()).unwrap();
         assert_eq!((json["summary"]["images"].as_u64(), json["checkpoint"].as_str()), (Some(2), Some("m.unetpp")));
+        assert_eq!(json["postprocess"].as_str(), Some("m.postprocess.json"));
         assert_eq!(json["images"][1]["name"].as_str(), Some("say \"b\", c"));
     }
 }
