@@ -5,6 +5,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod experiment;
+pub mod export;
 pub mod fsio;
 pub mod import;
 pub mod infer;

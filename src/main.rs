@@ -122,12 +122,17 @@ enum Command {
         #[arg(long)]
         bilinear: bool,
     },
-    /// Write a 2D checkpoint as .safetensors with pytorch-nested-unet names
+    /// Write a checkpoint as .safetensors (2D, pytorch-nested-unet names) or as an ONNX graph
     Export {
         #[arg(long)]
         checkpoint: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        #[arg(long, value_enum, default_value_t)]
+        format: unetpp::export::Format,
+        /// ONNX only: `accurate` (mean of all heads, the default) or `fast:j` (the pruned L_j graph)
+        #[arg(long)]
+        mode: Option<Mode>,
     },
     /// Architecture and parameter counts per pruning level
     Info {
@@ -382,8 +387,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("written to {}", out.display());
             Ok(())
         }
-        Command::Export { checkpoint, out } => {
-            app::export(&checkpoint, &out)?;
+        Command::Export { checkpoint, out, format, mode } => {
+            app::export(&checkpoint, &out, format, mode)?;
             println!("written to {}", out.display());
             Ok(())
         }
