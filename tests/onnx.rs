@@ -51,7 +51,7 @@ fn saved<const D: usize>(cfg: &ModelConfig, dir: &Path) -> (UNetPP<D>, PathBuf) 
 
 fn export(ck: &Path, mode: Mode) -> PathBuf {
     let out = ck.with_file_name(format!("model-{mode}.onnx"));
-    unetpp::app::export(ck, &out, Format::Onnx, Some(mode)).unwrap();
+    unetpp::app::export(ck, &out, Format::Onnx, Some(mode), Default::default()).unwrap();
     out
 }
 

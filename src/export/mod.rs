@@ -23,7 +23,7 @@ pub enum Format {
 
 /// Writes checkpoint `ck` to `out` (atomically) in `format`; `mode` (ONNX only, default
 /// `accurate`) picks the heads and nodes the graph holds.
-pub fn export(ck: &Path, out: &Path, format: Format, mode: Option<Mode>) -> anyhow::Result<()> {
+pub fn export(ck: &Path, out: &Path, format: Format, mode: Option<Mode>, device: &Device) -> anyhow::Result<()> {
     let meta = checkpoint::read_meta(ck)?;
     match format {
         Format::Safetensors => {
@@ -34,16 +34,16 @@ pub fn export(ck: &Path, out: &Path, format: Format, mode: Option<Mode>) -> anyh
                 meta.model.dims == 2,
                 "only 2D models export to the NestedUNet layout (--format onnx takes 3D)"
             );
-            let (model, _) = checkpoint::load::<4>(ck, &Device::flex())?;
+            let (model, _) = checkpoint::load::<4>(ck, device)?;
             crate::import::export(&model, out)
         }
         Format::Onnx => {
-            let mode = mode.unwrap_or(Mode::Accurate);
-            let bytes = match meta.model.dims {
-                2 => onnx_bytes(&checkpoint::load::<4>(ck, &Device::flex())?, mode),
-                _ => onnx_bytes(&checkpoint::load::<5>(ck, &Device::flex())?, mode),
+            fn load_encode<const D: usize>(ck: &Path, device: &Device, mode: Mode) -> anyhow::Result<Vec<u8>> {
+                onnx_bytes(&checkpoint::load::<D>(ck, device)?, mode)
             }
-            .with_context(|| format!("cannot export {} to ONNX", ck.display()))?;
+            meta.model.validate().with_context(|| format!("checkpoint {}", ck.display()))?;
+            let bytes = crate::for_rank!(meta.model.dims, load_encode(ck, device, mode.unwrap_or(Mode::Accurate)))
+                .with_context(|| format!("cannot export {} to ONNX", ck.display()))?;
             crate::fsio::write_atomic(out, &bytes)
         }
     }
