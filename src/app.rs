@@ -301,13 +301,16 @@ pub fn import(
     Ok(report)
 }
 
-/// Writes a 2D checkpoint as `.safetensors` with pytorch-nested-unet's names.
-pub fn export(ck: &Path, out: &Path, backend: Backend) -> anyhow::Result<()> {
+/// Writes a checkpoint as `.safetensors` with pytorch-nested-unet's names, or as ONNX.
+pub fn export(
+    ck: &Path,
+    out: &Path,
+    format: crate::export::Format,
+    mode: Option<crate::model::Mode>,
+    backend: Backend,
+) -> anyhow::Result<()> {
     ensure_not_input(out, &[ck])?;
-    let meta = checkpoint::read_meta(ck)?;
-    anyhow::ensure!(meta.model.dims == 2, "only 2D models export to the NestedUNet layout");
-    let (model, _) = checkpoint::load::<4>(ck, &backend.device())?;
-    crate::import::export(&model, out)
+    crate::export::export(ck, out, format, mode, &backend.device())
 }
 
 /// Writes UNet++ L_level of a checkpoint; returns parameter counts before and after.

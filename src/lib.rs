@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod dispatch;
 pub mod experiment;
+pub mod export;
 pub mod fsio;
 pub mod import;
 pub mod infer;

@@ -154,12 +154,17 @@ enum Command {
         #[command(flatten)]
         backend: BackendArg,
     },
-    /// Write a 2D checkpoint as .safetensors with pytorch-nested-unet names
+    /// Write a checkpoint as .safetensors (2D, pytorch-nested-unet names) or as an ONNX graph
     Export {
         #[arg(long)]
         checkpoint: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        #[arg(long, value_enum, default_value_t)]
+        format: unetpp::export::Format,
+        /// ONNX only: `accurate` (mean of all heads, the default) or `fast:j` (the pruned L_j graph)
+        #[arg(long)]
+        mode: Option<Mode>,
         #[command(flatten)]
         backend: BackendArg,
     },
@@ -412,8 +417,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("written to {}", out.display());
             Ok(())
         }
-        Command::Export { checkpoint, out, backend } => {
-            app::export(&checkpoint, &out, backend.backend.unwrap_or_default())?;
+        Command::Export { checkpoint, out, format, mode, backend } => {
+            app::export(&checkpoint, &out, format, mode, backend.backend.unwrap_or_default())?;
             println!("written to {}", out.display());
             Ok(())
         }
