@@ -236,7 +236,8 @@ impl Builder {
                 out.insert((i + 1, 0), f);
             }
         }
-        for (i, j) in cfg.plan(level) {
+        for step in cfg.plan(level) {
+            let (i, j) = (step.i, step.j);
             if j == 0 && model.encoder.is_some() {
                 continue;
             }
