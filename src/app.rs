@@ -81,7 +81,7 @@ impl InferOptions {
 }
 
 /// Evaluates a checkpoint on `data` (its `test/` split when it has one); writes `scores.csv`,
-/// `summary.json` and 2D overlays into `out`.
+/// `summary.json`, overlays and `report.html` into `out`.
 pub fn eval(ck: &Path, data_dir: &Path, out: &Path, opts: &InferOptions, skip_bad: bool) -> anyhow::Result<Summary> {
     let meta = checkpoint::read_meta(ck)?;
     meta.model.validate().with_context(|| format!("checkpoint {}", ck.display()))?;
@@ -124,6 +124,7 @@ fn eval_d<const D: usize>(
         serde_json::to_string_pretty(&serde_json::json!({ "summary": summary, "images": scores, "checkpoint": ck }))?
             .as_bytes(),
     )?;
+    crate::report::eval(out, ck)?;
     Ok(summary)
 }
 

@@ -136,7 +136,7 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-/// Scores every sample; optionally writes overlays (2D) into `overlay_dir`.
+/// Scores every sample; optionally writes overlays into `overlay_dir` (3D: three slices per volume).
 pub fn evaluate<const D: usize>(
     model: &UNetPP<D>,
     samples: &[Sample],
@@ -167,8 +167,10 @@ pub fn evaluate_modes<const D: usize>(
         for (m, probs) in all.iter().enumerate() {
             let pred = labels(probs, classes);
             let (o, per_class) = overlap(&pred, &s.mask, classes);
-            if let Some(dir) = overlay_dir.filter(|_| s.shape[0] == 1 && m == 0) {
-                write_overlay(dir, s, &pred)?;
+            match overlay_dir.filter(|_| m == 0) {
+                Some(dir) if s.shape[0] == 1 => write_overlay(dir, s, &pred)?,
+                Some(dir) => crate::report::volume::write_slices(dir, s, &pred, &display_grey(s))?,
+                None => {}
             }
             scores[m].push(ImageScore { name: s.name.clone(), iou: o.iou, dice: o.dice, per_class });
         }

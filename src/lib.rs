@@ -16,4 +16,5 @@ pub mod model;
 pub mod optim;
 pub mod output;
 pub mod plot;
+pub mod report;
 pub mod train;
