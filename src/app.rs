@@ -5,12 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use burn::module::Module;
-use burn::prelude::*;
 
 use crate::backend::Backend;
 use crate::checkpoint::{self, Meta};
 use crate::data::{self, Splits, io};
-use crate::infer::{self, Summary};
+use crate::infer::{self, Summary, writer};
 use crate::model::{Mode, ModelConfig};
 pub use crate::train::train;
 
@@ -44,9 +43,10 @@ pub fn default_tile(cfg: &ModelConfig) -> [usize; 3] {
 }
 
 /// Options shared by `eval` and `predict`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct InferOptions {
-    pub mode: Mode,
+    /// Default [`Mode::Accurate`].
+    pub mode: Option<Mode>,
     /// Sliding-window size; default [`default_tile`].
     pub tile: Option<[usize; 3]>,
     pub backend: Backend,
@@ -54,8 +54,16 @@ pub struct InferOptions {
 
 impl InferOptions {
     /// Checks `--mode` and `--tile` against the model they will run.
+    pub fn mode(&self) -> Mode {
+        self.mode.unwrap_or(Mode::Accurate)
+    }
+
+    pub fn tile(&self, cfg: &ModelConfig) -> [usize; 3] {
+        self.tile.unwrap_or(default_tile(cfg))
+    }
+
     pub fn validate(&self, cfg: &ModelConfig) -> anyhow::Result<()> {
-        if let Mode::Fast(l) = self.mode {
+        if let Mode::Fast(l) = self.mode() {
             let heads = cfg.head_columns();
             let allowed: Vec<String> = heads.iter().map(|j| format!("fast:{j}")).collect();
             anyhow::ensure!(
@@ -90,10 +98,7 @@ pub fn eval(ck: &Path, data_dir: &Path, out: &Path, opts: &InferOptions, skip_ba
     let dir = splits.test.or(splits.val).context("no test/ or val/ split to evaluate")?;
     let images: Vec<PathBuf> = data::pairs(&dir, true)?.into_iter().map(|p| p.image).collect();
     data::ensure_dims(&images, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
-    match meta.model.dims {
-        2 => eval_d::<4>(ck, data_dir, out, opts, skip_bad),
-        _ => eval_d::<5>(ck, data_dir, out, opts, skip_bad),
-    }
+    crate::for_rank!(meta.model.dims, eval_d(ck, data_dir, out, opts, skip_bad))
 }
 
 fn eval_d<const D: usize>(
@@ -112,18 +117,10 @@ fn eval_d<const D: usize>(
     let samples = data::load(&dir, &meta.data, true, skip_bad)?;
     let overlays = out.join("overlays");
     std::fs::create_dir_all(&overlays).with_context(|| format!("cannot create {}", overlays.display()))?;
-    let tile = opts.tile.unwrap_or(default_tile(&meta.model));
-    let (scores, summary) = infer::evaluate(&model, &samples, opts.mode, tile, &device, Some(&overlays))?;
-    let mut csv = String::from("image,dice,iou\n");
-    for s in &scores {
-        writeln!(csv, "\"{}\",{:.6},{:.6}", s.name.replace('"', "\"\""), s.dice, s.iou)?;
-    }
-    crate::fsio::write_atomic(&out.join("scores.csv"), csv.as_bytes())?;
-    crate::fsio::write_atomic(
-        &out.join("summary.json"),
-        serde_json::to_string_pretty(&serde_json::json!({ "summary": summary, "images": scores, "checkpoint": ck }))?
-            .as_bytes(),
-    )?;
+    let tile = opts.tile(&meta.model);
+    let overlay = |s: &data::Sample, pred: &[u8]| writer::overlay(&overlays, s, pred);
+    let (scores, summary) = infer::evaluate(&model, &samples, opts.mode(), tile, &device, overlay)?;
+    writer::scores(out, &scores, &summary, ck)?;
     crate::report::eval(out, ck)?;
     Ok(summary)
 }
@@ -145,10 +142,7 @@ pub fn predict(
     opts.validate(&meta.model)?;
     let inputs = Inputs::find(input)?;
     data::ensure_dims(&inputs.files, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
-    match meta.model.dims {
-        2 => predict_d::<4>(ck, &inputs, out, opts, probs, overwrite),
-        _ => predict_d::<5>(ck, &inputs, out, opts, probs, overwrite),
-    }
+    crate::for_rank!(meta.model.dims, predict_d(ck, &inputs, out, opts, probs, overwrite))
 }
 
 /// What `predict --input` names, listed once: the path as given, the folder the inputs are in,
@@ -198,12 +192,13 @@ fn predict_d<const D: usize>(
     let Inputs { given, dir, files } = inputs;
     let plan = crate::output::plan_predictions(given, dir, files, out, meta.model.classes, probs, overwrite)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let tile = opts.tile.unwrap_or(default_tile(&meta.model));
+    let tile = opts.tile(&meta.model);
     let mut written = vec![];
     for (path, paths) in plan {
         let s = infer::read_unlabelled(&path, &meta.data)?;
-        let p = infer::probabilities(&model, &s, opts.mode, tile, &device)?;
-        let done = infer::write_prediction(out, &s, &p, meta.model.classes, probs)?;
+        let p = infer::probabilities(&model, &s, opts.mode(), tile, &device)?;
+        let pred = infer::labels(&p, meta.model.classes);
+        let done = writer::prediction(out, &s, &pred, &p, meta.model.classes, probs)?;
         debug_assert_eq!(done, paths);
         written.extend(done);
         eprintln!("predicted {}", infer::describe(&s));
@@ -212,16 +207,20 @@ fn predict_d<const D: usize>(
 }
 
 /// Converts a PyTorch NestedUNet/UNet checkpoint (`.pth`, `.pt`, `.safetensors`) into a unetpp
-/// checkpoint; inputs are to be normalised with `normalize`.
+/// checkpoint; inputs are to be normalised with `normalize` (default percentile 0.5..99.5, as
+/// training's 2D default). The weights are loaded (and their
+/// conversion checked) on `backend`.
 pub fn import(
     src: &Path,
     out: &Path,
-    normalize: crate::data::Normalize,
+    normalize: Option<crate::data::Normalize>,
     opts: crate::import::ImportOptions,
+    backend: Backend,
 ) -> anyhow::Result<crate::import::Report> {
+    let normalize = normalize.unwrap_or(crate::data::Normalize::Percentile { low: 0.5, high: 99.5 });
     normalize.check().map_err(anyhow::Error::msg)?;
     ensure_not_input(out, &[src])?;
-    let (model, report) = crate::import::import_with(src, opts, &Device::flex())?;
+    let (model, report) = crate::import::import_with(src, opts, &backend.device())?;
     let cfg = model.config().clone();
     let data = crate::data::DataConfig { channels: cfg.in_channels, classes: cfg.classes, normalize };
     checkpoint::save(&model, &Meta { model: cfg, data, epoch: 0, val_iou: None }, out)?;
@@ -229,16 +228,16 @@ pub fn import(
 }
 
 /// Writes a 2D checkpoint as `.safetensors` with pytorch-nested-unet's names.
-pub fn export(ck: &Path, out: &Path) -> anyhow::Result<()> {
+pub fn export(ck: &Path, out: &Path, backend: Backend) -> anyhow::Result<()> {
     ensure_not_input(out, &[ck])?;
     let meta = checkpoint::read_meta(ck)?;
     anyhow::ensure!(meta.model.dims == 2, "only 2D models export to the NestedUNet layout");
-    let (model, _) = checkpoint::load::<4>(ck, &Device::flex())?;
+    let (model, _) = checkpoint::load::<4>(ck, &backend.device())?;
     crate::import::export(&model, out)
 }
 
 /// Writes UNet++ L_level of a checkpoint; returns parameter counts before and after.
-pub fn prune(ck: &Path, level: usize, out: &Path) -> anyhow::Result<(usize, usize)> {
+pub fn prune(ck: &Path, level: usize, out: &Path, backend: Backend) -> anyhow::Result<(usize, usize)> {
     ensure_not_input(out, &[ck])?;
     let meta = checkpoint::read_meta(ck)?;
     let heads = meta.model.head_columns();
@@ -248,14 +247,12 @@ pub fn prune(ck: &Path, level: usize, out: &Path) -> anyhow::Result<(usize, usiz
         ck.display(),
         if heads.len() == 1 { " (it was trained without deep supervision or is already pruned)" } else { "" }
     );
-    match meta.model.dims {
-        2 => prune_d::<4>(ck, level, out),
-        _ => prune_d::<5>(ck, level, out),
-    }
+    meta.model.validate().with_context(|| format!("checkpoint {}", ck.display()))?;
+    crate::for_rank!(meta.model.dims, prune_d(ck, level, out, backend))
 }
 
-fn prune_d<const D: usize>(ck: &Path, level: usize, out: &Path) -> anyhow::Result<(usize, usize)> {
-    let device = Device::flex();
+fn prune_d<const D: usize>(ck: &Path, level: usize, out: &Path, backend: Backend) -> anyhow::Result<(usize, usize)> {
+    let device = backend.device();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
     let before = model.num_params();
     let pruned = model.prune(level)?;
@@ -267,10 +264,79 @@ fn prune_d<const D: usize>(ck: &Path, level: usize, out: &Path) -> anyhow::Resul
     Ok((before, after))
 }
 
+/// `info`: [`info`] of a checkpoint's architecture, or of the one `model` asks for (2D unless
+/// it says otherwise).
+pub fn info_of(ck: Option<&Path>, model: &crate::train::ModelOptions) -> anyhow::Result<String> {
+    let cfg = match ck {
+        Some(c) => checkpoint::read_meta(c)?.model,
+        None => model.config(2),
+    };
+    info(&cfg)
+}
+
+/// `experiment`: runs a spec file into `out` (default `runs/<spec name>`, `-quick` appended with
+/// `quick`) and writes the report to `report` (default `out/results.md`); returns the runs and
+/// the report's path. `command` is the command line the report quotes.
+pub fn experiment(
+    spec: &Path,
+    out: Option<&Path>,
+    report: Option<&Path>,
+    command: &str,
+    quick: bool,
+) -> anyhow::Result<(Vec<crate::experiment::RunResult>, PathBuf)> {
+    let stem = spec.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let suffix = if quick { "-quick" } else { "" };
+    let out = out.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(format!("runs/{stem}{suffix}")));
+    let report = report.map(Path::to_path_buf).unwrap_or_else(|| out.join("results.md"));
+    let spec = crate::experiment::read_spec(spec)?;
+    let results = crate::experiment::run(spec, &out, &report, command, crate::experiment::Options { quick })?;
+    Ok((results, report))
+}
+
+/// What `bench` times.
+#[derive(Clone, Debug)]
+pub enum BenchKind {
+    /// The model's forward passes and training step.
+    Model,
+    /// Our CPU kernels against burn Flex's own ops, op by op.
+    Kernels,
+    /// The model against the PyTorch / ONNX Runtime peers run by `python peer`.
+    Compare { python: PathBuf, peer: PathBuf, rounds: usize },
+}
+
+/// `bench`: the timings as the text to print; [`BenchKind::Model`] timings are also written as
+/// JSON to `json` when given.
+pub fn bench(o: crate::bench::BenchOptions, kind: &BenchKind, json: Option<&Path>) -> anyhow::Result<String> {
+    o.validate()?;
+    let mut s = String::new();
+    match kind {
+        BenchKind::Kernels => {
+            writeln!(s, "| op | unetpp kernel ms | burn Flex ms | ratio |\n|---|---|---|---|")?;
+            for (case, ours, burn) in crate::bench::kernels(o.reps) {
+                writeln!(s, "| {case} | {ours:.1} | {burn:.1} | {:.2} |", ours / burn)?;
+            }
+        }
+        BenchKind::Compare { python, peer, rounds } => s = crate::bench::compare(python, peer, o, *rounds)?,
+        BenchKind::Model => {
+            let timings = crate::bench::run(o);
+            writeln!(s, "{:<36} {:>10}", "case", "median ms")?;
+            for t in &timings {
+                writeln!(s, "{:<36} {:>10.1}", t.case, t.median_ms)?;
+            }
+            if let Some(mb) = crate::bench::peak_rss_mb() {
+                writeln!(s, "peak RSS MB: {mb:.0}")?;
+            }
+            if let Some(path) = json {
+                crate::fsio::write_atomic(path, serde_json::to_string_pretty(&timings)?.as_bytes())?;
+            }
+        }
+    }
+    Ok(s)
+}
+
 /// A human-readable description: the grid, heads and parameters per pruning level.
 pub fn info(cfg: &ModelConfig) -> anyhow::Result<String> {
     cfg.validate()?;
-    let device = Device::flex();
     let mut s = String::new();
     writeln!(
         s,
@@ -295,14 +361,7 @@ pub fn info(cfg: &ModelConfig) -> anyhow::Result<String> {
             (0..=cfg.depth - i).filter(|&j| cfg.has_node(i, j)).map(|j| format!("X{i},{j}")).collect();
         writeln!(s, "  {}", row.join(" "))?;
     }
-    let params = |pruned: Option<usize>| -> anyhow::Result<usize> {
-        Ok(match (cfg.dims, pruned) {
-            (2, None) => cfg.init::<4>(&device).num_params(),
-            (2, Some(l)) => cfg.init::<4>(&device).prune(l)?.num_params(),
-            (_, None) => cfg.init::<5>(&device).num_params(),
-            (_, Some(l)) => cfg.init::<5>(&device).prune(l)?.num_params(),
-        })
-    };
+    let params = |pruned| crate::dispatch::num_params(cfg, pruned);
     writeln!(s, "parameters: {} (BatchNorm running statistics included)", params(None)?)?;
     let heads = cfg.head_columns();
     if heads.len() > 1 {

@@ -29,6 +29,17 @@ pub struct BenchOptions {
     pub train_only: bool,
 }
 
+impl BenchOptions {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            matches!(self.dims, 2 | 3),
+            "--dims must be 2 or 3 (the 2D or the 3D model), got {}",
+            self.dims
+        );
+        Ok(())
+    }
+}
+
 /// The cases: batch 4 and 1 of 96x96 and one 256x256 in 2D; 1x64^3 in 3D.
 pub fn sizes(dims: usize) -> Vec<(usize, [usize; 3])> {
     if dims == 3 { vec![(1, [64; 3])] } else { vec![(4, [1, 96, 96]), (1, [1, 96, 96]), (1, [1, 256, 256])] }
@@ -65,10 +76,7 @@ pub fn run(o: BenchOptions) -> Vec<Timing> {
     for (batch, shape) in sizes {
         let dims = &shape[3 - o.dims..];
         let label = format!("{batch}x1x{}", dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x"));
-        match o.dims {
-            2 => out.extend(bench_d::<4>(&cfg, batch, shape, o, &label)),
-            _ => out.extend(bench_d::<5>(&cfg, batch, shape, o, &label)),
-        }
+        out.extend(crate::for_rank!(o.dims, bench_d(&cfg, batch, shape, o, &label)));
     }
     out
 }

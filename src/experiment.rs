@@ -174,10 +174,7 @@ fn run_one(cfg: TrainConfig, dir: &Path, name: &str, fold: Option<&str>, quick: 
         None => train::train(Some(cfg.clone()), dir)?.state,
     };
     let ck = dir.join("checkpoints/best.unetpp");
-    let result = match cfg.model.dims {
-        2 => evaluate::<4>(&cfg, &ck, quick)?,
-        _ => evaluate::<5>(&cfg, &ck, quick)?,
-    };
+    let result = crate::for_rank!(cfg.model.dims, evaluate(&cfg, &ck, quick))?;
     let (eval_seconds, modes, images, class_dice) = result;
     let r = RunResult {
         model: name.to_string(),
@@ -214,7 +211,7 @@ fn evaluate<const D: usize>(cfg: &TrainConfig, ck: &Path, quick: bool) -> anyhow
     let samples = test_samples(cfg, &meta.data, quick)?;
     let modes = modes_of(&meta.model);
     let start = std::time::Instant::now();
-    let all = infer::evaluate_modes(&model, &samples, &modes, cfg.tile, &device, None)?;
+    let all = infer::evaluate_modes(&model, &samples, &modes, cfg.tile, &device, |_, _| Ok(()))?;
     let seconds = start.elapsed().as_secs_f64();
     let scores = &all[0].0;
     let images = scores.iter().map(|s| (s.name.clone(), s.iou)).collect();
@@ -334,10 +331,7 @@ pub fn run(spec: Spec, out: &Path, report: &Path, command: &str, o: Options) -> 
         (Some(size), Some(v)) => {
             let ck = run_dir(out, &v.name, spec.seeds[0], folds[0].0.as_deref()).join("checkpoints/best.unetpp");
             let reps = if o.quick { 1 } else { 5 };
-            Some(match spec.train.model.dims {
-                2 => timing::<4>(&ck, size, reps)?,
-                _ => timing::<5>(&ck, size, reps)?,
-            })
+            Some(crate::for_rank!(spec.train.model.dims, timing(&ck, size, reps))?)
         }
         _ => None,
     };
@@ -431,13 +425,7 @@ fn render(
             .models
             .iter()
             .find(|v| &v.name == name)
-            .map(|v| {
-                let c = spec.config(v, 0, &t.data).model;
-                match c.dims {
-                    2 => c.init::<4>(&Device::flex()).num_params(),
-                    _ => c.init::<5>(&Device::flex()).num_params(),
-                }
-            })
+            .and_then(|v| crate::dispatch::num_params(&spec.config(v, 0, &t.data).model, None).ok())
             .map(|p| format!("{:.2}M", p as f64 / 1e6))
             .unwrap_or_else(|| "–".into());
         let iou: Vec<f64> = runs.iter().map(|r| r.modes[0].mean_iou).collect();

@@ -4,6 +4,7 @@ pub mod backend;
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod dispatch;
 pub mod experiment;
 pub mod fsio;
 pub mod import;

@@ -2,13 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use unetpp::app::{self, InferOptions};
+use unetpp::app::{self, BenchKind, InferOptions};
 use unetpp::backend::Backend;
-use unetpp::data::{DataConfig, Normalize};
-use unetpp::model::{Arch, Encoder, Mode, ModelConfig, Preset};
-use unetpp::train::TrainConfig;
+use unetpp::bench::BenchOptions;
+use unetpp::data::{Normalize, patch};
+use unetpp::model::{Arch, Encoder, Mode, Preset};
+use unetpp::train::{ModelOptions, TrainConfig, TrainOptions};
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +60,8 @@ enum Command {
         level: usize,
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        backend: BackendArg,
     },
     /// Train and evaluate every model x seed of a spec (experiments/*.toml) and write a report;
     /// finished runs in --out are reused, cut-off ones resumed
@@ -115,12 +117,14 @@ enum Command {
         from: PathBuf,
         #[arg(long)]
         out: PathBuf,
-        /// How the PyTorch model's inputs were normalised (see `train --help`)
-        #[arg(long, default_value = "percentile")]
-        normalize: Normalize,
+        /// How the PyTorch model's inputs were normalised (see `train --help`; default percentile)
+        #[arg(long)]
+        normalize: Option<Normalize>,
         /// smp models trained with decoder_interpolation="bilinear" (the weights cannot tell)
         #[arg(long)]
         bilinear: bool,
+        #[command(flatten)]
+        backend: BackendArg,
     },
     /// Write a 2D checkpoint as .safetensors with pytorch-nested-unet names
     Export {
@@ -128,6 +132,8 @@ enum Command {
         checkpoint: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        backend: BackendArg,
     },
     /// Architecture and parameter counts per pruning level
     Info {
@@ -146,42 +152,45 @@ struct InferArgs {
     checkpoint: PathBuf,
     #[arg(long)]
     out: PathBuf,
-    /// `accurate` (mean of all heads) or `fast:j` (head j, sub-network i+j' <= j only)
-    #[arg(long, default_value = "accurate")]
-    mode: Mode,
-    /// Sliding-window size for large inputs, e.g. 512 or 64,128,128
+    /// `accurate` (mean of all heads, the default) or `fast:j` (head j, sub-network i+j' <= j only)
     #[arg(long)]
-    tile: Option<String>,
+    mode: Option<Mode>,
+    /// Sliding-window size for large inputs, e.g. 512 or 64,128,128
+    #[arg(long, value_parser = patch::parse_size)]
+    tile: Option<[usize; 3]>,
     #[command(flatten)]
     backend: BackendArg,
 }
 
 impl InferArgs {
-    fn options(&self) -> anyhow::Result<InferOptions> {
-        Ok(InferOptions { mode: self.mode, tile: parse_size(self.tile.as_deref())?, backend: self.backend.backend })
+    fn options(&self) -> InferOptions {
+        InferOptions { mode: self.mode, tile: self.tile, backend: self.backend.backend.unwrap_or_default() }
     }
 }
 
 #[derive(Args, Clone)]
 struct BackendArg {
-    /// Compute backend (others come with the `vulkan` and `tch` cargo features)
-    #[arg(long, value_enum, default_value = "flex")]
-    backend: Backend,
+    /// Compute backend: flex, the default (others come with the `vulkan` and `tch` cargo features)
+    #[arg(long, value_enum)]
+    backend: Option<Backend>,
 }
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    #[arg(long, value_enum, default_value = "unetpp")]
-    arch: Arch,
-    #[arg(long, value_enum, default_value = "modern")]
-    preset: Preset,
+    /// Default unetpp
+    #[arg(long, value_enum)]
+    arch: Option<Arch>,
+    /// Default modern
+    #[arg(long, value_enum)]
+    preset: Option<Preset>,
     /// Down-sampling steps L (default 4; 5 with a ResNet encoder, as smp)
     #[arg(long)]
     depth: Option<usize>,
     /// Encoder column X^{i,0}: the paper's blocks, or a ResNet as in segmentation_models.pytorch
-    /// (2D; nearest up-sampling, 3x3 head, decoder widths 256..16 unless --decoder-channels)
-    #[arg(long, value_enum, default_value = "plain")]
-    encoder: Encoder,
+    /// (2D; nearest up-sampling, 3x3 head, decoder widths 256..16 unless --decoder-channels);
+    /// default plain
+    #[arg(long, value_enum)]
+    encoder: Option<Encoder>,
     /// Widths of the U-Net-path nodes X^{i,L-i}, deepest first, e.g. 256,128,64,32,16
     #[arg(long, value_delimiter = ',')]
     decoder_channels: Option<Vec<usize>>,
@@ -191,34 +200,30 @@ struct ModelArgs {
     /// 2 or 3 spatial dimensions (default: from the data)
     #[arg(long)]
     dims: Option<usize>,
-    /// 1 (grey) or 3 (RGB)
-    #[arg(long, default_value_t = 1)]
-    channels: usize,
-    /// 1 = binary; n >= 2 = label ids 0..n-1 (multi-class)
-    #[arg(long, default_value_t = 1)]
-    classes: usize,
+    /// 1 (grey, the default) or 3 (RGB)
+    #[arg(long)]
+    channels: Option<usize>,
+    /// 1 = binary (the default); n >= 2 = label ids 0..n-1 (multi-class)
+    #[arg(long)]
+    classes: Option<usize>,
     /// Train a single head on X^{0,L} instead of deep supervision
     #[arg(long)]
     no_deep_supervision: bool,
 }
 
 impl ModelArgs {
-    fn config(&self, dims: usize) -> ModelConfig {
-        let depth = self.depth.unwrap_or(if self.encoder == Encoder::Plain { 4 } else { 5 });
-        let base = ModelConfig::new(self.arch, self.preset, depth);
-        let cfg = ModelConfig {
-            width: self.width.unwrap_or(base.width),
-            in_channels: self.channels,
+    fn options(&self) -> ModelOptions {
+        ModelOptions {
+            arch: self.arch,
+            preset: self.preset,
+            depth: self.depth,
+            encoder: self.encoder,
+            decoder_channels: self.decoder_channels.clone(),
+            width: self.width,
+            dims: self.dims,
+            channels: self.channels,
             classes: self.classes,
-            dims: self.dims.unwrap_or(dims),
-            deep_supervision: base.deep_supervision && !self.no_deep_supervision,
-            ..base
-        };
-        let ds = cfg.deep_supervision;
-        let cfg = cfg.with_encoder(self.encoder, ds);
-        match &self.decoder_channels {
-            Some(d) => ModelConfig { decoder_channels: d.clone(), ..cfg },
-            None => cfg,
+            no_deep_supervision: self.no_deep_supervision,
         }
     }
 }
@@ -248,27 +253,31 @@ struct TrainArgs {
     /// Default 8 (4 on the bundled sample)
     #[arg(long)]
     batch_size: Option<usize>,
-    #[arg(long, default_value_t = 3e-4)]
-    lr: f64,
-    /// Patch size: 96 (2D) or 64,64,64 (3D, depth first)
+    /// Adam's step size (default 3e-4)
     #[arg(long)]
-    patch: Option<String>,
-    /// Share of patches centred on a foreground voxel
-    #[arg(long, default_value_t = 0.33)]
-    foreground: f64,
-    #[arg(long, default_value_t = 5)]
-    patience: usize,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    lr: Option<f64>,
+    /// Patch size: 96 (2D) or 64,64,64 (3D, depth first); these are the defaults
+    #[arg(long, value_parser = patch::parse_size)]
+    patch: Option<[usize; 3]>,
+    /// Share of patches centred on a foreground voxel (default 0.33)
+    #[arg(long)]
+    foreground: Option<f64>,
+    /// Epochs without a better validation IoU before stopping (default 5)
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Default 42
+    #[arg(long)]
+    seed: Option<u64>,
     /// percentile[:LOW:HIGH], zscore, window:LOW:HIGH in the file's own units (e.g. window:-1000:400 for CT), or
     /// imagenet (divide by the type's full scale, then ImageNet mean/std)
     #[arg(long)]
     normalize: Option<Normalize>,
-    /// Validation share when the data has no val/ folder
-    #[arg(long, default_value_t = 0.2)]
-    val_fraction: f64,
+    /// Validation share when the data has no val/ folder (default 0.2)
     #[arg(long)]
-    tile: Option<String>,
+    val_fraction: Option<f64>,
+    /// Sliding-window size for validation (default 1024,1024 in 2D, 64,128,128 in 3D)
+    #[arg(long, value_parser = patch::parse_size)]
+    tile: Option<[usize; 3]>,
     /// Leave out (and list) unreadable or inconsistent pairs instead of stopping
     #[arg(long)]
     skip_bad: bool,
@@ -298,16 +307,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return report(&run.dir);
             }
             let cfg = match &a.config {
-                Some(path) => {
-                    let cfg: TrainConfig = toml::from_str(
-                        &std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
-                    )
-                    .with_context(|| format!("cannot parse {}", path.display()))?;
-                    // `train` checks again; here the message can say which file holds the bad value.
-                    cfg.validate().with_context(|| format!("--config {}", path.display()))?;
-                    cfg
-                }
-                None => train_config(&a)?,
+                Some(path) => TrainConfig::read(path)?,
+                None => TrainConfig::from_options(&a.options())?,
             };
             let out = match a.out {
                 Some(o) => o,
@@ -318,7 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Eval { data, skip_bad, infer } => {
             let (checkpoint, out) = (&infer.checkpoint, &infer.out);
-            let summary = app::eval(checkpoint, &data, out, &infer.options()?, skip_bad)?;
+            let summary = app::eval(checkpoint, &data, out, &infer.options(), skip_bad)?;
             println!(
                 "{} images, mode {}: mean Dice {:.4} ± {:.4}, mean IoU {:.4} ± {:.4}",
                 summary.images, summary.mode, summary.mean_dice, summary.std_dice, summary.mean_iou, summary.std_iou
@@ -328,71 +329,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Predict { input, probabilities, overwrite, infer } => {
             let out = &infer.out;
-            let written = app::predict(&infer.checkpoint, &input, out, &infer.options()?, probabilities, overwrite)?;
+            let written = app::predict(&infer.checkpoint, &input, out, &infer.options(), probabilities, overwrite)?;
             println!("wrote {} file(s) to {}", written.len(), out.display());
             Ok(())
         }
-        Command::Prune { checkpoint, level, out } => {
-            let (before, after) = app::prune(&checkpoint, level, &out)?;
+        Command::Prune { checkpoint, level, out, backend } => {
+            let (before, after) = app::prune(&checkpoint, level, &out, backend.backend.unwrap_or_default())?;
             println!("UNet++ L{level}: {after} parameters (from {before}), written to {}", out.display());
             Ok(())
         }
         Command::Experiment { spec, out, report, quick } => {
-            let stem = spec.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-            let suffix = if quick { "-quick" } else { "" };
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{stem}{suffix}")));
-            let report = report.unwrap_or_else(|| out.join("results.md"));
             let command: Vec<String> = std::env::args().skip(1).collect();
             let command = format!("unetpp {}", command.join(" "));
-            let spec = unetpp::experiment::read_spec(&spec)?;
-            let results =
-                unetpp::experiment::run(spec, &out, &report, &command, unetpp::experiment::Options { quick })?;
+            let (results, report) = app::experiment(&spec, out.as_deref(), report.as_deref(), &command, quick)?;
             println!("{} runs; report written to {}", results.len(), report.display());
             Ok(())
         }
         Command::Bench { reps, dims, json, backend, train_only, compare, rounds, kernels, python, peer } => {
-            if kernels {
-                println!("| op | unetpp kernel ms | burn Flex ms | ratio |\n|---|---|---|---|");
-                for (case, ours, burn) in unetpp::bench::kernels(reps) {
-                    println!("| {case} | {ours:.1} | {burn:.1} | {:.2} |", ours / burn);
-                }
-                return Ok(());
-            }
-            let o = unetpp::bench::BenchOptions { reps, dims, backend: backend.backend, train_only };
-            if compare {
-                print!("{}", unetpp::bench::compare(&python, &peer, o, rounds)?);
-                return Ok(());
-            }
-            let timings = unetpp::bench::run(o);
-            println!("{:<36} {:>10}", "case", "median ms");
-            for t in &timings {
-                println!("{:<36} {:>10.1}", t.case, t.median_ms);
-            }
-            if let Some(mb) = unetpp::bench::peak_rss_mb() {
-                println!("peak RSS MB: {mb:.0}");
-            }
-            if let Some(path) = json {
-                unetpp::fsio::write_atomic(&path, serde_json::to_string_pretty(&timings)?.as_bytes())?;
-            }
+            let o = BenchOptions { reps, dims, backend: backend.backend.unwrap_or_default(), train_only };
+            let kind = match (kernels, compare) {
+                (true, _) => BenchKind::Kernels,
+                (_, true) => BenchKind::Compare { python, peer, rounds },
+                _ => BenchKind::Model,
+            };
+            print!("{}", app::bench(o, &kind, json.as_deref())?);
             Ok(())
         }
-        Command::Import { from, out, normalize, bilinear } => {
-            let report = app::import(&from, &out, normalize, unetpp::import::ImportOptions { bilinear })?;
+        Command::Import { from, out, normalize, bilinear, backend } => {
+            let opts = unetpp::import::ImportOptions { bilinear };
+            let report = app::import(&from, &out, normalize, opts, backend.backend.unwrap_or_default())?;
             print!("{report}");
             println!("written to {}", out.display());
             Ok(())
         }
-        Command::Export { checkpoint, out } => {
-            app::export(&checkpoint, &out)?;
+        Command::Export { checkpoint, out, backend } => {
+            app::export(&checkpoint, &out, backend.backend.unwrap_or_default())?;
             println!("written to {}", out.display());
             Ok(())
         }
         Command::Info { checkpoint, model } => {
-            let cfg = match checkpoint {
-                Some(c) => unetpp::checkpoint::read_meta(&c)?.model,
-                None => model.config(2),
-            };
-            print!("{}", app::info(&cfg)?);
+            print!("{}", app::info_of(checkpoint.as_deref(), &model.options())?);
             Ok(())
         }
     }
@@ -405,63 +381,25 @@ fn report(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `96` -> [1, 96, 96]; `64,64,64` -> [64, 64, 64] (depth first).
-fn parse_size(s: Option<&str>) -> anyhow::Result<Option<[usize; 3]>> {
-    let Some(s) = s else { return Ok(None) };
-    let v: Vec<usize> =
-        s.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>().with_context(|| format!("bad size `{s}`"))?;
-    match v[..] {
-        [a] => Ok(Some([a, a, a])),
-        [h, w] => Ok(Some([1, h, w])),
-        [d, h, w] => Ok(Some([d, h, w])),
-        _ => anyhow::bail!("size `{s}` must be N, H,W or D,H,W"),
-    }
-}
-
-fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
-    let data = match &a.data {
-        Some(d) => d.clone(),
-        None => app::bundled("nuclei")?,
-    };
-    // The bundled sample is four small crops: a short run shows the whole loop in minutes.
-    let (epochs, steps, batch) = if a.data.is_some() { (10, 20, 8) } else { (5, 10, 4) };
-    if a.data.is_none() {
-        eprintln!("no --data given: training on the bundled sample {} (pass --data DIR for your own)", data.display());
-    }
-    let dims = app::detect_dims(&data)?;
-    // Fine-tuning keeps the checkpoint's architecture and, unless told otherwise, its input normalisation.
-    let (model, normalize) = match &a.weights {
-        Some(w) => {
-            let meta = unetpp::checkpoint::read_meta(w)?;
-            (meta.model, a.normalize.or(Some(meta.data.normalize)))
+impl TrainArgs {
+    fn options(&self) -> TrainOptions {
+        TrainOptions {
+            data: self.data.clone(),
+            model: self.model.options(),
+            epochs: self.epochs,
+            steps_per_epoch: self.steps_per_epoch,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            patch: self.patch,
+            foreground: self.foreground,
+            patience: self.patience,
+            seed: self.seed,
+            normalize: self.normalize,
+            val_fraction: self.val_fraction,
+            tile: self.tile,
+            skip_bad: self.skip_bad,
+            backend: self.backend.backend.unwrap_or_default(),
+            weights: self.weights.clone(),
         }
-        None => (a.model.config(dims), a.normalize),
-    };
-    let patch = parse_size(a.patch.as_deref())?.unwrap_or(if model.dims == 3 { [64; 3] } else { [1, 96, 96] });
-    let tile = parse_size(a.tile.as_deref())?.unwrap_or(app::default_tile(&model));
-    let val_crop = if model.dims == 3 { [64, 192, 192] } else { [1, 384, 384] };
-    let normalize = normalize.unwrap_or(if model.dims == 3 {
-        Normalize::ZScore
-    } else {
-        Normalize::Percentile { low: 0.5, high: 99.5 }
-    });
-    Ok(TrainConfig {
-        data,
-        input: DataConfig { channels: model.in_channels, classes: model.classes, normalize },
-        model,
-        epochs: a.epochs.unwrap_or(epochs),
-        steps_per_epoch: a.steps_per_epoch.unwrap_or(steps),
-        batch_size: a.batch_size.unwrap_or(batch),
-        lr: a.lr,
-        patch,
-        foreground: a.foreground,
-        patience: a.patience,
-        seed: a.seed,
-        val_fraction: a.val_fraction,
-        tile,
-        val_crop,
-        skip_bad: a.skip_bad,
-        backend: a.backend.backend,
-        weights: a.weights.clone(),
-    })
+    }
 }

@@ -1,9 +1,13 @@
 //! Training with deep supervision: Adam, random patches, validation IoU on whole images after
 //! every epoch, early stopping, atomic best/last checkpoints, resume, metrics CSV and curves.
-//! One `TrainConfig` (saved as `config.toml` in the run directory) drives a run; how the run
-//! directory is locked, committed and recovered is in [`rundir`].
+//! One `TrainConfig` (saved as `config.toml` in the run directory) drives a run; the defaults it
+//! takes from the data are in [`options`]; how the run directory is locked, committed and
+//! recovered is in [`rundir`].
 
+pub mod options;
 pub mod rundir;
+
+pub use options::{ModelOptions, TrainOptions};
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -78,6 +82,7 @@ pub struct Run {
     pub state: State,
 }
 
+/// The run directory's checkpoint folder.
 pub fn checkpoints(dir: &Path) -> PathBuf {
     dir.join("checkpoints")
 }
@@ -107,25 +112,8 @@ pub fn load_splits(cfg: &TrainConfig) -> anyhow::Result<(Vec<Sample>, Vec<Sample
             s.source.display()
         );
     }
-    let val = val.iter().map(|s| centre_crop(s, cfg.val_crop)).collect();
+    let val = val.iter().map(|s| patch::centre_crop(s, cfg.val_crop)).collect();
     Ok((train, val))
-}
-
-/// A crop of at most `size` centred on the foreground centroid (or the image centre).
-fn centre_crop(s: &Sample, size: [usize; 3]) -> Sample {
-    let size: [usize; 3] = std::array::from_fn(|a| size[a].min(s.shape[a]));
-    let fg: Vec<usize> = s.mask.iter().enumerate().filter(|(_, v)| **v > 0).map(|(i, _)| i).collect();
-    let centre: [usize; 3] = if fg.is_empty() {
-        s.shape.map(|l| l / 2)
-    } else {
-        let plane = s.shape[1] * s.shape[2];
-        let coord = |i: usize| [i / plane, (i / s.shape[2]) % s.shape[1], i % s.shape[2]];
-        std::array::from_fn(|a| fg.iter().map(|&i| coord(i)[a]).sum::<usize>() / fg.len())
-    };
-    let origin: [isize; 3] =
-        std::array::from_fn(|a| (centre[a].saturating_sub(size[a] / 2)).min(s.shape[a] - size[a]) as isize);
-    let p = patch::crop(s, origin, size);
-    Sample { image: p.image, mask: p.mask, shape: size, ..s.clone() }
 }
 
 /// One optimisation step on a batch: the deep-supervision loss, its gradients and Adam, with
@@ -178,10 +166,7 @@ pub fn train(cfg: Option<TrainConfig>, dir: &Path) -> anyhow::Result<Run> {
         }
     };
     cfg.validate()?;
-    match cfg.model.dims {
-        2 => run::<4>(&cfg, dir, resume, lock),
-        _ => run::<5>(&cfg, dir, resume, lock),
-    }
+    crate::for_rank!(cfg.model.dims, run(&cfg, dir, resume, lock))
 }
 
 /// Burn gives every parameter a random id, which the optimiser state is keyed by and the
@@ -221,6 +206,7 @@ fn diverged(dir: &Path, state: &State, what: String) -> anyhow::Error {
     anyhow::anyhow!("training diverged: {what}; try a lower --lr ({kept})")
 }
 
+/// The epochs of the run in `dir`, from its last committed epoch when `resume`.
 fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool, lock: Option<rundir::Lock>) -> anyhow::Result<Run> {
     // `TrainConfig::validate` has checked the patch against the model's depth.
     let patch_size = [if cfg.model.dims == 2 { 1 } else { cfg.patch[0] }, cfg.patch[1], cfg.patch[2]];
@@ -331,7 +317,7 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool, lock: Option
         let (val_iou, val_dice) = if val.is_empty() {
             (f64::NAN, f64::NAN)
         } else {
-            let (_, s) = infer::evaluate(&valid, &val, Mode::Accurate, cfg.tile, &valid.devices()[0], None)?;
+            let (_, s) = infer::evaluate(&valid, &val, Mode::Accurate, cfg.tile, &valid.devices()[0], |_, _| Ok(()))?;
             (s.mean_iou, s.mean_dice)
         };
         // The next state, committed only once its files are on disk.

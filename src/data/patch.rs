@@ -145,6 +145,40 @@ pub fn targets_tensor<const D: usize>(patches: &[&Patch], classes: usize, device
     Tensor::<1>::from_floats(data.as_slice(), device).reshape(batch_dims::<D>(patches.len(), classes, p0.shape))
 }
 
+/// A crop of at most `size` centred on the foreground centroid (or the image centre): what
+/// validation scores, so that checking every epoch stays cheap on large images.
+pub fn centre_crop(s: &Sample, size: [usize; 3]) -> Sample {
+    let size: [usize; 3] = std::array::from_fn(|a| size[a].min(s.shape[a]));
+    let fg: Vec<usize> = s.mask.iter().enumerate().filter(|(_, v)| **v > 0).map(|(i, _)| i).collect();
+    let centre: [usize; 3] = if fg.is_empty() {
+        s.shape.map(|l| l / 2)
+    } else {
+        let plane = s.shape[1] * s.shape[2];
+        let coord = |i: usize| [i / plane, (i / s.shape[2]) % s.shape[1], i % s.shape[2]];
+        std::array::from_fn(|a| fg.iter().map(|&i| coord(i)[a]).sum::<usize>() / fg.len())
+    };
+    let origin: [isize; 3] =
+        std::array::from_fn(|a| (centre[a].saturating_sub(size[a] / 2)).min(s.shape[a] - size[a]) as isize);
+    let p = crop(s, origin, size);
+    Sample { image: p.image, mask: p.mask, shape: size, ..s.clone() }
+}
+
+/// A patch or window size as the command line writes it: `96` -> [96, 96, 96] (a 2D model
+/// reads [1, 96, 96]), `96,128` -> [1, 96, 128], `64,128,128` -> depth, height, width.
+pub fn parse_size(s: &str) -> Result<[usize; 3], String> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|x| x.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("bad size `{s}`: give N, H,W or D,H,W in voxels, e.g. 96 or 64,128,128"))?;
+    match v[..] {
+        [a] => Ok([a, a, a]),
+        [h, w] => Ok([1, h, w]),
+        [d, h, w] => Ok([d, h, w]),
+        _ => Err(format!("size `{s}` must be N, H,W or D,H,W")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,5 +236,29 @@ mod tests {
         let t: Tensor<4> = targets_tensor(&[&p], 3, &Device::flex());
         let v: Vec<f32> = t.into_data().iter::<f32>().collect();
         assert_eq!(v, vec![0.0, 1.0, 0.0, 0.0, 1.0, 0.0]);
+    }
+    #[test]
+    fn centre_crop_follows_the_foreground() {
+        // 1x4x6 image with foreground at (y, x) = (3, 5): a 2x2 crop ends at the corner.
+        let mut mask = vec![0u8; 24];
+        mask[3 * 6 + 5] = 1;
+        let image: Vec<f32> = (0..24).map(|i| i as f32).collect();
+        let s = Sample { name: "c".into(), image, mask, channels: 1, shape: [1, 4, 6], source: "c.png".into() };
+        let c = centre_crop(&s, [1, 2, 2]);
+        assert_eq!(
+            (c.shape, c.image.clone(), c.mask.clone()),
+            ([1, 2, 2], vec![16.0, 17.0, 22.0, 23.0], vec![0, 0, 0, 1])
+        );
+        // Larger than the image: the whole image.
+        assert_eq!(centre_crop(&s, [64, 64, 64]).image, s.image);
+    }
+
+    #[test]
+    fn sizes_parse_as_documented() {
+        assert_eq!(parse_size("96"), Ok([96, 96, 96]));
+        assert_eq!(parse_size("96, 128"), Ok([1, 96, 128]));
+        assert_eq!(parse_size("64,128,128"), Ok([64, 128, 128]));
+        assert!(parse_size("1,2,3,4").unwrap_err().contains("N, H,W or D,H,W"));
+        assert!(parse_size("x").unwrap_err().contains("bad size `x`"));
     }
 }

@@ -1,5 +1,8 @@
 //! Whole-image inference: pad to a multiple of 2^depth, or slide overlapping windows over large
-//! inputs and average their probabilities; then evaluation and prediction files.
+//! inputs and average their probabilities; then labels and evaluation scores. Nothing here
+//! writes files: [`writer`] turns the results into prediction files, overlays and score tables.
+
+pub mod writer;
 
 use std::path::Path;
 
@@ -136,19 +139,20 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-/// Scores every sample; optionally writes overlays into `overlay_dir` (3D: three slices per volume).
+/// Scores every sample; hands each sample's predicted labels to `each` (e.g.
+/// [`writer::overlay`]) as they are made, so that nothing holds all of them.
 pub fn evaluate<const D: usize>(
     model: &UNetPP<D>,
     samples: &[Sample],
     mode: Mode,
     tile: [usize; 3],
     device: &Device,
-    overlay_dir: Option<&Path>,
+    each: impl FnMut(&Sample, &[u8]) -> anyhow::Result<()>,
 ) -> anyhow::Result<(Vec<ImageScore>, Summary)> {
-    Ok(evaluate_modes(model, samples, &[mode], tile, device, overlay_dir)?.remove(0))
+    Ok(evaluate_modes(model, samples, &[mode], tile, device, each)?.remove(0))
 }
 
-/// [`evaluate`] in several modes from one pass per window (overlays for the first mode).
+/// [`evaluate`] in several modes from one pass per window (`each` sees the first mode's labels).
 /// `seconds` is the wall time of the whole pass.
 pub fn evaluate_modes<const D: usize>(
     model: &UNetPP<D>,
@@ -156,7 +160,7 @@ pub fn evaluate_modes<const D: usize>(
     modes: &[Mode],
     tile: [usize; 3],
     device: &Device,
-    overlay_dir: Option<&Path>,
+    mut each: impl FnMut(&Sample, &[u8]) -> anyhow::Result<()>,
 ) -> anyhow::Result<Vec<(Vec<ImageScore>, Summary)>> {
     let start = std::time::Instant::now();
     let classes = model.config().classes;
@@ -167,10 +171,8 @@ pub fn evaluate_modes<const D: usize>(
         for (m, probs) in all.iter().enumerate() {
             let pred = labels(probs, classes);
             let (o, per_class) = overlap(&pred, &s.mask, classes);
-            match overlay_dir.filter(|_| m == 0) {
-                Some(dir) if s.shape[0] == 1 => write_overlay(dir, s, &pred)?,
-                Some(dir) => crate::report::volume::write_slices(dir, s, &pred, &display_grey(s))?,
-                None => {}
+            if m == 0 {
+                each(s, &pred)?;
             }
             scores[m].push(ImageScore { name: s.name.clone(), iou: o.iou, dice: o.dice, per_class });
         }
@@ -194,66 +196,6 @@ pub fn evaluate_modes<const D: usize>(
             (scores, summary)
         })
         .collect())
-}
-
-/// The sample's image as 8-bit grey for display: the channel mean with its 0.5th..99.5th
-/// percentiles stretched to 0..255, whatever the normalisation left (zscore and imagenet are
-/// not in [0, 1]).
-fn display_grey(s: &Sample) -> Vec<u8> {
-    let n = s.voxels();
-    let mean: Vec<f32> =
-        (0..n).map(|i| (0..s.channels).map(|c| s.image[c * n + i]).sum::<f32>() / s.channels as f32).collect();
-    let mut v = mean.clone();
-    let (lo, hi) = (crate::data::percentile(&mut v, 0.5), crate::data::percentile(&mut v, 99.5));
-    let scale = if hi > lo { 255.0 / (hi - lo) } else { 0.0 };
-    mean.iter().map(|&x| ((x - lo) * scale).clamp(0.0, 255.0).round() as u8).collect()
-}
-
-/// Grey image with true positives green, false positives red, false negatives blue, written as
-/// `dir/STEM.png` (the input's OS name, so names that are not UTF-8 stay apart).
-fn write_overlay(dir: &Path, s: &Sample, pred: &[u8]) -> anyhow::Result<()> {
-    let [_, h, w] = s.shape;
-    let n = h * w;
-    let grey = display_grey(s);
-    let mut rgb = Vec::with_capacity(3 * n);
-    for ((&p, &t), &g) in pred.iter().zip(&s.mask).zip(&grey).take(n) {
-        rgb.extend(match (p > 0, t > 0) {
-            (true, true) => [g / 2, 255, g / 2],
-            (true, false) => [255, g / 2, g / 2],
-            (false, true) => [g / 2, g / 2, 255],
-            _ => [g, g, g],
-        });
-    }
-    let bytes = io::encode_png(&rgb, w, h, true)?;
-    crate::fsio::write_atomic(&crate::output::named(dir, &s.source, ".png"), &bytes)
-}
-
-/// Writes the mask (and optionally the probability maps) for one input, to the paths
-/// [`crate::output::prediction_paths`] names; returns them.
-pub fn write_prediction(
-    out_dir: &Path,
-    s: &Sample,
-    probs: &[f32],
-    classes: usize,
-    with_probs: bool,
-) -> anyhow::Result<Vec<std::path::PathBuf>> {
-    let pred = labels(probs, classes);
-    let n = s.voxels();
-    let paths = crate::output::prediction_paths(out_dir, &s.source, classes, with_probs);
-    let volume = io::is_volume(&s.source);
-    let scale = if classes == 1 { 255 } else { 1 };
-    for (i, path) in paths.iter().enumerate() {
-        match (volume, i) {
-            (true, 0) => io::write_nifti(path, &pred, s.shape, &s.source)?,
-            (true, _) => io::write_nifti(path, &probs[(i - 1) * n..i * n], s.shape, &s.source)?,
-            (false, 0) => io::write_png(path, &pred.iter().map(|&v| v * scale).collect::<Vec<_>>(), s.shape)?,
-            (false, _) => {
-                let px: Vec<u8> = probs[(i - 1) * n..i * n].iter().map(|p| (p * 255.0).round() as u8).collect();
-                io::write_png(path, &px, s.shape)?
-            }
-        }
-    }
-    Ok(paths)
 }
 
 /// Reads an input without a mask for prediction.
@@ -282,23 +224,6 @@ mod tests {
         assert_eq!(origins(10, 16), vec![0]);
         assert_eq!(origins(20, 8), vec![0, 4, 8, 12]);
         assert_eq!(origins(21, 8), vec![0, 4, 8, 12, 13]);
-    }
-
-    #[test]
-    fn overlays_show_the_image_whatever_the_normalisation() {
-        // A zscore-normalised ramp: half of it is negative, which clamping to [0, 1] showed black.
-        let image: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) / 18.5).collect();
-        let s = Sample {
-            name: "ramp".into(),
-            image,
-            mask: vec![0; 64],
-            channels: 1,
-            shape: [1, 8, 8],
-            source: "ramp.png".into(),
-        };
-        let grey = display_grey(&s);
-        assert_eq!((grey[0], grey[63]), (0, 255));
-        assert!(grey.windows(2).all(|w| w[0] <= w[1]) && grey[16] > 0 && grey[31] > 64, "{grey:?}");
     }
 
     #[test]
