@@ -134,7 +134,7 @@ pub fn predict(
     input: &Path,
     out: &Path,
     opts: &InferOptions,
-    probs: bool,
+    probs: Option<crate::probabilities::Format>,
     overwrite: bool,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let meta = checkpoint::read_meta(ck)?;
@@ -183,7 +183,7 @@ fn predict_d<const D: usize>(
     inputs: &Inputs,
     out: &Path,
     opts: &InferOptions,
-    probs: bool,
+    probs: Option<crate::probabilities::Format>,
     overwrite: bool,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let device = opts.backend.device();

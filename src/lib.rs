@@ -17,5 +17,6 @@ pub mod model;
 pub mod optim;
 pub mod output;
 pub mod plot;
+pub mod probabilities;
 pub mod report;
 pub mod train;

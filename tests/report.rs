@@ -289,3 +289,185 @@ high = 99.5
         assert_eq!(v["title"], "tiny <script>alert(1)</script>");
     }
 }
+
+fn probability_values() -> Vec<f32> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/probabilities");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("values.json")).unwrap()).unwrap();
+    v["bits"].as_array().unwrap().iter().map(|b| f32::from_bits(b.as_u64().unwrap() as u32)).collect()
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+fn read_tiff_f32(path: &Path) -> (u32, u32, Vec<f32>) {
+    let mut dec = tiff::decoder::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap())).unwrap();
+    let (w, h) = dec.dimensions().unwrap();
+    match dec.read_image().unwrap() {
+        tiff::decoder::DecodingResult::F32(v) => (w, h, v),
+        _ => panic!("{} is not 32-bit float", path.display()),
+    }
+}
+
+/// The float files hold the probabilities bit for bit, and are byte for byte the files numpy and
+/// tifffile read back as the same bits (scripts/probability_refs.py).
+#[test]
+fn probability_files_are_lossless_and_match_the_checked_references() {
+    let p = probability_values();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/probabilities");
+    let tmp = tempfile::tempdir().unwrap();
+    for ext in ["npy", "tif"] {
+        let f = tmp.path().join(format!("p.{ext}"));
+        let bytes = unetpp::probabilities::encode(&f, &p, [1, 3, 5]).unwrap();
+        let golden = dir.join(format!("unetpp.{ext}"));
+        if std::env::var("UNETPP_BLESS").is_ok_and(|v| v == "1") {
+            std::fs::write(&golden, &bytes).unwrap();
+        }
+        assert_eq!(bytes, std::fs::read(&golden).unwrap(), "{ext} differs from the file numpy/tifffile checked");
+        std::fs::write(&f, &bytes).unwrap();
+        assert!(unetpp::probabilities::is_ours(&f), "{ext} lacks the mark");
+    }
+    let (w, h, v) = read_tiff_f32(&tmp.path().join("p.tif"));
+    assert!((w, h) == (5, 3) && same_bits(&v, &p));
+    let (shape, v) = unetpp::probabilities::read_npy(&tmp.path().join("p.npy")).unwrap();
+    assert!(shape == [3, 5] && same_bits(&v, &p));
+    // A user's float TIFF and a numpy file without the mark are not ours.
+    let mut user = std::io::Cursor::new(vec![]);
+    tiff::encoder::TiffEncoder::new(&mut user)
+        .unwrap()
+        .write_image::<tiff::encoder::colortype::Gray32Float>(5, 3, &p)
+        .unwrap();
+    std::fs::write(tmp.path().join("user.tif"), user.into_inner()).unwrap();
+    let mut plain = std::fs::read(dir.join("unetpp.npy")).unwrap();
+    let at = plain.windows(10).position(|w| w == b"} # unetpp").unwrap();
+    plain[at + 1..at + 10].fill(b' ');
+    std::fs::write(tmp.path().join("user.npy"), plain).unwrap();
+    assert!(!unetpp::probabilities::is_ours(&tmp.path().join("user.tif")));
+    assert!(!unetpp::probabilities::is_ours(&tmp.path().join("user.npy")));
+}
+
+/// `predict --probabilities`: bare writes float TIFF holding the model's probabilities bit for
+/// bit, `npy` the same as float32, `png` the old 8-bit map; its own files are replaced on a rerun,
+/// a user's file is not; a volume gets float NIfTI or npy and refuses tiff/png before writing.
+#[test]
+fn predict_writes_lossless_probabilities() {
+    use burn::prelude::Device;
+    use unetpp::probabilities::Format;
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let nuclei = samples("nuclei");
+    let mut args = vec!["train", "--data", s(&nuclei), "--out", s(&run), "--tile", "64"];
+    args.extend(TINY_2D);
+    ok(&args);
+    let ck = run.join("checkpoints/best.unetpp");
+    let stem = "2023-05-31_misc_MCC13_rfpcyto_w1cDAPI_s43";
+    let image = nuclei.join(format!("test/images/{stem}.tif"));
+
+    // In memory and on disk, through the library.
+    let device = Device::flex();
+    let (model, meta) = unetpp::checkpoint::load::<4>(&ck, &device).unwrap();
+    let model = model.fold_batchnorm();
+    let sample = unetpp::infer::read_unlabelled(&image, &meta.data).unwrap();
+    let p = unetpp::infer::probabilities(&model, &sample, unetpp::model::Mode::Accurate, [1, 64, 64], &device).unwrap();
+    assert!(p.iter().any(|&v| v > 0.01 && v < 0.99 && (v * 255.0).fract() != 0.0), "nothing an 8-bit file would lose");
+    let pred = unetpp::infer::labels(&p, 1);
+    let lib = tmp.path().join("lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    for format in [Format::Lossless, Format::Npy] {
+        let paths = unetpp::infer::writer::prediction(&lib, &sample, &pred, &p, 1, Some(format)).unwrap();
+        let back = match format {
+            Format::Npy => {
+                let (shape, v) = unetpp::probabilities::read_npy(&paths[1]).unwrap();
+                assert_eq!(shape, [192, 192]);
+                v
+            }
+            _ => read_tiff_f32(&paths[1]).2,
+        };
+        assert!(same_bits(&back, &p), "{} does not hold the probabilities bit for bit", paths[1].display());
+    }
+
+    // Through the CLI: bare --probabilities is the float TIFF.
+    let out = tmp.path().join("pred");
+    let predict = |extra: &[&str]| {
+        let mut a = vec!["predict", "--checkpoint", s(&ck), "--input", s(&image), "--out", s(&out), "--tile", "64"];
+        a.extend(extra);
+        unetpp(&a)
+    };
+    assert!(predict(&["--probabilities"]).status.success());
+    let tif = out.join(format!("{stem}_prob0.tif"));
+    let (w, h, v) = read_tiff_f32(&tif);
+    assert_eq!((w, h), (192, 192));
+    let worst = v.iter().zip(&p).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst <= 1e-6, "the CLI's probabilities differ from the library's by {worst}");
+    assert!(predict(&["--probabilities"]).status.success(), "a rerun replaces its own TIFF");
+    assert!(predict(&["--probabilities", "npy"]).status.success());
+    let (_, v) = unetpp::probabilities::read_npy(&out.join(format!("{stem}_prob0.npy"))).unwrap();
+    assert!(v.iter().zip(&p).all(|(a, b)| (a - b).abs() <= 1e-6));
+    assert!(predict(&["--probabilities", "png"]).status.success());
+    let png = image::open(out.join(format!("{stem}_prob0.png"))).unwrap().to_luma8().into_raw();
+    assert!(png.iter().zip(&p).all(|(&g, &q)| (g as f32 - q * 255.0).abs() <= 0.5 + 1e-3));
+    // A user's float TIFF where the probabilities would go is refused, untouched.
+    let mut user = std::io::Cursor::new(vec![]);
+    tiff::encoder::TiffEncoder::new(&mut user)
+        .unwrap()
+        .write_image::<tiff::encoder::colortype::Gray32Float>(2, 1, &[0.25, 0.5])
+        .unwrap();
+    std::fs::write(&tif, user.get_ref()).unwrap();
+    let refused = predict(&["--probabilities"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(refused.status.code() == Some(1) && err.contains("not written by unetpp"), "{err}");
+    assert_eq!(std::fs::read(&tif).unwrap(), user.into_inner());
+    let bad = predict(&["--probabilities", "jpeg"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && ["tiff", "npy", "png"].iter().all(|k| err.contains(k)), "{err}");
+
+    // Volumes: float NIfTI or npy; tiff and png are refused before anything is written.
+    let run3 = tmp.path().join("run3");
+    let lesions = samples("lesions");
+    ok(&[
+        "train",
+        "--data",
+        s(&lesions),
+        "--out",
+        s(&run3),
+        "--width",
+        "4",
+        "--depth",
+        "2",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--batch-size",
+        "1",
+        "--patch",
+        "16,32,32",
+        "--val-fraction",
+        "0.34",
+    ]);
+    let ck3 = run3.join("checkpoints/best.unetpp");
+    let volume = lesions.join("test/images/lung1.nii.gz");
+    let out3 = tmp.path().join("pred3");
+    for kind in ["tiff", "png"] {
+        let r = unetpp(&[
+            "predict",
+            "--checkpoint",
+            s(&ck3),
+            "--input",
+            s(&volume),
+            "--out",
+            s(&out3),
+            "--probabilities",
+            kind,
+        ]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(r.status.code() == Some(1) && err.contains("is a volume") && err.contains("npy"), "{err}");
+        assert!(!out3.exists(), "nothing may be written");
+    }
+    ok(&["predict", "--checkpoint", s(&ck3), "--input", s(&volume), "--out", s(&out3), "--probabilities", "npy"]);
+    let (shape, _) = unetpp::probabilities::read_npy(&out3.join("lung1_prob0.npy")).unwrap();
+    let dim = unetpp::data::io::read_header(&volume).unwrap().dim;
+    assert_eq!(shape, [dim[3] as usize, dim[2] as usize, dim[1] as usize]);
+    ok(&["predict", "--checkpoint", s(&ck3), "--input", s(&volume), "--out", s(&out3), "--probabilities"]);
+    assert!(unetpp::output::is_ours(&out3.join("lung1_prob0.nii.gz")));
+}

@@ -57,15 +57,15 @@ pub fn overlay(dir: &Path, s: &Sample, pred: &[u8]) -> anyhow::Result<()> {
     crate::fsio::write_atomic(&crate::output::named(dir, &s.source, ".png"), &bytes)
 }
 
-/// Writes the labels `pred` (and with `with_probs` the probability maps `probs`) for one input,
-/// to the paths [`crate::output::prediction_paths`] names; returns them.
+/// Writes the labels `pred` (and with `with_probs` the probability maps `probs`, in that format)
+/// for one input, to the paths [`crate::output::prediction_paths`] names; returns them.
 pub fn prediction(
     out_dir: &Path,
     s: &Sample,
     pred: &[u8],
     probs: &[f32],
     classes: usize,
-    with_probs: bool,
+    with_probs: Option<crate::probabilities::Format>,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let n = s.voxels();
     let paths = crate::output::prediction_paths(out_dir, &s.source, classes, with_probs);
@@ -74,11 +74,13 @@ pub fn prediction(
     for (i, path) in paths.iter().enumerate() {
         match (volume, i) {
             (true, 0) => io::write_nifti(path, pred, s.shape, &s.source)?,
-            (true, _) => io::write_nifti(path, &probs[(i - 1) * n..i * n], s.shape, &s.source)?,
             (false, 0) => io::write_png(path, &pred.iter().map(|&v| v * scale).collect::<Vec<_>>(), s.shape)?,
-            (false, _) => {
-                let px: Vec<u8> = probs[(i - 1) * n..i * n].iter().map(|p| (p * 255.0).round() as u8).collect();
-                io::write_png(path, &px, s.shape)?
+            _ if path.to_string_lossy().ends_with(".nii.gz") => {
+                io::write_nifti(path, &probs[(i - 1) * n..i * n], s.shape, &s.source)?
+            }
+            _ => {
+                let bytes = crate::probabilities::encode(path, &probs[(i - 1) * n..i * n], s.shape)?;
+                crate::fsio::write_atomic(path, &bytes)?
             }
         }
     }
