@@ -139,10 +139,10 @@ pub fn eval(out: &Path, ck: &Path) -> anyhow::Result<PathBuf> {
             volume::PLANES.iter().map(|p| PathBuf::from("overlays").join(format!("{name}_{p}.png"))).collect();
         if out.join(&flat).is_file() {
             let h = href(&flat);
-            write!(
+            writeln!(
                 gallery,
                 "<figure><a href=\"{h}\" target=\"_blank\"><img src=\"{h}\" alt=\"{}\" loading=\"lazy\"></a>\
-                 <figcaption>{}</figcaption></figure>\n",
+                 <figcaption>{}</figcaption></figure>",
                 esc(name),
                 esc(&caption)
             )?;
@@ -156,13 +156,13 @@ pub fn eval(out: &Path, ck: &Path) -> anyhow::Result<PathBuf> {
                     esc(name)
                 )?;
             }
-            write!(gallery, "</div><figcaption>{} (axial, coronal, sagittal)</figcaption></figure>\n", esc(&caption))?;
+            writeln!(gallery, "</div><figcaption>{} (axial, coronal, sagittal)</figcaption></figure>", esc(&caption))?;
         }
     }
     if !gallery.is_empty() {
         body.push_str("<h2>Overlays, worst first</h2>\n");
         body.push_str(LEGEND);
-        write!(body, "<div class=\"gallery\">\n{gallery}</div>\n")?;
+        writeln!(body, "<div class=\"gallery\">\n{gallery}</div>")?;
     }
     let images = summary.get("images").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
     let (lh, lr) = per_label(images);
@@ -172,7 +172,7 @@ pub fn eval(out: &Path, ck: &Path) -> anyhow::Result<PathBuf> {
     }
     if let Some(png) = run_curves(ck)? {
         body.push_str("<h2>Training</h2>\n");
-        write!(body, "<img class=\"plot\" alt=\"training curves\" src=\"{}\">\n", png_data_uri(&png))?;
+        writeln!(body, "<img class=\"plot\" alt=\"training curves\" src=\"{}\">", png_data_uri(&png))?;
     }
     let path = out.join("report.html");
     let title = format!("unetpp evaluation of {}", ck.file_name().unwrap_or_default().to_string_lossy());
@@ -199,7 +199,7 @@ pub fn experiment(
     let mut body = String::new();
     if let Some(name) = md.file_name() {
         let h = href(Path::new(name));
-        write!(body, "<p>Also as Markdown: <a href=\"{h}\">{}</a>.</p>\n", esc(&name.to_string_lossy()))?;
+        writeln!(body, "<p>Also as Markdown: <a href=\"{h}\">{}</a>.</p>", esc(&name.to_string_lossy()))?;
     }
     let mut models: Vec<&str> = vec![];
     for r in results {
@@ -282,17 +282,17 @@ pub fn experiment(
     if pruning && plot.is_file() {
         let png = std::fs::read(&plot).with_context(|| format!("cannot read {}", plot.display()))?;
         body.push_str("<h2>Pruning: accuracy against speed</h2>\n");
-        write!(body, "<img class=\"plot\" alt=\"pruning trade-off\" src=\"{}\">\n", png_data_uri(&png))?;
+        writeln!(body, "<img class=\"plot\" alt=\"pruning trade-off\" src=\"{}\">", png_data_uri(&png))?;
     }
     let mut curves = String::new();
     for r in results {
         let csv = dir_of(r).join("metrics.csv");
         if let Some(png) = csv.is_file().then(|| crate::plot::curves_png(&csv)).transpose()?.flatten() {
             let fold = r.fold.as_ref().map(|f| format!(", test {f}")).unwrap_or_default();
-            write!(
+            writeln!(
                 curves,
                 "<details><summary>{} seed {}{}</summary><img class=\"plot\" alt=\"training curves\" src=\"{}\">\
-                 </details>\n",
+                 </details>",
                 esc(&r.model),
                 r.seed,
                 esc(&fold),
