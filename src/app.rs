@@ -104,7 +104,7 @@ impl InferOptions {
 }
 
 /// Evaluates a checkpoint on `data` (its `test/` split when it has one); writes `scores.csv`,
-/// `summary.json` and 2D overlays into `out`.
+/// `summary.json`, overlays and `report.html` into `out`.
 pub fn eval(ck: &Path, data_dir: &Path, out: &Path, opts: &InferOptions, skip_bad: bool) -> anyhow::Result<Summary> {
     let meta = checkpoint::read_meta(ck)?;
     meta.model.validate().with_context(|| format!("checkpoint {}", ck.display()))?;
@@ -146,6 +146,7 @@ fn eval_d<const D: usize>(
         infer::evaluate_scored(&model, &samples, &[opts.mode()], tile, &device, overlay, &scoring)?.remove(0);
     summary.per_class = crate::infer::by_label::class_means(&scores, &crate::infer::by_label::class_names(&meta.data));
     writer::scores(out, &scores, &summary, ck, pp_file.as_deref())?;
+    crate::report::eval(out, ck)?;
     Ok(summary)
 }
 
@@ -169,7 +170,7 @@ pub fn predict(
     input: &Path,
     out: &Path,
     opts: &InferOptions,
-    probs: bool,
+    probs: Option<crate::probabilities::Format>,
     overwrite: bool,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let meta = checkpoint::read_meta(ck)?;
@@ -225,7 +226,7 @@ fn predict_d<const D: usize>(
     inputs: &Inputs,
     out: &Path,
     opts: &InferOptions,
-    probs: bool,
+    probs: Option<crate::probabilities::Format>,
     overwrite: bool,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let device = opts.backend.device();

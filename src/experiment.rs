@@ -84,6 +84,15 @@ fn slug(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect()
 }
 
+/// Where the run of `model` with `seed` (testing on `fold`) lives under the experiment's `out`.
+fn run_dir(out: &Path, model: &str, seed: u64, fold: Option<&str>) -> PathBuf {
+    let dir = out.join(slug(model)).join(format!("seed-{seed}"));
+    match fold {
+        Some(f) => dir.join(format!("fold-{f}")),
+        None => dir,
+    }
+}
+
 pub fn read_spec(path: &Path) -> anyhow::Result<Spec> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("cannot parse {}", path.display()))
@@ -315,10 +324,7 @@ pub fn run(spec: Spec, out: &Path, report: &Path, command: &str, o: Options) -> 
     for (fold, data) in &folds {
         for seed in &spec.seeds {
             for v in &spec.models {
-                let mut dir = out.join(slug(&v.name)).join(format!("seed-{seed}"));
-                if let Some(f) = fold {
-                    dir = dir.join(format!("fold-{f}"));
-                }
+                let dir = run_dir(out, &v.name, *seed, fold.as_deref());
                 eprintln!(
                     "== {} seed {seed}{}",
                     v.name,
@@ -334,12 +340,7 @@ pub fn run(spec: Spec, out: &Path, report: &Path, command: &str, o: Options) -> 
     let otsu_row = if spec.otsu && !spec.folds { Some(otsu(&spec.train, o.quick)?) } else { None };
     let timing_rows = match (spec.timing, spec.models.iter().find(|v| v.deep_supervision)) {
         (Some(size), Some(v)) => {
-            let ck = out.join(slug(&v.name)).join(format!("seed-{}", spec.seeds[0]));
-            let ck = match &folds[0].0 {
-                Some(f) => ck.join(format!("fold-{f}")),
-                None => ck,
-            }
-            .join("checkpoints/best.unetpp");
+            let ck = run_dir(out, &v.name, spec.seeds[0], folds[0].0.as_deref()).join("checkpoints/best.unetpp");
             let reps = if o.quick { 1 } else { 5 };
             Some(crate::for_rank!(spec.train.model.dims, timing(&ck, size, reps))?)
         }
@@ -533,7 +534,10 @@ fn render(
     if let Some(dir) = report.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    fsio::write_atomic(report, s.as_bytes())
+    fsio::write_atomic(report, s.as_bytes())?;
+    let dir_of = |r: &RunResult| run_dir(out, &r.model, r.seed, r.fold.as_deref());
+    crate::report::experiment(&spec.title, results, report, &spec.class_names, timing.is_some(), dir_of)?;
+    Ok(())
 }
 
 #[cfg(test)]

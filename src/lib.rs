@@ -19,4 +19,6 @@ pub mod optim;
 pub mod output;
 pub mod plot;
 pub mod postprocess;
+pub mod probabilities;
+pub mod report;
 pub mod train;

@@ -70,9 +70,10 @@ enum Command {
     Predict {
         #[arg(long)]
         input: PathBuf,
-        /// Also write probability maps
-        #[arg(long)]
-        probabilities: bool,
+        /// Also write probability maps: bare, lossless (32-bit float TIFF for images, float NIfTI
+        /// for volumes); npy (float32, images or volumes); png (8-bit, images)
+        #[arg(long, num_args = 0..=1, default_missing_value = "lossless", value_name = "tiff|npy|png")]
+        probabilities: Option<unetpp::probabilities::Format>,
         /// Replace existing files in --out that unetpp did not write (refused by default). Its own
         /// earlier predictions are always replaced; the inputs and their ground truth never are
         #[arg(long)]

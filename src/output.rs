@@ -14,6 +14,7 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::bail;
 
 use crate::data::Splits;
+use crate::probabilities::Format;
 
 /// The PNG `tEXt` keyword and value, and the NIfTI `descrip`, that mark a file as unetpp's output.
 pub const PNG_KEYWORD: &str = "Software";
@@ -48,10 +49,11 @@ pub fn named(dir: &Path, input: &Path, suffix: &str) -> PathBuf {
 }
 
 /// The files `predict` writes for `input`: the mask, then one probability map per class.
-pub fn prediction_paths(out: &Path, input: &Path, classes: usize, probabilities: bool) -> Vec<PathBuf> {
+pub fn prediction_paths(out: &Path, input: &Path, classes: usize, probabilities: Option<Format>) -> Vec<PathBuf> {
     let ext = if crate::data::io::is_volume(input) { ".nii.gz" } else { ".png" };
     let mut paths = vec![named(out, input, ext)];
-    if probabilities {
+    if let Some(f) = probabilities {
+        let ext = f.extension(input);
         paths.extend((0..classes).map(|c| named(out, input, &format!("_prob{c}{ext}"))));
     }
     paths
@@ -107,6 +109,9 @@ pub fn is_ours(path: &Path) -> bool {
     if crate::data::io::is_volume(path) {
         return nifti::NiftiHeader::from_file(path).is_ok_and(|h| h.descrip.starts_with(NIFTI_DESCRIP.as_bytes()));
     }
+    if name.ends_with(".tif") || name.ends_with(".npy") {
+        return crate::probabilities::is_ours(path);
+    }
     if !name.ends_with(".png") {
         return false;
     }
@@ -160,9 +165,12 @@ pub fn plan_predictions(
     files: &[PathBuf],
     out: &Path,
     classes: usize,
-    probabilities: bool,
+    probabilities: Option<Format>,
     overwrite: bool,
 ) -> anyhow::Result<Vec<(PathBuf, Vec<PathBuf>)>> {
+    for f in files {
+        probabilities.map(|p| p.check(f)).transpose()?;
+    }
     let target = resolve(out);
     let image_dir = resolve(image_dir);
     let mut protected = vec![(image_dir.clone(), "the folder of the input images")];

@@ -37,19 +37,30 @@ fn write_png(
     size: (u32, u32),
     draw: impl FnOnce(&mut [u8], (u32, u32)) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
+    crate::fsio::write_atomic(png, &encode(size, draw)?)
+}
+
+fn encode(size: (u32, u32), draw: impl FnOnce(&mut [u8], (u32, u32)) -> anyhow::Result<()>) -> anyhow::Result<Vec<u8>> {
     let mut buf = vec![0u8; 3 * size.0 as usize * size.1 as usize];
     draw(&mut buf, size)?;
-    let bytes = crate::data::io::encode_png(&buf, size.0 as usize, size.1 as usize, true)?;
-    crate::fsio::write_atomic(png, &bytes)
+    crate::data::io::encode_png(&buf, size.0 as usize, size.1 as usize, true)
 }
 
 pub fn curves(csv: &Path, png: &Path) -> anyhow::Result<()> {
+    match curves_png(csv)? {
+        Some(bytes) => crate::fsio::write_atomic(png, &bytes),
+        None => Ok(()),
+    }
+}
+
+/// The curves of [`curves`] as PNG bytes; None when `metrics.csv` has no row to draw.
+pub fn curves_png(csv: &Path) -> anyhow::Result<Option<Vec<u8>>> {
     let text = std::fs::read_to_string(csv).with_context(|| format!("cannot read {}", csv.display()))?;
     let rows = parse_rows(&text);
     if rows.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    write_png(png, (960, 400), |buf, size| draw_curves(&rows, buf, size))
+    encode((960, 400), |buf, size| draw_curves(&rows, buf, size)).map(Some)
 }
 
 fn draw_curves(rows: &[Vec<f64>], buf: &mut [u8], size: (u32, u32)) -> anyhow::Result<()> {

@@ -155,7 +155,15 @@ fn predictions_line_up_with_their_input_in_world_coordinates() {
             let sub = out.path().join(ext);
             std::fs::create_dir_all(&sub).unwrap();
             let labels = unetpp::infer::labels(&probs, 1);
-            let written = unetpp::infer::writer::prediction(&sub, &s, &labels, &probs, 1, true).unwrap();
+            let written = unetpp::infer::writer::prediction(
+                &sub,
+                &s,
+                &labels,
+                &probs,
+                1,
+                Some(unetpp::probabilities::Format::Lossless),
+            )
+            .unwrap();
             assert_eq!(written[0], sub.join(format!("{case}.nii.gz")));
             let pred = read(&written[0]);
             let what = format!("prediction for {case}.{ext}");

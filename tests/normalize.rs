@@ -85,7 +85,7 @@ fn imported_models_give_pytorchs_probabilities_on_image_files() {
         ok(&["import", "--from", s(&torch(model)), "--out", s(&ck), "--normalize", normalize]);
         let out = tmp.path().join(folder);
         let inputs = torch("scaling").join(folder);
-        ok(&["predict", "--checkpoint", s(&ck), "--input", s(&inputs), "--out", s(&out), "--probabilities"]);
+        ok(&["predict", "--checkpoint", s(&ck), "--input", s(&inputs), "--out", s(&out), "--probabilities", "png"]);
         for entry in std::fs::read_dir(&inputs).unwrap() {
             let stem = unetpp::data::stem(&entry.unwrap().path());
             let mut c = 0;

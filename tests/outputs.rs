@@ -176,7 +176,7 @@ fn inputs_with_the_same_stem_are_refused_before_anything_is_written() {
 
     // One input's probability map would be another's mask.
     std::fs::rename(d.join("a.png"), d.join("a_prob0.png")).unwrap();
-    fails(&predict_args(&d, &out, &["--probabilities"]), &["a.tif", "a_prob0.png", "nothing was written"]);
+    fails(&predict_args(&d, &out, &["--probabilities", "png"]), &["a.tif", "a_prob0.png", "nothing was written"]);
     assert_eq!(count_files(&out), 0);
     let stdout = ok(&predict_args(&d, &out, &[]));
     assert_eq!((written(&stdout), count_files(&out)), (2, 2), "{stdout}");
@@ -194,7 +194,7 @@ fn names_that_are_not_utf8_get_their_own_outputs_and_pairs() {
     std::fs::copy(srcs.next().unwrap(), d.join(a)).unwrap();
     std::fs::copy(srcs.next().unwrap(), d.join(b)).unwrap();
     let out = tmp.path().join("out");
-    let stdout = ok(&predict_args(&d, &out, &["--probabilities"]));
+    let stdout = ok(&predict_args(&d, &out, &["--probabilities", "png"]));
     assert_eq!((written(&stdout), count_files(&out)), (4, 4), "{stdout}");
     for name in [&b"\xff.png"[..], b"\xff_prob0.png", b"\xfe.png", b"\xfe_prob0.png"] {
         assert!(out.join(OsStr::from_bytes(name)).is_file(), "missing {:?}", OsStr::from_bytes(name));
@@ -285,7 +285,7 @@ fn full_disk_during_predict_leaves_complete_files_and_no_partial_ones() {
     let tmp = tempfile::tempdir().unwrap();
     let images = samples("nuclei").join("test/images");
     let roomy = tmp.path().join("roomy");
-    ok(&predict_args(&images, &roomy, &["--probabilities"]));
+    ok(&predict_args(&images, &roomy, &["--probabilities", "png"]));
     let mut inputs: Vec<PathBuf> = std::fs::read_dir(&images).unwrap().flatten().map(|e| e.path()).collect();
     inputs.sort();
     let stem = |p: &Path| p.file_stem().unwrap().to_string_lossy().into_owned();
@@ -295,7 +295,7 @@ fn full_disk_during_predict_leaves_complete_files_and_no_partial_ones() {
 
     let disk = Tmpfs::new(pages(sizes[0]) + pages(sizes[1]));
     let out = disk.0.path().join("pred");
-    let err = fails(&predict_args(&images, &out, &["--probabilities"]), &["No space left", &order[2]]);
+    let err = fails(&predict_args(&images, &out, &["--probabilities", "png"]), &["No space left", &order[2]]);
     assert!(!err.contains(&order[1]), "{err}");
     no_temporaries(disk.0.path());
     assert_eq!(count_files(&out), 2, "{:?}", snapshot(&out).iter().map(|f| &f.0).collect::<Vec<_>>());

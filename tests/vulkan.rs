@@ -205,7 +205,7 @@ fn cli_predict_matches_flex() {
     for backend in ["flex", "vulkan"] {
         let out = tmp.path().join(backend);
         let args = ["--checkpoint", s(&ck), "--input", s(&images), "--out", s(&out), "--backend", backend];
-        let text = ok(&[&["predict", "--probabilities"][..], &args[..]].concat());
+        let text = ok(&[&["predict", "--probabilities", "png"][..], &args[..]].concat());
         assert!(text.contains("wrote 4 file(s)"), "{text}");
         outs.push(out);
     }

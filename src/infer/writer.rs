@@ -43,11 +43,11 @@ fn display_grey(s: &Sample) -> Vec<u8> {
 
 /// Grey image with true positives green, false positives red, false negatives blue, written as
 /// `dir/STEM.png` (the input's OS name, so names that are not UTF-8 stay apart). Volumes get
-/// none: a slice would show one plane of many.
+/// three planes through the lesion instead (`report::volume`).
 pub fn overlay(dir: &Path, s: &Sample, pred: &[u8]) -> anyhow::Result<()> {
     let [d, h, w] = s.shape;
     if d != 1 {
-        return Ok(());
+        return crate::report::volume::write_slices(dir, s, pred, &display_grey(s));
     }
     let n = h * w;
     let grey = display_grey(s);
@@ -64,15 +64,15 @@ pub fn overlay(dir: &Path, s: &Sample, pred: &[u8]) -> anyhow::Result<()> {
     crate::fsio::write_atomic(&crate::output::named(dir, &s.source, ".png"), &bytes)
 }
 
-/// Writes the labels `pred` (and with `with_probs` the probability maps `probs`) for one input,
-/// to the paths [`crate::output::prediction_paths`] names; returns them.
+/// Writes the labels `pred` (and with `with_probs` the probability maps `probs`, in that format)
+/// for one input, to the paths [`crate::output::prediction_paths`] names; returns them.
 pub fn prediction(
     out_dir: &Path,
     s: &Sample,
     pred: &[u8],
     probs: &[f32],
     classes: usize,
-    with_probs: bool,
+    with_probs: Option<crate::probabilities::Format>,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let paths = crate::output::prediction_paths(out_dir, &s.source, classes, with_probs);
     prediction_to(&paths, s, pred, probs, classes)?;
@@ -88,11 +88,19 @@ pub fn prediction_to(paths: &[PathBuf], s: &Sample, pred: &[u8], probs: &[f32], 
     for (i, path) in paths.iter().enumerate() {
         match (volume, i) {
             (true, 0) => crate::data::volume::write::prediction(path, pred, s)?,
-            (true, _) => crate::data::volume::write::prediction(path, &probs[(i - 1) * n..i * n], s)?,
             (false, 0) => io::write_png(path, &pred.iter().map(|&v| v * scale).collect::<Vec<_>>(), s.shape)?,
-            (false, _) => {
-                let px: Vec<u8> = probs[(i - 1) * n..i * n].iter().map(|p| (p * 255.0).round() as u8).collect();
-                io::write_png(path, &px, s.shape)?
+            _ if path.to_string_lossy().ends_with(".nii.gz") => {
+                crate::data::volume::write::prediction(path, &probs[(i - 1) * n..i * n], s)?
+            }
+            _ => {
+                // A volume's `.npy` is on its file's grid, as its NIfTI is.
+                let plane = &probs[(i - 1) * n..i * n];
+                let (data, shape) = match &s.geometry {
+                    Some(f) => (f.orientation.undo(plane, 1, f.file_shape), f.file_shape),
+                    None => (plane.to_vec(), s.shape),
+                };
+                let bytes = crate::probabilities::encode(path, &data, shape)?;
+                crate::fsio::write_atomic(path, &bytes)?
             }
         }
     }
