@@ -189,6 +189,8 @@ fn prepared_weights_follow_the_weights() {
 /// kernel takes; and `fuses` refuses what it cannot fuse.
 #[test]
 fn conv_relu_fused_equals_its_parts() {
+    // Only the Winograd kernel fuses, and it runs only on AVX-512.
+    super::testing::require_avx512();
     let d = Device::flex();
     let x = Tensor::<4>::random([2, 16, 24, 24], Distribution::Default, &d);
     let low = Tensor::<4>::random([2, 8, 12, 12], Distribution::Default, &d);
