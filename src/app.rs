@@ -291,13 +291,7 @@ pub fn import(
     ensure_not_input(out, &[src])?;
     let (model, report) = crate::import::import_with(src, opts, &backend.device())?;
     let cfg = model.config().clone();
-    let data = crate::data::DataConfig {
-        channels: cfg.in_channels,
-        classes: cfg.classes,
-        normalize,
-        nnunet: None,
-        spacing: None,
-    };
+    let data = crate::data::DataConfig::new(cfg.in_channels, cfg.classes, normalize);
     checkpoint::save(&model, &Meta { model: cfg, data, epoch: 0, val_iou: None }, out)?;
     Ok(report)
 }

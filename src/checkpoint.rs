@@ -125,13 +125,7 @@ mod tests {
 
     fn tiny() -> (UNetPP<4>, Meta) {
         let cfg = ModelConfig { width: 4, ..ModelConfig::new(Arch::Unetpp, Preset::Modern, 2) };
-        let data = DataConfig {
-            channels: 1,
-            classes: 1,
-            normalize: crate::data::Normalize::ZScore,
-            nnunet: None,
-            spacing: None,
-        };
+        let data = DataConfig::new(1, 1, crate::data::Normalize::ZScore);
         let model = cfg.init::<4>(&Device::flex());
         (model, Meta { model: cfg, data, epoch: 1, val_iou: None })
     }

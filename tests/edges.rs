@@ -48,7 +48,7 @@ fn tiny() -> ModelConfig {
 
 fn tiny_checkpoint(path: &Path) -> ModelConfig {
     let cfg = tiny();
-    let data = DataConfig { channels: 1, classes: 1, normalize: Normalize::ZScore, nnunet: None, spacing: None };
+    let data = DataConfig::new(1, 1, Normalize::ZScore);
     checkpoint::save(
         &cfg.init::<4>(&Device::flex()),
         &Meta { model: cfg.clone(), data, epoch: 1, val_iou: None },

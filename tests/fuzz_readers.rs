@@ -320,14 +320,8 @@ struct Target {
 
 fn image_reader() -> Reader {
     Box::new(|p| {
-        let grey = DataConfig {
-            channels: 1,
-            classes: 1,
-            normalize: Normalize::Percentile { low: 0.5, high: 99.5 },
-            nnunet: None,
-            spacing: None,
-        };
-        let rgb = DataConfig { channels: 3, classes: 2, normalize: Normalize::ZScore, nnunet: None, spacing: None };
+        let grey = DataConfig::new(1, 1, Normalize::Percentile { low: 0.5, high: 99.5 });
+        let rgb = DataConfig::new(3, 2, Normalize::ZScore);
         let a = io::read_input(p, &grey).map(drop);
         let b = io::read_input(p, &rgb).map(drop);
         let c = io::read_mask(p, 1).map(drop);
@@ -577,13 +571,7 @@ fn tiny_checkpoint() -> Vec<u8> {
     let model = ModelConfig { width: 4, ..ModelConfig::new(Arch::Unetpp, Preset::Modern, 2) };
     let meta = checkpoint::Meta {
         model: model.clone(),
-        data: DataConfig {
-            channels: 1,
-            classes: 1,
-            normalize: Normalize::Percentile { low: 0.5, high: 99.5 },
-            nnunet: None,
-            spacing: None,
-        },
+        data: DataConfig::new(1, 1, Normalize::Percentile { low: 0.5, high: 99.5 }),
         epoch: 2,
         val_iou: Some(0.25),
     };

@@ -61,13 +61,7 @@ fn world_centroid(v: &Volume) -> ([f64; 3], usize) {
 
 /// The fixtures' intensities are 0..20 around a blob of 100: this window maps the blob to 1.
 fn config() -> DataConfig {
-    DataConfig {
-        channels: 1,
-        classes: 1,
-        normalize: Normalize::Window { low: 0.0, high: 100.0 },
-        nnunet: None,
-        spacing: None,
-    }
+    DataConfig::new(1, 1, Normalize::Window { low: 0.0, high: 100.0 })
 }
 
 #[test]

@@ -55,7 +55,7 @@ fn nifti<T: nifti::DataElement + bytemuck::Pod>(path: &Path, v: Vec<T>) {
 }
 
 fn input(path: &Path, channels: usize, normalize: &str) -> Vec<f32> {
-    let cfg = DataConfig { channels, classes: 1, normalize: normalize.parse().unwrap(), nnunet: None, spacing: None };
+    let cfg = DataConfig::new(channels, 1, normalize.parse().unwrap());
     read_input(path, &cfg).unwrap().0
 }
 
@@ -211,7 +211,7 @@ fn grey_float_tiffs_are_read_and_checked() {
     for bad in [f32::NAN, f32::INFINITY] {
         let path = tmp.path().join(format!("bad {bad}.tif"));
         float_tiff(&path, 2, 1, &[0.0, bad]);
-        let cfg = DataConfig { channels: 1, classes: 1, normalize: Normalize::ZScore, nnunet: None, spacing: None };
+        let cfg = DataConfig::new(1, 1, Normalize::ZScore);
         let e = format!("{:#}", read_input(&path, &cfg).unwrap_err());
         assert!(e.contains("non-finite value") && e.contains(s(&path)), "{e}");
     }

@@ -44,13 +44,7 @@ fn tiny_resnet(encoder: Encoder, classes: usize) -> ModelConfig {
 /// The model, saved as a checkpoint in `dir`.
 fn saved<const D: usize>(cfg: &ModelConfig, dir: &Path) -> (UNetPP<D>, PathBuf) {
     let model = cfg.init::<D>(&Device::flex()).map(&mut Perturb);
-    let data = DataConfig {
-        channels: cfg.in_channels,
-        classes: cfg.classes,
-        normalize: Normalize::ZScore,
-        nnunet: None,
-        spacing: None,
-    };
+    let data = DataConfig::new(cfg.in_channels, cfg.classes, Normalize::ZScore);
     let ck = dir.join("model.unetpp");
     checkpoint::save(&model, &Meta { model: cfg.clone(), data, epoch: 1, val_iou: None }, &ck).unwrap();
     (model, ck)
@@ -243,13 +237,7 @@ fn pytorch_models_match_onnx_runtime() {
     for (case, ext, modes) in cases {
         let (model, _) = unetpp::import::import(&torch_data(&format!("{case}.{ext}")), &Device::flex()).unwrap();
         let cfg = model.config().clone();
-        let data = DataConfig {
-            channels: cfg.in_channels,
-            classes: cfg.classes,
-            normalize: Normalize::ZScore,
-            nnunet: None,
-            spacing: None,
-        };
+        let data = DataConfig::new(cfg.in_channels, cfg.classes, Normalize::ZScore);
         let ck = dir.path().join(format!("{case}.unetpp"));
         checkpoint::save(&model, &Meta { model: cfg, data, epoch: 0, val_iou: None }, &ck).unwrap();
         let x = torch_input(case);

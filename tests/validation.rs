@@ -170,13 +170,7 @@ fn tiny_config(data: &Path) -> unetpp::train::TrainConfig {
     let model = ModelConfig { width: 4, ..ModelConfig::new(Arch::Unetpp, Preset::Modern, 2) };
     unetpp::train::TrainConfig {
         data: data.to_path_buf(),
-        input: DataConfig {
-            channels: 1,
-            classes: 1,
-            normalize: Normalize::Percentile { low: 0.5, high: 99.5 },
-            nnunet: None,
-            spacing: None,
-        },
+        input: DataConfig::new(1, 1, Normalize::Percentile { low: 0.5, high: 99.5 }),
         model,
         epochs: 1,
         steps_per_epoch: 1,
@@ -245,12 +239,7 @@ fn a_config_file_goes_through_the_same_checks() {
 /// Writes a freshly initialised checkpoint of `model` (no training needed to test refusals).
 fn checkpoint(dir: &Path, name: &str, model: ModelConfig) -> PathBuf {
     let path = dir.join(name);
-    let meta = Meta {
-        data: DataConfig { channels: 1, classes: 1, normalize: Normalize::ZScore, nnunet: None, spacing: None },
-        model: model.clone(),
-        epoch: 1,
-        val_iou: None,
-    };
+    let meta = Meta { data: DataConfig::new(1, 1, Normalize::ZScore), model: model.clone(), epoch: 1, val_iou: None };
     let device = Device::flex();
     match model.dims {
         2 => checkpoint::save(&model.init::<4>(&device), &meta, &path).unwrap(),

@@ -162,6 +162,13 @@ pub struct DataConfig {
     pub spacing: Option<volume::spacing::Spacing>,
 }
 
+impl DataConfig {
+    /// Channels, classes and normalisation; every optional part (nnU-Net names, resampling) off.
+    pub fn new(channels: usize, classes: usize, normalize: Normalize) -> Self {
+        Self { channels, classes, normalize, nnunet: None, spacing: None }
+    }
+}
+
 /// The image/mask file pairs of one split.
 #[derive(Clone, Debug)]
 pub struct Pair {

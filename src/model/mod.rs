@@ -116,6 +116,10 @@ pub struct ModelConfig {
     /// Kernel of the heads: 1 (the paper), 3 (smp).
     #[serde(default = "one")]
     pub head_kernel: usize,
+    /// Down-sampling factor per level and spatial axis `[z, y, x]` (z is 1 in 2D): level i is
+    /// level i-1 divided by `pool[i-1]`, each factor 1 or 2. Empty: 2 on every axis (the paper).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pool: Vec<[usize; 3]>,
 }
 
 fn one() -> usize {
@@ -151,6 +155,7 @@ impl ModelConfig {
             decoder_channels: vec![],
             dense_top: false,
             head_kernel: 1,
+            pool: vec![],
         }
     }
 
@@ -205,6 +210,11 @@ impl ModelConfig {
             self.decoder_channels
         );
         ensure!(self.head_kernel % 2 == 1, "head_kernel must be odd, got {}", self.head_kernel);
+        ensure!(
+            self.pool.iter().all(|p| p.iter().all(|&f| f == 2)),
+            "per-axis pooling other than 2 on every axis is not implemented yet, got pool {:?}",
+            self.pool
+        );
         if self.encoder != Encoder::Plain {
             ensure!(
                 self.dims == 2 && self.preset == Preset::Modern,
