@@ -161,24 +161,36 @@ pub fn postprocess(
     crate::postprocess::run(predictions, labels, out, classes, connectivity)
 }
 
+/// What `predict` writes besides the masks, and which share of the inputs it takes.
+#[derive(Clone, Debug, Default)]
+pub struct PredictOptions {
+    /// Also write probability maps, in this format.
+    pub probabilities: Option<crate::probabilities::Format>,
+    /// Replace files in `out` that unetpp did not write.
+    pub overwrite: bool,
+    /// Only this shard of the inputs; cases whose outputs are already complete are skipped, and
+    /// a manifest of the shard is written in `out` ([`infer::shard`]).
+    pub shard: Option<infer::shard::Shard>,
+}
+
 /// Predicts masks for one file or every image in a folder (or its `images/`); returns the files
 /// written. Refused before anything is written: an `out` that is the inputs' folder or the data's
 /// ground truth, inputs whose outputs would share a name, and (unless `overwrite`) existing files
-/// in `out` that unetpp did not write; its own earlier predictions are replaced.
+/// in `out` that unetpp did not write; its own earlier predictions are replaced. The next case is
+/// read while the current one is computed.
 pub fn predict(
     ck: &Path,
     input: &Path,
     out: &Path,
     opts: &InferOptions,
-    probs: Option<crate::probabilities::Format>,
-    overwrite: bool,
+    p: &PredictOptions,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let meta = checkpoint::read_meta(ck)?;
     meta.model.validate().with_context(|| format!("checkpoint {}", ck.display()))?;
     opts.validate(&meta.model)?;
     let inputs = Inputs::find(input, &meta.data)?;
     data::ensure_dims(&inputs.files, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
-    crate::for_rank!(meta.model.dims, predict_d(ck, &inputs, out, opts, probs, overwrite))
+    crate::for_rank!(meta.model.dims, predict_d(ck, &inputs, out, opts, p))
 }
 
 /// What `predict --input` names, listed once: the path as given, the folder the inputs are in,
@@ -226,8 +238,7 @@ fn predict_d<const D: usize>(
     inputs: &Inputs,
     out: &Path,
     opts: &InferOptions,
-    probs: Option<crate::probabilities::Format>,
-    overwrite: bool,
+    p: &PredictOptions,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let device = opts.backend.device();
     let (model, meta) = checkpoint::load::<D>(ck, &device)?;
@@ -239,14 +250,36 @@ fn predict_d<const D: usize>(
         Some(cases) => cases.iter().zip(files).map(|(c, f)| dir.join(c.name.clone() + output_ending(f))).collect(),
         None => files.clone(),
     };
-    let plan = crate::output::plan_predictions(given, dir, &names, out, meta.model.classes, probs, overwrite)?;
+    // Planned over every input, also for a shard: each shard checks the same names.
+    let plan =
+        crate::output::plan_predictions(given, dir, &names, out, meta.model.classes, p.probabilities, p.overwrite)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let tile = opts.tile(&meta.model);
     if postprocess.is_some() {
         eprintln!("applying the post-processing decided in {}", crate::postprocess::beside(ck).display());
     }
-    let mut written = vec![];
+    let mut manifest = p.shard.map(|sh| infer::shard::Manifest::open(out, &sh.manifest_name()));
+    let mode = opts.mode().to_string();
+    let mut todo = vec![];
     for (i, (path, paths)) in plan.into_iter().enumerate() {
+        match (p.shard, &mut manifest) {
+            (Some(sh), _) if !sh.owns(i) => {}
+            // A re-submitted shard redoes only what is missing.
+            (Some(_), Some(m)) if infer::shard::done(&paths) => {
+                eprintln!("skipped {}: its outputs are complete", path.display());
+                let entry = infer::shard::Entry {
+                    input: path,
+                    outputs: paths,
+                    mode: mode.clone(),
+                    seconds: 0.0,
+                    skipped: true,
+                };
+                m.record(entry)?;
+            }
+            _ => todo.push((i, path, paths)),
+        }
+    }
+    let read = |(i, path, paths): (usize, PathBuf, Vec<PathBuf>)| {
         let s = match cases {
             Some(cases) => {
                 let c = &cases[i];
@@ -256,18 +289,34 @@ fn predict_d<const D: usize>(
             }
             None => infer::read_unlabelled(&path, &meta.data)?,
         };
-        let p = on_input_grid(&s, meta.data.spacing, |r| {
+        Ok((path, paths, s, std::time::Instant::now()))
+    };
+    let mut written = vec![];
+    infer::read_ahead::for_each(todo, read, |(path, paths, s, start)| {
+        let probs = on_input_grid(&s, meta.data.spacing, |r| {
             Ok(vec![infer::probabilities(&model, r, opts.mode(), tile, &device)?])
         })?
         .remove(0);
-        let mut pred = infer::labels(&p, meta.model.classes);
+        let mut pred = infer::labels(&probs, meta.model.classes);
         if let Some(pp) = &postprocess {
             pp.apply(&mut pred, s.shape);
         }
-        writer::prediction_to(&paths, &s, &pred, &p, meta.model.classes)?;
-        written.extend(paths);
+        writer::prediction_to(&paths, &s, &pred, &probs, meta.model.classes)?;
         eprintln!("predicted {}", infer::describe(&s));
-    }
+        if let Some(m) = &mut manifest {
+            let seconds = start.elapsed().as_secs_f64();
+            m.record(infer::shard::Entry {
+                input: path,
+                outputs: paths.clone(),
+                mode: mode.clone(),
+                seconds,
+                skipped: false,
+            })?;
+        }
+        written.extend(paths);
+        Ok(())
+    })?;
+    manifest.map(|m| m.save()).transpose()?;
     Ok(written)
 }
 

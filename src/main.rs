@@ -78,6 +78,11 @@ enum Command {
         /// earlier predictions are always replaced; the inputs and their ground truth never are
         #[arg(long)]
         overwrite: bool,
+        /// Only shard I of N (0-based: cases I, I+N, ... of the sorted inputs), for a job array;
+        /// cases whose outputs are complete are skipped, and OUT/manifest.shard-I-of-N.jsonl
+        /// lists each case (input, outputs, mode, seconds)
+        #[arg(long, value_name = "I/N")]
+        shard: Option<unetpp::infer::shard::Shard>,
         #[command(flatten)]
         infer: InferArgs,
     },
@@ -382,9 +387,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("per-image scores and overlays in {}", out.display());
             Ok(())
         }
-        Command::Predict { input, probabilities, overwrite, infer } => {
+        Command::Predict { input, probabilities, overwrite, shard, infer } => {
             let out = &infer.out;
-            let written = app::predict(&infer.checkpoint, &input, out, &infer.options(), probabilities, overwrite)?;
+            let p = app::PredictOptions { probabilities, overwrite, shard };
+            let written = app::predict(&infer.checkpoint, &input, out, &infer.options(), &p)?;
             println!("wrote {} file(s) to {}", written.len(), out.display());
             Ok(())
         }

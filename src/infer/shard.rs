@@ -111,6 +111,11 @@ impl Manifest {
     pub fn record(&mut self, entry: Entry) -> anyhow::Result<()> {
         self.entries.retain(|e| e.input != entry.input);
         self.entries.push(entry);
+        self.save()
+    }
+
+    /// Writes the manifest as it stands (also empty: a shard that owns no case has finished).
+    pub fn save(&self) -> anyhow::Result<()> {
         let mut text = String::new();
         for e in &self.entries {
             text.push_str(&serde_json::to_string(e)?);

@@ -58,3 +58,19 @@ pub fn samples(name: &str) -> PathBuf {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// A randomly initialised tiny UNet++ (width 4, depth 2, binary, z-scored input) in `dims`
+/// dimensions, saved at `path`; enough wherever only the plumbing around a model is tested.
+pub fn tiny_checkpoint(path: &Path, dims: usize) -> unetpp::model::ModelConfig {
+    use unetpp::model::{Arch, ModelConfig, Preset};
+    let cfg = ModelConfig { width: 4, dims, ..ModelConfig::new(Arch::Unetpp, Preset::Modern, 2) };
+    let data = unetpp::data::DataConfig::new(1, 1, unetpp::data::Normalize::ZScore);
+    let meta = unetpp::checkpoint::Meta { model: cfg.clone(), data, epoch: 1, val_iou: None };
+    let device = burn::prelude::Device::flex();
+    match dims {
+        2 => unetpp::checkpoint::save(&cfg.init::<4>(&device), &meta, path),
+        _ => unetpp::checkpoint::save(&cfg.init::<5>(&device), &meta, path),
+    }
+    .unwrap();
+    cfg
+}
