@@ -98,7 +98,7 @@ def slice_ds(series, pixels, iop, ipp, spacing, instance, *, signed=True, slope=
 
 def write_series(name, *, size=(7, 5, 5), spacing=(0.7, 0.9), dz=2.5, rot=np.eye(3), origin=(0, 0, 0),
                  against_normal=False, shuffle=False, signed=True, rescale=False, skip=(), syntax=None,
-                 series=None, desc="CT series", clear=True):
+                 series=None, desc="CT series", clear=True, prefix="IM"):
     """One series; `size` is (columns, rows, slices). Returns the folder and the voxels [z][y][x]
     in stored (not rescaled) values, in order of position along the slice normal."""
     folder = os.path.join(OUT, name)
@@ -121,7 +121,7 @@ def write_series(name, *, size=(7, 5, 5), spacing=(0.7, 0.9), dz=2.5, rot=np.eye
         slope, intercept = ((0.5 + 0.75 * i, -1024.0 + 10 * i) if rescale else (None, None))
         ds = slice_ds(series, stored[i], list(row_dir) + list(col_dir), ipp, spacing, instances[i], signed=signed,
                       slope=slope, intercept=intercept, desc=desc, syntax=syntax or ExplicitVRLittleEndian)
-        ds.save_as(os.path.join(folder, f"IM{names[i]:04d}"), enforce_file_format=True)
+        ds.save_as(os.path.join(folder, f"{prefix}{names[i]:04d}"), enforce_file_format=True)
     return folder, stored
 
 
@@ -192,7 +192,8 @@ def main():
     assert np.allclose(sitk.GetArrayFromImage(img), want), "SimpleITK rescales each slice by its own slope"
 
     folder, _ = write_series("two_series", size=(4, 4, 3), desc="Abdomen 5mm")
-    write_series("two_series", size=(4, 4, 2), rot=rotation(np.pi / 2, 0, 0), desc="Localizer", clear=False)
+    write_series("two_series", size=(4, 4, 2), rot=rotation(np.pi / 2, 0, 0), desc="Localizer", clear=False,
+                 prefix="LOC")
     assert len(sitk.ImageSeriesReader().GetGDCMSeriesIDs(folder)) == 2
 
     write_series("missing_slice", size=(4, 3, 6), skip=(3,))

@@ -132,7 +132,8 @@ fn a_series_is_a_case_whose_label_lines_up() {
     assert_eq!((c.name.as_str(), c.shape), ("1.2.840.17", [5, 6, 8]));
     let mut v: Vec<f32> = f64s(&reference("oblique")["voxels"]).iter().map(|&x| x as f32).collect();
     v.sort_by(f32::total_cmp);
-    let median = (v[v.len() / 2] + 1000.0) / 2000.0;
+    // numpy's median of an even count: the mean of the middle two.
+    let median = ((v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 + 1000.0) / 2000.0;
     let want: Vec<u8> = c.image.iter().map(|&x| (x > median) as u8).collect();
     assert_eq!(c.mask, want);
     assert!(c.mask.iter().any(|&m| m == 1) && c.mask.iter().any(|&m| m == 0));
@@ -147,10 +148,18 @@ fn train_eval_and_predict_on_a_series_folder() {
     ok(&["train", "--data", s(&tmp.path().join("data")), "--out", s(&run), "--width", "2", "--depth", "2",
         "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "1", "--patch", "8,16,16", "--tile", "8,16,16"]);
     let best = run.join("checkpoints/best.unetpp");
-    let text = ok(&["eval", "--checkpoint", s(&best), "--data", s(&tmp.path().join("data")), "--out", s(&tmp.path().join("ev"))]);
+    let text = ok(&[
+        "eval",
+        "--checkpoint",
+        s(&best),
+        "--data",
+        s(&tmp.path().join("data")),
+        "--out",
+        s(&tmp.path().join("ev")),
+    ]);
     assert!(text.contains("1 images"), "{text}");
     let scores = std::fs::read_to_string(tmp.path().join("ev/scores.csv")).unwrap();
-    assert!(scores.contains("1.2.840.17,"), "{scores}");
+    assert!(scores.contains("\"1.2.840.17\","), "{scores}");
 
     let pred = tmp.path().join("pred");
     let text = ok(&["predict", "--checkpoint", s(&best), "--input", s(&series), "--out", s(&pred)]);

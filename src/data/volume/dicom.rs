@@ -99,7 +99,8 @@ pub fn read(dir: &Path) -> anyhow::Result<Volume> {
     for &i in &order {
         let s = &slices[i];
         let f = &s.geometry.file;
-        let decoded = s.obj.decode_pixel_data().with_context(|| format!("{}: cannot decode the pixel data", f.display()))?;
+        let decoded =
+            s.obj.decode_pixel_data().with_context(|| format!("{}: cannot decode the pixel data", f.display()))?;
         let stored: Vec<f64> = decoded
             .to_vec_with_options(&ConvertOptions::new().with_modality_lut(ModalityLutOption::None))
             .with_context(|| format!("{}: cannot convert the pixel data", f.display()))?;
@@ -190,9 +191,7 @@ fn series(dir: &Path, report: bool) -> anyhow::Result<Vec<Slice>> {
     if by_series.len() > 1 {
         let list: Vec<String> = by_series
             .iter()
-            .map(|(uid, s)| {
-                format!("  {uid}: \"{}\", {}, {} slice(s)", s[0].description, s[0].modality, s.len())
-            })
+            .map(|(uid, s)| format!("  {uid}: \"{}\", {}, {} slice(s)", s[0].description, s[0].modality, s.len()))
             .collect();
         bail!(
             "{} holds {} DICOM series; a folder must hold one (move each series to a folder of its own, e.g. \
@@ -304,7 +303,8 @@ pub fn stack(
     let s0 = &slices[0];
     let row = unit([s0.iop[0], s0.iop[1], s0.iop[2]], &s0.file)?;
     let col = unit([s0.iop[3], s0.iop[4], s0.iop[5]], &s0.file)?;
-    let normal = [row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2], row[0] * col[1] - row[1] * col[0]];
+    let normal =
+        [row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2], row[0] * col[1] - row[1] * col[0]];
     let normal = unit(normal, &s0.file)?;
     for s in &slices[1..] {
         ensure!(
