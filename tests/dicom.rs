@@ -136,7 +136,7 @@ fn a_series_is_a_case_whose_label_lines_up() {
     let median = ((v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 + 1000.0) / 2000.0;
     let want: Vec<u8> = c.image.iter().map(|&x| (x > median) as u8).collect();
     assert_eq!(c.mask, want);
-    assert!(c.mask.iter().any(|&m| m == 1) && c.mask.iter().any(|&m| m == 0));
+    assert!(c.mask.contains(&1) && c.mask.contains(&0));
 }
 
 #[test]
@@ -178,4 +178,32 @@ fn train_eval_and_predict_on_a_series_folder() {
     let again = tmp.path().join("pred2");
     ok(&["predict", "--checkpoint", s(&best), "--input", s(&tmp.path().join("data")), "--out", s(&again)]);
     assert!(again.join("1.2.840.17.nii.gz").is_file());
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config { cases: 64, failure_persistence: None, ..Default::default() })]
+    /// A slice with bytes overwritten or cut off is read or refused with an error naming the
+    /// folder or the file, never a panic.
+    #[test]
+    fn damaged_slices_are_errors_not_panics(
+        at in 0usize..1000,
+        bytes in proptest::collection::vec(proptest::num::u8::ANY, 1..8),
+        cut in proptest::option::of(0usize..1000),
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_dir(&fixtures().join("rle"), tmp.path());
+        let f = tmp.path().join("IM0002");
+        let mut b = std::fs::read(&f).unwrap();
+        let at = at % b.len();
+        let n = bytes.len().min(b.len() - at);
+        b[at..at + n].copy_from_slice(&bytes[..n]);
+        if let Some(c) = cut {
+            b.truncate(c % b.len());
+        }
+        std::fs::write(&f, b).unwrap();
+        if let Err(e) = volume::read(tmp.path()) {
+            let e = format!("{e:#}");
+            proptest::prop_assert!(e.contains(s(tmp.path())), "{}", e);
+        }
+    }
 }

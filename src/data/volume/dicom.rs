@@ -99,11 +99,14 @@ pub fn read(dir: &Path) -> anyhow::Result<Volume> {
     for &i in &order {
         let s = &slices[i];
         let f = &s.geometry.file;
-        let decoded =
-            s.obj.decode_pixel_data().with_context(|| format!("{}: cannot decode the pixel data", f.display()))?;
-        let stored: Vec<f64> = decoded
-            .to_vec_with_options(&ConvertOptions::new().with_modality_lut(ModalityLutOption::None))
-            .with_context(|| format!("{}: cannot convert the pixel data", f.display()))?;
+        let (stored, bits, representation) = guarded(f, "decoding its pixel data", || {
+            let decoded =
+                s.obj.decode_pixel_data().with_context(|| format!("{}: cannot decode the pixel data", f.display()))?;
+            let stored: Vec<f64> = decoded
+                .to_vec_with_options(&ConvertOptions::new().with_modality_lut(ModalityLutOption::None))
+                .with_context(|| format!("{}: cannot convert the pixel data", f.display()))?;
+            Ok((stored, decoded.bits_allocated(), decoded.pixel_representation()))
+        })?;
         ensure!(
             stored.len() == rows * columns,
             "{}: {} pixel values where Rows x Columns is {rows} x {columns}",
@@ -122,7 +125,7 @@ pub fn read(dir: &Path) -> anyhow::Result<Volume> {
         };
         let (slope, intercept) = (number(tags::RESCALE_SLOPE, 1.0)?, number(tags::RESCALE_INTERCEPT, 0.0)?);
         rescaled |= slope != 1.0 || intercept != 0.0;
-        full_scale = full_scale.max(sample_full_scale(decoded.bits_allocated(), decoded.pixel_representation()));
+        full_scale = full_scale.max(sample_full_scale(bits, representation));
         data.extend(stored.iter().map(|&v| (v * slope + intercept) as f32));
     }
     let full_scale = if rescaled { 1.0 } else { full_scale };
@@ -132,6 +135,14 @@ pub fn read(dir: &Path) -> anyhow::Result<Volume> {
 /// The number of slices of the series in `dir`, from the headers alone, quietly.
 pub fn depth(dir: &Path) -> anyhow::Result<usize> {
     Ok(series(dir, false)?.len())
+}
+
+/// Runs `work` on the file `f`, turning a panic inside the `dicom` crates (their RLE decoder
+/// panics on some damaged data) into an error naming the file.
+fn guarded<T>(f: &Path, what: &str, work: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|_| {
+        bail!("{}: not a readable DICOM file: the DICOM decoder failed while {what} (damaged data?)", f.display())
+    })
 }
 
 fn sample_full_scale(bits: u16, representation: dicom_pixeldata::PixelRepresentation) -> f32 {
@@ -233,9 +244,11 @@ fn open(f: &Path) -> anyhow::Result<Result<Slice, String>> {
     let max = crate::data::io::max_decoded_bytes();
     let len = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
     ensure!(len <= max, "{}: {len} bytes, more than the {max} an input may take", f.display());
-    let obj = OpenFileOptions::new()
-        .open_file(f)
-        .map_err(|e| anyhow::anyhow!("{}: not a readable DICOM file: {e}", f.display()))?;
+    let obj = guarded(f, "parsing it", || {
+        OpenFileOptions::new()
+            .open_file(f)
+            .map_err(|e| anyhow::anyhow!("{}: not a readable DICOM file: {e}", f.display()))
+    })?;
     let class = obj.meta().media_storage_sop_class_uid().to_string();
     if class == uids::MEDIA_STORAGE_DIRECTORY_STORAGE {
         return Ok(Err("a DICOMDIR, the index of a file set".into()));
