@@ -10,12 +10,15 @@
 //!   lines up voxel for voxel, and `train`, `eval` and `predict --input <series folder>` run on
 //!   it; the prediction's NIfTI affine is SimpleITK's geometry of the series in RAS.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::Value;
 use unetpp::data::volume::{self, Format};
 use unetpp::data::{self, DataConfig, Normalize};
+
+use common::{fails, ok_text as ok, s};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dicom")
@@ -32,21 +35,6 @@ fn f64s(v: &Value) -> Vec<f64> {
 fn close(what: &str, got: &[f64], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}");
     assert!(got.iter().zip(want).all(|(a, b)| (a - b).abs() <= tol), "{what}: got {got:?}, SimpleITK {want:?}");
-}
-
-fn unetpp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = unetpp(args);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "unetpp {args:?} failed:\n{text}");
-    text
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -174,6 +162,13 @@ fn train_eval_and_predict_on_a_series_folder() {
         close(&format!("srow {r}"), &got, &rows[r], 1e-4);
     }
     assert_eq!((h.sform_code, h.qform_code), (1, 1));
+    // A folder of two series is refused before anything is written, listing them.
+    let two = tmp.path().join("two");
+    let e = fails(
+        &["predict", "--checkpoint", s(&best), "--input", s(&fixtures().join("two_series")), "--out", s(&two)],
+        &["two_series", "2 DICOM series", "\"Localizer\", CT, 2 slice(s)", "a folder of its own"],
+    );
+    assert!(!two.join("two_series.nii.gz").exists(), "{e}");
     // The folder holding the series predicts it too, under the same name.
     let again = tmp.path().join("pred2");
     ok(&["predict", "--checkpoint", s(&best), "--input", s(&tmp.path().join("data")), "--out", s(&again)]);
