@@ -132,7 +132,8 @@ pub fn read(dir: &Path) -> anyhow::Result<Volume> {
     Ok(Volume { data, channels: 1, shape: [slices.len(), rows, columns], geometry, full_scale })
 }
 
-/// The number of slices of the series in `dir`, from the headers alone, quietly.
+/// The number of slices of the series in `dir`, quietly, from the headers alone (objects without
+/// pixel data are counted too: this only tells a volume from a slice).
 pub fn depth(dir: &Path) -> anyhow::Result<usize> {
     Ok(series(dir, false)?.len())
 }
@@ -164,8 +165,8 @@ fn name(t: dicom_object::Tag) -> &'static str {
 }
 
 /// Opens every file of `dir` and keeps the image objects of its one series (module doc); the
-/// rest is skipped, with the reasons on stderr when `report`.
-fn series(dir: &Path, report: bool) -> anyhow::Result<Vec<Slice>> {
+/// rest is skipped, with the reasons on stderr. Without `full`, quietly and headers only.
+fn series(dir: &Path, full: bool) -> anyhow::Result<Vec<Slice>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read folder {}", dir.display()))?
         .map(|e| e.map(|e| e.path()))
@@ -186,7 +187,7 @@ fn series(dir: &Path, report: bool) -> anyhow::Result<Vec<Slice>> {
             skipped.push(format!("{} ({why})", file_name(&f)));
             continue;
         }
-        match open(&f)? {
+        match open(&f, full)? {
             Ok(s) => slices.push(s),
             Err(why) => skipped.push(format!("{} ({why})", file_name(&f))),
         }
@@ -194,7 +195,7 @@ fn series(dir: &Path, report: bool) -> anyhow::Result<Vec<Slice>> {
     if slices.is_empty() {
         bail!("{}: no DICOM image in the folder (skipped: {})", dir.display(), skipped.join(", "));
     }
-    if report && !skipped.is_empty() {
+    if full && !skipped.is_empty() {
         eprintln!("{}: skipped {}", dir.display(), skipped.join(", "));
     }
     let mut by_series: BTreeMap<&str, Vec<&Slice>> = BTreeMap::new();
@@ -239,21 +240,21 @@ fn file_name(p: &Path) -> String {
 }
 
 /// An image slice of `f`, or why it is not one (`Ok(Err(reason))`); a file that claims to be
-/// DICOM but cannot be read is an error.
-fn open(f: &Path) -> anyhow::Result<Result<Slice, String>> {
+/// DICOM but cannot be read is an error. Without `pixels`, the header alone.
+fn open(f: &Path, pixels: bool) -> anyhow::Result<Result<Slice, String>> {
     let max = crate::data::io::max_decoded_bytes();
     let len = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
     ensure!(len <= max, "{}: {len} bytes, more than the {max} an input may take", f.display());
     let obj = guarded(f, "parsing it", || {
-        OpenFileOptions::new()
-            .open_file(f)
-            .map_err(|e| anyhow::anyhow!("{}: not a readable DICOM file: {e}", f.display()))
+        let options = OpenFileOptions::new();
+        let options = if pixels { options } else { options.read_until(tags::PIXEL_DATA) };
+        options.open_file(f).map_err(|e| anyhow::anyhow!("{}: not a readable DICOM file: {e}", f.display()))
     })?;
     let class = obj.meta().media_storage_sop_class_uid().to_string();
     if class == uids::MEDIA_STORAGE_DIRECTORY_STORAGE {
         return Ok(Err("a DICOMDIR, the index of a file set".into()));
     }
-    if obj.get(tags::PIXEL_DATA).is_none() {
+    if pixels && obj.get(tags::PIXEL_DATA).is_none() {
         return Ok(Err(format!("no pixel data: SOP class {class}")));
     }
     let p = f.display();
