@@ -206,7 +206,7 @@ struct Inputs {
 
 impl Inputs {
     fn find(input: &Path, cfg: &data::DataConfig) -> anyhow::Result<Inputs> {
-        if input.is_file() {
+        if input.is_file() || io::is_volume(input) {
             let dir = input.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
             let (given, dir, files) = (input.to_path_buf(), dir.to_path_buf(), vec![input.to_path_buf()]);
             return Ok(Inputs { given, dir, files, cases: None });
@@ -222,8 +222,7 @@ impl Inputs {
             .flatten()
             .map(|e| e.path())
             .filter(|p| {
-                p.is_file()
-                    && io::is_supported(p)
+                (p.is_file() && io::is_supported(p) || p.is_dir() && io::is_volume(p))
                     && !p.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
             })
             .collect();

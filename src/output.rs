@@ -35,6 +35,10 @@ fn strip_suffix(name: &OsStr, suffix: &str) -> Option<OsString> {
 /// A file's name without its extension (`.nii.gz` counts as one), as the OS spells it.
 pub fn os_stem(path: &Path) -> OsString {
     let name = path.file_name().unwrap_or_default();
+    // A folder (a DICOM series) keeps its whole name: series folders are often named by UID.
+    if path.is_dir() {
+        return name.to_owned();
+    }
     [".nii.gz", ".nii"]
         .into_iter()
         .find_map(|ext| strip_suffix(name, ext))

@@ -1,5 +1,6 @@
 //! Data sets on disk: `images/` + `masks/` (or `labels/`) paired by file stem, 2D images
-//! (PNG, TIFF, JPEG, BMP; 8/16-bit; grey or RGB) or 3D volumes (NIfTI, NRRD, MetaImage). Every pair is read and
+//! (PNG, TIFF, JPEG, BMP; 8/16-bit; grey or RGB) or 3D volumes (NIfTI, NRRD, MetaImage, or a
+//! sub-folder holding a DICOM series, a case named after the folder). Every pair is read and
 //! checked before training starts, so a bad file is reported by name up front.
 
 pub mod dataset_json;
@@ -222,7 +223,9 @@ fn list(dir: &Path) -> anyhow::Result<BTreeMap<OsString, PathBuf>> {
     for entry in entries {
         let path = entry?.path();
         let hidden = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
-        if path.is_file() && !hidden && io::is_supported(&path) {
+        // A sub-folder is a case when it is a DICOM series, named after the folder.
+        let supported = if path.is_dir() { io::is_volume(&path) } else { path.is_file() && io::is_supported(&path) };
+        if supported && !hidden {
             if let Some(prev) = files.insert(crate::output::os_stem(&path), path.clone()) {
                 anyhow::bail!("{} and {} have the same stem", prev.display(), path.display());
             }
@@ -301,6 +304,9 @@ pub fn load(dir: &Path, cfg: &DataConfig, need_masks: bool, skip_bad: bool) -> a
 pub fn depth_of(path: &Path) -> Option<usize> {
     if !io::is_volume(path) {
         return Some(1);
+    }
+    if volume::Format::of(path) == Some(volume::Format::Dicom) {
+        return volume::dicom::depth(path).ok();
     }
     if volume::Format::of(path) != Some(volume::Format::Nifti) {
         return volume::read(path).ok().map(|v| v.shape[0]);

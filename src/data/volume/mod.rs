@@ -1,10 +1,12 @@
-//! 3D volumes with their physical geometry: NIfTI-1 ([`nifti`]), NRRD ([`nrrd`]) and MetaImage
-//! ([`metaimage`]). Each format has one entry point, `read(path) -> anyhow::Result<Volume>`;
-//! [`read`] picks it by file name ([`Format`]). Train/eval/predict give volumes to the network
-//! LPS-aligned ([`orient`]) and write predictions back on the input's grid ([`write`]).
+//! 3D volumes with their physical geometry: NIfTI-1 ([`nifti`]), NRRD ([`nrrd`]), MetaImage
+//! ([`metaimage`]) and DICOM series (a folder, [`dicom`]). Each format has one entry point,
+//! `read(path) -> anyhow::Result<Volume>`; [`read`] picks it by file name or folder ([`Format`]).
+//! Train/eval/predict give volumes to the network LPS-aligned ([`orient`]) and write predictions
+//! back on the input's grid ([`write`]).
 //!
 //! Every reader returns voxels channels-first as `[c][z][y][x]` (x fastest, as stored on disk by
-//! all three formats) in the file's own units (integers as stored, no rescaling), plus a
+//! all three file formats and DICOM) in the file's own units (integers as stored, no rescaling;
+//! DICOM's rescale slope/intercept applied, as SimpleITK does), plus a
 //! [`Geometry`] in ONE world convention: ITK/SimpleITK's LPS (x grows to the patient's Left,
 //! y to Posterior, z to Superior), which is what nnU-Net and SimpleITK report. NIfTI's and
 //! RAS-space NRRD's RAS coordinates are converted by negating their first two components.
@@ -15,6 +17,7 @@
 //! over), an unknown element type or encoding, a
 //! spatial dimension other than 3, and a geometry that is not a rotation times a positive scale.
 
+pub mod dicom;
 pub mod geometry;
 pub mod metaimage;
 pub mod nifti;
@@ -47,16 +50,21 @@ pub struct Volume {
 
 /// The 3D formats by file name: NIfTI (`.nii`, `.nii.gz`), NRRD (`.nrrd`, `.nhdr`) and
 /// MetaImage (`.mha`, `.mhd`), case-insensitive. A detached header's data file (`.raw`,
-/// `.raw.gz`, `.zraw`) is none of them: it is read through its header.
+/// `.raw.gz`, `.zraw`) is none of them: it is read through its header. A folder is a DICOM
+/// series when it holds a DICOM file ([`dicom::is_series_dir`]), whatever its name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     Nifti,
     Nrrd,
     MetaImage,
+    Dicom,
 }
 
 impl Format {
     pub fn of(path: &Path) -> Option<Format> {
+        if path.is_dir() {
+            return dicom::is_series_dir(path).then_some(Format::Dicom);
+        }
         let n = path.file_name()?.to_string_lossy().to_lowercase();
         let ends = |exts: &[&str]| exts.iter().any(|e| n.ends_with(e));
         if ends(&[".nii", ".nii.gz"]) {
@@ -77,7 +85,11 @@ pub fn read(path: &Path) -> anyhow::Result<Volume> {
         Some(Format::Nifti) => nifti::read(path),
         Some(Format::Nrrd) => nrrd::read(path),
         Some(Format::MetaImage) => metaimage::read(path),
-        None => bail!("{}: not a volume (.nii, .nii.gz, .nrrd, .nhdr, .mha or .mhd)", path.display()),
+        Some(Format::Dicom) => dicom::read(path),
+        None => bail!(
+            "{}: not a volume (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, or a folder of DICOM files)",
+            path.display()
+        ),
     }
 }
 
