@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod output;
+pub mod plan;
 pub mod plot;
 pub mod postprocess;
 pub mod probabilities;
