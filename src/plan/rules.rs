@@ -9,6 +9,10 @@ use crate::model::ModelConfig;
 /// `ANISO_THRESHOLD`).
 pub const ANISO_THRESHOLD: f64 = 3.0;
 
+/// A patch is not shrunk to fit memory below this many levels (fewer where the data is that small):
+/// a shallower model sees too little context to be worth training.
+pub const MIN_DEPTH: usize = 2;
+
 /// No level is pooled below this many voxels on an axis (nnU-Net's `min_feature_map_size`).
 pub const MIN_FEATURE_MAP: usize = 4;
 
@@ -128,6 +132,7 @@ pub fn fit_patch(
     for (k, a) in axes.clone().enumerate() {
         patch[a] = ((inv[k] * scale).round() as usize).min(median_shape[a].round().max(1.0) as usize).max(1);
     }
+    let mut min_levels = None;
     // An axis loses a divisor's worth each round, and a divisor grows at most to 2^max_levels, so
     // this ends; the bound only makes that plain.
     for _ in 0..1_000_000 {
@@ -138,6 +143,17 @@ pub fn fit_patch(
             crate::model::fmt_size(patch, dims),
             2 * MIN_FEATURE_MAP
         );
+        let floor = *min_levels.get_or_insert(rule.len().min(MIN_DEPTH));
+        if rule.len() < floor {
+            anyhow::bail!(
+                "only a patch of {} voxels (a model of depth {}) fits in the {:.2} GiB memory budget at --width {}; \
+                 give more --memory or a smaller --width",
+                crate::model::fmt_size(patch, dims),
+                rule.len(),
+                budget / GIB,
+                model.width
+            );
+        }
         let pool = if isotropic_only { isotropic(rule.len(), dims) } else { rule };
         let div = divisors(&pool);
         let padded: [usize; 3] = std::array::from_fn(|a| patch[a].div_ceil(div[a]) * div[a]);
@@ -258,6 +274,8 @@ mod tests {
         assert!(iso.pool.iter().all(|p| *p == [2, 2, 2]) && iso.patch.iter().all(|v| v % (1 << iso.pool.len()) == 0));
         let e = fit_patch(&m, sp, median, 4, 1e6, false).unwrap_err().to_string();
         assert!(e.contains("memory budget") && e.contains("--width 8"), "{e}");
+        // 1 MB would hold a depth-1 model on 8^3 voxels, but not the depth-2 floor.
+        assert!(e.contains("a model of depth 1"), "{e}");
     }
 
     #[test]
