@@ -356,10 +356,15 @@ struct TrainArgs {
     /// Fine-tune from this checkpoint (its architecture replaces the model options)
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// Follow this plan (`unetpp plan`); default DATA/unetpp_plan/plan.toml, made first for 3D
-    /// data without one. Every flag given wins over the plan's item
+    /// Follow this plan (`unetpp plan`); default DATA/unetpp_plan/plan.toml, or for 3D data without
+    /// one and no recipe flag (patch, batch, epochs, steps, spacing, depth) one made first. Every
+    /// flag given wins over the plan's item
     #[arg(long)]
     plan: Option<PathBuf>,
+    /// Training time the plan's steps and epochs fill, e.g. 2h, 90min (default the plan's; 2h
+    /// for a plan made by train)
+    #[arg(long, value_parser = unetpp::plan::parse_budget)]
+    budget: Option<std::time::Duration>,
 }
 
 fn main() {
@@ -497,6 +502,7 @@ impl TrainArgs {
             backend: self.backend.backend.unwrap_or_default(),
             weights: self.weights.clone(),
             plan: self.plan.clone(),
+            budget: self.budget,
         }
     }
 }

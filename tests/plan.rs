@@ -41,12 +41,14 @@ fn read_plan(dir: &Path) -> (Plan, Fingerprint) {
 
 /// A NIfTI volume `[z, y, x]` with voxel spacing `sp` (mm, x, y, z), through the crate's writer.
 fn write_volume<T: nifti::DataElement + bytemuck::Pod>(path: &Path, v: &[T], shape: [usize; 3], sp: [f64; 3]) {
-    let mut h = nifti::NiftiHeader::default();
-    h.pixdim = [1.0, sp[0] as f32, sp[1] as f32, sp[2] as f32, 1.0, 1.0, 1.0, 1.0];
-    h.sform_code = 1;
-    h.srow_x = [sp[0] as f32, 0.0, 0.0, 0.0];
-    h.srow_y = [0.0, sp[1] as f32, 0.0, 0.0];
-    h.srow_z = [0.0, 0.0, sp[2] as f32, 0.0];
+    let h = nifti::NiftiHeader {
+        pixdim: [1.0, sp[0] as f32, sp[1] as f32, sp[2] as f32, 1.0, 1.0, 1.0, 1.0],
+        sform_code: 1,
+        srow_x: [sp[0] as f32, 0.0, 0.0, 0.0],
+        srow_y: [0.0, sp[1] as f32, 0.0, 0.0],
+        srow_z: [0.0, 0.0, sp[2] as f32, 0.0],
+        ..Default::default()
+    };
     unetpp::data::io::write_nifti_header(path, v, shape, h).unwrap();
 }
 
@@ -98,7 +100,7 @@ fn anisotropic_volumes_get_nnunets_spacing_and_pooling() {
     // what the model pools; the fallback to isotropic pooling, where it happens, says so.
     let div = |pool: &[[usize; 3]]| -> [usize; 3] { std::array::from_fn(|a| pool.iter().map(|p| p[a]).product()) };
     let pool = if plan.pool.is_empty() { vec![[2; 3]; plan.depth] } else { plan.pool.clone() };
-    assert!((0..3).all(|a| plan.patch[a] % div(&pool)[a] == 0), "{plan:?}");
+    assert!((0..3).all(|a| plan.patch[a].is_multiple_of(div(&pool)[a])), "{plan:?}");
     assert_eq!(plan.patch[1..], [48, 48]);
     if plan.pool != plan.pool_rule {
         assert!(plan.notes.iter().any(|n| n.contains("pools 2 on every axis only")), "{:?}", plan.notes);
@@ -234,19 +236,50 @@ fn train_follows_the_plan_records_it_and_lets_flags_win() {
     assert_eq!((cfg.epochs, cfg.steps_per_epoch, cfg.batch_size), (1, 1, 3));
     assert_eq!(cfg.input.spacing.unwrap().0, [1.0, 1.0, 4.0]);
     assert_eq!((cfg.patch, cfg.model.depth), (plan.patch, plan.depth));
-    // Without a plan, 3D data gets one made first, saved beside the data and recorded in the run.
+    // Without a plan and a recipe, 3D data gets one made first, recorded in the run (not written
+    // into the data folder); --budget divides its steps.
     let other = tmp.path().join("other");
     anisotropic_volumes(&other);
     let run3 = tmp.path().join("run3");
-    let flags = ["--width", "4", "--epochs", "1", "--steps-per-epoch", "1"];
-    let out = ok(&[&["train", "--data", s(&other), "--out", s(&run3)], &flags[..]].concat());
+    let out = ok(&["train", "--data", s(&other), "--out", s(&run3), "--width", "4", "--budget", "2s"]);
     assert!(out.contains("making one") && out.contains("pooling rule (nnU-Net)"), "{out}");
-    let made = Plan::read(&other.join("unetpp_plan/plan.toml")).unwrap();
+    assert!(!other.join("unetpp_plan").exists());
     let cfg = unetpp::train::TrainConfig::read(&run3.join("config.toml")).unwrap();
-    assert_eq!(cfg.plan, Some(made));
+    let made = cfg.plan.expect("the run records the plan it made");
+    assert_eq!((made.patch, made.budget_seconds, cfg.epochs), (plan.patch, 2.0, made.epochs));
+    // A recipe flag (here --epochs) and no plan: today's recipe, no plan made.
+    let run4 = tmp.path().join("run4");
+    ok(&[
+        "train",
+        "--data",
+        s(&other),
+        "--out",
+        s(&run4),
+        "--width",
+        "4",
+        "--depth",
+        "2",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--patch",
+        "16,32,32",
+        "--batch-size",
+        "2",
+    ]);
+    let cfg = unetpp::train::TrainConfig::read(&run4.join("config.toml")).unwrap();
+    assert!(cfg.plan.is_none() && cfg.input.spacing.is_none());
+    // --budget with an existing plan re-divides its measured steps.
+    let run5 = tmp.path().join("run5");
+    ok(&["train", "--data", s(&d), "--out", s(&run5), "--budget", "1s", "--epochs", "1"]);
+    let cfg = unetpp::train::TrainConfig::read(&run5.join("config.toml")).unwrap();
+    let p5 = cfg.plan.unwrap();
+    assert_eq!((p5.budget_seconds, p5.step_seconds, cfg.epochs), (1.0, plan.step_seconds, 1));
+    assert_eq!(cfg.steps_per_epoch, p5.steps_per_epoch);
     // --plan names another plan; a missing one is an error naming it.
     let missing = tmp.path().join("nope.toml");
-    fails(&["train", "--data", s(&d), "--out", s(&tmp.path().join("run4")), "--plan", s(&missing)], &["nope.toml"]);
+    fails(&["train", "--data", s(&d), "--out", s(&tmp.path().join("run6")), "--plan", s(&missing)], &["nope.toml"]);
 }
 
 #[test]

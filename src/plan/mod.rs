@@ -5,8 +5,8 @@
 //!
 //! `plan` writes `fingerprint.json` and `plan.toml` (atomically) to `DATA/unetpp_plan/` or
 //! `--out`; `train` reads a plan from `--plan` or from there ([`for_training`]), makes one first
-//! for 3D data that has none, lets every explicit flag win over it ([`Plan::fill`]) and records it
-//! in the run's `config.toml`.
+//! for 3D data that has none (unless the recipe was given by flags), lets every explicit flag win
+//! over it ([`Plan::fill`]) and records it in the run's `config.toml`.
 
 pub mod fingerprint;
 pub mod rules;
@@ -404,35 +404,51 @@ fn check_out(data: &Path, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The plan `train` follows, if any: `o.plan`, else `DATA/unetpp_plan/plan.toml`, else (3D data
-/// only, so that the 2D recipe stays as it was) one made now with the default budgets and saved
-/// there. None when fine-tuning (the checkpoint decides the model) or on the bundled sample.
+/// The plan `train` follows, if any: `o.plan`, else `DATA/unetpp_plan/plan.toml`, else, for 3D
+/// data when no item of the recipe (patch, batch, epochs, steps, spacing, depth) was given, one
+/// made now, kept in the run only (the data folder is the user's). None for 2D data without a
+/// plan (its recipe stays as it was), when fine-tuning (the checkpoint decides the model) and on
+/// the bundled sample. `o.budget` re-divides the plan's steps at its measured step time.
 pub fn for_training(o: &TrainOptions, data: &Path, dims: usize) -> anyhow::Result<Option<Plan>> {
-    if let Some(p) = &o.plan {
-        return Plan::read(p).map(Some);
-    }
-    if o.weights.is_some() || o.data.is_none() {
-        return Ok(None);
-    }
     let beside = data.join(DIR).join(PLAN_FILE);
-    if beside.is_file() {
-        eprintln!("following the plan {} (pass --plan FILE for another)", beside.display());
-        return Plan::read(&beside).map(Some);
-    }
-    if o.model.dims.unwrap_or(dims) != 3 || dims != 3 {
+    let plan = if let Some(p) = &o.plan {
+        Plan::read(p)?
+    } else if o.weights.is_some() || o.data.is_none() {
         return Ok(None);
+    } else if beside.is_file() {
+        eprintln!("following the plan {} (pass --plan FILE for another)", beside.display());
+        Plan::read(&beside)?
+    } else {
+        let recipe = o.patch.is_some()
+            || o.batch_size.is_some()
+            || o.epochs.is_some()
+            || o.steps_per_epoch.is_some()
+            || o.spacing.is_some()
+            || o.model.depth.is_some();
+        if recipe || o.model.dims.unwrap_or(dims) != 3 || dims != 3 {
+            return Ok(None);
+        }
+        eprintln!("no plan for {} (unetpp plan makes one to keep): making one for this run", data.display());
+        let width = o.model.width;
+        let opts =
+            PlanOptions { data: data.to_path_buf(), width, budget: o.budget, backend: o.backend, ..Default::default() };
+        let plan = make(&opts, &Fingerprint::collect(data)?)?;
+        eprint!("{}", plan.table());
+        return Ok(Some(plan));
+    };
+    Ok(Some(match o.budget {
+        Some(b) => plan.rescheduled(b),
+        None => plan,
+    }))
+}
+
+impl Plan {
+    /// The plan with its steps and epochs fitted to `budget` at its measured step time.
+    pub fn rescheduled(self, budget: Duration) -> Plan {
+        let budget_seconds = budget.as_secs_f64();
+        let (steps_per_epoch, epochs) = rules::schedule(budget_seconds, self.step_seconds);
+        Plan { budget_seconds, steps_per_epoch, epochs, ..self }
     }
-    eprintln!("no plan for {}: making one (unetpp plan)", data.display());
-    let opts = PlanOptions { data: data.to_path_buf(), width: o.model.width, backend: o.backend, ..Default::default() };
-    let fingerprint = Fingerprint::collect(data)?;
-    let plan = make(&opts, &fingerprint)?;
-    eprint!("{}", plan.table());
-    // A read-only data folder still gets its plan, recorded in the run's config.toml only.
-    match save(&data.join(DIR), &plan, &fingerprint) {
-        Ok(()) => eprintln!("plan saved to {}", data.join(DIR).join(PLAN_FILE).display()),
-        Err(e) => eprintln!("warning: the plan could not be saved beside the data ({e:#}); it is kept in the run only"),
-    }
-    Ok(Some(plan))
 }
 
 /// `--budget`: `2h`, `90min`, `1h 30m`, `45s` (humantime's syntax).

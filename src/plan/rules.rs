@@ -269,9 +269,11 @@ mod tests {
         let small = fit_patch(&m, sp, median, 4, 2.0 * GIB, false).unwrap();
         assert!(small.bytes <= 2.0 * GIB && small.patch.iter().product::<usize>() < 40 * 352 * 352, "{small:?}");
         let div = divisors(&small.pool);
-        assert!((0..3).all(|a| small.patch[a] % div[a] == 0), "{small:?}");
+        assert!((0..3).all(|a| small.patch[a].is_multiple_of(div[a])), "{small:?}");
         let iso = fit_patch(&m, sp, median, 4, 2.0 * GIB, true).unwrap();
-        assert!(iso.pool.iter().all(|p| *p == [2, 2, 2]) && iso.patch.iter().all(|v| v % (1 << iso.pool.len()) == 0));
+        assert!(
+            iso.pool.iter().all(|p| *p == [2, 2, 2]) && iso.patch.iter().all(|v| v.is_multiple_of(1 << iso.pool.len()))
+        );
         let e = fit_patch(&m, sp, median, 4, 1e6, false).unwrap_err().to_string();
         assert!(e.contains("memory budget") && e.contains("--width 8"), "{e}");
         // 1 MB would hold a depth-1 model on 8^3 voxels, but not the depth-2 floor.

@@ -94,6 +94,8 @@ pub struct TrainOptions {
     pub weights: Option<PathBuf>,
     /// Follow this plan ([`crate::plan`]); default `DATA/unetpp_plan/plan.toml`, made first for 3D data.
     pub plan: Option<PathBuf>,
+    /// Training time the plan's steps fill; default the plan's own (2 h for one made by `train`).
+    pub budget: Option<std::time::Duration>,
 }
 
 impl TrainConfig {
