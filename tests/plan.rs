@@ -1,37 +1,13 @@
 //! `unetpp plan` on data made here (anisotropic NIfTI volumes, 2D PNGs), on the bundled nnU-Net
 //! data set and on the shared lesions, and `train` following the plan it finds.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::{fails, ok_text as ok, s};
 use unetpp::data::intensity::ChannelNorm;
 use unetpp::plan::{Fingerprint, Plan};
-
-fn unetpp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = unetpp(args);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "unetpp {args:?} failed:\n{text}");
-    text
-}
-
-/// Runs a command that must fail cleanly (exit 1, not a panic) with each of `needles` in its message.
-fn fails(args: &[&str], needles: &[&str]) {
-    let out = unetpp(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "unetpp {args:?} should fail with exit 1, stderr:\n{err}");
-    assert!(!err.contains("panicked"), "panic instead of an error:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks `{n}`:\n{err}");
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn read_plan(dir: &Path) -> (Plan, Fingerprint) {
     let plan = Plan::read(&dir.join("plan.toml")).unwrap();
