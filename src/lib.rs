@@ -18,6 +18,7 @@ pub mod model;
 mod names;
 pub mod optim;
 pub mod output;
+pub mod plan;
 pub mod plot;
 pub mod postprocess;
 pub mod probabilities;

@@ -25,6 +25,32 @@ struct Cli {
 enum Command {
     /// Train a model (with no arguments: on the bundled nuclei sample)
     Train(Box<TrainArgs>),
+    /// Plan training from the data (nnU-Net's rules): spacing, patch, pooling, batch,
+    /// normalisation, and steps that fit --budget from a measured training step; writes
+    /// fingerprint.json and plan.toml, which `train` then follows
+    Plan {
+        /// Folder with images/ + masks/ (or labels/), a root with train/, or an nnU-Net data set
+        #[arg(long)]
+        data: PathBuf,
+        /// Where fingerprint.json and plan.toml go (default DATA/unetpp_plan)
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Training time to fill, e.g. 2h, 90min, 1h30m (default 2h)
+        #[arg(long, value_parser = unetpp::plan::parse_budget)]
+        budget: Option<std::time::Duration>,
+        /// Memory training may use, e.g. 16GiB, 512MiB (16G is 10^9 bytes; default half of what
+        /// the machine has free)
+        #[arg(long, value_parser = unetpp::plan::parse_memory)]
+        memory: Option<u64>,
+        /// 2 for images, 3 for volumes: must agree with the data (default: the data's)
+        #[arg(long)]
+        dims: Option<usize>,
+        /// Filters at level 0 of the planned model (default 32)
+        #[arg(long)]
+        width: Option<usize>,
+        #[command(flatten)]
+        backend: BackendArg,
+    },
     /// Score a checkpoint on a labelled data set (Dice, IoU per image, overlays)
     Eval {
         /// Folder with images/ + masks/ (or labels/), or a root with test/
@@ -273,6 +299,7 @@ impl ModelArgs {
             channels: self.channels,
             classes: self.classes,
             no_deep_supervision: self.no_deep_supervision,
+            pool: None,
         }
     }
 }
@@ -339,6 +366,15 @@ struct TrainArgs {
     /// Fine-tune from this checkpoint (its architecture replaces the model options)
     #[arg(long)]
     weights: Option<PathBuf>,
+    /// Follow this plan (`unetpp plan`); default DATA/unetpp_plan/plan.toml, or for 3D data without
+    /// one and no recipe flag (patch, batch, epochs, steps, spacing, depth) one made first. Every
+    /// flag given wins over the plan's item
+    #[arg(long)]
+    plan: Option<PathBuf>,
+    /// Training time the plan's steps and epochs fill, e.g. 2h, 90min (default the plan's; 2h
+    /// for a plan made by train)
+    #[arg(long, value_parser = unetpp::plan::parse_budget)]
+    budget: Option<std::time::Duration>,
 }
 
 fn main() {
@@ -369,6 +405,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let run = app::train(Some(cfg), &out)?;
             report(&run.dir)
+        }
+        Command::Plan { data, out, budget, memory, dims, width, backend } => {
+            let backend = backend.backend.unwrap_or_default();
+            let o = unetpp::plan::PlanOptions { data, out, budget, memory, dims, width, backend };
+            let made = unetpp::plan::run(&o)?;
+            print!("{}", made.plan.table());
+            println!("{} cases; plan and fingerprint written to {}", made.fingerprint.cases.len(), made.dir.display());
+            Ok(())
         }
         Command::Eval { data, skip_bad, nsd_tolerance, empty, infer } => {
             let (checkpoint, out) = (&infer.checkpoint, &infer.out);
@@ -481,6 +525,8 @@ impl TrainArgs {
             skip_bad: self.skip_bad,
             backend: self.backend.backend.unwrap_or_default(),
             weights: self.weights.clone(),
+            plan: self.plan.clone(),
+            budget: self.budget,
         }
     }
 }

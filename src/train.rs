@@ -59,6 +59,10 @@ pub struct TrainConfig {
     /// Start from this checkpoint's weights (fine-tuning) instead of a random init.
     #[serde(default)]
     pub weights: Option<PathBuf>,
+    /// The plan the run followed (`unetpp plan`), kept as a record; the fields above already hold
+    /// what it decided, and any flag that overrode it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<crate::plan::Plan>,
 }
 
 /// What has been done so far; rewritten after every epoch so `--resume` can continue.

@@ -29,6 +29,8 @@ pub struct ModelOptions {
     /// Default 1 (binary), or the labels an nnU-Net data set's dataset.json names.
     pub classes: Option<usize>,
     pub no_deep_supervision: bool,
+    /// Pooling per level and axis (`ModelConfig::pool`); default 2 on every axis. A plan's.
+    pub pool: Option<Vec<[usize; 3]>>,
 }
 
 impl ModelOptions {
@@ -43,6 +45,7 @@ impl ModelOptions {
             classes: self.classes.unwrap_or(1),
             dims: self.dims.unwrap_or(dims),
             deep_supervision: base.deep_supervision && !self.no_deep_supervision,
+            pool: self.pool.clone().unwrap_or_default(),
             ..base
         };
         let ds = cfg.deep_supervision;
@@ -89,6 +92,10 @@ pub struct TrainOptions {
     pub backend: Backend,
     /// Fine-tune from this checkpoint: its architecture replaces `model`.
     pub weights: Option<PathBuf>,
+    /// Follow this plan ([`crate::plan`]); default `DATA/unetpp_plan/plan.toml`, made first for 3D data.
+    pub plan: Option<PathBuf>,
+    /// Training time the plan's steps fill; default the plan's own (2 h for one made by `train`).
+    pub budget: Option<std::time::Duration>,
 }
 
 impl TrainConfig {
@@ -108,8 +115,16 @@ impl TrainConfig {
             );
         }
         let dims = crate::app::detect_dims(&data)?;
+        // A plan fills in what the flags leave out; its per-channel normalisation replaces the data set's.
+        let plan = crate::plan::for_training(o, &data, dims)?;
+        let o = &plan.as_ref().map_or_else(|| o.clone(), |p| p.fill(o));
+        let planned_norms =
+            plan.as_ref().map(|p| p.channel_norms.clone()).filter(|n| !n.is_empty() && o.normalize.is_none());
         // An nnU-Net data set names its channels and labels, and picks each channel's normalisation.
-        let nnunet = crate::data::layout::defaults(&data, o.normalize.is_some())?;
+        let mut nnunet = crate::data::layout::defaults(&data, o.normalize.is_some() || planned_norms.is_some())?;
+        if let (Some(n), Some(norms)) = (&mut nnunet, planned_norms) {
+            n.norms = norms;
+        }
         let found = |f: fn(&crate::data::layout::NnunetInput) -> usize| nnunet.as_ref().map(f);
         // Fine-tuning keeps the checkpoint's architecture and, unless told otherwise, its input normalisation.
         let (model, normalize, spacing) = match &o.weights {
@@ -128,7 +143,7 @@ impl TrainConfig {
             normalize.unwrap_or(if three { Normalize::ZScore } else { Normalize::Percentile { low: 0.5, high: 99.5 } });
         Ok(TrainConfig {
             data,
-            input: DataConfig { channels: model.in_channels, classes: model.classes, normalize, nnunet, spacing },
+            input: DataConfig { nnunet, spacing, ..DataConfig::new(model.in_channels, model.classes, normalize) },
             epochs: o.epochs.unwrap_or(epochs),
             steps_per_epoch: o.steps_per_epoch.unwrap_or(steps),
             batch_size: o.batch_size.unwrap_or(batch),
@@ -144,6 +159,7 @@ impl TrainConfig {
             backend: o.backend,
             weights: o.weights.clone(),
             model,
+            plan,
         })
     }
 
