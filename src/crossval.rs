@@ -85,6 +85,8 @@ pub fn run(
     let settings = opts.metrics();
     let only: Vec<ImageScore> = scores.iter().map(|(_, s)| s.clone()).collect();
     let summary = summarize(&only, &opts.mode().to_string(), seconds, &settings, &names);
+    // By name, as `unetpp postprocess` reads them from the predictions folder.
+    predicted.sort_by(|a, b| a.case.name.cmp(&b.case.name));
     let (cases, spacings): (Vec<Case>, Vec<[f64; 3]>) = predicted.into_iter().map(|p| (p.case, p.spacing)).unzip();
     let decision = save_decision(run, &cases, classes, connectivity.unwrap_or_default(), &checkpoints)?;
     let after: Vec<ImageScore> = cases
@@ -261,14 +263,16 @@ mod tests {
         let saved = std::fs::read(tmp.path().join(DECISION)).unwrap();
         for ck in &cks {
             assert_eq!(std::fs::read(postprocess::beside(ck)).unwrap(), saved);
-            assert_eq!(Decision::load_beside(ck, 1).unwrap().unwrap(), d);
+            let beside = Decision::load_beside(ck, 1).unwrap().unwrap();
+            assert!(beside.keep_largest_foreground && beside.cases == 2, "{beside:?}");
         }
         // Hurts: the objects are truly in two parts, and removing the smaller loses true voxels.
         let hurts = [case("a", 2, 2, 5, false, true), case("b", 4, 6, 4, true, true)];
         let d = save_decision(tmp.path(), &hurts, 1, Connectivity::Full, &cks).unwrap();
         assert!(!d.keep_largest_foreground && d.is_noop(), "{d:?}");
         for ck in &cks {
-            assert_eq!(Decision::load_beside(ck, 1).unwrap().unwrap(), d, "replaced beside {}", ck.display());
+            let beside = Decision::load_beside(ck, 1).unwrap().unwrap();
+            assert!(beside.is_noop(), "not replaced beside {}", ck.display());
         }
     }
 }
