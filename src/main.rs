@@ -104,10 +104,10 @@ enum Command {
         #[arg(long)]
         nsd_tolerance: Option<f64>,
         /// As `eval --empty`
-        #[arg(long, value_enum)]
+        #[arg(long)]
         empty: Option<unetpp::metrics::Empty>,
         /// As `postprocess --connectivity`
-        #[arg(long, value_enum)]
+        #[arg(long)]
         connectivity: Option<unetpp::postprocess::Connectivity>,
         #[arg(long)]
         skip_bad: bool,

@@ -8,40 +8,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use common::{fails, ok_both, s};
 use serde_json::Value;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+mod common;
 
-fn unetpp(args: &[&str], failpoint: Option<&str>) -> Output {
+/// The binary with the `UNETPP_FAILPOINT` kill hook armed (tests/resume.rs's).
+fn unetpp_cut(args: &[&str], failpoint: &str) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_unetpp"));
-    c.args(args).env_remove("UNETPP_FAILPOINT");
-    if let Some(f) = failpoint {
-        c.env("UNETPP_FAILPOINT", f);
-    }
+    c.args(args).env("UNETPP_FAILPOINT", failpoint);
     c.output().expect("binary runs")
 }
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(args: &[&str]) -> Output {
-    let o = unetpp(args, None);
-    assert!(o.status.success(), "unetpp {args:?} failed:\n{}", stderr(&o));
-    o
-}
-
-/// A command that must fail cleanly (exit 1, no panic) with each of `needles` in its message.
-fn fails(args: &[&str], needles: &[&str]) {
-    let o = unetpp(args, None);
-    let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(1), "unetpp {args:?} should fail with exit 1:\n{err}");
-    assert!(!err.contains("panicked"), "panic instead of an error:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks `{n}`:\n{err}");
-    }
 }
 
 const CASES: [&str; 6] = ["c0", "c1", "c2", "c3", "c4", "c5"];
@@ -127,16 +107,15 @@ fn reference() -> &'static Reference {
         let dir = tempfile::tempdir().unwrap();
         let data = make_data(&dir.path().join("data"));
         let run = dir.path().join("run");
-        ok(&train_args(&data, &run, &[]));
+        ok_both(&train_args(&data, &run, &[]));
         // Again: every fold is finished, nothing is trained or rewritten.
         let splits = read(&run.join("splits.json"));
-        let again = ok(&train_args(&data, &run, &[]));
-        assert_eq!(stderr(&again).matches("finished already").count(), 3, "{}", stderr(&again));
+        let (_, again) = ok_both(&train_args(&data, &run, &[]));
+        assert_eq!(again.matches("finished already").count(), 3, "{again}");
         assert_eq!(read(&run.join("splits.json")), splits);
         // Another configuration into the same folder is refused before anything is written.
         fails(&train_args(&data, &run, &["--lr", "1e-3"]), &["another configuration", "lr"]);
-        let cv = ok(&["cross-validate", "--run", s(&run)]);
-        let cv_stdout = String::from_utf8_lossy(&cv.stdout).into_owned();
+        let (cv_stdout, _) = ok_both(&["cross-validate", "--run", s(&run)]);
         Reference { data, run, cv_stdout, _dir: dir }
     })
 }
@@ -169,7 +148,7 @@ fn the_split_is_seeded_disjoint_covering_and_each_fold_trains_on_its_own() {
     // The split is nnU-Net's kind: fixed by its own seed, not by the training seed.
     let tmp = tempfile::tempdir().unwrap();
     let other = tmp.path().join("other");
-    ok(&train_args(&r.data, &other, &["--fold", "2", "--seed", "7"]));
+    ok_both(&train_args(&r.data, &other, &["--fold", "2", "--seed", "7"]));
     assert_eq!(read(&other.join("splits.json")), read(&r.run.join("splits.json")));
 }
 
@@ -178,7 +157,7 @@ fn one_fold_alone_trains_only_that_fold() {
     let r = reference();
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    ok(&train_args(&r.data, &run, &["--fold", "1"]));
+    ok_both(&train_args(&r.data, &run, &["--fold", "1"]));
     let entries: BTreeSet<String> =
         std::fs::read_dir(&run).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(entries, BTreeSet::from(["fold_1", "folds.toml", "splits.json"].map(String::from)));
@@ -201,13 +180,12 @@ fn a_fold_killed_mid_run_resumes_exactly_and_finished_folds_are_skipped() {
     let run = tmp.path().join("run");
     // Epochs end in turn: fold 0's two, then fold 1's; the 4th is fold 1's second, killed
     // after training, before its commit.
-    let first = unetpp(&train_args(&r.data, &run, &[]), Some("epoch.trained:4"));
+    let first = unetpp_cut(&train_args(&r.data, &run, &[]), "epoch.trained:4");
     assert_eq!(first.status.signal(), Some(9), "expected the failpoint's SIGKILL:\n{}", stderr(&first));
     assert_eq!(json(&run.join("fold_0/state.json"))["epoch"].as_u64(), Some(2));
     assert_eq!(json(&run.join("fold_1/state.json"))["epoch"].as_u64(), Some(1));
     assert!(!run.join("fold_2").exists());
-    let second = ok(&["train", "--resume", s(&run)]);
-    let err = stderr(&second);
+    let (_, err) = ok_both(&["train", "--resume", s(&run)]);
     assert!(err.contains("fold 0: finished already") && err.contains("resuming"), "{err}");
     assert_eq!(read(&run.join("splits.json")), read(&r.run.join("splits.json")));
     for i in 0..3 {
@@ -252,7 +230,7 @@ fn cross_validation_predicts_each_case_once_with_the_model_that_did_not_see_it()
         let split = if ["c4", "c5"].contains(&name.as_str()) { "val" } else { "train" };
         let input = r.data.join(split).join("images").join(format!("{name}.png"));
         let out = tmp.path().join(format!("p{fold}"));
-        ok(&["predict", "--checkpoint", s(&ck), "--input", s(&input), "--out", s(&out), "--tile", "64"]);
+        ok_both(&["predict", "--checkpoint", s(&ck), "--input", s(&input), "--out", s(&out), "--tile", "64"]);
         let png = |p: &Path| unetpp::data::io::read_mask(p, 1).unwrap();
         assert_eq!(png(&out.join(format!("{name}.png"))), png(&cv.join(format!("predictions/{name}.png"))), "{name}");
     }
@@ -278,7 +256,7 @@ fn the_post_processing_decided_on_it_is_saved_beside_every_fold_checkpoint() {
     }
     let out = tmp.path().join("d.json");
     let preds = r.run.join("crossval/predictions");
-    ok(&["postprocess", "--predictions", s(&preds), "--labels", s(&labels), "--out", s(&out)]);
+    ok_both(&["postprocess", "--predictions", s(&preds), "--labels", s(&labels), "--out", s(&out)]);
     let cli = json(&out);
     assert_eq!((&cli["keep_largest_foreground"], &cli["cases"]), (&d["keep_largest_foreground"], &d["cases"]));
     for k in ["dice_before", "dice_after"] {
@@ -286,7 +264,7 @@ fn the_post_processing_decided_on_it_is_saved_beside_every_fold_checkpoint() {
         assert!((mean(&cli) - mean(&d)).abs() < 1e-12, "{k}: {cli} vs {d}");
     }
     // `eval` with a fold's checkpoint applies it.
-    let ev = ok(&[
+    let (_, ev) = ok_both(&[
         "eval",
         "--checkpoint",
         s(&r.run.join("fold_0/checkpoints/best.unetpp")),
@@ -297,7 +275,7 @@ fn the_post_processing_decided_on_it_is_saved_beside_every_fold_checkpoint() {
         "--tile",
         "64",
     ]);
-    assert!(stderr(&ev).contains("best.postprocess.json"), "{}", stderr(&ev));
+    assert!(ev.contains("best.postprocess.json"), "{ev}");
 }
 
 #[test]
