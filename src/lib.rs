@@ -3,6 +3,7 @@ pub mod app;
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
+pub mod crossval;
 pub mod data;
 pub mod dispatch;
 pub mod experiment;

@@ -8,7 +8,7 @@ use unetpp::backend::Backend;
 use unetpp::bench::{BenchOptions, Peer};
 use unetpp::data::{Normalize, patch};
 use unetpp::model::{Arch, Encoder, Mode, Preset};
-use unetpp::train::{ModelOptions, TrainConfig, TrainOptions};
+use unetpp::train::{ModelOptions, TrainConfig, TrainOptions, folds};
 
 #[derive(Parser)]
 #[command(
@@ -111,6 +111,39 @@ enum Command {
         shard: Option<unetpp::infer::shard::Shard>,
         #[command(flatten)]
         infer: InferArgs,
+    },
+    /// Cross-validate a `train --folds` run: each fold's best checkpoint predicts its own
+    /// validation cases (whole images); all cases scored together give the configuration's
+    /// cross-validation score, and the post-processing is decided on them
+    ///
+    /// Writes RUN/crossval/{predictions/,scores.csv,summary.json} and RUN/postprocess.json, also
+    /// beside every fold's best checkpoint (best.postprocess.json) where predict and eval apply it
+    CrossValidate {
+        /// The run directory `train --folds` wrote
+        #[arg(long)]
+        run: PathBuf,
+        /// The data, if it has moved since training (default: the run's)
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// `accurate` (mean of all heads, the default) or `fast:j`
+        #[arg(long)]
+        mode: Option<Mode>,
+        /// Sliding-window size for large inputs, e.g. 512 or 64,128,128
+        #[arg(long, value_parser = patch::parse_size)]
+        tile: Option<[usize; 3]>,
+        /// As `eval --nsd-tolerance`
+        #[arg(long)]
+        nsd_tolerance: Option<f64>,
+        /// As `eval --empty`
+        #[arg(long)]
+        empty: Option<unetpp::metrics::Empty>,
+        /// As `postprocess --connectivity`
+        #[arg(long)]
+        connectivity: Option<unetpp::postprocess::Connectivity>,
+        #[arg(long)]
+        skip_bad: bool,
+        #[command(flatten)]
+        backend: BackendArg,
     },
     /// Keep only the sub-network UNet++ L_j (nodes i + j' <= j and head j)
     Prune {
@@ -375,6 +408,13 @@ struct TrainArgs {
     /// for a plan made by train)
     #[arg(long, value_parser = unetpp::plan::parse_budget)]
     budget: Option<std::time::Duration>,
+    /// K-fold cross-validation: split the training cases (train/ and val/) into K folds, saved as
+    /// OUT/splits.json, and train fold I in OUT/fold_I/ (all folds in turn; finished ones skipped)
+    #[arg(long)]
+    folds: Option<usize>,
+    /// Train only this fold (0..K-1) of a --folds run, e.g. on another machine
+    #[arg(long)]
+    fold: Option<usize>,
 }
 
 fn main() {
@@ -392,6 +432,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => {
             if let Some(dir) = a.resume {
+                if a.folds.is_some() || a.fold.is_some() || folds::is_folds_run(&dir) {
+                    return report_folds(&dir, &folds::train(None, &dir, a.folds, a.fold)?);
+                }
                 let run = app::train(None, &dir)?;
                 return report(&run.dir);
             }
@@ -403,6 +446,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(o) => o,
                 None => app::next_run_dir(Path::new("runs"))?,
             };
+            if a.folds.is_some() || a.fold.is_some() {
+                return report_folds(&out, &folds::train(Some(cfg), &out, a.folds, a.fold)?);
+            }
             let run = app::train(Some(cfg), &out)?;
             report(&run.dir)
         }
@@ -442,6 +488,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let d = app::postprocess(&predictions, &labels, &out, classes, connectivity)?;
             println!("{}", unetpp::postprocess::describe(&d));
             println!("decision written to {}", out.display());
+            Ok(())
+        }
+        Command::CrossValidate { run, data, mode, tile, nsd_tolerance, empty, connectivity, skip_bad, backend } => {
+            let backend = backend.backend.unwrap_or_default();
+            let opts = InferOptions { mode, tile, backend, nsd_tolerance, empty };
+            let cv = unetpp::crossval::run(&run, data.as_deref(), &opts, connectivity, skip_bad)?;
+            let (s, p) = (&cv.summary, &cv.postprocessed);
+            println!(
+                "cross-validation, {} folds, {} cases, mode {}: mean Dice {:.4} ± {:.4}, mean IoU {:.4} ± {:.4}",
+                cv.checkpoints.len(),
+                s.images,
+                s.mode,
+                s.mean_dice,
+                s.std_dice,
+                s.mean_iou,
+                s.std_iou
+            );
+            if let Some(surface) = &s.surface {
+                println!("{}", unetpp::metrics::describe(surface));
+            }
+            for (name, o) in &s.per_class {
+                println!("  {name}: mean Dice {:.4}, mean IoU {:.4}", o.dice, o.iou);
+            }
+            println!("post-processing: {}", unetpp::postprocess::describe(&cv.decision));
+            println!("after post-processing: mean Dice {:.4}, mean IoU {:.4}", p.mean_dice, p.mean_iou);
+            println!(
+                "predictions and scores in {}; decision in {} and beside each fold's best checkpoint",
+                run.join(unetpp::crossval::DIR).display(),
+                run.join(unetpp::crossval::DECISION).display()
+            );
             Ok(())
         }
         Command::Prune { checkpoint, level, out, backend } => {
@@ -496,6 +572,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn report_folds(dir: &Path, runs: &[unetpp::train::Run]) -> anyhow::Result<()> {
+    println!("cross-validation run in {} (folds in {})", dir.display(), dir.join("splits.json").display());
+    for r in runs {
+        println!(
+            "  {}: best epoch {}, checkpoint {}",
+            r.dir.display(),
+            r.state.best_epoch,
+            r.dir.join("checkpoints/best.unetpp").display()
+        );
+    }
+    println!("once every fold is trained: unetpp cross-validate --run {}", dir.display());
+    Ok(())
 }
 
 fn report(dir: &Path) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@
 //! takes from the data are in [`options`]; how the run directory is locked, committed and
 //! recovered is in [`rundir`].
 
+pub mod folds;
 pub mod options;
 pub mod rundir;
 
@@ -63,6 +64,9 @@ pub struct TrainConfig {
     /// what it decided, and any flag that overrode it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<crate::plan::Plan>,
+    /// A cross-validation fold's cases ([`folds`]), which replace the train/val folders' split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fold: Option<folds::Fold>,
 }
 
 /// What has been done so far; rewritten after every epoch so `--resume` can continue.
@@ -93,6 +97,9 @@ pub fn checkpoints(dir: &Path) -> PathBuf {
 
 /// Loads train and validation samples (a seeded split when there is no `val/`).
 pub fn load_splits(cfg: &TrainConfig) -> anyhow::Result<(Vec<Sample>, Vec<Sample>)> {
+    if let Some(fold) = &cfg.fold {
+        return prepare_splits(cfg, folds::samples(cfg, fold)?);
+    }
     let splits = Splits::find(&cfg.data)?;
     let train_dir = splits.train.context("no train/ split (or images/ folder) in the data")?;
     let mut train = data::load(&train_dir, &cfg.input, true, cfg.skip_bad)?;
@@ -108,6 +115,15 @@ pub fn load_splits(cfg: &TrainConfig) -> anyhow::Result<(Vec<Sample>, Vec<Sample
             val
         }
     };
+    prepare_splits(cfg, (train, val))
+}
+
+/// Resamples train and validation samples to the run's spacing, checks their dimensionality and
+/// crops validation samples around their foreground.
+fn prepare_splits(
+    cfg: &TrainConfig,
+    (train, val): (Vec<Sample>, Vec<Sample>),
+) -> anyhow::Result<(Vec<Sample>, Vec<Sample>)> {
     let to_target = |v| data::volume::spacing::to_target(v, cfg.input.spacing);
     let (train, val) = (to_target(train)?, to_target(val)?);
     let dims = cfg.model.dims;

@@ -187,6 +187,7 @@ fn tiny_config(data: &Path) -> unetpp::train::TrainConfig {
         backend: Default::default(),
         weights: None,
         plan: None,
+        fold: None,
     }
 }
 

@@ -158,6 +158,7 @@ impl TrainConfig {
             skip_bad: o.skip_bad,
             backend: o.backend,
             weights: o.weights.clone(),
+            fold: None,
             model,
             plan,
         })
