@@ -16,6 +16,7 @@ pub mod limits;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+mod names;
 pub mod optim;
 pub mod output;
 pub mod plot;
