@@ -27,13 +27,7 @@ fn value_error(e: String) -> PyErr {
 }
 
 fn backend(name: &str) -> PyResult<Backend> {
-    <Backend as clap::ValueEnum>::from_str(name, true).map_err(|_| {
-        let names: Vec<String> = <Backend as clap::ValueEnum>::value_variants()
-            .iter()
-            .filter_map(|b| clap::ValueEnum::to_possible_value(b).map(|v| v.get_name().to_string()))
-            .collect();
-        value_error(format!("backend `{name}`: this build has {}", names.join(", ")))
-    })
+    name.parse().map_err(value_error)
 }
 
 fn options(mode: &str, tile: Option<Vec<usize>>, backend: Backend) -> PyResult<InferOptions> {
@@ -276,8 +270,7 @@ fn export(
     mode: Option<&str>,
     backend_name: &str,
 ) -> PyResult<()> {
-    let format = <unetpp::export::Format as clap::ValueEnum>::from_str(format, true)
-        .map_err(|_| value_error(format!("format `{format}`: use onnx or safetensors")))?;
+    let format = format.parse::<unetpp::export::Format>().map_err(value_error)?;
     let mode = mode.map(str::parse::<Mode>).transpose().map_err(value_error)?;
     let backend = backend(backend_name)?;
     py.detach(|| unetpp::app::export(&checkpoint, &out, format, mode, backend)).map_err(error)

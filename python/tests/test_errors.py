@@ -32,8 +32,8 @@ def test_bad_modes_and_options(tiny, tmp_path):
     img = np.zeros((64, 64), np.float32)
     raises(lambda: tiny.predict(img, mode="fast:7"), "fast:7", "fast:1, fast:2")
     raises(lambda: tiny.predict(img, mode="slow"), "`accurate` or `fast:j`", "`slow`")
-    raises(lambda: tiny.export(tmp_path / "m.x", format="keras"), "format `keras`", "onnx")
-    raises(lambda: unetpp.load(tiny.path, backend="cuda"), "backend `cuda`", "flex")
+    raises(lambda: tiny.export(tmp_path / "m.x", format="keras"), "--format must be one of", "onnx", "got `keras`")
+    raises(lambda: unetpp.load(tiny.path, backend="cuda"), "--backend must be one of flex", "got `cuda`")
     raises(lambda: tiny.predict_file(tmp_path / "none.png"), "none.png")
 
 
