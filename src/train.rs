@@ -17,7 +17,6 @@ use anyhow::Context;
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::{SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
@@ -293,13 +292,7 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool, lock: Option
         // Seeded per epoch, so a resumed run sees the same patches as an uninterrupted one.
         let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
         device.seed(cfg.seed.wrapping_add(epoch as u64));
-        let bar = ProgressBar::new(cfg.steps_per_epoch as u64);
-        bar.set_style(
-            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
-                .unwrap()
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(format!("{epoch}/{}", cfg.epochs));
+        let bar = crate::progress::Bar::new(format!("{epoch}/{}", cfg.epochs), cfg.steps_per_epoch as u64);
         let mut loss_sum = 0.0;
         let mut step_no = state.step;
         for _ in 0..cfg.steps_per_epoch {

@@ -117,7 +117,8 @@ pub fn on_input_grid(
     on_grid(s, volume_spacing(s, target)?, target, predict)
 }
 
-fn on_grid(
+/// [`on_input_grid`] for a sample of the given `spacing` (mm, x, y, z), e.g. an array without a header.
+pub fn on_grid(
     s: &Sample,
     spacing: [f64; 3],
     target: Spacing,
