@@ -29,6 +29,8 @@ pub struct ModelOptions {
     /// Default 1 (binary), or the labels an nnU-Net data set's dataset.json names.
     pub classes: Option<usize>,
     pub no_deep_supervision: bool,
+    /// Default 2 on every axis (`ModelConfig::pool` empty).
+    pub pool: Option<Vec<[usize; 3]>>,
 }
 
 impl ModelOptions {
@@ -43,6 +45,7 @@ impl ModelOptions {
             classes: self.classes.unwrap_or(1),
             dims: self.dims.unwrap_or(dims),
             deep_supervision: base.deep_supervision && !self.no_deep_supervision,
+            pool: self.pool.clone().unwrap_or_default(),
             ..base
         };
         let ds = cfg.deep_supervision;
