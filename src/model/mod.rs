@@ -637,4 +637,6 @@ pub fn to_probs<const D: usize>(logits: Tensor<D>, classes: usize) -> Tensor<D> 
 }
 
 #[cfg(test)]
+mod aniso_tests;
+#[cfg(test)]
 mod tests;
