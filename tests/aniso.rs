@@ -293,10 +293,12 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn fails(args: &[&str], needle: &str) {
+/// A refusal with exit `code` (1: a checked value; 2: clap's usage error, as for every option
+/// that does not parse) and `needle` in the message.
+fn fails(args: &[&str], code: i32, needle: &str) {
     let out = unetpp_bin(args);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "unetpp {args:?} should fail with exit 1:\n{err}");
+    assert_eq!(out.status.code(), Some(code), "unetpp {args:?} should fail with exit {code}:\n{err}");
     assert!(!err.contains("panicked") && err.contains(needle), "stderr lacks `{needle}`:\n{err}");
 }
 
@@ -349,15 +351,17 @@ fn train_and_predict_with_pool_from_the_command_line() {
     assert!(stdout.contains("1 images"), "{stdout}");
     // Refused before anything is written, naming the option.
     let bad = tmp.path().join("bad");
-    for (pool, needle) in [
-        ("2,2,2", "--pool needs one z,y,x per level (2 for --depth 2), got 1"),
-        ("1,3,2:2,2,2", "--pool factors must be 1 or 2"),
-        ("1,2,x:2,2,2", "`x` in `1,2,x:2,2,2` is not a number"),
+    for (pool, code, needle) in [
+        ("2,2,2", 1, "--pool needs one z,y,x per level (2 for --depth 2), got 1"),
+        ("1,3,2:2,2,2", 1, "--pool factors must be 1 or 2"),
+        ("1,2,x:2,2,2", 2, "`x` in `1,2,x:2,2,2` is not a number"),
     ] {
         let args = train(&["--out", s(&bad), "--pool", pool, "--patch", "8,32,32"]);
-        fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), needle);
+        fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), code, needle);
         assert!(!bad.exists(), "{pool}: the run directory was created");
     }
     let args = train(&["--out", s(&bad), "--pool", "1,2,2:2,2,2", "--patch", "6,30,32"]);
-    fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), "divisible by 2,4,4 per axis");
+    fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), 1, "divisible by 2,4,4 per axis");
+    let info = ok(&["info", "--dims", "3", "--depth", "2", "--pool", "1,2,2:2,2,2"]);
+    assert!(info.contains("pooling z,y,x per level 1,2,2:2,2,2: level 2 is the input / [2, 4, 4]"), "{info}");
 }

@@ -274,7 +274,7 @@ impl ModelConfig {
         let dims = self.dims.clamp(2, 3);
         let m = self.scale(self.depth.min(5));
         let axes = 3 - dims..3;
-        if axes.clone().all(|a| size[a] >= m[a] && size[a] % m[a] == 0) {
+        if axes.clone().all(|a| size[a] >= m[a] && size[a].is_multiple_of(m[a])) {
             return Ok(());
         }
         let fix: [usize; 3] = std::array::from_fn(|a| size[a].div_ceil(m[a]).max(1) * m[a]);
