@@ -1,8 +1,9 @@
 //! Anisotropic (per-axis) pooling, issue #17: `ModelConfig::pool` divides each level by its own
 //! factor per axis [z, y, x]; the grid of nodes, fast modes and pruning are unchanged.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::path::Path;
 
 use burn::module::{ModuleMapper, Param};
 use burn::prelude::*;
@@ -14,6 +15,8 @@ use unetpp::checkpoint::{self, Meta};
 use unetpp::data::{DataConfig, Normalize, Sample};
 use unetpp::export::Format;
 use unetpp::model::{Arch, Mode, ModelConfig, Preset, UNetPP};
+
+use common::{fails_with, ok, s, samples};
 
 fn flex() -> Device {
     Device::flex()
@@ -282,34 +285,6 @@ fn inference_windows_round_per_axis() {
     assert!(max_diff(&probs, &direct) <= 1e-6, "the window was padded or cut");
 }
 
-fn unetpp_bin(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = unetpp_bin(args);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "unetpp {args:?} failed:\n{text}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A refusal with exit `code` (1: a checked value; 2: clap's usage error, as for every option
-/// that does not parse) and `needle` in the message.
-fn fails(args: &[&str], code: i32, needle: &str) {
-    let out = unetpp_bin(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "unetpp {args:?} should fail with exit {code}:\n{err}");
-    assert!(!err.contains("panicked") && err.contains(needle), "stderr lacks `{needle}`:\n{err}");
-}
-
-fn samples(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("samples").join(name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// `train --pool` on volumes: the run's config.toml and checkpoint carry it, a 6-slice patch
 /// is accepted, `predict` takes a 6-slice volume and returns it whole, `eval --mode fast:1`
 /// works; bad `--pool` values are refused by name.
@@ -328,7 +303,7 @@ fn train_and_predict_with_pool_from_the_command_line() {
         a
     };
     let args = train(&["--out", s(&run), "--pool", "1,2,2:2,2,2", "--patch", "6,32,32"]);
-    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    ok(&args);
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(config.contains("pool = [[1, 2, 2], [2, 2, 2]]"), "{config}");
     let best = run.join("checkpoints/best.unetpp");
@@ -357,11 +332,11 @@ fn train_and_predict_with_pool_from_the_command_line() {
         ("1,2,x:2,2,2", 2, "`x` in `1,2,x:2,2,2` is not a number"),
     ] {
         let args = train(&["--out", s(&bad), "--pool", pool, "--patch", "8,32,32"]);
-        fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), code, needle);
+        fails_with(&args, code, &[needle]);
         assert!(!bad.exists(), "{pool}: the run directory was created");
     }
     let args = train(&["--out", s(&bad), "--pool", "1,2,2:2,2,2", "--patch", "6,30,32"]);
-    fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), 1, "divisible by 2,4,4 per axis");
+    fails_with(&args, 1, &["divisible by 2,4,4 per axis"]);
     let info = ok(&["info", "--dims", "3", "--depth", "2", "--pool", "1,2,2:2,2,2"]);
     assert!(info.contains("pooling z,y,x per level 1,2,2:2,2,2: level 2 is the input / [2, 4, 4]"), "{info}");
 }
