@@ -45,7 +45,7 @@ pub fn encode<const D: usize>(model: &UNetPP<D>, mode: Mode, metadata: &[(&str, 
         producer_version: env!("CARGO_PKG_VERSION").into(),
         doc_string: format!(
             "UNet++ ({mode}): `{INPUT}` is N x C x spatial, normalised as unetpp normalises (metadata \
-             unetpp.data), each spatial side a multiple of {} (z,y,x: the model's down-sampling); `{OUTPUT}` is N x \
+             unetpp.data), each spatial side a multiple of {} (per axis: the model's down-sampling); `{OUTPUT}` is N x \
              classes x spatial",
             crate::model::fmt_size(cfg.scale(cfg.depth), cfg.dims)
         ),
