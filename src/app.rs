@@ -475,6 +475,10 @@ pub fn info(cfg: &ModelConfig) -> anyhow::Result<String> {
         cfg.classes,
         cfg.head_columns()
     )?;
+    if !cfg.pool.is_empty() {
+        let (pool, scale) = (crate::model::Pooling(cfg.pool.clone()), cfg.scale(cfg.depth));
+        writeln!(s, "pooling z,y,x per level {pool}: level {} is the input / {scale:?}", cfg.depth)?;
+    }
     writeln!(s, "nodes (i = level, j = column):")?;
     for i in 0..=cfg.depth {
         let row: Vec<String> =

@@ -317,6 +317,11 @@ struct ModelArgs {
     /// Train a single head on X^{0,L} instead of deep supervision
     #[arg(long)]
     no_deep_supervision: bool,
+    /// Pooling factors (1 or 2) per level and axis, z,y,x (y,x in 2D), levels separated by `:`,
+    /// e.g. 1,2,2:2,2,2 for --depth 2 pools level 1 only in-plane (for coarse z, as nnU-Net);
+    /// default 2 on every axis
+    #[arg(long)]
+    pool: Option<unetpp::model::Pooling>,
 }
 
 impl ModelArgs {
@@ -332,7 +337,7 @@ impl ModelArgs {
             channels: self.channels,
             classes: self.classes,
             no_deep_supervision: self.no_deep_supervision,
-            pool: None,
+            pool: self.pool.clone().map(|p| p.0),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! A model as an ONNX inference graph (opset 17): the nodes one `--mode` evaluates, BatchNorm
 //! folded into the convolutions, dropout left out (identity at inference), and one output of
 //! probabilities exactly as [`UNetPP::predict`] computes them. Batch and spatial sizes are
-//! symbolic; spatial sides must be multiples of 2^depth, as for `predict` after its padding.
+//! symbolic; spatial sides must be multiples of the model's down-sampling per axis (2^depth
+//! unless `pool` says otherwise), as for `predict` after its padding.
 
 use std::collections::HashMap;
 
@@ -44,7 +45,9 @@ pub fn encode<const D: usize>(model: &UNetPP<D>, mode: Mode, metadata: &[(&str, 
         producer_version: env!("CARGO_PKG_VERSION").into(),
         doc_string: format!(
             "UNet++ ({mode}): `{INPUT}` is N x C x spatial, normalised as unetpp normalises (metadata \
-             unetpp.data), each spatial side a multiple of 2^depth; `{OUTPUT}` is N x classes x spatial"
+             unetpp.data), each spatial side a multiple of {} (per axis: the model's down-sampling); `{OUTPUT}` is N x \
+             classes x spatial",
+            crate::model::fmt_size(cfg.scale(cfg.depth), cfg.dims)
         ),
         graph: Some(graph),
         metadata_props: metadata
@@ -87,8 +90,8 @@ struct Builder {
     dims: usize,
     nodes: Vec<NodeProto>,
     initializers: Vec<TensorProto>,
-    /// The Resize `scales` tensor, made once.
-    scales: Option<String>,
+    /// The Resize `scales` tensors, one per up-sampling factor, each made once.
+    scales: HashMap<[usize; 3], String>,
 }
 
 impl Builder {
@@ -121,6 +124,11 @@ impl Builder {
         vec![v; self.dims]
     }
 
+    /// A per-axis `[z, y, x]` on the model's spatial axes.
+    fn axes(&self, f: [usize; 3]) -> Vec<i64> {
+        f[3 - self.dims..].iter().map(|&v| v as i64).collect()
+    }
+
     fn conv<const D: usize>(&mut self, name: &str, x: String, conv: &Conv<D>) -> anyhow::Result<String> {
         let k = conv.weight.dims()[2];
         let mut inputs = vec![x, self.weight(format!("{name}.weight"), conv.weight.val())?];
@@ -143,28 +151,38 @@ impl Builder {
     fn conv_transpose<const D: usize>(&mut self, name: &str, x: String, up: &UpConv<D>) -> anyhow::Result<String> {
         let w = self.weight(format!("{name}.weight"), up.weight.val())?;
         let b = self.weight(format!("{name}.bias"), up.bias.val())?;
-        let attrs = vec![attr_ints("kernel_shape", self.spatial(2)), attr_ints("strides", self.spatial(2))];
+        let k: Vec<i64> = up.weight.dims()[2..].iter().map(|&v| v as i64).collect();
+        let attrs = vec![attr_ints("kernel_shape", k.clone()), attr_ints("strides", k)];
         Ok(self.op("ConvTranspose", name.into(), vec![x, w, b], attrs))
     }
 
-    fn max_pool(&mut self, name: String, x: String, kernel: i64, pad: i64) -> String {
+    /// Max pooling with stride `factor` per axis, a kernel of `kernel` (a factor's size: None).
+    fn max_pool(&mut self, name: String, x: String, kernel: Option<i64>, pad: i64, factor: [usize; 3]) -> String {
+        let strides = self.axes(factor);
         let attrs = vec![
-            attr_ints("kernel_shape", self.spatial(kernel)),
-            attr_ints("strides", self.spatial(2)),
+            attr_ints("kernel_shape", kernel.map_or_else(|| strides.clone(), |k| self.spatial(k))),
+            attr_ints("strides", strides),
             attr_ints("pads", vec![pad; 2 * self.dims]),
         ];
         self.op("MaxPool", name, vec![x], attrs)
     }
 
-    /// x2 up-sampling as `layers::upsample` does it: nearest is PyTorch's (source index
-    /// floor(dst / 2)); linear is half-pixel (align_corners = false) or align_corners.
-    fn resize(&mut self, name: String, x: String, nearest: bool, align_corners: bool) -> String {
-        let scales = match &self.scales {
+    /// Up-sampling by `factor` per axis as `layers::upsample_by` does it: nearest is PyTorch's
+    /// (source index floor(dst / 2)); linear is half-pixel (align_corners = false) or align_corners.
+    fn resize(&mut self, name: String, x: String, nearest: bool, align_corners: bool, factor: [usize; 3]) -> String {
+        let scales = match self.scales.get(&factor) {
             Some(s) => s.clone(),
             None => {
-                let v = [1.0, 1.0].into_iter().chain(std::iter::repeat_n(2.0, self.dims));
-                let s = self.constant("upsample.scales".into(), vec![self.dims as i64 + 2], v);
-                self.scales = Some(s.clone());
+                let axes = self.axes(factor);
+                let v = [1.0, 1.0].into_iter().chain(axes.iter().map(|&f| f as f32));
+                let name = match axes.iter().all(|&f| f == 2) {
+                    true => "upsample.scales".to_string(),
+                    false => {
+                        format!("upsample.scales.{}", axes.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("x"))
+                    }
+                };
+                let s = self.constant(name, vec![self.dims as i64 + 2], v);
+                self.scales.insert(factor, s.clone());
                 s
             }
         };
@@ -202,7 +220,7 @@ impl Builder {
         for (s, layer) in enc.layers.iter().take(levels.saturating_sub(1)).enumerate() {
             let mut y = out.last().unwrap().clone();
             if s == 0 {
-                y = self.max_pool("encoder.maxpool".into(), y, 3, 1);
+                y = self.max_pool("encoder.maxpool".into(), y, Some(3), 1, [2; 3]);
             }
             for (b, block) in layer.iter().enumerate() {
                 let name = format!("encoder.layer{}.{b}", s + 1);
@@ -245,12 +263,15 @@ impl Builder {
             let name = format!("x{i}_{j}");
             let input = match (i, j) {
                 (0, 0) => INPUT.to_string(),
-                (_, 0) => self.max_pool(format!("{name}.pool"), out[&(i - 1, 0)].clone(), 2, 0),
+                (_, 0) => self.max_pool(format!("{name}.pool"), out[&(i - 1, 0)].clone(), None, 0, cfg.factor(i)),
                 _ => {
                     let below = out[&(i + 1, j - 1)].clone();
                     let up = match &node.up {
                         Some(up) => self.conv_transpose(&format!("{name}.up"), below, up)?,
-                        None => self.resize(format!("{name}.up"), below, cfg.nearest, cfg.align_corners),
+                        None => {
+                            let f = cfg.factor(i + 1);
+                            self.resize(format!("{name}.up"), below, cfg.nearest, cfg.align_corners, f)
+                        }
                     };
                     let mut parts: Vec<String> =
                         (0..j).filter(|&k| cfg.has_node(i, k)).map(|k| out[&(i, k)].clone()).collect();

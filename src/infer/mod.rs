@@ -1,6 +1,7 @@
-//! Whole-image inference: pad to a multiple of 2^depth, or slide overlapping windows over large
-//! inputs and average their probabilities; then labels and evaluation scores. Nothing here
-//! writes files: [`writer`] turns the results into prediction files, overlays and score tables.
+//! Whole-image inference: pad to a multiple of the model's down-sampling per axis (2^depth), or
+//! slide overlapping windows over large inputs and average their probabilities; then labels and
+//! evaluation scores. Nothing here writes files: [`writer`] turns the results into prediction
+//! files, overlays and score tables.
 
 pub mod by_label;
 pub mod read_ahead;
@@ -52,8 +53,10 @@ pub fn probabilities_modes<const D: usize>(
     device: &Device,
 ) -> anyhow::Result<Vec<Vec<f32>>> {
     let cfg = model.config();
-    let m = 1usize << cfg.depth;
+    // Per axis, the model's total down-sampling (2^depth, or less on axes pooled fewer times).
+    let scale = cfg.scale(cfg.depth);
     let win: [usize; 3] = std::array::from_fn(|a| {
+        let m = scale[a];
         if a == 0 && cfg.dims == 2 {
             1
         } else {

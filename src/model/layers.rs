@@ -117,7 +117,8 @@ impl<const D: usize> Conv<D> {
     }
 }
 
-/// 2^n transposed convolution with stride 2: the Keras code's learned up-sampling.
+/// Transposed convolution with kernel = stride = the level's factor per axis (2^n in the
+/// paper): the Keras code's learned up-sampling.
 #[derive(Module, Debug)]
 pub struct UpConv<const D: usize> {
     pub weight: Param<Tensor<D>>,
@@ -125,11 +126,13 @@ pub struct UpConv<const D: usize> {
 }
 
 impl<const D: usize> UpConv<D> {
-    pub fn new(c_in: usize, c_out: usize, device: &Device) -> Self {
-        let mut shape = [2; D];
+    /// Up-sampling by `factor` (`[z, y, x]`, z unused in 2D).
+    pub fn new(c_in: usize, c_out: usize, factor: [usize; 3], device: &Device) -> Self {
+        let mut shape = [0; D];
+        shape[2..].copy_from_slice(&factor[5 - D..]);
+        let fan_in = c_out * shape[2..].iter().product::<usize>();
         shape[0] = c_in;
         shape[1] = c_out;
-        let fan_in = c_out * 2usize.pow(spatial(D) as u32);
         let init = torch_init();
         Self {
             weight: init.init_with(shape, Some(fan_in), None, device),
@@ -139,14 +142,17 @@ impl<const D: usize> UpConv<D> {
 
     pub fn forward(&self, x: Tensor<D>) -> Tensor<D> {
         let (w, b) = (self.weight.val(), Some(self.bias.val()));
+        let k = w.dims();
         match D {
             4 => {
-                let o = ConvTransposeOptions::new([2; 2], [0; 2], [0; 2], [1; 2], 1);
+                let s = [k[2], k[3]];
+                let o = ConvTransposeOptions::new(s, [0; 2], [0; 2], [1; 2], 1);
                 let y = conv_transpose2d(rank::<D, 4>(x), rank::<D, 4>(w), b, o);
                 rank::<4, D>(y)
             }
             _ => {
-                let o = ConvTransposeOptions::new([2; 3], [0; 3], [0; 3], [1; 3], 1);
+                let s = [k[2], k[3], k[4]];
+                let o = ConvTransposeOptions::new(s, [0; 3], [0; 3], [1; 3], 1);
                 let y = conv_transpose3d(rank::<D, 5>(x), rank::<D, 5>(w), b, o);
                 rank::<5, D>(y)
             }
@@ -154,14 +160,40 @@ impl<const D: usize> UpConv<D> {
     }
 }
 
-/// 2^n max pooling with stride 2. burn has no 3D max pool, so depth pairs are folded into a
-/// trailing axis and reduced with `max_dim` after a 2D pool over (H, W).
-pub fn max_pool<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if crate::kernel::supported(&x) {
-        return crate::kernel::max_pool2x(x);
-    }
+/// Whether `factor` doubles (or halves) every spatial axis of a rank-`D` tensor.
+fn doubles<const D: usize>(factor: [usize; 3]) -> bool {
+    factor[5 - D..].iter().all(|&f| f == 2)
+}
+
+/// A 3D tensor viewed as 2D planes (N, C·Z, H, W), for in-plane-only factors `[1, 2, 2]`,
+/// which our 2D kernels then take; `None` for any other case.
+fn planes<const D: usize>(x: &Tensor<D>, factor: [usize; 3]) -> Option<Tensor<4>> {
     let d = x.dims();
-    let opts = MaxPoolOptions::new([2, 2]);
+    (D == 5 && factor == [1, 2, 2]).then(|| x.clone().reshape([d[0], d[1] * d[2], d[3], d[4]]))
+}
+
+/// 2^n max pooling with stride 2 (see [`max_pool_by`]).
+pub fn max_pool<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    max_pool_by(x, [2; 3])
+}
+
+/// Max pooling with kernel = stride = `factor` per axis `[z, y, x]` (z unused in 2D; an odd
+/// remainder is dropped, as PyTorch does). Our kernel where it applies (2 on every axis, or
+/// in-plane only on 3D as 2D planes); otherwise burn's 2D pool, with the depth pairs of 3D
+/// volumes folded into a trailing axis and reduced by `max_dim` (burn has no 3D max pool).
+pub fn max_pool_by<const D: usize>(x: Tensor<D>, factor: [usize; 3]) -> Tensor<D> {
+    let d = x.dims();
+    if crate::kernel::supported(&x) {
+        if doubles::<D>(factor) {
+            return crate::kernel::max_pool2x(x);
+        }
+        if let Some(p) = planes(&x, factor) {
+            let y = crate::kernel::max_pool2x(p);
+            return y.reshape(same::<5, D>([d[0], d[1], d[2], d[3] / 2, d[4] / 2]));
+        }
+    }
+    let [fz, fy, fx] = factor;
+    let opts = MaxPoolOptions::new([fy, fx]);
     match D {
         4 => {
             let y = max_pool2d(rank::<D, 4>(x), opts);
@@ -170,7 +202,10 @@ pub fn max_pool<const D: usize>(x: Tensor<D>) -> Tensor<D> {
         _ => {
             let (n, c, z, h, w) = (d[0], d[1], d[2], d[3], d[4]);
             let y = max_pool2d(x.reshape([n, c * z, h, w]), opts);
-            let (h2, w2) = (h / 2, w / 2);
+            let (h2, w2) = (h / fy, w / fx);
+            if fz == 1 {
+                return y.reshape(same::<5, D>([n, c, z, h2, w2]));
+            }
             let y = y.reshape([n * c * (z / 2), 2, h2 * w2]).max_dim(1);
             y.reshape(same::<5, D>([n, c, z / 2, h2, w2]))
         }
@@ -184,30 +219,51 @@ pub fn max_pool_3x3<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     rank::<4, D>(y)
 }
 
-/// x2 up-sampling: (bi/tri)linear, or nearest (smp's default). 2D uses burn's kernels; the depth
-/// axis of 3D volumes is up-sampled here, with the fixed 0.25/0.75 weights that
-/// align_corners=false gives at scale 2 (linear) or by repeating slices (nearest).
+/// x2 up-sampling (see [`upsample_by`]).
 pub fn upsample<const D: usize>(x: Tensor<D>, nearest: bool, align_corners: bool) -> Tensor<D> {
-    if !nearest && !align_corners && crate::kernel::supported(&x) {
-        return crate::kernel::upsample2x(x);
-    }
+    upsample_by(x, nearest, align_corners, [2; 3])
+}
+
+/// Up-sampling by `factor` (1 or 2) per axis `[z, y, x]` (z unused in 2D): (bi/tri)linear, or
+/// nearest (smp's default). Our kernel where it applies (linear, align_corners = false, 2 on
+/// every axis or in-plane only on 3D as 2D planes); otherwise burn's 2D interpolation of each
+/// (H, W) plane, and the depth axis of 3D volumes up-sampled here, with the fixed 0.25/0.75
+/// weights that align_corners=false gives at scale 2 (linear) or by repeating slices (nearest).
+pub fn upsample_by<const D: usize>(x: Tensor<D>, nearest: bool, align_corners: bool, factor: [usize; 3]) -> Tensor<D> {
     let d = x.dims();
-    let opts = |h: usize, w: usize| {
+    if !nearest && !align_corners && crate::kernel::supported(&x) {
+        if doubles::<D>(factor) {
+            return crate::kernel::upsample2x(x);
+        }
+        if let Some(p) = planes(&x, factor) {
+            let y = crate::kernel::upsample2x(p);
+            return y.reshape(same::<5, D>([d[0], d[1], d[2], 2 * d[3], 2 * d[4]]));
+        }
+    }
+    let [fz, fy, fx] = factor;
+    let interp = |x: Tensor<4>, h: usize, w: usize| {
+        if (fy, fx) == (1, 1) {
+            return x;
+        }
         let mode = if nearest { InterpolateMode::Nearest } else { InterpolateMode::Bilinear };
-        InterpolateOptions::new(mode).with_align_corners(align_corners).with_output_size([2 * h, 2 * w])
+        let opts = InterpolateOptions::new(mode).with_align_corners(align_corners).with_output_size([fy * h, fx * w]);
+        interpolate(x, opts)
     };
     match D {
         4 => {
-            let y = interpolate(rank::<D, 4>(x), opts(d[2], d[3]));
+            let y = interp(rank::<D, 4>(x), d[2], d[3]);
             rank::<4, D>(y)
         }
         _ => {
             let (n, c, z, h, w) = (d[0], d[1], d[2], d[3], d[4]);
-            let y = interpolate(x.reshape([n, c * z, h, w]), opts(h, w));
-            let y: Tensor<5> = y.reshape([n, c, z, 2 * h, 2 * w]);
+            let (h, w) = (fy * h, fx * w);
+            let y: Tensor<5> = interp(x.reshape([n, c * z, d[3], d[4]]), d[3], d[4]).reshape([n, c, z, h, w]);
+            if fz == 1 {
+                return y.reshape(same::<5, D>([n, c, z, h, w]));
+            }
             if nearest {
                 let y: Tensor<6> = Tensor::stack(vec![y.clone(), y], 3);
-                return y.reshape(same::<5, D>([n, c, 2 * z, 2 * h, 2 * w]));
+                return y.reshape(same::<5, D>([n, c, 2 * z, h, w]));
             }
             // Neighbours along depth, edge-clamped.
             let (prev, next) = if z == 1 {
@@ -221,30 +277,31 @@ pub fn upsample<const D: usize>(x: Tensor<D>, nearest: bool, align_corners: bool
             let even = y.clone().mul_scalar(0.75) + prev.mul_scalar(0.25);
             let odd = y.mul_scalar(0.75) + next.mul_scalar(0.25);
             let y: Tensor<6> = Tensor::stack(vec![even, odd], 3);
-            y.reshape(same::<5, D>([n, c, 2 * z, 2 * h, 2 * w]))
+            y.reshape(same::<5, D>([n, c, 2 * z, h, w]))
         }
     }
 }
 
 /// An input of a layer, concatenated with the others along channels: at the output's size, or
-/// at half of it and entering as its 2x linear up-sampling (align_corners = false), which the
+/// at that size divided by a factor per axis `[z, y, x]` (the level's pooling: 2 on every axis
+/// in the paper) and entering as its linear up-sampling (align_corners = false), which the
 /// kernel may do as it reads it: eq. 1's U(x^{i+1,j-1}), the tensor from below taken at its own
 /// size as MONAI's `UpCat` takes it.
 pub enum Part<const D: usize> {
     Same(Tensor<D>),
-    Half(Tensor<D>),
+    Half(Tensor<D>, [usize; 3]),
 }
 
 impl<const D: usize> Part<D> {
     fn tensor(&self) -> &Tensor<D> {
         match self {
-            Part::Same(x) | Part::Half(x) => x,
+            Part::Same(x) | Part::Half(x, _) => x,
         }
     }
 
     fn into_tensor(self) -> Tensor<D> {
         match self {
-            Part::Same(x) | Part::Half(x) => x,
+            Part::Same(x) | Part::Half(x, _) => x,
         }
     }
 
@@ -252,16 +309,17 @@ impl<const D: usize> Part<D> {
     fn full(self) -> Tensor<D> {
         match self {
             Part::Same(x) => x,
-            Part::Half(x) => upsample(x, false, false),
+            Part::Half(x, factor) => upsample_by(x, false, false, factor),
         }
     }
 }
 
-/// Where a layer's output goes: stored; stored and 2x max-pooled (an encoder node's output, and
-/// D of it for the node below); or only into a head, when nothing else reads it.
+/// Where a layer's output goes: stored; stored and max-pooled by the next level's factor per
+/// axis (an encoder node's output, and D of it for the node below); or only into a head, when
+/// nothing else reads it.
 pub enum Sink<'a, const D: usize> {
     Store,
-    Pool,
+    Pool([usize; 3]),
     Head(&'a Conv<D>),
 }
 
@@ -277,7 +335,7 @@ impl<const D: usize> Sink<'_, D> {
     fn take(self, y: Tensor<D>) -> Out<D> {
         match self {
             Sink::Store => Out::Stored(y),
-            Sink::Pool => Out::Pooled(y.clone(), max_pool(y)),
+            Sink::Pool(factor) => Out::Pooled(y.clone(), max_pool_by(y, factor)),
             Sink::Head(head) => Out::Head(head.forward(y)),
         }
     }
@@ -285,7 +343,7 @@ impl<const D: usize> Sink<'_, D> {
     fn for_kernel(self) -> kernel::Sink<D> {
         match self {
             Sink::Store => kernel::Sink::Store,
-            Sink::Pool => kernel::Sink::Pool,
+            Sink::Pool(_) => kernel::Sink::Pool,
             Sink::Head(head) => kernel::Sink::Head(head.weight.val(), head.bias_val()),
         }
     }
@@ -329,13 +387,23 @@ impl<const D: usize> Block<D> {
     /// convolution directly (BatchNorm folded or absent, no dropout) and the kernel takes the
     /// layer whole (`kernel::fuses`: Flex inference, 2D, the Winograd path), a half-size part is
     /// up-sampled as it is read and the output pooled or summed into the head as it is stored;
-    /// everywhere else (training, 3D, other backends) the layer is composed of its operations.
+    /// everywhere else (training, 3D, other backends, and levels whose factor is not 2 on every
+    /// axis, which the fused kernel assumes) the layer is composed of its operations.
     fn layer(&self, conv: &Conv<D>, norm: &Option<BatchNorm>, parts: Vec<Part<D>>, sink: Sink<'_, D>) -> Out<D> {
-        let half = matches!(parts.last(), Some(Part::Half(_)));
+        let up = match parts.last() {
+            Some(Part::Half(_, factor)) => Some(*factor),
+            _ => None,
+        };
+        let half = up.is_some();
+        let pool = match sink {
+            Sink::Pool(factor) => Some(factor),
+            _ => None,
+        };
         let xs: Vec<&Tensor<D>> = parts.iter().map(Part::tensor).collect();
         let head = sink.head();
         let fused = norm.is_none()
             && self.dropout.is_none()
+            && up.into_iter().chain(pool).all(doubles::<D>)
             && parts.iter().rev().skip(1).all(|p| matches!(p, Part::Same(_)))
             && conv.stride == 1
             && head.is_none_or(|h| h.stride == 1)

@@ -2,8 +2,8 @@
 //! skip pathway), eq. 1 of the paper:
 //!
 //! ```text
-//! x^{i,0} = H(D(x^{i-1,0}))                                  (D: 2x max pooling)
-//! x^{i,j} = H([x^{i,0}, ..., x^{i,j-1}, U(x^{i+1,j-1})])      (UNet++; U: 2x up-sampling)
+//! x^{i,0} = H(D(x^{i-1,0}))                                  (D: max pooling by level i's factor)
+//! x^{i,j} = H([x^{i,0}, ..., x^{i,j-1}, U(x^{i+1,j-1})])      (UNet++; U: up-sampling by it)
 //! x^{i,j} = H([x^{i,0}, U(x^{i+1,j-1})]),  only where i+j = L (U-Net)
 //! ```
 //!
@@ -22,14 +22,16 @@
 pub mod layers;
 mod names;
 pub mod plan;
+mod pooling;
 pub mod resnet;
 
 use burn::module::Module;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use layers::{Block, Conv, Out, Part, Sink, UpConv, upsample};
+use layers::{Block, Conv, Out, Part, Sink, UpConv, upsample_by};
 use plan::{Output, Step};
+pub use pooling::Pooling;
 use resnet::ResNet;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,11 +212,7 @@ impl ModelConfig {
             self.decoder_channels
         );
         ensure!(self.head_kernel % 2 == 1, "head_kernel must be odd, got {}", self.head_kernel);
-        ensure!(
-            self.pool.iter().all(|p| p.iter().all(|&f| f == 2)),
-            "per-axis pooling other than 2 on every axis is not implemented yet, got pool {:?}",
-            self.pool
-        );
+        self.validate_pool()?;
         if self.encoder != Encoder::Plain {
             ensure!(
                 self.dims == 2 && self.preset == Preset::Modern,
@@ -269,29 +267,34 @@ impl ModelConfig {
         self.parameters_estimate() + if self.encoder == Encoder::Plain { 0.0 } else { 23.5e6 }
     }
 
-    /// A patch or window must be a positive multiple of 2^depth on every spatial axis: the model
-    /// halves it `depth` times, and inference would otherwise silently round it.
+    /// A patch or window must be a positive multiple of the model's total down-sampling
+    /// (`scale(depth)`, 2^depth on every pooled axis) on every spatial axis: the model divides
+    /// it `depth` times, and inference would otherwise silently round it.
     pub fn check_size(&self, size: [usize; 3], option: &str) -> anyhow::Result<()> {
-        let cfg = self;
-        let m = 1usize << cfg.depth.min(20);
-        let axes = &size[3 - cfg.dims.clamp(2, 3)..];
-        if axes.iter().all(|&v| v >= m && v % m == 0) {
+        let dims = self.dims.clamp(2, 3);
+        let m = self.scale(self.depth.min(5));
+        let axes = 3 - dims..3;
+        if axes.clone().all(|a| size[a] >= m[a] && size[a].is_multiple_of(m[a])) {
             return Ok(());
         }
-        let fix: Vec<String> = axes.iter().map(|&v| (v.div_ceil(m).max(1) * m).to_string()).collect();
-        let given = fmt_size(size, cfg.dims.clamp(2, 3));
+        let fix: [usize; 3] = std::array::from_fn(|a| size[a].div_ceil(m[a]).max(1) * m[a]);
+        let given = fmt_size(size, dims);
+        let why = if self.isotropic() {
+            format!("2^depth = {} (--depth {})", m[2], self.depth)
+        } else {
+            format!("{} per axis (--depth {}, --pool {})", fmt_size(m, dims), self.depth, Pooling(self.pool.clone()))
+        };
         anyhow::bail!(
-            "{option} {given}: {} size {given} must be divisible by 2^depth = {m} (--depth {}) and at least {m} on \
-             every axis, e.g. {option} {}",
+            "{option} {given}: {} size {given} must be divisible by {why} and at least that on every axis, e.g. \
+             {option} {}",
             option.trim_start_matches('-'),
-            cfg.depth,
-            fix.join(",")
+            fmt_size(fix, dims)
         )
     }
 
     /// Rough bytes one training step takes on a batch of `batch` patches of `voxels` voxels.
     ///
-    /// Per sample, every node X^{i,j} at level i (voxels / 2^(dims i) positions) keeps for the
+    /// Per sample, every node X^{i,j} at level i (voxels / [`Self::reduction`] positions) keeps for the
     /// backward pass its concatenated input and about [`TRAIN_TENSORS_PER_NODE`] tensors of its
     /// own width (two convolutions, two norms, two activations); each head keeps its logits,
     /// probabilities and loss terms. Gradients of these live only while the backward pass
@@ -304,7 +307,7 @@ impl ModelConfig {
         let per_sample: f64 = self
             .nodes()
             .map(|(i, j)| {
-                let at_level = voxels as f64 / 2f64.powi((self.dims * i) as i32);
+                let at_level = voxels as f64 / self.reduction(i);
                 (self.node_inputs(i, j) as f64 + TRAIN_TENSORS_PER_NODE * self.node_width(i, j) as f64) * at_level
             })
             .sum::<f64>()
@@ -316,7 +319,7 @@ impl ModelConfig {
     /// can be held until the last node reads it, plus the largest node's input and output in
     /// flight, plus the weights.
     pub fn inference_bytes(&self, voxels: usize) -> f64 {
-        let at_level = |i: usize| voxels as f64 / 2f64.powi((self.dims * i) as i32);
+        let at_level = |i: usize| voxels as f64 / self.reduction(i);
         let held: f64 = self.nodes().map(|(i, j)| self.node_width(i, j) as f64 * at_level(i)).sum();
         let peak = self
             .nodes()
@@ -387,7 +390,8 @@ impl ModelConfig {
                 (0..=self.depth - i)
                     .map(|j| {
                         (self.has_node(i, j) && (plain || j > 0)).then(|| Node {
-                            up: (paper && j > 0).then(|| UpConv::new(self.filters(i + 1), self.filters(i), device)),
+                            up: (paper && j > 0)
+                                .then(|| UpConv::new(self.filters(i + 1), self.filters(i), self.factor(i + 1), device)),
                             block: Block::new(
                                 self.node_inputs(i, j),
                                 self.node_width(i, j),
@@ -501,12 +505,12 @@ impl<const D: usize> UNetPP<D> {
                     .lateral_inputs(i, j)
                     .iter()
                     .map(|&k| Part::Same(stored(&out, i, k)))
-                    .chain([self.up(node, stored(&out, i + 1, j - 1))])
+                    .chain([self.up(node, stored(&out, i + 1, j - 1), cfg.factor(i + 1))])
                     .collect(),
             };
             let sink = match output {
                 Output::Stored => Sink::Store,
-                Output::Pooled => Sink::Pool,
+                Output::Pooled => Sink::Pool(cfg.factor(i + 1)),
                 Output::Head(h) => Sink::Head(&self.heads[h]),
             };
             match node.block.forward(parts, sink) {
@@ -526,15 +530,17 @@ impl<const D: usize> UNetPP<D> {
         GridOutput { heads, nodes_evaluated: plan.len() }
     }
 
-    /// U in eq. 1, X^{i+1,j-1} as node X^{i,j} reads it: the paper preset's learned transposed
-    /// convolution, nearest or align-corners up-sampling done here, or the default linear
-    /// up-sampling left to the node as a half-size part.
-    fn up(&self, node: &Node<D>, below: Tensor<D>) -> Part<D> {
+    /// U in eq. 1, X^{i+1,j-1} as node X^{i,j} reads it, up-sampled by level i+1's `factor`:
+    /// the paper preset's learned transposed convolution, nearest or align-corners up-sampling
+    /// done here, or the default linear up-sampling left to the node as a reduced-size part.
+    fn up(&self, node: &Node<D>, below: Tensor<D>, factor: [usize; 3]) -> Part<D> {
         let cfg = self.config();
         match &node.up {
             Some(up) => Part::Same(up.forward(below)),
-            None if cfg.nearest || cfg.align_corners => Part::Same(upsample(below, cfg.nearest, cfg.align_corners)),
-            None => Part::Half(below),
+            None if cfg.nearest || cfg.align_corners => {
+                Part::Same(upsample_by(below, cfg.nearest, cfg.align_corners, factor))
+            }
+            None => Part::Half(below, factor),
         }
     }
 
@@ -619,7 +625,8 @@ impl<const D: usize> UNetPP<D> {
         } else {
             (0..level).rev().map(|i| cfg.node_width(i, level - i)).collect()
         };
-        let config = ModelConfig { depth: level, deep_supervision: false, decoder_channels, ..cfg };
+        let pool = cfg.pool.iter().take(level).copied().collect();
+        let config = ModelConfig { depth: level, deep_supervision: false, decoder_channels, pool, ..cfg };
         let encoder = self.encoder.map(|e| e.truncate(level));
         Ok(UNetPP { encoder, grid, heads: vec![head], config })
     }
@@ -629,5 +636,7 @@ pub fn to_probs<const D: usize>(logits: Tensor<D>, classes: usize) -> Tensor<D> 
     if classes == 1 { crate::kernel::sigmoid(logits) } else { burn::tensor::activation::softmax(logits, 1) }
 }
 
+#[cfg(test)]
+mod aniso_tests;
 #[cfg(test)]
 mod tests;

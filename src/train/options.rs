@@ -29,7 +29,8 @@ pub struct ModelOptions {
     /// Default 1 (binary), or the labels an nnU-Net data set's dataset.json names.
     pub classes: Option<usize>,
     pub no_deep_supervision: bool,
-    /// Pooling per level and axis (`ModelConfig::pool`); default 2 on every axis. A plan's.
+    /// Pooling per level and axis (`ModelConfig::pool`; `--pool` or a plan's); default 2 on every
+    /// axis (empty).
     pub pool: Option<Vec<[usize; 3]>>,
 }
 
