@@ -223,6 +223,110 @@ mod tests {
         assert_eq!(window([70, 64, 64], [50, 128, 128], 16, 3), [48, 64, 64]);
     }
 
+    fn refs() -> serde_json::Value {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/window_refs.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// scripts/window_refs.py: nnU-Net's compute_steps_for_sliding_window.
+    #[test]
+    fn steps_match_nnunet() {
+        let refs = refs();
+        let cases = refs["steps"].as_array().unwrap();
+        assert!(cases.len() >= 10);
+        for c in cases {
+            let (len, tile, overlap) = (c["len"].as_u64().unwrap(), c["tile"].as_u64().unwrap(), c["overlap"].as_f64());
+            let want: Vec<usize> = serde_json::from_value(c["steps"].clone()).unwrap();
+            assert_eq!(steps(len as usize, tile as usize, overlap.unwrap()), want, "{c}");
+        }
+    }
+
+    /// scripts/window_refs.py: nnU-Net's compute_gaussian (scipy's gaussian_filter).
+    #[test]
+    fn gaussian_matches_nnunet() {
+        let refs = refs();
+        for g in refs["gaussians"].as_array().unwrap() {
+            let tile: [usize; 3] = serde_json::from_value(g["tile"].clone()).unwrap();
+            let want: Vec<f64> = serde_json::from_value(g["map"].clone()).unwrap();
+            let got = gaussian(tile);
+            assert_eq!(got.len(), want.len());
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!((*a as f64 - b).abs() <= 1e-6 * b.max(1e-3), "{tile:?} voxel {i}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// A pointwise "model" (each voxel's output depends on its own input only): stitching must
+    /// give the same function whatever the windows, so any misplaced or mis-weighted window shows.
+    fn pointwise(image: &[f32], shape: [usize; 3], win: [usize; 3], overlap: f64, batch: usize) -> Vec<f32> {
+        let wn = win.iter().product::<usize>();
+        let out = stitch(shape, win, overlap, 2, batch, |origins| {
+            let mut probs = vec![];
+            for o in origins {
+                let mut planes = vec![9.0f32; 2 * wn]; // padding past the input's end must be dropped
+                for z in 0..win[0] {
+                    for y in 0..win[1] {
+                        for x in 0..win[2] {
+                            let (sz, sy, sx) = (o[0] + z, o[1] + y, o[2] + x);
+                            if sz < shape[0] && sy < shape[1] && sx < shape[2] {
+                                let v = image[(sz * shape[1] + sy) * shape[2] + sx];
+                                let i = (z * win[1] + y) * win[2] + x;
+                                (planes[i], planes[wn + i]) = (v, 1.0 - v * v);
+                            }
+                        }
+                    }
+                }
+                probs.extend(planes);
+            }
+            Ok(vec![probs])
+        });
+        out.unwrap().remove(0)
+    }
+
+    #[test]
+    fn stitching_a_pointwise_model_does_not_depend_on_the_windows() {
+        let shape = [19, 45, 37];
+        let n = shape.iter().product::<usize>();
+        let image: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 1000.0).sin()).collect();
+        let whole = pointwise(&image, shape, [32, 48, 48], 0.5, 1);
+        let expect: Vec<f32> = image.iter().map(|&v| v).chain(image.iter().map(|&v| 1.0 - v * v)).collect();
+        assert_eq!(whole, expect, "one window is copied as it comes");
+        for (win, overlap, batch) in [([8, 16, 16], 0.5, 3), ([16, 32, 24], 0.25, 1), ([4, 8, 8], 0.0, 4)] {
+            assert!(origins(shape, win, overlap).len() > 4);
+            let tiled = pointwise(&image, shape, win, overlap, batch);
+            let worst = tiled.iter().zip(&expect).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(worst <= 1e-5, "{win:?} overlap {overlap}: off by {worst}");
+        }
+        assert_eq!(pointwise(&image, shape, [8, 16, 16], 0.5, 1), pointwise(&image, shape, [8, 16, 16], 0.5, 5));
+    }
+
+    #[test]
+    fn overlapping_windows_are_weighted_by_the_gaussian() {
+        // Windows of 8 at 0 and 4 over 12 voxels, predicting 1 and 0 everywhere: where both
+        // overlap, voxel x gets g(x) / (g(x) + g(x - 4)) with g(i) = exp(-(i - 4)^2 / 2), sigma 1.
+        let out = stitch([1, 1, 12], [1, 1, 8], 0.5, 1, 2, |origins| {
+            Ok(vec![origins.iter().flat_map(|o| [if o[2] == 0 { 1.0 } else { 0.0 }; 8]).collect()])
+        })
+        .unwrap()
+        .remove(0);
+        let g = |i: f64| (-(i - 4.0) * (i - 4.0) / 2.0).exp();
+        for x in 0..12 {
+            let want = match x {
+                0..4 => 1.0,
+                4..8 => g(x as f64) / (g(x as f64) + g(x as f64 - 4.0)),
+                _ => 0.0,
+            };
+            assert!((out[x] as f64 - want).abs() < 1e-6, "voxel {x}: {} vs {want}", out[x]);
+        }
+        assert!(out[5] > 0.98 && out[7] < 0.02 && (out[6] - 0.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_uniform_model_gives_a_uniform_output() {
+        let out = stitch([10, 30, 50], [8, 16, 16], 0.5, 1, 3, |o| Ok(vec![vec![0.3; o.len() * 8 * 16 * 16]])).unwrap();
+        assert!(out[0].iter().all(|v| (v - 0.3).abs() < 1e-6));
+    }
+
     #[test]
     fn gaussian_peaks_at_the_centre_and_has_no_zeros() {
         let g = gaussian([1, 8, 6]);
