@@ -99,16 +99,6 @@ pub fn mean(members: impl IntoIterator<Item = anyhow::Result<Vec<Vec<f32>>>>) ->
     Ok(sum)
 }
 
-/// The file a one-line description of the ensemble names: the checkpoint itself, or the
-/// first with a count.
-pub fn describe(checkpoints: &[PathBuf]) -> String {
-    match checkpoints {
-        [one] => one.display().to_string(),
-        [first, ..] => format!("{} and {} more", first.display(), checkpoints.len() - 1),
-        [] => String::new(),
-    }
-}
-
 /// The first checkpoint, beside which the post-processing decision and report are looked for.
 pub fn first(checkpoints: &[PathBuf]) -> &Path {
     checkpoints.first().map(PathBuf::as_path).unwrap_or(Path::new(""))

@@ -289,7 +289,7 @@ mod tests {
         let n = shape.iter().product::<usize>();
         let image: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 1000.0).sin()).collect();
         let whole = pointwise(&image, shape, [32, 48, 48], 0.5, 1);
-        let expect: Vec<f32> = image.iter().map(|&v| v).chain(image.iter().map(|&v| 1.0 - v * v)).collect();
+        let expect: Vec<f32> = image.iter().copied().chain(image.iter().map(|&v| 1.0 - v * v)).collect();
         assert_eq!(whole, expect, "one window is copied as it comes");
         for (win, overlap, batch) in [([8, 16, 16], 0.5, 3), ([16, 32, 24], 0.25, 1), ([4, 8, 8], 0.0, 4)] {
             assert!(origins(shape, win, overlap).len() > 4);
@@ -310,13 +310,13 @@ mod tests {
         .unwrap()
         .remove(0);
         let g = |i: f64| (-(i - 4.0) * (i - 4.0) / 2.0).exp();
-        for x in 0..12 {
+        for (x, &got) in out.iter().enumerate() {
             let want = match x {
                 0..4 => 1.0,
                 4..8 => g(x as f64) / (g(x as f64) + g(x as f64 - 4.0)),
                 _ => 0.0,
             };
-            assert!((out[x] as f64 - want).abs() < 1e-6, "voxel {x}: {} vs {want}", out[x]);
+            assert!((got as f64 - want).abs() < 1e-6, "voxel {x}: {got} vs {want}");
         }
         assert!(out[5] > 0.98 && out[7] < 0.02 && (out[6] - 0.5).abs() < 1e-6);
     }
