@@ -3,45 +3,17 @@
 //! scripts/window_refs.py). Models are freshly initialised (width 4, depth 2): what is checked is
 //! how predictions are combined, which needs no training.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::prelude::*;
+use common::{fails, fails_with, ok, s, samples};
 use unetpp::checkpoint::{self, Meta};
 use unetpp::data::{DataConfig, Normalize, Sample};
 use unetpp::infer::{self, Sliding};
 use unetpp::model::{Arch, Mode, ModelConfig, Preset, UNetPP};
-
-fn unetpp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = unetpp(args);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "unetpp {args:?} failed:\n{text}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command that must fail cleanly (exit 1, not a panic) with `needles` in its message.
-fn fails(args: &[&str], needles: &[&str]) {
-    let out = unetpp(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "unetpp {args:?} should fail with exit 1, stderr:\n{err}");
-    assert!(!err.contains("panicked"), "panic instead of an error:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks `{n}`:\n{err}");
-    }
-}
-
-fn samples(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("samples").join(name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn config(dims: usize, classes: usize) -> ModelConfig {
     ModelConfig { width: 4, dims, classes, ..ModelConfig::new(Arch::Unetpp, Preset::Modern, 2) }
@@ -277,8 +249,8 @@ fn bad_ensembles_and_options_are_named() {
     predict(s(&a), &["--window-batch", "0"], &["--window-batch 0"]);
     predict(s(&a), &["--mode", "fast:7"], &["fast:7"]);
     assert!(!out.exists(), "nothing written before the checks");
-    let conflict = unetpp(&["predict", "--checkpoint", s(&a), "--input", s(&input), "--out", "x", "--tta", "--no-tta"]);
-    assert!(!conflict.status.success() && String::from_utf8_lossy(&conflict.stderr).contains("--no-tta"));
+    let both = ["predict", "--checkpoint", s(&a), "--input", s(&input), "--out", s(&out), "--tta", "--no-tta"];
+    fails_with(&both, 2, &["--no-tta"]);
     let help = ok(&["predict", "--help"]);
     assert!(help.contains("8x") && help.contains("--overlap") && help.contains("--window-batch"), "{help}");
 }
