@@ -3,7 +3,6 @@
 mod common;
 use common::*;
 
-
 /// Each name picks its model: the parameter counts `info` prints differ between the choices
 /// (the same counts the build before the change printed, which parsed through clap's derive).
 #[test]
