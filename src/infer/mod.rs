@@ -5,6 +5,7 @@
 
 pub mod by_label;
 pub mod ensemble;
+pub mod shard;
 pub mod tta;
 pub mod window;
 pub mod writer;
