@@ -56,6 +56,12 @@ pub struct InferOptions {
     pub nsd_tolerance: Option<f64>,
     /// What a label absent on both sides scores in `eval`; default [`crate::metrics::Empty::One`].
     pub empty: Option<crate::metrics::Empty>,
+    /// Share of a window its neighbour overlaps; default [`infer::window::DEFAULT_OVERLAP`].
+    pub overlap: Option<f64>,
+    /// Mirroring test-time augmentation; default on for 3D models, off for 2D.
+    pub tta: Option<bool>,
+    /// Windows per model pass; default [`infer::window::auto_batch`].
+    pub window_batch: Option<usize>,
 }
 
 impl InferOptions {
@@ -76,8 +82,27 @@ impl InferOptions {
         self.tile.unwrap_or(default_tile(cfg))
     }
 
+    /// How windows slide over inputs for the model `cfg` describes.
+    pub fn sliding(&self, cfg: &ModelConfig) -> infer::Sliding {
+        infer::Sliding {
+            tile: self.tile(cfg),
+            overlap: self.overlap.unwrap_or(infer::window::DEFAULT_OVERLAP),
+            tta: self.tta.unwrap_or(cfg.dims == 3),
+            batch: self.window_batch,
+        }
+    }
+
     pub fn validate(&self, cfg: &ModelConfig) -> anyhow::Result<()> {
         self.metrics().validate()?;
+        infer::window::check_overlap(self.overlap.unwrap_or(infer::window::DEFAULT_OVERLAP))?;
+        if let Some(b) = self.window_batch {
+            anyhow::ensure!(b >= 1, "--window-batch 0: must be at least 1 (windows per model pass)");
+            let [d, h, w] = self.tile(cfg);
+            let voxels = h * w * if cfg.dims == 3 { d } else { 1 };
+            crate::limits::ensure_memory(b as f64 * cfg.inference_bytes(voxels), || {
+                format!("--window-batch {b} with windows of {}", crate::model::fmt_size(self.tile(cfg), cfg.dims))
+            })?;
+        }
         if let Mode::Fast(l) = self.mode() {
             let heads = cfg.head_columns();
             let allowed: Vec<String> = heads.iter().map(|j| format!("fast:{j}")).collect();
@@ -103,30 +128,63 @@ impl InferOptions {
     }
 }
 
-/// Evaluates a checkpoint on `data` (its `test/` split when it has one); writes `scores.csv`,
-/// `summary.json`, overlays and `report.html` into `out`.
-pub fn eval(ck: &Path, data_dir: &Path, out: &Path, opts: &InferOptions, skip_bad: bool) -> anyhow::Result<Summary> {
-    let meta = checkpoint::read_meta(ck)?;
-    meta.model.validate().with_context(|| format!("checkpoint {}", ck.display()))?;
-    opts.validate(&meta.model)?;
+/// Evaluates a checkpoint, or the ensemble of several (their mean probabilities), on `data`
+/// (its `test/` split when it has one); writes `scores.csv`, `summary.json`, overlays and
+/// `report.html` into `out`. The post-processing decision beside the first checkpoint applies.
+pub fn eval(
+    cks: &[PathBuf],
+    data_dir: &Path,
+    out: &Path,
+    opts: &InferOptions,
+    skip_bad: bool,
+) -> anyhow::Result<Summary> {
+    let cks = &expand_checkpoints(cks)?;
+    let meta = validate_members(cks, opts)?;
+    let ck = infer::ensemble::first(cks);
     let splits = Splits::find(data_dir)?;
     let dir =
         splits.test.or(splits.val).context("no test/ or val/ split (nnU-Net: imagesTs/ with labelsTs/) to evaluate")?;
     let images: Vec<PathBuf> = data::pairs(&dir, true)?.into_iter().map(|p| p.image).collect();
     data::ensure_dims(&images, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
-    crate::for_rank!(meta.model.dims, eval_d(ck, data_dir, out, opts, skip_bad))
+    crate::for_rank!(meta.model.dims, eval_d(cks, data_dir, out, opts, skip_bad))
+}
+
+/// The checkpoints a `--checkpoint` list names: a k-fold run directory (`train --folds`) stands
+/// for its folds' best checkpoints, an ensemble, as nnU-Net predicts with every fold.
+pub fn expand_checkpoints(cks: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut all = vec![];
+    for ck in cks {
+        if ck.is_dir() && crate::train::folds::is_folds_run(ck) {
+            all.extend(crate::train::folds::checkpoints(ck)?);
+        } else {
+            all.push(ck.clone());
+        }
+    }
+    Ok(all)
+}
+
+/// The ensemble's common metadata ([`infer::ensemble::read_meta`]) once `opts` suit every member.
+fn validate_members(cks: &[PathBuf], opts: &InferOptions) -> anyhow::Result<Meta> {
+    let meta = infer::ensemble::read_meta(cks)?;
+    for ck in cks {
+        let m = checkpoint::read_meta(ck)?;
+        let checked = opts.validate(&m.model);
+        // Naming the member only helps where there are several.
+        if cks.len() > 1 { checked.with_context(|| format!("checkpoint {}", ck.display()))? } else { checked? }
+    }
+    Ok(meta)
 }
 
 fn eval_d<const D: usize>(
-    ck: &Path,
+    cks: &[PathBuf],
     data_dir: &Path,
     out: &Path,
     opts: &InferOptions,
     skip_bad: bool,
 ) -> anyhow::Result<Summary> {
     let device = opts.backend.device();
-    let (model, meta) = checkpoint::load::<D>(ck, &device)?;
-    let model = model.fold_batchnorm();
+    let ck = infer::ensemble::first(cks);
+    let (models, meta) = infer::ensemble::load::<D>(cks, &device)?;
     let postprocess = crate::postprocess::Decision::load_beside(ck, meta.model.classes)?;
     let splits = Splits::find(data_dir)?;
     let dir =
@@ -135,7 +193,7 @@ fn eval_d<const D: usize>(
     let samples = data::load(&dir, &meta.data, true, skip_bad)?;
     let overlays = out.join("overlays");
     std::fs::create_dir_all(&overlays).with_context(|| format!("cannot create {}", overlays.display()))?;
-    let tile = opts.tile(&meta.model);
+    let sliding = opts.sliding(&meta.model);
     let pp_file = postprocess.as_ref().map(|_| crate::postprocess::beside(ck));
     if let Some(f) = &pp_file {
         eprintln!("applying the post-processing decided in {}", f.display());
@@ -143,9 +201,9 @@ fn eval_d<const D: usize>(
     let scoring = infer::Scoring { metrics: opts.metrics(), postprocess, spacing: meta.data.spacing };
     let overlay = |s: &data::Sample, pred: &[u8]| writer::overlay(&overlays, s, pred);
     let (scores, mut summary) =
-        infer::evaluate_scored(&model, &samples, &[opts.mode()], tile, &device, overlay, &scoring)?.remove(0);
+        infer::evaluate_ensemble(&models, &samples, &[opts.mode()], &sliding, &device, overlay, &scoring)?.remove(0);
     summary.per_class = crate::infer::by_label::class_means(&scores, &crate::infer::by_label::class_names(&meta.data));
-    writer::scores(out, &scores, &summary, ck, pp_file.as_deref())?;
+    writer::scores(out, &scores, &summary, cks, pp_file.as_deref())?;
     crate::report::eval(out, ck)?;
     Ok(summary)
 }
@@ -173,24 +231,26 @@ pub struct PredictOptions {
     pub shard: Option<infer::shard::Shard>,
 }
 
-/// Predicts masks for one file or every image in a folder (or its `images/`); returns the files
-/// written. Refused before anything is written: an `out` that is the inputs' folder or the data's
+/// Predicts masks with a checkpoint, or the ensemble of several (their mean probabilities; the
+/// post-processing decision beside the first applies), for one file or every image in a folder
+/// (or its `images/`); returns the files written. Refused before anything is written: an `out`
+/// that is the inputs' folder or the data's
 /// ground truth, inputs whose outputs would share a name, and (unless `overwrite`) existing files
 /// in `out` that unetpp did not write; its own earlier predictions are replaced. The next case is
 /// read while the current one is computed.
 pub fn predict(
-    ck: &Path,
+    cks: &[PathBuf],
     input: &Path,
     out: &Path,
     opts: &InferOptions,
     p: &PredictOptions,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    let meta = checkpoint::read_meta(ck)?;
-    meta.model.validate().with_context(|| format!("checkpoint {}", ck.display()))?;
-    opts.validate(&meta.model)?;
+    let cks = &expand_checkpoints(cks)?;
+    let meta = validate_members(cks, opts)?;
+    let ck = infer::ensemble::first(cks);
     let inputs = Inputs::find(input, &meta.data)?;
     data::ensure_dims(&inputs.files, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
-    crate::for_rank!(meta.model.dims, predict_d(ck, &inputs, out, opts, p))
+    crate::for_rank!(meta.model.dims, predict_d(cks, &inputs, out, opts, p))
 }
 
 /// What `predict --input` names, listed once: the path as given, the folder the inputs are in,
@@ -233,15 +293,15 @@ impl Inputs {
 }
 
 fn predict_d<const D: usize>(
-    ck: &Path,
+    cks: &[PathBuf],
     inputs: &Inputs,
     out: &Path,
     opts: &InferOptions,
     p: &PredictOptions,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let device = opts.backend.device();
-    let (model, meta) = checkpoint::load::<D>(ck, &device)?;
-    let model = model.fold_batchnorm();
+    let ck = infer::ensemble::first(cks);
+    let (models, meta) = infer::ensemble::load::<D>(cks, &device)?;
     let postprocess = crate::postprocess::Decision::load_beside(ck, meta.model.classes)?;
     let Inputs { given, dir, files, cases } = inputs;
     // An nnU-Net case's outputs are named CASE.nii.gz, as nnU-Net names them.
@@ -253,7 +313,7 @@ fn predict_d<const D: usize>(
     let plan =
         crate::output::plan_predictions(given, dir, &names, out, meta.model.classes, p.probabilities, p.overwrite)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let tile = opts.tile(&meta.model);
+    let sliding = opts.sliding(&meta.model);
     if postprocess.is_some() {
         eprintln!("applying the post-processing decided in {}", crate::postprocess::beside(ck).display());
     }
@@ -293,7 +353,7 @@ fn predict_d<const D: usize>(
     let mut written = vec![];
     infer::read_ahead::for_each(todo, read, |(path, paths, s, start)| {
         let probs = on_input_grid(&s, meta.data.spacing, |r| {
-            Ok(vec![infer::probabilities(&model, r, opts.mode(), tile, &device)?])
+            infer::probabilities_with(&models, r, &[opts.mode()], &sliding, &device)
         })?
         .remove(0);
         let mut pred = infer::labels(&probs, meta.model.classes);

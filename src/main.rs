@@ -251,8 +251,10 @@ enum Command {
 /// What `eval` and `predict` share.
 #[derive(Args, Clone)]
 struct InferArgs {
-    #[arg(long)]
-    checkpoint: PathBuf,
+    /// A checkpoint, or several (repeat the flag or list them with commas) to average their
+    /// probabilities as an ensemble; the post-processing decision beside the first applies
+    #[arg(long, required = true, value_delimiter = ',')]
+    checkpoint: Vec<PathBuf>,
     #[arg(long)]
     out: PathBuf,
     /// `accurate` (mean of all heads, the default) or `fast:j` (head j, sub-network i+j' <= j only)
@@ -261,6 +263,20 @@ struct InferArgs {
     /// Sliding-window size for large inputs, e.g. 512 or 64,128,128
     #[arg(long, value_parser = patch::parse_size)]
     tile: Option<[usize; 3]>,
+    /// Share of a window its neighbour overlaps, in [0, 1) (default 0.5); windows are averaged
+    /// with nnU-Net's Gaussian weights. 0.25 takes about half the windows of 0.5 in 3D
+    #[arg(long)]
+    overlap: Option<f64>,
+    /// Mirror each window along every axis and average (on by default for 3D models): costs 4x
+    /// the forward passes in 2D, 8x in 3D
+    #[arg(long, conflicts_with = "no_tta")]
+    tta: bool,
+    /// No mirroring (the default for 2D models)
+    #[arg(long)]
+    no_tta: bool,
+    /// Windows per forward pass (default: as many as fit in half the free memory, at most 4)
+    #[arg(long)]
+    window_batch: Option<usize>,
     #[command(flatten)]
     backend: BackendArg,
 }
@@ -270,6 +286,15 @@ impl InferArgs {
         InferOptions {
             mode: self.mode,
             tile: self.tile,
+            overlap: self.overlap,
+            tta: if self.tta {
+                Some(true)
+            } else if self.no_tta {
+                Some(false)
+            } else {
+                None
+            },
+            window_batch: self.window_batch,
             backend: self.backend.backend.unwrap_or_default(),
             ..Default::default()
         }
@@ -497,7 +522,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CrossValidate { run, data, mode, tile, nsd_tolerance, empty, connectivity, skip_bad, backend } => {
             let backend = backend.backend.unwrap_or_default();
-            let opts = InferOptions { mode, tile, backend, nsd_tolerance, empty };
+            let opts = InferOptions { mode, tile, backend, nsd_tolerance, empty, ..Default::default() };
             let cv = unetpp::crossval::run(&run, data.as_deref(), &opts, connectivity, skip_bad)?;
             let (s, p) = (&cv.summary, &cv.postprocessed);
             println!(

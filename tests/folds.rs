@@ -292,3 +292,33 @@ fn a_split_that_no_longer_matches_the_data_is_an_error_naming_the_cases() {
     fails(&train_args(&data, &run, &[]), &["splits.json", "no longer has: c5"]);
     assert!(!run.join("folds.toml").exists() && !run.join("fold_0").exists(), "nothing written");
 }
+
+#[test]
+fn a_folds_run_as_checkpoint_is_the_ensemble_of_its_folds() {
+    let r = reference();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = r.data.join("val/images");
+    let folds: Vec<String> =
+        (0..3).map(|i| s(&r.run.join(format!("fold_{i}/checkpoints/best.unetpp"))).to_owned()).collect();
+    let (by_run, by_list) = (tmp.path().join("run"), tmp.path().join("list"));
+    let common = ["--input", s(&input), "--tile", "64", "--probabilities", "npy"];
+    let mut args = vec!["predict", "--checkpoint", s(&r.run), "--out", s(&by_run)];
+    args.extend(common);
+    ok_both(&args);
+    let list = folds.join(",");
+    let mut args = vec!["predict", "--checkpoint", &list, "--out", s(&by_list)];
+    args.extend(common);
+    ok_both(&args);
+    let mut n = 0;
+    for e in std::fs::read_dir(&by_list).unwrap().flatten() {
+        assert_eq!(std::fs::read(e.path()).unwrap(), std::fs::read(by_run.join(e.file_name())).unwrap());
+        n += 1;
+    }
+    assert_eq!(n, 2 * std::fs::read_dir(&input).unwrap().count(), "a mask and probabilities per case");
+    // An unfinished fold is named, with the command that trains it.
+    let partial = tmp.path().join("partial");
+    std::fs::create_dir_all(partial.join("fold_0")).unwrap();
+    std::fs::copy(r.run.join("splits.json"), partial.join("splits.json")).unwrap();
+    let out = tmp.path().join("p");
+    fails(&["predict", "--checkpoint", s(&partial), "--input", s(&input), "--out", s(&out)], &["fold 0", "--fold 0"]);
+}

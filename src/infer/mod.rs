@@ -1,11 +1,15 @@
 //! Whole-image inference: pad to a multiple of the model's down-sampling per axis (2^depth), or
-//! slide overlapping windows over large inputs and average their probabilities; then labels and
+//! slide overlapping windows over large inputs and average their probabilities ([`window`]:
+//! Gaussian-weighted, [`tta`]: mirrored, [`ensemble`]: over checkpoints); then labels and
 //! evaluation scores. Nothing here writes files: [`writer`] turns the results into prediction
 //! files, overlays and score tables.
 
 pub mod by_label;
+pub mod ensemble;
 pub mod read_ahead;
 pub mod shard;
+pub mod tta;
+pub mod window;
 pub mod writer;
 
 use std::path::Path;
@@ -19,19 +23,7 @@ use crate::data::volume::spacing::{Spacing, on_input_grid};
 use crate::data::{DataConfig, Sample};
 use crate::metrics::{self, LabelScore, Overlap};
 use crate::model::{Mode, UNetPP};
-
-/// Window origins along one axis of length `len` for windows of `win`, half overlapping.
-fn origins(len: usize, win: usize) -> Vec<isize> {
-    if len <= win {
-        return vec![0];
-    }
-    let stride = (win / 2).max(1);
-    let mut v: Vec<isize> = (0..=(len - win)).step_by(stride).map(|o| o as isize).collect();
-    if *v.last().unwrap() != (len - win) as isize {
-        v.push((len - win) as isize);
-    }
-    v
-}
+pub use window::Sliding;
 
 /// Class probabilities, `classes` planes of the sample's voxels (1 plane for binary).
 pub fn probabilities<const D: usize>(
@@ -44,7 +36,8 @@ pub fn probabilities<const D: usize>(
     Ok(probabilities_modes(model, s, &[mode], tile, device)?.remove(0))
 }
 
-/// [`probabilities`] in several modes from one pass per window.
+/// [`probabilities`] in several modes from one pass per window, half-overlapping windows of
+/// `tile` without mirroring.
 pub fn probabilities_modes<const D: usize>(
     model: &UNetPP<D>,
     s: &Sample,
@@ -52,60 +45,41 @@ pub fn probabilities_modes<const D: usize>(
     tile: [usize; 3],
     device: &Device,
 ) -> anyhow::Result<Vec<Vec<f32>>> {
-    let cfg = model.config();
-    // Per axis, the model's total down-sampling (2^depth, or less on axes pooled fewer times).
-    let scale = cfg.scale(cfg.depth);
-    let win: [usize; 3] = std::array::from_fn(|a| {
-        let m = scale[a];
-        if a == 0 && cfg.dims == 2 {
-            1
-        } else {
-            let padded = s.shape[a].div_ceil(m) * m;
-            padded.min(tile[a].max(m) / m * m)
-        }
-    });
-    let n = s.voxels();
-    let k = cfg.classes;
-    let mut sums = vec![vec![0f32; k * n]; modes.len()];
-    let mut count = vec![0u16; n];
+    probabilities_with(std::slice::from_ref(model), s, modes, &Sliding::new(tile), device)
+}
+
+/// Probabilities per mode of an ensemble of `models` (their mean; see [`ensemble::mean`]), each
+/// sliding windows over the sample as `sliding` says ([`window::stitch`], mirrored with
+/// [`tta`]). An input that fits one window goes through in one pass, unweighted.
+pub fn probabilities_with<const D: usize>(
+    models: &[UNetPP<D>],
+    s: &Sample,
+    modes: &[Mode],
+    sliding: &Sliding,
+    device: &Device,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let cfg = models.first().map(|m| m.config()).ok_or_else(|| anyhow::anyhow!("no model to predict with"))?;
+    // Per axis, the models' total down-sampling (2^depth, or less on axes pooled fewer times);
+    // powers of two, so the largest is a multiple of every other.
+    let multiple: [usize; 3] =
+        std::array::from_fn(|a| models.iter().map(|m| m.config().scale(m.config().depth)[a]).max().unwrap_or(1));
+    let win = window::window(s.shape, sliding.tile, multiple, cfg.dims);
     let wn = win.iter().product::<usize>();
+    let windows = window::origins(s.shape, win, sliding.overlap).len();
+    let batch = match sliding.batch {
+        Some(b) => b.clamp(1, windows),
+        None => window::auto_batch(cfg.inference_bytes(wn), windows),
+    };
     // rayon's workers poll for work through the windows' model passes instead of sleeping.
     let _busy = crate::backend::busy_workers();
-    for &oz in &origins(s.shape[0], win[0]) {
-        for &oy in &origins(s.shape[1], win[1]) {
-            for &ox in &origins(s.shape[2], win[2]) {
-                let patch = crop(s, [oz, oy, ox], win);
-                let all = model.predict_modes(images_tensor::<D>(&[&patch], device), modes)?;
-                for (m, probs) in all.into_iter().enumerate() {
-                    let probs: Vec<f32> = probs.into_data().iter::<f32>().collect();
-                    let sum = &mut sums[m];
-                    for z in 0..win[0].min(s.shape[0]) {
-                        for y in 0..win[1].min(s.shape[1] - oy as usize) {
-                            for x in 0..win[2].min(s.shape[2] - ox as usize) {
-                                let dst =
-                                    ((oz as usize + z) * s.shape[1] + oy as usize + y) * s.shape[2] + ox as usize + x;
-                                let src = (z * win[1] + y) * win[2] + x;
-                                if m == 0 {
-                                    count[dst] += 1;
-                                }
-                                for c in 0..k {
-                                    sum[c * n + dst] += probs[c * wn + src];
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    for sum in &mut sums {
-        for c in 0..k {
-            for i in 0..n {
-                sum[c * n + i] /= count[i].max(1) as f32;
-            }
-        }
-    }
-    Ok(sums)
+    ensemble::mean(models.iter().map(|model| {
+        window::stitch(s.shape, win, sliding.overlap, cfg.classes, batch, |origins| {
+            let patches: Vec<_> = origins.iter().map(|o| crop(s, o.map(|v| v as isize), win)).collect();
+            let x = images_tensor::<D>(&patches.iter().collect::<Vec<_>>(), device);
+            let out = tta::predict(model, x, modes, sliding.tta)?;
+            Ok(out.into_iter().map(|t| t.into_data().iter::<f32>().collect()).collect())
+        })
+    }))
 }
 
 /// Hard labels from probabilities: threshold 0.5 (binary) or arg-max.
@@ -204,15 +178,29 @@ pub fn evaluate_scored<const D: usize>(
     modes: &[Mode],
     tile: [usize; 3],
     device: &Device,
+    each: impl FnMut(&Sample, &[u8]) -> anyhow::Result<()>,
+    scoring: &Scoring,
+) -> anyhow::Result<Vec<(Vec<ImageScore>, Summary)>> {
+    let models = std::slice::from_ref(model);
+    evaluate_ensemble(models, samples, modes, &Sliding::new(tile), device, each, scoring)
+}
+
+/// [`evaluate_scored`] of an ensemble's mean probabilities, windows slid as `sliding` says.
+pub fn evaluate_ensemble<const D: usize>(
+    models: &[UNetPP<D>],
+    samples: &[Sample],
+    modes: &[Mode],
+    sliding: &Sliding,
+    device: &Device,
     mut each: impl FnMut(&Sample, &[u8]) -> anyhow::Result<()>,
     scoring: &Scoring,
 ) -> anyhow::Result<Vec<(Vec<ImageScore>, Summary)>> {
     let start = std::time::Instant::now();
-    let classes = model.config().classes;
+    let classes = models.first().ok_or_else(|| anyhow::anyhow!("no model to evaluate"))?.config().classes;
     let mut scores = vec![vec![]; modes.len()];
     for s in samples {
         anyhow::ensure!(!s.mask.is_empty(), "{} has no ground-truth mask to evaluate against", s.source.display());
-        let all = on_input_grid(s, scoring.spacing, |r| probabilities_modes(model, r, modes, tile, device))?;
+        let all = on_input_grid(s, scoring.spacing, |r| probabilities_with(models, r, modes, sliding, device))?;
         let voxel = metrics::voxel_spacing(s);
         for (m, probs) in all.iter().enumerate() {
             let mut pred = labels(probs, classes);
@@ -273,13 +261,6 @@ pub fn describe(s: &Sample) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn windows_cover_the_axis_with_overlap() {
-        assert_eq!(origins(10, 16), vec![0]);
-        assert_eq!(origins(20, 8), vec![0, 4, 8, 12]);
-        assert_eq!(origins(21, 8), vec![0, 4, 8, 12, 13]);
-    }
 
     #[test]
     fn argmax_and_threshold() {

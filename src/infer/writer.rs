@@ -10,20 +10,23 @@ use crate::data::io;
 
 /// Writes `scores.csv` (one row per image, [`crate::metrics::scores_csv`], label columns named
 /// as `summary.per_class`) and `summary.json` (the summary, per-label means keyed by name, the
-/// rows, the checkpoint they came from and the post-processing decision applied) into `out`.
+/// rows, the checkpoint they came from (the first of an ensemble; `checkpoints` lists all) and
+/// the post-processing decision applied) into `out`.
 pub fn scores(
     out: &Path,
     scores: &[ImageScore],
     summary: &Summary,
-    checkpoint: &Path,
+    checkpoints: &[PathBuf],
     postprocess: Option<&Path>,
 ) -> anyhow::Result<()> {
+    let checkpoint = super::ensemble::first(checkpoints);
     let names: Vec<String> = summary.per_class.iter().map(|(n, _)| n.clone()).collect();
     let rows = scores.iter().map(|s| (s.name.as_str(), s.per_class.as_slice()));
     crate::fsio::write_atomic(&out.join("scores.csv"), crate::metrics::scores_csv(rows, &names).as_bytes())?;
     let classes = crate::infer::by_label::classes_json(summary);
     let json = serde_json::json!({
-        "summary": summary, "classes": classes, "images": scores, "checkpoint": checkpoint, "postprocess": postprocess
+        "summary": summary, "classes": classes, "images": scores, "checkpoint": checkpoint, "checkpoints": checkpoints,
+        "postprocess": postprocess
     });
     crate::fsio::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&json)?.as_bytes())
 }
@@ -148,7 +151,8 @@ mod tests {
             per_class: vec![],
             surface: None,
         };
-        scores(dir.path(), &rows, &summary, Path::new("m.unetpp"), Some(Path::new("m.postprocess.json"))).unwrap();
+        let cks = [PathBuf::from("m.unetpp"), PathBuf::from("n.unetpp")];
+        scores(dir.path(), &rows, &summary, &cks, Some(Path::new("m.postprocess.json"))).unwrap();
         let csv = std::fs::read_to_string(dir.path().join("scores.csv")).unwrap();
         assert_eq!(
             csv,
@@ -158,6 +162,7 @@ mod tests {
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap()).unwrap();
         assert_eq!((json["summary"]["images"].as_u64(), json["checkpoint"].as_str()), (Some(2), Some("m.unetpp")));
+        assert_eq!(json["checkpoints"][1].as_str(), Some("n.unetpp"));
         assert_eq!(json["postprocess"].as_str(), Some("m.postprocess.json"));
         assert_eq!(json["images"][1]["name"].as_str(), Some("say \"b\", c"));
     }
