@@ -329,6 +329,13 @@ struct TrainArgs {
     /// Fine-tune from this checkpoint (its architecture replaces the model options)
     #[arg(long)]
     weights: Option<PathBuf>,
+    /// Preprocess every case once into this folder and train from it by patch (default: in
+    /// DATA/.unetpp_cache for 3D data sets larger than a quarter of the memory)
+    #[arg(long, conflicts_with = "no_cache")]
+    cache: Option<PathBuf>,
+    /// Hold every case in memory, whatever the data set's size
+    #[arg(long)]
+    no_cache: bool,
 }
 
 fn main() {
@@ -457,6 +464,11 @@ impl TrainArgs {
             skip_bad: self.skip_bad,
             backend: self.backend.backend.unwrap_or_default(),
             weights: self.weights.clone(),
+            cache: match (&self.cache, self.no_cache) {
+                (Some(d), _) => unetpp::data::cache::CacheChoice::Dir(d.clone()),
+                (None, true) => unetpp::data::cache::CacheChoice::Off,
+                (None, false) => unetpp::data::cache::CacheChoice::Auto,
+            },
         }
     }
 }

@@ -186,6 +186,7 @@ fn tiny_config(data: &Path) -> unetpp::train::TrainConfig {
         skip_bad: false,
         backend: Default::default(),
         weights: None,
+        cache: Default::default(),
     }
 }
 

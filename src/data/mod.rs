@@ -2,6 +2,7 @@
 //! (PNG, TIFF, JPEG, BMP; 8/16-bit; grey or RGB) or 3D volumes (NIfTI, NRRD, MetaImage). Every pair is read and
 //! checked before training starts, so a bad file is reported by name up front.
 
+pub mod cache;
 pub mod dataset_json;
 pub mod intensity;
 pub mod io;

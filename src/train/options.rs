@@ -89,6 +89,8 @@ pub struct TrainOptions {
     pub backend: Backend,
     /// Fine-tune from this checkpoint: its architecture replaces `model`.
     pub weights: Option<PathBuf>,
+    /// Default [`crate::data::cache::CacheChoice::Auto`].
+    pub cache: crate::data::cache::CacheChoice,
 }
 
 impl TrainConfig {
@@ -143,6 +145,7 @@ impl TrainConfig {
             skip_bad: o.skip_bad,
             backend: o.backend,
             weights: o.weights.clone(),
+            cache: o.cache.clone(),
             model,
         })
     }
