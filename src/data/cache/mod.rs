@@ -324,6 +324,23 @@ fn build(pair: &Pair, cfg: &DataConfig, path: &Path, settings: &str, stamps: Vec
     Ok(CachedCase { file: CaseFile::open(path)? })
 }
 
+/// Removes the temporary files of builds killed before their rename (`.tmp-PID-...` of a
+/// process that no longer runs; another trainer's files are left alone).
+fn remove_orphans(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix(".tmp-").and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && pid != std::process::id()
+            && cfg!(target_os = "linux")
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Cases built at once: each is held whole while it is preprocessed, so this bounds memory.
 fn parallel_builds() -> usize {
     rayon::current_num_threads().clamp(1, 4)
@@ -336,6 +353,7 @@ pub fn prepare(pairs: &[Pair], cfg: &DataConfig, dir: &Path, skip_bad: bool) -> 
     use rayon::prelude::*;
     let settings = settings(cfg)?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create the cache folder {}", dir.display()))?;
+    remove_orphans(dir);
     let mut out = Prepared::default();
     for group in pairs.chunks(parallel_builds()) {
         let results: Vec<_> = group
