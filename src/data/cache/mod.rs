@@ -288,16 +288,15 @@ pub struct Prepared {
     pub reused: usize,
 }
 
-/// Opens `path` if it is a whole entry made from `settings` and sources as they are now.
-fn reuse(path: &Path, settings: &str, stamps: &[Stamp]) -> anyhow::Result<CachedCase> {
+/// Whether `path` is a whole entry made from `settings` and sources as they are now.
+fn reusable(path: &Path, settings: &str, stamps: &[Stamp]) -> anyhow::Result<()> {
     let file = CaseFile::open(path)?;
     anyhow::ensure!(file.index.settings == settings, "made with other settings");
     anyhow::ensure!(file.index.sources == stamps, "its source files changed");
-    file.verify()?;
-    Ok(CachedCase { file })
+    file.verify()
 }
 
-fn build(pair: &Pair, cfg: &DataConfig, path: &Path, settings: &str, stamps: Vec<Stamp>) -> anyhow::Result<CachedCase> {
+fn build(pair: &Pair, cfg: &DataConfig, path: &Path, settings: &str, stamps: Vec<Stamp>) -> anyhow::Result<()> {
     let s = super::io::read_pair(pair, cfg)?;
     let s = super::volume::spacing::to_target(vec![s], cfg.spacing)?.remove(0);
     let (origin, size, fill) = crop_box(&s);
@@ -319,9 +318,7 @@ fn build(pair: &Pair, cfg: &DataConfig, path: &Path, settings: &str, stamps: Vec
         fg_chunks: vec![],
         centre: centre(&s),
     };
-    format::write(path, &s, index)?;
-    drop(s);
-    Ok(CachedCase { file: CaseFile::open(path)? })
+    format::write(path, &s, index)
 }
 
 /// Removes the temporary files of builds killed before their rename (`.tmp-PID-...` of a
@@ -355,40 +352,48 @@ pub fn prepare(pairs: &[Pair], cfg: &DataConfig, dir: &Path, skip_bad: bool) -> 
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create the cache folder {}", dir.display()))?;
     remove_orphans(dir);
     let mut out = Prepared::default();
+    // Entries are checked or built first and opened after: an index kept from each case as it is
+    // built would sit between the large buffers of the next ones, and with freed memory kept in
+    // the process (`backend::keep_freed_memory`) the heap then grew by a case's size per case.
+    let mut ready = vec![];
     for group in pairs.chunks(parallel_builds()) {
         let results: Vec<_> = group
             .par_iter()
-            .map(|pair| -> anyhow::Result<(CachedCase, Option<String>)> {
+            .map(|pair| -> anyhow::Result<Option<String>> {
                 let stamps = sources(pair).into_iter().map(stamp).collect::<anyhow::Result<Vec<_>>>()?;
                 let path = dir.join(entry_name(pair));
                 let why = if path.exists() {
-                    match reuse(&path, &settings, &stamps) {
-                        Ok(case) => return Ok((case, None)),
+                    match reusable(&path, &settings, &stamps) {
+                        Ok(()) => return Ok(None),
                         Err(e) => format!("{}: {e:#}", pair.name),
                     }
                 } else {
                     String::new()
                 };
-                Ok((build(pair, cfg, &path, &settings, stamps)?, Some(why)))
+                build(pair, cfg, &path, &settings, stamps)?;
+                Ok(Some(why))
             })
             .collect();
         for (pair, res) in group.iter().zip(results) {
             match res {
-                Ok((case, None)) => {
-                    out.reused += 1;
-                    out.cases.push(case);
-                }
-                Ok((case, Some(why))) => {
+                Ok(None) => out.reused += 1,
+                Ok(Some(why)) => {
                     out.built.push(pair.name.clone());
                     if !why.is_empty() {
                         out.rebuilt_because.push(why);
                     }
-                    out.cases.push(case);
                 }
-                Err(e) if skip_bad => eprintln!("skipping {}: {e:#}", pair.image.display()),
+                Err(e) if skip_bad => {
+                    eprintln!("skipping {}: {e:#}", pair.image.display());
+                    continue;
+                }
                 Err(e) => return Err(e),
             }
+            ready.push(dir.join(entry_name(pair)));
         }
+    }
+    for path in ready {
+        out.cases.push(CachedCase { file: CaseFile::open(&path)? });
     }
     anyhow::ensure!(!out.cases.is_empty(), "no usable image/mask pairs for the cache in {}", dir.display());
     Ok(out)
