@@ -145,9 +145,8 @@ pub fn write(path: &Path, s: &Sample, mut index: Index) -> anyhow::Result<()> {
             (0..gz).flat_map(|z| (0..gy).flat_map(move |y| (0..gx).map(move |x| [z, y, x]))).collect();
         for &b in &blocks {
             let (lo, hi) = index.block_box(b);
-            let rows = || {
-                (lo[0]..hi[0]).flat_map(move |z| (lo[1]..hi[1]).map(move |y| (z * s.shape[1] + y) * s.shape[2]))
-            };
+            let rows =
+                || (lo[0]..hi[0]).flat_map(move |z| (lo[1]..hi[1]).map(move |y| (z * s.shape[1] + y) * s.shape[2]));
             let mut values = vec![];
             for c in 0..s.channels {
                 for row in rows() {
@@ -217,7 +216,8 @@ impl CaseFile {
         }
         let index: Index = serde_json::from_slice(&json).map_err(|e| bad(&format!("index: {e}")))?;
         let blocks = index.grid().iter().product::<usize>();
-        let in_file = |c: &Chunk| c.offset >= MAGIC.len() as u64 && c.offset.checked_add(c.len).is_some_and(|e| e <= start);
+        let in_file =
+            |c: &Chunk| c.offset >= MAGIC.len() as u64 && c.offset.checked_add(c.len).is_some_and(|e| e <= start);
         let consistent = index.block.iter().all(|&b| b > 0)
             && (0..3).all(|a| index.origin[a] + index.size[a] <= index.shape[a])
             && index.fill.len() == index.channels

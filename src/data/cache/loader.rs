@@ -49,7 +49,11 @@ fn produce<S: Cut>(cases: &[S], mut rng: StdRng, plan: Plan, tx: SyncSender<anyh
 }
 
 impl Loader {
-    pub fn start<S: Cut + Send + Sync + 'static>(cases: Arc<Vec<S>>, rng: StdRng, plan: Plan) -> anyhow::Result<Loader> {
+    pub fn start<S: Cut + Send + Sync + 'static>(
+        cases: Arc<Vec<S>>,
+        rng: StdRng,
+        plan: Plan,
+    ) -> anyhow::Result<Loader> {
         let (tx, rx) = sync_channel(AHEAD);
         let thread = std::thread::Builder::new()
             .name("unetpp-loader".into())

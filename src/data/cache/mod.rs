@@ -129,7 +129,7 @@ pub fn crop_box(s: &Sample) -> ([usize; 3], [usize; 3], Vec<u32>) {
             }
         }
     }
-    if hi.iter().any(|&h| h == 0) {
+    if hi.contains(&0) {
         return ([0; 3], [0; 3], fill);
     }
     (lo, std::array::from_fn(|a| hi[a] - lo[a]), fill)
@@ -231,7 +231,11 @@ impl Cut for CachedCase {
         let blocks: [(usize, usize); 3] = std::array::from_fn(|a| {
             let lo = (origin[a].max(ix.origin[a] as isize) as usize).min(ix.origin[a] + ix.size[a]);
             let hi = ((origin[a] + size[a] as isize).max(0) as usize).min(ix.origin[a] + ix.size[a]);
-            if lo >= hi { (0, 0) } else { ((lo - ix.origin[a]) / ix.block[a], (hi - 1 - ix.origin[a]) / ix.block[a] + 1) }
+            if lo >= hi {
+                (0, 0)
+            } else {
+                ((lo - ix.origin[a]) / ix.block[a], (hi - 1 - ix.origin[a]) / ix.block[a] + 1)
+            }
         });
         let mut f = None;
         for bz in blocks[0].0..blocks[0].1 {
