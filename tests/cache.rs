@@ -303,6 +303,7 @@ fn a_cached_training_run_equals_the_in_memory_run() {
 
 /// The peak resident memory of `args`' run, from the kernel's own account of that child.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(clippy::zombie_processes)] // reaped by wait4, which std's wait would not let us call
 fn peak_rss(args: &[&str], env: &[(&str, &str)], log: &Path) -> u64 {
     let f = std::fs::File::create(log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_unetpp"))
