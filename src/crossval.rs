@@ -74,7 +74,8 @@ pub fn run(
     let mut predicted = vec![];
     let start = std::time::Instant::now();
     for (i, (split, ck)) in splits.iter().zip(&checkpoints).enumerate() {
-        let samples = folds::take(&mut all, &split.val, skip_bad, &format!("fold {i} of {}", run.display()))?;
+        let what = format!("fold {i} of {}", run.display());
+        let samples = folds::take(&mut all, &split.val, skip_bad, &what, |s| &s.name)?;
         eprintln!("fold {i}: {} validation case(s) with {}", samples.len(), ck.display());
         let s = crate::for_rank!(meta.model.dims, predict_fold(ck, &samples, opts, &predictions, &mut predicted))?;
         scores.extend(s.into_iter().map(|s| (i, s)));

@@ -445,6 +445,13 @@ struct TrainArgs {
     /// Train only this fold (0..K-1) of a --folds run, e.g. on another machine
     #[arg(long)]
     fold: Option<usize>,
+    /// Preprocess every case once into this folder and train from it by patch (default: in
+    /// DATA/.unetpp_cache for 3D data sets larger than a quarter of the memory)
+    #[arg(long, conflicts_with = "no_cache")]
+    cache: Option<PathBuf>,
+    /// Hold every case in memory, whatever the data set's size
+    #[arg(long)]
+    no_cache: bool,
 }
 
 fn main() {
@@ -647,6 +654,11 @@ impl TrainArgs {
             weights: self.weights.clone(),
             plan: self.plan.clone(),
             budget: self.budget,
+            cache: match (&self.cache, self.no_cache) {
+                (Some(d), _) => unetpp::data::cache::CacheChoice::Dir(d.clone()),
+                (None, true) => unetpp::data::cache::CacheChoice::Off,
+                (None, false) => unetpp::data::cache::CacheChoice::Auto,
+            },
         }
     }
 }

@@ -25,9 +25,8 @@ use crate::backend::Backend;
 use crate::checkpoint::{self, Meta};
 use crate::data::{self, DataConfig, Sample, Splits, patch};
 use crate::fsio;
-use crate::infer;
 use crate::loss;
-use crate::model::{Mode, ModelConfig, UNetPP};
+use crate::model::{ModelConfig, UNetPP};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,6 +65,9 @@ pub struct TrainConfig {
     /// A cross-validation fold's cases ([`folds`]), which replace the train/val folders' split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fold: Option<folds::Fold>,
+    /// Where training reads its cases from (see [`data::cache`]).
+    #[serde(default)]
+    pub cache: data::cache::CacheChoice,
 }
 
 /// What has been done so far; rewritten after every epoch so `--resume` can continue.
@@ -231,8 +233,9 @@ fn diverged(dir: &Path, state: &State, what: String) -> anyhow::Error {
 fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool, lock: Option<rundir::Lock>) -> anyhow::Result<Run> {
     // `TrainConfig::validate` has checked the patch against the model's depth.
     let patch_size = [if cfg.model.dims == 2 { 1 } else { cfg.patch[0] }, cfg.patch[1], cfg.patch[2]];
-    let (train, val) = load_splits(cfg)?;
-    eprintln!("{} training and {} validation images from {}", train.len(), val.len(), cfg.data.display());
+    let data = data::cache::split::TrainData::load(cfg, dir)?;
+    let (n_train, n_val) = data.counts();
+    eprintln!("{n_train} training and {n_val} validation images from {}", cfg.data.display());
     let _lock = match lock {
         Some(l) => l,
         None => {
@@ -290,20 +293,20 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool, lock: Option
         let epoch = state.epoch + 1;
         let epoch_start = Instant::now();
         // Seeded per epoch, so a resumed run sees the same patches as an uninterrupted one.
-        let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
+        let rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
         device.seed(cfg.seed.wrapping_add(epoch as u64));
         let bar = crate::progress::Bar::new(format!("{epoch}/{}", cfg.epochs), cfg.steps_per_epoch as u64);
         let mut loss_sum = 0.0;
         let mut step_no = state.step;
+        let plan = data::cache::loader::Plan {
+            steps: cfg.steps_per_epoch,
+            batch: cfg.batch_size,
+            patch: patch_size,
+            foreground: cfg.foreground,
+        };
+        let mut batches = data.batches(rng, plan)?;
         for _ in 0..cfg.steps_per_epoch {
-            let patches: Vec<patch::Patch> = (0..cfg.batch_size)
-                .map(|_| {
-                    let s = &train[rand::Rng::random_range(&mut rng, 0..train.len())];
-                    let mut p = patch::sample(s, patch_size, cfg.foreground, &mut rng);
-                    patch::augment(&mut p, &mut rng);
-                    p
-                })
-                .collect();
+            let patches = batches.next_batch()?;
             let refs: Vec<&patch::Patch> = patches.iter().collect();
             let x = patch::images_tensor::<D>(&refs, &device);
             let y = patch::targets_tensor::<D>(&refs, cfg.model.classes, &device);
@@ -329,13 +332,8 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool, lock: Option
             ));
         }
         let train_loss = loss_sum / cfg.steps_per_epoch as f64;
-        let (val_iou, val_dice) = if val.is_empty() {
-            (f64::NAN, f64::NAN)
-        } else {
-            let (_, s) =
-                infer::evaluate(&valid, &val, Mode::Accurate, cfg.tile, &valid.devices()[0], None, |_, _| Ok(()))?;
-            (s.mean_iou, s.mean_dice)
-        };
+        let (val_iou, val_dice) =
+            if n_val == 0 { (f64::NAN, f64::NAN) } else { data.validate(&valid, cfg.tile, &valid.devices()[0])? };
         // The next state, committed only once its files are on disk.
         let mut next = state.clone();
         next.epoch = epoch;
@@ -347,7 +345,7 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool, lock: Option
             epoch,
             val_iou: Some(val_iou).filter(|v| v.is_finite()),
         };
-        let improved = val_iou > state.best_iou || (val.is_empty() && epoch == cfg.epochs) || state.best_epoch == 0;
+        let improved = val_iou > state.best_iou || (n_val == 0 && epoch == cfg.epochs) || state.best_epoch == 0;
         if improved {
             next.best_iou = if val_iou.is_finite() { val_iou } else { 0.0 };
             next.best_epoch = epoch;

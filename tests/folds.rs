@@ -322,3 +322,17 @@ fn a_folds_run_as_checkpoint_is_the_ensemble_of_its_folds() {
     let out = tmp.path().join("p");
     fails(&["predict", "--checkpoint", s(&partial), "--input", s(&input), "--out", s(&out)], &["fold 0", "--fold 0"]);
 }
+
+/// A fold trained from the on-disk cache takes the fold's cases, as in memory: the same metrics
+/// and weights as the in-memory fold of the shared run.
+#[test]
+fn a_fold_trained_from_the_cache_equals_the_in_memory_fold() {
+    let r = reference();
+    let tmp = tempfile::tempdir().unwrap();
+    let (run, cache) = (tmp.path().join("cached"), tmp.path().join("cache"));
+    ok_both(&train_args(&r.data, &run, &["--fold", "1", "--cache", s(&cache)]));
+    assert!(std::fs::read_dir(&cache).unwrap().next().is_some(), "the cache was used");
+    assert_eq!(metrics(&run.join("fold_1")), metrics(&r.run.join("fold_1")));
+    let best = |run: &Path| std::fs::read(run.join("fold_1/checkpoints/best.unetpp")).unwrap();
+    assert!(best(&run) == best(&r.run), "the same weights");
+}

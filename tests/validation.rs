@@ -188,6 +188,7 @@ fn tiny_config(data: &Path) -> unetpp::train::TrainConfig {
         weights: None,
         plan: None,
         fold: None,
+        cache: Default::default(),
     }
 }
 

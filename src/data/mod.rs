@@ -3,6 +3,7 @@
 //! sub-folder holding a DICOM series, a case named after the folder). Every pair is read and
 //! checked before training starts, so a bad file is reported by name up front.
 
+pub mod cache;
 pub mod dataset_json;
 pub mod intensity;
 pub mod io;

@@ -52,20 +52,53 @@ pub fn crop(s: &Sample, origin: [isize; 3], size: [usize; 3]) -> Patch {
     Patch { image, mask, channels: s.channels, shape: size }
 }
 
-/// A random patch; with probability `fg_prob` it is centred on a random foreground voxel.
-pub fn sample(s: &Sample, size: [usize; 3], fg_prob: f64, rng: &mut impl Rng) -> Patch {
+/// What a patch is cut from: a sample in memory, or a case in the on-disk cache
+/// ([`super::cache`]), which reads only the blocks a patch needs.
+pub trait Cut {
+    /// [depth, height, width]
+    fn shape(&self) -> [usize; 3];
+    /// Voxels with a label > 0.
+    fn foreground_count(&self) -> anyhow::Result<usize>;
+    /// The index (z, y, x order) of the `k`-th voxel with a label > 0.
+    fn nth_foreground(&self, k: usize) -> anyhow::Result<usize>;
+    /// As [`crop`].
+    fn cut(&self, origin: [isize; 3], size: [usize; 3]) -> anyhow::Result<Patch>;
+}
+
+impl Cut for Sample {
+    fn shape(&self) -> [usize; 3] {
+        self.shape
+    }
+    fn foreground_count(&self) -> anyhow::Result<usize> {
+        Ok(self.mask.iter().filter(|&&v| v > 0).count())
+    }
+    fn nth_foreground(&self, k: usize) -> anyhow::Result<usize> {
+        Ok(self.mask.iter().enumerate().filter(|(_, v)| **v > 0).nth(k).unwrap().0)
+    }
+    fn cut(&self, origin: [isize; 3], size: [usize; 3]) -> anyhow::Result<Patch> {
+        Ok(crop(self, origin, size))
+    }
+}
+
+/// A random patch; with probability `fg_prob` it is centred on a random foreground voxel. The
+/// draws from `rng` depend only on the shape and foreground, so a cached case gives the patch
+/// its sample in memory gives.
+pub fn sample(s: &impl Cut, size: [usize; 3], fg_prob: f64, rng: &mut impl Rng) -> anyhow::Result<Patch> {
+    let shape = s.shape();
     let fg_centre = if rng.random_bool(fg_prob) {
-        let count = s.mask.iter().filter(|&&v| v > 0).count();
-        (count > 0).then(|| {
+        let count = s.foreground_count()?;
+        if count > 0 {
             let k = rng.random_range(0..count);
-            let i = s.mask.iter().enumerate().filter(|(_, v)| **v > 0).nth(k).unwrap().0;
-            [i / (s.shape[1] * s.shape[2]), (i / s.shape[2]) % s.shape[1], i % s.shape[2]]
-        })
+            let i = s.nth_foreground(k)?;
+            Some([i / (shape[1] * shape[2]), (i / shape[2]) % shape[1], i % shape[2]])
+        } else {
+            None
+        }
     } else {
         None
     };
     let origin: [isize; 3] = std::array::from_fn(|a| {
-        let (len, p) = (s.shape[a] as i64, size[a] as i64);
+        let (len, p) = (shape[a] as i64, size[a] as i64);
         match fg_centre {
             // Jitter so the foreground voxel is not always at the centre.
             Some(c) => (c[a] as i64 - p / 2 + rng.random_range(-(p / 4)..=p / 4))
@@ -74,7 +107,7 @@ pub fn sample(s: &Sample, size: [usize; 3], fg_prob: f64, rng: &mut impl Rng) ->
             None => rng.random_range(0..=len - p) as isize,
         }
     });
-    crop(s, origin, size)
+    s.cut(origin, size)
 }
 
 /// Random flips along every axis and, when height = width, a random 90° rotation in-plane.
@@ -207,7 +240,7 @@ mod tests {
     fn foreground_sampling_contains_foreground() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         for _ in 0..20 {
-            let p = sample(&sample_2d(), [1, 2, 2], 1.0, &mut rng);
+            let p = sample(&sample_2d(), [1, 2, 2], 1.0, &mut rng).unwrap();
             assert!(p.mask.contains(&1));
         }
     }

@@ -71,7 +71,7 @@ pub fn is_folds_run(dir: &Path) -> bool {
 }
 
 /// The split folders whose cases are cross-validated: `train/` and `val/`.
-fn case_dirs(data: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub fn case_dirs(data: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let splits = Splits::find(data)?;
     let train = splits.train.with_context(|| format!("no train/ split (or images/ folder) in {}", data.display()))?;
     Ok([Some(train), splits.val].into_iter().flatten().collect())
@@ -316,11 +316,17 @@ pub fn load_cases(data_dir: &Path, input: &data::DataConfig, skip_bad: bool) -> 
 
 /// The samples named by `names`, in that order, taken out of `all`; a name without a sample is
 /// an error (unless `skip_bad` left it out, which was reported when it was).
-pub fn take(all: &mut Vec<Sample>, names: &[String], skip_bad: bool, what: &str) -> anyhow::Result<Vec<Sample>> {
+pub fn take<T>(
+    all: &mut Vec<T>,
+    names: &[String],
+    skip_bad: bool,
+    what: &str,
+    name: impl Fn(&T) -> &str,
+) -> anyhow::Result<Vec<T>> {
     let mut out = vec![];
     let mut missing = vec![];
     for n in names {
-        match all.iter().position(|s| &s.name == n) {
+        match all.iter().position(|s| name(s) == n) {
             Some(j) => out.push(all.swap_remove(j)),
             None => missing.push(n.as_str()),
         }
@@ -333,8 +339,8 @@ pub fn take(all: &mut Vec<Sample>, names: &[String], skip_bad: bool, what: &str)
 pub fn samples(cfg: &TrainConfig, fold: &Fold) -> anyhow::Result<(Vec<Sample>, Vec<Sample>)> {
     let mut all = load_cases(&cfg.data, &cfg.input, cfg.skip_bad)?;
     let what = format!("fold {}", fold.index);
-    let train = take(&mut all, &fold.train, cfg.skip_bad, &what)?;
-    let val = take(&mut all, &fold.val, cfg.skip_bad, &what)?;
+    let train = take(&mut all, &fold.train, cfg.skip_bad, &what, |s| &s.name)?;
+    let val = take(&mut all, &fold.val, cfg.skip_bad, &what, |s| &s.name)?;
     ensure!(!train.is_empty(), "fold {}: none of its training cases could be read", fold.index);
     Ok((train, val))
 }

@@ -97,6 +97,8 @@ pub struct TrainOptions {
     pub plan: Option<PathBuf>,
     /// Training time the plan's steps fill; default the plan's own (2 h for one made by `train`).
     pub budget: Option<std::time::Duration>,
+    /// Default [`crate::data::cache::CacheChoice::Auto`].
+    pub cache: crate::data::cache::CacheChoice,
 }
 
 impl TrainConfig {
@@ -160,6 +162,7 @@ impl TrainConfig {
             backend: o.backend,
             weights: o.weights.clone(),
             fold: None,
+            cache: o.cache.clone(),
             model,
             plan,
         })
