@@ -21,4 +21,5 @@ pub mod plot;
 pub mod postprocess;
 pub mod probabilities;
 pub mod report;
+pub mod synth;
 pub mod train;
