@@ -28,9 +28,8 @@ pub fn mask(ct: &[f32], shape: [usize; 3], spacing: [f64; 3]) -> Vec<bool> {
         }
     }
     let largest = (1..sizes.len()).filter(|&c| !outside[c]).map(|c| sizes[c]).max().unwrap_or(0);
-    let keep: Vec<bool> = (0..sizes.len())
-        .map(|c| c > 0 && !outside[c] && sizes[c] as f64 >= MIN_FRACTION * largest as f64)
-        .collect();
+    let keep: Vec<bool> =
+        (0..sizes.len()).map(|c| c > 0 && !outside[c] && sizes[c] as f64 >= MIN_FRACTION * largest as f64).collect();
     let mut lung: Vec<bool> = ids.iter().map(|&c| keep[c as usize]).collect();
     fill_holes_per_slice(&mut lung, shape);
     erode(&lung, shape, spacing, ERODE_MM)

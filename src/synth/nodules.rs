@@ -122,7 +122,11 @@ fn default_sources() -> PathBuf {
 }
 
 fn read(path: &Path) -> anyhow::Result<volume::Volume> {
-    ensure!(path.is_file(), "{}: not found (--sources must hold lesions-pyradiomics/ and chest-ct-slicerio/)", path.display());
+    ensure!(
+        path.is_file(),
+        "{}: not found (--sources must hold lesions-pyradiomics/ and chest-ct-slicerio/)",
+        path.display()
+    );
     let v = volume::read(path)?;
     ensure!(v.channels == 1, "{}: {} channels, a CT has 1", path.display(), v.channels);
     Ok(v)
@@ -139,37 +143,52 @@ impl Source {
         };
         let ct = read(&image)?;
         let labels = read(&label_path)?;
-        ensure!(labels.shape == ct.shape, "{}: shape {:?}, its image's is {:?}", label_path.display(), labels.shape, ct.shape);
+        ensure!(
+            labels.shape == ct.shape,
+            "{}: shape {:?}, its image's is {:?}",
+            label_path.display(),
+            labels.shape,
+            ct.shape
+        );
         let spacing = Spacing(ct.geometry.spacing).zyx();
-        let (shape, n) = (ct.shape, ct.data.len());
         let (lung, lesion) = if name == "chest" {
             // slicerio's labels: 5 right lung, 6 left lung.
             (labels.data.iter().map(|&l| l == 5.0 || l == 6.0).collect::<Vec<_>>(), None)
         } else {
             let lesion: Vec<u8> = labels.data.iter().map(|&l| (l > 0.0) as u8).collect();
-            let bbox = bbox_mm(&lesion, shape, spacing).with_context(|| format!("{}: empty label", name))?;
-            (lung::mask(&ct.data, shape, spacing), Some((lesion, bbox.0, bbox.1)))
+            (lung::mask(&ct.data, ct.shape, spacing), Some(lesion))
         };
         ensure!(lung.iter().any(|&l| l), "{}: no lung found", image.display());
+        Source::new(name, ct.data, ct.shape, ct.geometry, lung, lesion)
+    }
+
+    /// A source from its CT (HU), geometry, lung mask and real lesion label, if any.
+    fn new(
+        name: &'static str,
+        ct: Vec<f32>,
+        shape: [usize; 3],
+        geometry: Geometry,
+        lung: Vec<bool>,
+        lesion: Option<Vec<u8>>,
+    ) -> anyhow::Result<Source> {
+        let (spacing, n) = (Spacing(geometry.spacing).zyx(), ct.len());
+        let lesion = match lesion {
+            Some(l) => {
+                let (lo, hi) = bbox_mm(&l, shape, spacing).with_context(|| format!("{name}: empty lesion label"))?;
+                Some((l, lo, hi))
+            }
+            None => None,
+        };
         let near_lung = lung::dilate(&lung, shape, spacing, PLEURA_MM);
         let outside: Vec<bool> = lung.iter().map(|&l| !l).collect();
-        let vessel: Vec<bool> = (0..n).map(|i| lung[i] && ct.data[i] > VESSEL_HU).collect();
-        let dist = |f: &[bool]| crate::metrics::edt::squared(f, shape, spacing).iter().map(|d| d.sqrt() as f32).collect();
+        let vessel: Vec<bool> = (0..n).map(|i| lung[i] && ct[i] > VESSEL_HU).collect();
+        let dist =
+            |f: &[bool]| crate::metrics::edt::squared(f, shape, spacing).iter().map(|d| d.sqrt() as f32).collect();
         let (to_wall, to_vessel): (Vec<f32>, Vec<f32>) = (dist(&outside), dist(&vessel));
-        let lung_voxels = (0..n as u32).filter(|&i| lung[i as usize] && ct.data[i as usize] <= VESSEL_HU).collect();
-        Ok(Source {
-            name,
-            ct: ct.data,
-            shape,
-            spacing,
-            geometry: ct.geometry,
-            lung,
-            near_lung,
-            to_wall,
-            to_vessel,
-            lung_voxels,
-            lesion,
-        })
+        let lung_voxels: Vec<u32> =
+            (0..n as u32).filter(|&i| lung[i as usize] && ct[i as usize] <= VESSEL_HU).collect();
+        ensure!(!lung_voxels.is_empty(), "{name}: no air-like lung voxels to place nodules in");
+        Ok(Source { name, ct, shape, spacing, geometry, lung, near_lung, to_wall, to_vessel, lung_voxels, lesion })
     }
 
     fn index(&self, z: usize, y: usize, x: usize) -> usize {
@@ -276,7 +295,8 @@ fn synthetic(src: &Source, target: [f64; 3], name: String, split: &'static str, 
         let idx = [v / (src.shape[1] * src.shape[2]), v / src.shape[2] % src.shape[1], v % src.shape[2]];
         let centre: [f64; 3] = std::array::from_fn(|a| (idx[a] as f64 + rng.random_range(-0.5..0.5)) * src.spacing[a]);
         let ext = nodule.extent_mm();
-        let off = (WINDOW as f64 / 2.0 * target.iter().copied().fold(f64::MAX, f64::min) - ext - 2.0).clamp(0.0, OFFSET_MM);
+        let off =
+            (WINDOW as f64 / 2.0 * target.iter().copied().fold(f64::MAX, f64::min) - ext - 2.0).clamp(0.0, OFFSET_MM);
         let aim: [f64; 3] = std::array::from_fn(|a| centre[a] + rng.random_range(-off..=off));
         let grid = Grid::around(src.shape, src.spacing, aim, target, src.name)?;
         let (lo, hi) = (centre.map(|c| c - ext), centre.map(|c| c + ext));
@@ -331,7 +351,8 @@ fn render(src: &Source, grid: &Grid, n: &Nodule, centre: [f64; 3], noise: f64, r
     let mut region = grid.cut(&src.ct, src.shape);
     let ext = n.extent_mm();
     let k: [usize; 3] = std::array::from_fn(|a| ((src.spacing[a] / 0.4).ceil() as usize).clamp(1, 12));
-    let lo: [usize; 3] = std::array::from_fn(|a| (((centre[a] - ext) / src.spacing[a]).floor().max(r0[a] as f64)) as usize);
+    let lo: [usize; 3] =
+        std::array::from_fn(|a| (((centre[a] - ext) / src.spacing[a]).floor().max(r0[a] as f64)) as usize);
     let hi: [usize; 3] =
         std::array::from_fn(|a| (((centre[a] + ext) / src.spacing[a]).ceil() as usize + 1).min(r0[a] + size[a]));
     let total = (k[0] * k[1] * k[2]) as f64;
@@ -487,17 +508,19 @@ pub fn generate(o: &Options) -> anyhow::Result<Summary> {
     ensure!(cases >= 1, "--cases must be at least 1");
     ensure!(test_cases >= 1, "--test-cases must be at least 1");
     if o.out.exists() {
-        let mut entries = std::fs::read_dir(&o.out).with_context(|| format!("--out {}: not a folder", o.out.display()))?;
+        let mut entries =
+            std::fs::read_dir(&o.out).with_context(|| format!("--out {}: not a folder", o.out.display()))?;
         ensure!(entries.next().is_none(), "--out {}: exists and is not empty; choose a new folder", o.out.display());
     }
-    std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create --out {}", o.out.display()))?;
-    let (out_abs, src_abs) = (std::fs::canonicalize(&o.out)?, std::fs::canonicalize(&sources)?);
+    let out_abs = if o.out.exists() { std::fs::canonicalize(&o.out)? } else { std::path::absolute(&o.out)? };
+    let src_abs = std::fs::canonicalize(&sources)?;
     ensure!(!out_abs.starts_with(&src_abs), "--out {} lies inside --sources {}", o.out.display(), sources.display());
-
     let test_volume = o.holdout.name();
     let train_volumes = vec!["chest", if o.holdout == Holdout::Lung1 { "lung2" } else { "lung1" }];
     let train: Vec<Source> = train_volumes.iter().map(|n| Source::load(&sources, n)).collect::<anyhow::Result<_>>()?;
     let test = Source::load(&sources, test_volume)?;
+    std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create --out {}", o.out.display()))?;
+
     let target = spacing.zyx();
 
     let mut jobs: Vec<(&Source, String, &'static str, u64)> = vec![];
@@ -545,4 +568,73 @@ pub fn generate(o: &Options) -> anyhow::Result<Summary> {
     });
     fsio(&o.out.join("nodules.json"), &serde_json::to_vec_pretty(&manifest)?)?;
     Ok(Summary { records, train_volumes, test_volume })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth::shape::Density;
+
+    /// Lung (-850 HU, noise sd 15) in a box of chest wall (40 HU) at 0.7 mm.
+    fn phantom() -> Source {
+        let (n, wall) = (100usize, 8usize);
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut ct = vec![40.0f32; n * n * n];
+        let mut lung = vec![false; n * n * n];
+        for z in wall..n - wall {
+            for y in wall..n - wall {
+                for x in wall..n - wall {
+                    let i = (z * n + y) * n + x;
+                    ct[i] = (-850.0 + 15.0 * normal(&mut rng)) as f32;
+                    lung[i] = true;
+                }
+            }
+        }
+        let geometry = Geometry { spacing: [0.7; 3], ..Geometry::default() };
+        Source::new("phantom", ct, [n; 3], geometry, lung, None).unwrap()
+    }
+
+    /// Nodules rendered at a fine spacing keep their drawn attenuation inside (the median of the
+    /// mask's interior voxels within 40 HU of it), the noise estimate finds the phantom's 15 HU,
+    /// and the mask measures the drawn diameter.
+    #[test]
+    fn rendered_nodules_have_their_density_size_and_noise() {
+        let src = phantom();
+        let mut solid = 0;
+        for seed in 0..16 {
+            let c = synthetic(&src, [0.7; 3], format!("c{seed}"), "train", seed).unwrap();
+            let r = &c.record;
+            let n = r.nodule.as_ref().unwrap();
+            assert!((r.noise_sd_hu.unwrap() - 15.0).abs() < 3.0, "noise {:?}", r.noise_sd_hu);
+            let w = WINDOW;
+            let interior: Vec<f64> = (0..w.pow(3))
+                .filter(|&i| {
+                    let (z, y, x) = (i / (w * w), i / w % w, i % w);
+                    [z, y, x].iter().all(|&v| v >= 2 && v < w - 2)
+                        && [1, w, w * w]
+                            .iter()
+                            .all(|&d| (0..=2).all(|k| c.mask[i - k * d] > 0 && c.mask[i + k * d] > 0))
+                })
+                .map(|i| c.image[i] as f64)
+                .collect();
+            if interior.len() < 20 || r.placement != Some(Placement::Inside) {
+                continue;
+            }
+            let median = crate::metrics::distance::quantile(&interior, 0.5);
+            let want = match n.density {
+                Density::Solid => {
+                    solid += 1;
+                    n.hu_solid
+                }
+                Density::GroundGlass => n.hu_glass,
+                Density::PartSolid => continue,
+            };
+            assert!((median - want).abs() < 40.0, "{:?}: median {median} HU, drawn {want}", n.density);
+            if n.form != crate::synth::shape::Form::Spiculated {
+                let ratio = r.mask_diameter_mm / n.diameter_mm;
+                assert!((0.9..1.1).contains(&ratio), "mask {} mm, drawn {} mm", r.mask_diameter_mm, n.diameter_mm);
+            }
+        }
+        assert!(solid >= 3, "only {solid} solid nodules checked");
+    }
 }

@@ -243,7 +243,8 @@ mod tests {
         let n = std::iter::repeat_with(|| Nodule::draw(&mut rng)).find(|n| n.density == Density::PartSolid).unwrap();
         assert_eq!(n.occupancy([0.0; 3]), SOLID);
         let rim = n.diameter_mm / 2.0 * 0.8;
-        let glass = (0..50).filter(|i| n.occupancy([rim * (*i as f64 * 0.3).cos(), rim * (*i as f64 * 0.3).sin(), 0.0]) == GLASS);
+        let glass = (0..50)
+            .filter(|i| n.occupancy([rim * (*i as f64 * 0.3).cos(), rim * (*i as f64 * 0.3).sin(), 0.0]) == GLASS);
         assert!(glass.count() > 10);
     }
 }
