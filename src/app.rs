@@ -372,8 +372,8 @@ pub enum BenchKind {
     Model,
     /// Our CPU kernels against burn Flex's own ops, op by op.
     Kernels,
-    /// The model against the PyTorch / ONNX Runtime peers run by `python peer`.
-    Compare { python: PathBuf, peer: PathBuf, rounds: usize },
+    /// The model against the PyTorch / ONNX Runtime peers.
+    Compare(crate::bench::Peer),
 }
 
 /// `bench`: the timings as the text to print; [`BenchKind::Model`] timings are also written as
@@ -388,7 +388,7 @@ pub fn bench(o: crate::bench::BenchOptions, kind: &BenchKind, json: Option<&Path
                 writeln!(s, "| {case} | {ours:.1} | {burn:.1} | {:.2} |", ours / burn)?;
             }
         }
-        BenchKind::Compare { python, peer, rounds } => s = crate::bench::compare(python, peer, o, *rounds)?,
+        BenchKind::Compare(peer) => s = crate::bench::compare(peer, o)?,
         BenchKind::Model => {
             let timings = crate::bench::run(o);
             writeln!(s, "{:<36} {:>10}", "case", "median ms")?;

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Backend {
     #[default]
@@ -20,6 +20,29 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The backends compiled in.
+    pub const VALUES: &[Backend] = &[
+        Backend::Flex,
+        #[cfg(feature = "vulkan")]
+        Backend::Vulkan,
+        #[cfg(feature = "tch")]
+        Backend::Tch,
+        #[cfg(feature = "tch")]
+        Backend::TchCuda,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Flex => "flex",
+            #[cfg(feature = "vulkan")]
+            Backend::Vulkan => "vulkan",
+            #[cfg(feature = "tch")]
+            Backend::Tch => "tch",
+            #[cfg(feature = "tch")]
+            Backend::TchCuda => "tch-cuda",
+        }
+    }
+
     pub fn device(self) -> Device {
         match self {
             Backend::Flex => Device::flex(),
@@ -34,6 +57,8 @@ impl Backend {
         }
     }
 }
+
+crate::names::by_name!(Backend, "--backend");
 
 /// Tensors are allocated and freed by the hundred per step, most of them megabytes large. glibc
 /// serves such sizes with fresh mmap pages (page faults, zeroed by the kernel on first touch) and

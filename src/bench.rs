@@ -3,7 +3,7 @@
 //! `bench/peer.py` on the same machine in the same run, reported as ratios.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -27,6 +27,27 @@ pub struct BenchOptions {
     pub backend: Backend,
     /// Only the training step of the first size (for a clean peak-memory reading).
     pub train_only: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self { reps: 10, dims: 2, backend: Backend::Flex, train_only: false }
+    }
+}
+
+/// The PyTorch / ONNX Runtime side of `bench --compare`: `python script` prints its timings as JSON.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub python: PathBuf,
+    pub script: PathBuf,
+    /// Ours and the peers alternate this many times; each side keeps its best median per case.
+    pub rounds: usize,
+}
+
+impl Default for Peer {
+    fn default() -> Self {
+        Self { python: ".venv/bin/python".into(), script: "bench/peer.py".into(), rounds: 2 }
+    }
 }
 
 impl BenchOptions {
@@ -193,25 +214,11 @@ fn peer(python: &Path, script: &Path, o: BenchOptions, threads: usize) -> anyhow
     serde_json::from_slice(&out.stdout).context("the peer printed no JSON report")
 }
 
-fn backend_name(b: Backend) -> String {
-    use clap::ValueEnum;
-    b.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
-}
-
 /// Our timings and memory, measured in a child process so its peak RSS covers training only.
 fn ours_train_memory(o: BenchOptions) -> anyhow::Result<f64> {
     let exe = std::env::current_exe()?;
     let out = Command::new(exe)
-        .args([
-            "bench",
-            "--train-only",
-            "--reps",
-            "3",
-            "--dims",
-            &o.dims.to_string(),
-            "--backend",
-            &backend_name(o.backend),
-        ])
+        .args(["bench", "--train-only", "--reps", "3", "--dims", &o.dims.to_string(), "--backend", o.backend.name()])
         .output()
         .context("cannot re-run unetpp for the memory reading")?;
     anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -223,12 +230,13 @@ fn ours_train_memory(o: BenchOptions) -> anyhow::Result<f64> {
 }
 
 /// Runs ours and the peers in one go and renders the comparison as a Markdown table.
-pub fn compare(python: &Path, script: &Path, o: BenchOptions, rounds: usize) -> anyhow::Result<String> {
+pub fn compare(p: &Peer, o: BenchOptions) -> anyhow::Result<String> {
+    let (python, script) = (p.python.as_path(), p.script.as_path());
     let threads = rayon::current_num_threads();
     // Alternate the two sides and keep each one's best median per case.
     let mut ours: Vec<Timing> = vec![];
     let mut peers: Option<PeerReport> = None;
-    for _ in 0..rounds.max(1) {
+    for _ in 0..p.rounds.max(1) {
         for t in run(o) {
             match ours.iter_mut().find(|b| b.case == t.case) {
                 Some(b) => b.median_ms = b.median_ms.min(t.median_ms),
@@ -254,7 +262,7 @@ pub fn compare(python: &Path, script: &Path, o: BenchOptions, rounds: usize) -> 
     let cell = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "–".into());
     let ratio = |a: f64, b: Option<f64>| b.map(|b| format!("{:.2}", a / b)).unwrap_or_else(|| "–".into());
     let mut s = String::new();
-    writeln!(s, "threads: {threads}; rounds: {rounds} (best median of each side); peers: {}", peers.versions)?;
+    writeln!(s, "threads: {threads}; rounds: {} (best median of each side); peers: {}", p.rounds, peers.versions)?;
     writeln!(s, "| case | unetpp ({:?}) ms | PyTorch ms | ratio | ONNX Runtime ms | ratio |", o.backend)?;
     writeln!(s, "|---|---|---|---|---|---|")?;
     for t in &ours {

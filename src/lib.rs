@@ -15,6 +15,7 @@ pub mod limits;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+mod names;
 pub mod optim;
 pub mod output;
 pub mod plot;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 use unetpp::app::{self, BenchKind, InferOptions};
 use unetpp::backend::Backend;
-use unetpp::bench::BenchOptions;
+use unetpp::bench::{BenchOptions, Peer};
 use unetpp::data::{Normalize, patch};
 use unetpp::model::{Arch, Encoder, Mode, Preset};
 use unetpp::train::{ModelOptions, TrainConfig, TrainOptions};
@@ -38,7 +38,7 @@ enum Command {
         nsd_tolerance: Option<f64>,
         /// What a label absent from both reference and prediction scores: `one` (Dice, IoU, NSD 1,
         /// HD95 0; the default) or `nan` (undefined and left out of the means, as nnU-Net)
-        #[arg(long, value_enum)]
+        #[arg(long)]
         empty: Option<unetpp::metrics::Empty>,
         #[command(flatten)]
         infer: InferArgs,
@@ -60,7 +60,7 @@ enum Command {
         #[arg(long)]
         classes: Option<usize>,
         /// `full`: 26 neighbours in 3D, 8 in 2D (nnU-Net, the default); `face`: 6 in 3D, 4 in 2D
-        #[arg(long, value_enum)]
+        #[arg(long)]
         connectivity: Option<unetpp::postprocess::Connectivity>,
     },
     /// Write masks (PNG for 2D, NIfTI for 3D) for an image, a volume or a folder of them.
@@ -109,12 +109,13 @@ enum Command {
     },
     /// Time forward passes (accurate, fast:4..1) and training steps of UNet++ L4 (modern)
     Bench {
-        /// Repetitions per case, at least (median reported; cases under 100 ms get a second of runs, at most 200)
-        #[arg(long, default_value_t = 10)]
-        reps: usize,
-        /// 3 for the 3D model (1x64x64x64)
-        #[arg(long, default_value_t = 2)]
-        dims: usize,
+        /// Repetitions per case, at least (median reported; cases under 100 ms get a second of runs,
+        /// at most 200; default 10)
+        #[arg(long)]
+        reps: Option<usize>,
+        /// 3 for the 3D model (1x64x64x64; default 2)
+        #[arg(long)]
+        dims: Option<usize>,
         /// Write the timings as JSON here
         #[arg(long)]
         json: Option<PathBuf>,
@@ -127,18 +128,20 @@ enum Command {
         #[arg(long)]
         compare: bool,
         /// With --compare: alternate ours and the peers this many times and keep each side's
-        /// best median per case (the host is shared; one slow minute should not decide a ratio)
-        #[arg(long, default_value_t = 2)]
-        rounds: usize,
+        /// best median per case (the host is shared; one slow minute should not decide a ratio;
+        /// default 2)
+        #[arg(long)]
+        rounds: Option<usize>,
         /// Per-op table instead: our CPU kernels against burn Flex's own ops, same tensors
         #[arg(long)]
         kernels: bool,
-        /// Python with torch (and onnxruntime, onnx) installed, for --compare
-        #[arg(long, default_value = ".venv/bin/python")]
-        python: PathBuf,
-        /// The peer script, for --compare
-        #[arg(long, default_value = "bench/peer.py")]
-        peer: PathBuf,
+        /// Python with torch (and onnxruntime, onnx) installed, for --compare (default
+        /// .venv/bin/python)
+        #[arg(long)]
+        python: Option<PathBuf>,
+        /// The peer script, for --compare (default bench/peer.py)
+        #[arg(long)]
+        peer: Option<PathBuf>,
     },
     /// Convert a PyTorch NestedUNet/UNet checkpoint (.pth/.pt/.safetensors) to a unetpp checkpoint
     Import {
@@ -161,8 +164,10 @@ enum Command {
         checkpoint: PathBuf,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, value_enum, default_value_t)]
-        format: unetpp::export::Format,
+        /// `safetensors` (weights with pytorch-nested-unet's names, 2D `modern`; the default) or
+        /// `onnx` (the inference graph, opset 17, probabilities out)
+        #[arg(long)]
+        format: Option<unetpp::export::Format>,
         /// ONNX only: `accurate` (mean of all heads, the default) or `fast:j` (the pruned L_j graph)
         #[arg(long)]
         mode: Option<Mode>,
@@ -240,7 +245,7 @@ impl InferArgs {
 #[derive(Args, Clone)]
 struct BackendArg {
     /// Compute backend: flex, the default (others come with the `vulkan` and `tch` cargo features)
-    #[arg(long, value_enum)]
+    #[arg(long)]
     backend: Option<Backend>,
 }
 
@@ -432,10 +437,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { reps, dims, json, backend, train_only, compare, rounds, kernels, python, peer } => {
-            let o = BenchOptions { reps, dims, backend: backend.backend.unwrap_or_default(), train_only };
+            let d = BenchOptions::default();
+            let o = BenchOptions {
+                reps: reps.unwrap_or(d.reps),
+                dims: dims.unwrap_or(d.dims),
+                backend: backend.backend.unwrap_or(d.backend),
+                train_only,
+            };
             let kind = match (kernels, compare) {
                 (true, _) => BenchKind::Kernels,
-                (_, true) => BenchKind::Compare { python, peer, rounds },
+                (_, true) => {
+                    let d = Peer::default();
+                    BenchKind::Compare(Peer {
+                        python: python.unwrap_or(d.python),
+                        script: peer.unwrap_or(d.script),
+                        rounds: rounds.unwrap_or(d.rounds),
+                    })
+                }
                 _ => BenchKind::Model,
             };
             print!("{}", app::bench(o, &kind, json.as_deref())?);
@@ -449,7 +467,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Export { checkpoint, out, format, mode, backend } => {
-            app::export(&checkpoint, &out, format, mode, backend.backend.unwrap_or_default())?;
+            app::export(&checkpoint, &out, format.unwrap_or_default(), mode, backend.backend.unwrap_or_default())?;
             println!("written to {}", out.display());
             Ok(())
         }

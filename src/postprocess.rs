@@ -13,7 +13,7 @@ use anyhow::{Context, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 /// Which neighbours join a component.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Connectivity {
     /// Faces, edges and corners: 26 neighbours in 3D, 8 in 2D (nnU-Net).
@@ -22,6 +22,19 @@ pub enum Connectivity {
     /// Faces only: 6 neighbours in 3D, 4 in 2D.
     Face,
 }
+
+impl Connectivity {
+    pub const VALUES: &[Connectivity] = &[Connectivity::Full, Connectivity::Face];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Connectivity::Full => "full",
+            Connectivity::Face => "face",
+        }
+    }
+}
+
+crate::names::by_name!(Connectivity, "--connectivity");
 
 /// Component id per voxel (0 background, 1.. in raster order of their first voxel) and each
 /// component's size (index 0 unused).

@@ -1,45 +1,8 @@
 //! End-to-end runs of the `unetpp` binary on the bundled samples, and its errors on bad input.
+mod common;
+use common::*;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn unetpp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = unetpp(args);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "unetpp {args:?} failed:\n{text}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command that must fail cleanly (exit 1, not a panic) with `needle` in its message.
-fn fails(args: &[&str], needles: &[&str]) {
-    let out = unetpp(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "unetpp {args:?} should fail with exit 1, stderr:\n{err}");
-    assert!(!err.contains("panicked"), "panic instead of an error:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks `{n}`:\n{err}");
-    }
-}
-
-fn ok_owned(args: &[String]) -> String {
-    ok(&args.iter().map(|x| x.as_str()).collect::<Vec<_>>())
-}
-
-fn fails_owned(args: &[String], needles: &[&str]) {
-    fails(&args.iter().map(|x| x.as_str()).collect::<Vec<_>>(), needles)
-}
-
-fn samples(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("samples").join(name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Tiny, fast settings; the architecture is the real one at width 4.
 const TINY_2D: &[&str] = &[
@@ -63,7 +26,7 @@ const TINY_2D: &[&str] = &[
 fn train_eval_prune_predict_2d() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let stdout = ok_owned(&train_on(&samples("nuclei"), &run));
+    let stdout = ok(&train_on(&samples("nuclei"), &run));
     assert!(stdout.contains("run written to"), "{stdout}");
     for f in [
         "config.toml",
@@ -185,7 +148,7 @@ fn resume_matches_uninterrupted_run() {
         let mut a = train_on(&data, out);
         let i = a.iter().position(|x| x == "--epochs").unwrap();
         a[i + 1] = epochs.into();
-        ok_owned(&a);
+        ok(&a);
     };
     let full = tmp.path().join("full");
     base(&full, "2");
@@ -232,7 +195,7 @@ fn train_on(data: &Path, out: &Path) -> Vec<String> {
 
 fn fails_training(data: &Path, needles: &[&str]) {
     let out = data.parent().unwrap().join("out");
-    fails_owned(&train_on(data, &out), needles);
+    fails(&train_on(data, &out), needles);
 }
 
 #[test]
@@ -279,7 +242,7 @@ fn bad_inputs_are_named() {
     let mut a = train_on(&d, &out);
     let i = a.iter().position(|x| x == "--patch").unwrap();
     a[i + 1] = "30".into();
-    fails_owned(&a, &["patch size 30", "divisible by 2^depth = 4"]);
+    fails(&a, &["patch size 30", "divisible by 2^depth = 4"]);
 
     // --skip-bad lists the bad pair and trains on the rest.
     let d = broken(&t.join("skip"));
@@ -296,10 +259,10 @@ fn existing_runs_and_checkpoints_are_never_overwritten_or_misread() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let a = train_on(&samples("nuclei"), &run);
-    ok_owned(&a);
+    ok(&a);
     let best = run.join("checkpoints/best.unetpp");
     let before = std::fs::read(&best).unwrap();
-    fails_owned(&a, &["already holds a run", "--resume"]);
+    fails(&a, &["already holds a run", "--resume"]);
     assert_eq!(std::fs::read(&best).unwrap(), before);
 
     let cut = tmp.path().join("cut.unetpp");

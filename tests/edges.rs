@@ -1,9 +1,10 @@
 //! The CLI only maps flags: what it writes is what the library computes from the same options,
 //! every command goes through `app` (and takes `--backend` where it runs a model), and bad
 //! options the library used to trust are refused with a message.
+mod common;
+use common::*;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use burn::prelude::*;
 use unetpp::app;
@@ -12,34 +13,8 @@ use unetpp::data::{DataConfig, Normalize};
 use unetpp::model::{Arch, ModelConfig, Preset};
 use unetpp::train::{ModelOptions, TrainConfig, TrainOptions};
 
-fn unetpp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = unetpp(args);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "unetpp {args:?} failed:\n{text}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command that must fail cleanly with exit `code` (1: ours, 2: clap's) and `needles`.
-fn fails(args: &[&str], code: i32, needles: &[&str]) {
-    let out = unetpp(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "unetpp {args:?} should fail with exit {code}, stderr:\n{err}");
-    assert!(!err.contains("panicked"), "panic instead of an error:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks `{n}`:\n{err}");
-    }
-}
-
 fn nuclei() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("samples").join("nuclei")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn tiny() -> ModelConfig {
@@ -118,20 +93,20 @@ fn commands_that_load_a_model_take_backend_and_the_others_refuse_it() {
     // PyTorch's bilinear up-sampling (what the import targets) aligns corners; ours does not.
     let back = checkpoint::read_meta(&imported).unwrap().model;
     assert_eq!(ModelConfig { align_corners: false, ..back }, cfg);
-    fails(
+    fails_with(
         &["prune", "--checkpoint", s(&ck), "--level", "1", "--out", s(&pruned), "--backend", "cuda"],
         2,
         &["invalid value 'cuda' for '--backend", "flex"],
     );
     // Info builds no model on a device; clap names the option it does not take.
-    fails(&["info", "--backend", "flex"], 2, &["unexpected argument '--backend'"]);
+    fails_with(&["info", "--backend", "flex"], 2, &["unexpected argument '--backend'"]);
 }
 
 #[test]
 fn bench_refuses_dims_it_has_no_model_for() {
     // Before: an index underflow panic (4D) or a 3D model with 2D sizes (1).
     for d in ["1", "4"] {
-        fails(&["bench", "--dims", d, "--reps", "1"], 1, &["--dims must be 2 or 3", &format!("got {d}")]);
+        fails_with(&["bench", "--dims", d, "--reps", "1"], 1, &["--dims must be 2 or 3", &format!("got {d}")]);
     }
 }
 
@@ -140,11 +115,11 @@ fn sizes_are_checked_where_they_are_parsed() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let data = nuclei();
-    fails(
+    fails_with(
         &["train", "--data", s(&data), "--out", s(&out), "--patch", "32,32,32,32"],
         2,
         &["--patch", "must be N, H,W or D,H,W"],
     );
-    fails(&["train", "--data", s(&data), "--out", s(&out), "--tile", "big"], 2, &["--tile", "bad size `big`"]);
+    fails_with(&["train", "--data", s(&data), "--out", s(&out), "--tile", "big"], 2, &["--tile", "bad size `big`"]);
     assert!(!out.exists());
 }

@@ -7,9 +7,10 @@
 //! - a prediction opened over its input lines up in world coordinates (label centroid), for
 //!   oblique and flipped headers in NIfTI, NRRD and MetaImage, through the library's predict
 //!   path with the model replaced by a known function, and through the CLI with a checkpoint.
+mod common;
+use common::*;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use burn::prelude::Device;
 use serde_json::Value;
@@ -192,13 +193,6 @@ fn tiny_checkpoint(path: &Path) {
     unetpp::checkpoint::save(&model.init::<5>(&Device::flex()), &meta, path).unwrap();
 }
 
-fn unetpp(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "unetpp {args:?} failed:\n{text}");
-    text
-}
-
 /// `predict` with a (randomly initialised) checkpoint: its probabilities are some function of
 /// the array the network sees, different under any flip or permutation of it. So if every
 /// input is brought to the same canonical array and its prediction written back on its own
@@ -230,7 +224,7 @@ fn predict_and_eval_through_the_cli_keep_the_world() {
             }
         }
         let out = tmp.path().join(format!("out{i}"));
-        unetpp(&["predict", "--checkpoint", &s(&ck), "--input", &s(&input), "--out", &s(&out), "--probabilities"]);
+        ok_text(&["predict", "--checkpoint", &s(&ck), "--input", &s(&input), "--out", &s(&out), "--probabilities"]);
         let mut names: Vec<String> =
             std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
@@ -278,7 +272,7 @@ fn predict_and_eval_through_the_cli_keep_the_world() {
     let data = tmp.path().join("data");
     data_set(&data, &[("oblique.nrrd", "oblique_label.nii.gz"), ("flipped.mha", "flipped_label.nii.gz")]);
     let eval = tmp.path().join("eval");
-    let text = unetpp(&["eval", "--checkpoint", &s(&ck), "--data", &s(&data), "--out", &s(&eval)]);
+    let text = ok_text(&["eval", "--checkpoint", &s(&ck), "--data", &s(&data), "--out", &s(&eval)]);
     assert!(text.contains("2 images"), "{text}");
     let scores = std::fs::read_to_string(eval.join("scores.csv")).unwrap();
     assert!(scores.contains("oblique") && scores.contains("flipped"), "{scores}");

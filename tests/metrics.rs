@@ -1,6 +1,8 @@
 //! Metrics in physical units and nnU-Net's post-processing: against scipy and MONAI on the
 //! random shapes `scripts/metrics_refs.py` wrote (tests/data/metrics/refs.json), hand-made shapes,
 //! constructed post-processing cases, and the `eval` / `postprocess` / `predict` commands.
+mod common;
+use common::*;
 
 use std::path::Path;
 
@@ -250,32 +252,6 @@ fn cpu_seconds() -> f64 {
     ticks / 100.0
 }
 
-fn unetpp(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs")
-}
-
-fn ok(args: &[&str]) -> (String, String) {
-    let out = unetpp(args);
-    let (o, e) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
-    assert!(out.status.success(), "unetpp {args:?} failed:\n{o}{e}");
-    (o, e)
-}
-
-/// A command that must fail cleanly (exit 1, no panic) naming each of `needles`.
-fn fails(args: &[&str], needles: &[&str]) {
-    let out = unetpp(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "unetpp {args:?} should fail with exit 1:\n{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks `{n}`:\n{err}");
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Components (8-connected) of each predicted PNG mask in `dir`.
 fn components_per_mask(dir: &Path) -> Vec<usize> {
     let mut v = vec![];
@@ -295,12 +271,12 @@ fn eval_reports_surface_metrics_and_postprocess_is_decided_and_applied() {
     let nuclei = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/nuclei");
     let run = t.join("run");
     #[rustfmt::skip]
-    ok(&["train", "--data", s(&nuclei), "--out", s(&run), "--width", "4", "--depth", "2", "--epochs", "3",
+    ok_both(&["train", "--data", s(&nuclei), "--out", s(&run), "--width", "4", "--depth", "2", "--epochs", "3",
         "--steps-per-epoch", "6", "--batch-size", "2", "--patch", "32", "--tile", "64", "--lr", "3e-3"]);
     // Trained just enough (and seeded) to predict several separate nuclei per test image.
     let ck = run.join("checkpoints/best.unetpp");
 
-    let (stdout, _) = ok(&["eval", "--checkpoint", s(&ck), "--data", s(&nuclei), "--out", s(&t.join("e1"))]);
+    let (stdout, _) = ok_both(&["eval", "--checkpoint", s(&ck), "--data", s(&nuclei), "--out", s(&t.join("e1"))]);
     assert!(stdout.contains("mean HD95") && stdout.contains("NSD@1"), "{stdout}");
     let csv = std::fs::read_to_string(t.join("e1/scores.csv")).unwrap();
     assert!(csv.starts_with("image,dice,iou,hd95,nsd\n"), "{csv}");
@@ -312,14 +288,14 @@ fn eval_reports_surface_metrics_and_postprocess_is_decided_and_applied() {
     assert!(summary["postprocess"].is_null());
     let out = t.join("e-nan");
     #[rustfmt::skip]
-    ok(&["eval", "--checkpoint", s(&ck), "--data", s(&nuclei), "--out", s(&out), "--empty", "nan", "--nsd-tolerance", "2.5"]);
+    ok_both(&["eval", "--checkpoint", s(&ck), "--data", s(&nuclei), "--out", s(&out), "--empty", "nan", "--nsd-tolerance", "2.5"]);
     let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(
         (&summary["summary"]["surface"]["empty"], &summary["summary"]["surface"]["nsd_tolerance"]),
         (&"nan".into(), &2.5.into())
     );
-    let out = unetpp(&["eval", "--checkpoint", s(&ck), "--data", s(&nuclei), "--out", s(&out), "--empty", "zero"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("[possible values: one, nan]"));
+    #[rustfmt::skip]
+    fails_with(&["eval", "--checkpoint", s(&ck), "--data", s(&nuclei), "--out", s(&out), "--empty", "zero"], 2, &["--empty must be one of one, nan, got `zero`"]);
     let e1 = t.join("e1").to_string_lossy().into_owned();
     fails(
         &["eval", "--checkpoint", s(&ck), "--data", s(&nuclei), "--out", &e1, "--nsd-tolerance=-1"],
@@ -328,9 +304,9 @@ fn eval_reports_surface_metrics_and_postprocess_is_decided_and_applied() {
 
     // Decide on the validation predictions.
     let preds = t.join("val-pred");
-    ok(&["predict", "--checkpoint", s(&ck), "--input", s(&nuclei.join("val/images")), "--out", s(&preds)]);
+    ok_both(&["predict", "--checkpoint", s(&ck), "--input", s(&nuclei.join("val/images")), "--out", s(&preds)]);
     let decision = t.join("decision.json");
-    let (stdout, _) = ok(&[
+    let (stdout, _) = ok_both(&[
         "postprocess",
         "--predictions",
         s(&preds),
@@ -364,17 +340,18 @@ fn eval_reports_surface_metrics_and_postprocess_is_decided_and_applied() {
 
     // A decision beside the checkpoint is applied by predict and eval.
     let test_images = nuclei.join("test/images");
-    ok(&["predict", "--checkpoint", s(&ck), "--input", s(&test_images), "--out", s(&t.join("plain"))]);
+    ok_both(&["predict", "--checkpoint", s(&ck), "--input", s(&test_images), "--out", s(&t.join("plain"))]);
     let mut forced: Value = d.clone();
     forced["keep_largest_foreground"] = Value::Bool(true);
     forced["connectivity"] = "full".into();
     std::fs::write(postprocess::beside(&ck), forced.to_string()).unwrap();
-    let (_, stderr) = ok(&["predict", "--checkpoint", s(&ck), "--input", s(&test_images), "--out", s(&t.join("pp"))]);
+    let (_, stderr) =
+        ok_both(&["predict", "--checkpoint", s(&ck), "--input", s(&test_images), "--out", s(&t.join("pp"))]);
     assert!(stderr.contains("best.postprocess.json"), "{stderr}");
     let (plain, pp) = (components_per_mask(&t.join("plain")), components_per_mask(&t.join("pp")));
     assert!(plain.iter().any(|&n| n > 1), "the test needs predictions with several components: {plain:?}");
     assert!(pp.iter().all(|&n| n <= 1), "{pp:?}");
-    let (_, stderr) = ok(&["eval", "--checkpoint", s(&ck), "--data", s(&nuclei), "--out", s(&t.join("e2"))]);
+    let (_, stderr) = ok_both(&["eval", "--checkpoint", s(&ck), "--data", s(&nuclei), "--out", s(&t.join("e2"))]);
     assert!(stderr.contains("applying the post-processing"), "{stderr}");
     let summary: Value = serde_json::from_str(&std::fs::read_to_string(t.join("e2/summary.json")).unwrap()).unwrap();
     assert!(summary["postprocess"].as_str().unwrap().ends_with("best.postprocess.json"));
@@ -390,16 +367,23 @@ fn eval_reports_surface_metrics_and_postprocess_is_decided_and_applied() {
     assert!(!t.join("e3").exists(), "nothing written before the check");
 }
 
+/// A volume's spacing `[z, y, x]` in the file's own voxel order (the reader's geometry).
+fn file_spacing(path: &Path) -> [f64; 3] {
+    let g = unetpp::data::io::read_raw(path).unwrap().geometry.unwrap();
+    [g.spacing[2], g.spacing[1], g.spacing[0]]
+}
+
 #[test]
 fn spacing_comes_from_the_nifti_header_and_is_pixels_in_2d() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples");
     // pixdim[1..=3] of lung1 as stored: 0.5703125, 0.5703125, 5 (x, y, z).
-    let lung1 = metrics::spacing_of(&root.join("lesions/test/labels/lung1.nii.gz")).unwrap();
+    let lung1 = file_spacing(&root.join("lesions/test/labels/lung1.nii.gz"));
     assert_eq!(lung1, [5.0, 0.5703125, 0.5703125]);
-    let png = root.join("nuclei/val/masks/2022-05-26_RPE1_2198.png");
-    assert_eq!(metrics::spacing_of(&png).unwrap(), [1.0; 3]);
-    let err = metrics::spacing_of(&root.join("nuclei/val/masks/missing.nii.gz")).unwrap_err();
-    assert!(format!("{err:#}").contains("missing.nii.gz"), "{err:#}");
+    let cfg = unetpp::data::DataConfig::new(1, 1, unetpp::data::Normalize::ZScore);
+    let volume = unetpp::infer::read_unlabelled(&root.join("lesions/test/images/lung1.nii.gz"), &cfg).unwrap();
+    assert_eq!(metrics::voxel_spacing(&volume), [5.0, 0.5703125, 0.5703125]);
+    let png = root.join("nuclei/val/images/2022-05-26_RPE1_2198.tif");
+    assert_eq!(metrics::voxel_spacing(&unetpp::infer::read_unlabelled(&png, &cfg).unwrap()), [1.0; 3]);
 }
 
 #[test]
@@ -411,7 +395,7 @@ fn hd95_and_nsd_match_monai_on_real_lesions_in_mm() {
         // The file's own voxel order (read_mask would LPS-align it), as numpy read it.
         let raw = unetpp::data::io::read_raw(&path).unwrap();
         let (truth, shape): (Vec<u8>, _) = (raw.data.iter().map(|&v| (v > 0.0) as u8).collect(), raw.shape);
-        let spacing = metrics::spacing_of(&path).unwrap();
+        let spacing = file_spacing(&path);
         assert_eq!(spacing, arr3(&case["spacing"], |v| v.as_f64().unwrap()));
         let shift = arr3(&case["shift"], |v| v.as_i64().unwrap());
         let mut pred = vec![0u8; truth.len()];

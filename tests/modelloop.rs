@@ -1,11 +1,7 @@
 //! The model's choices reach the command line through their own `FromStr` (no CLI derive in the
 //! model): every name parses, and a wrong one is refused with the option and the allowed names.
-
-use std::process::{Command, Output};
-
-fn unetpp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs")
-}
+mod common;
+use common::*;
 
 /// Each name picks its model: the parameter counts `info` prints differ between the choices
 /// (the same counts the build before the change printed, which parsed through clap's derive).

@@ -1,37 +1,12 @@
 //! nnU-Net raw data sets (issue #17) on the committed fixture `tests/data/nnunet/Dataset990_Tiny`
 //! (five 16^3 chest-CT crops, channels CT + smoothed, labels background / lung / spine; built and
 //! its numpy reference values written by `scripts/make_nnunet_dataset.py --fixture`).
+mod common;
+use common::*;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use unetpp::data::intensity::ChannelNorm;
-
-fn unetpp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = unetpp(args);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "unetpp {args:?} failed:\n{text}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command that must fail cleanly (exit 1, not a panic) with each needle in its message.
-fn fails(args: &[&str], needles: &[&str]) {
-    let out = unetpp(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "unetpp {args:?} should fail with exit 1, stderr:\n{err}");
-    assert!(!err.contains("panicked"), "panic instead of an error:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks `{n}`:\n{err}");
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nnunet/Dataset990_Tiny")

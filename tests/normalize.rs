@@ -1,38 +1,16 @@
 //! Every normalisation means the same on every format (intensities in the file's own units), an
 //! imported PyTorch model gives PyTorch's probabilities on image files through the CLI, labels are
 //! read in the file's own values, and grey float TIFFs are read.
+mod common;
+use common::*;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use unetpp::data::io::{read_input, read_mask, read_raw};
 use unetpp::data::{DataConfig, Normalize};
 
 fn torch(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/torch").join(name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Runs the `unetpp` binary, which must succeed; returns stdout and stderr.
-fn ok(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "unetpp {args:?} failed:\n{text}");
-    text
-}
-
-/// Runs a command that must fail cleanly (exit 1, not a panic) with every needle in its message.
-fn fails(args: &[&str], needles: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "unetpp {args:?} should fail with exit 1, stderr:\n{err}");
-    assert!(!err.contains("panicked"), "panic instead of an error:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks `{n}`:\n{err}");
-    }
 }
 
 fn grey8(path: &Path, w: u32, h: u32, v: Vec<u8>) {
@@ -82,10 +60,20 @@ fn imported_models_give_pytorchs_probabilities_on_image_files() {
         ("window", "scaling/window_model.pth", "window:1000:40000"),
     ] {
         let ck = tmp.path().join(format!("{folder}.unetpp"));
-        ok(&["import", "--from", s(&torch(model)), "--out", s(&ck), "--normalize", normalize]);
+        ok_text(&["import", "--from", s(&torch(model)), "--out", s(&ck), "--normalize", normalize]);
         let out = tmp.path().join(folder);
         let inputs = torch("scaling").join(folder);
-        ok(&["predict", "--checkpoint", s(&ck), "--input", s(&inputs), "--out", s(&out), "--probabilities", "png"]);
+        ok_text(&[
+            "predict",
+            "--checkpoint",
+            s(&ck),
+            "--input",
+            s(&inputs),
+            "--out",
+            s(&out),
+            "--probabilities",
+            "png",
+        ]);
         for entry in std::fs::read_dir(&inputs).unwrap() {
             let stem = unetpp::data::stem(&entry.unwrap().path());
             let mut c = 0;
@@ -217,7 +205,7 @@ fn grey_float_tiffs_are_read_and_checked() {
     }
     // Through the CLI too: predict stops on it, naming the file.
     let ck = tmp.path().join("m.unetpp");
-    ok(&["import", "--from", s(&torch("nested_c1_k3.pth")), "--out", s(&ck)]);
+    ok_text(&["import", "--from", s(&torch("nested_c1_k3.pth")), "--out", s(&ck)]);
     let nan = tmp.path().join("bad NaN.tif");
     fails(
         &["predict", "--checkpoint", s(&ck), "--input", s(&nan), "--out", s(&tmp.path().join("out"))],

@@ -1,40 +1,12 @@
 //! `predict` and `eval` outputs: never over the inputs or the ground truth, never over each other,
 //! never over a user's file without `--overwrite`, and complete or absent on a full disk.
+mod common;
+use common::*;
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
-
-fn unetpp<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs")
-}
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-fn ok<S: AsRef<OsStr>>(args: &[S]) -> String {
-    let out = unetpp(args);
-    assert!(out.status.success(), "unetpp failed:\n{}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command that must fail cleanly (exit 1, not a panic) with every needle in its message.
-fn fails<S: AsRef<OsStr>>(args: &[S], needles: &[&str]) -> String {
-    let out = unetpp(args);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "should fail with exit 1:\n{}", text(&out));
-    assert!(!err.contains("panicked"), "panic instead of an error:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks `{n}`:\n{err}");
-    }
-    err
-}
-
-fn samples(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("samples").join(name)
-}
 
 /// One tiny 2D model (width 4, depth 2) shared by every test of this file.
 fn checkpoint() -> &'static Path {

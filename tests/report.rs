@@ -2,30 +2,13 @@
 //! report and these tests fail on any console error, failed or non-local request, image that
 //! does not load, a blank screenshot, or a column header click that does not sort the table.
 //! `UNETPP_NO_BROWSER=1` skips only the browser part, loudly.
+mod common;
+use common::*;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
 use serde_json::Value;
-
-fn unetpp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = unetpp(args);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "unetpp {args:?} failed:\n{text}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn samples(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("samples").join(name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 const INSTALL: &str = "install them with `apt-get install chromium` and \
     `npm install --prefix /var/tmp/unetpp-node playwright-core` (what .ci/run does), or set UNETPP_NO_BROWSER=1 \

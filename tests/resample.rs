@@ -1,6 +1,8 @@
 //! Resampling to a target spacing (src/data/volume/resample.rs) against nnU-Net's resampling as
 //! skimage/scipy compute it (scripts/resample_refs.py, outputs in tests/data/resample/), and its
 //! guarantees on labels and probabilities.
+mod common;
+use common::*;
 
 use std::path::Path;
 
@@ -173,36 +175,6 @@ fn bad_spacings_shapes_and_oversized_targets_are_errors_naming_the_value() {
     assert!(resample_labels(&[0; 65], &plan).is_err());
 }
 
-fn unetpp(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = unetpp(args);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "unetpp {args:?} failed:\n{text}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command that must fail cleanly with exit `code` (1: ours, 2: clap's) and `needles`.
-fn fails(args: &[&str], code: i32, needles: &[&str]) {
-    let out = unetpp(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "unetpp {args:?} should fail with exit {code}, stderr:\n{err}");
-    assert!(!err.contains("panicked"), "panic instead of an error:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks `{n}`:\n{err}");
-    }
-}
-
-fn samples(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("samples").join(name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Tiny 3D settings as tests/cli.rs's 3D run.
 const TINY_3D: &[&str] = &[
     "--width",
@@ -270,13 +242,13 @@ fn bad_spacing_options_are_refused_by_name() {
     for (bad, needle) in [("0,1,1", "greater than 0"), ("1,NaN,1", "greater than 0"), ("1,2", "X,Y,Z")] {
         let mut args = vec!["train", "--data", s(&data), "--out", s(&r), "--spacing", bad];
         args.extend(TINY_3D);
-        fails(&args, 2, &["--spacing", needle]);
+        fails_with(&args, 2, &["--spacing", needle]);
     }
     assert!(!r.exists(), "nothing written for a refused option");
     // A target spacing means nothing to 2D images.
     let nuclei = samples("nuclei");
     let out = tmp.path().join("r2");
-    fails(
+    fails_with(
         &["train", "--data", s(&nuclei), "--out", s(&out), "--spacing", "1,1,1", "--patch", "32", "--epochs", "1"],
         1,
         &["--spacing", "2D"],

@@ -12,7 +12,7 @@ use burn::prelude::*;
 use crate::checkpoint::{self, Meta};
 use crate::model::Mode;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Format {
     /// Weights with pytorch-nested-unet's names (2D `modern` models)
     #[default]
@@ -20,6 +20,19 @@ pub enum Format {
     /// The inference graph (opset 17), probabilities out
     Onnx,
 }
+
+impl Format {
+    pub const VALUES: &[Format] = &[Format::Safetensors, Format::Onnx];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::Onnx => "onnx",
+        }
+    }
+}
+
+crate::names::by_name!(Format, "--format");
 
 /// Writes checkpoint `ck` to `out` (atomically) in `format`; `mode` (ONNX only, default
 /// `accurate`) picks the heads and nodes the graph holds.

@@ -3,6 +3,7 @@
 //! writes files: [`writer`] turns the results into prediction files, overlays and score tables.
 
 pub mod by_label;
+pub mod shard;
 pub mod writer;
 
 use std::path::Path;

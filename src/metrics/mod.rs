@@ -9,10 +9,6 @@
 pub mod distance;
 pub mod edt;
 
-use std::path::Path;
-
-use anyhow::Context;
-
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -54,7 +50,7 @@ pub fn per_class(pred: &[u8], truth: &[u8], classes: usize) -> (Vec<Overlap>, Ov
 }
 
 /// What a label empty in both the reference and the prediction scores.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Empty {
     /// Dice, IoU and NSD 1, HD95 0.
@@ -63,6 +59,19 @@ pub enum Empty {
     /// Every score NaN and left out of the means (nnU-Net).
     Nan,
 }
+
+impl Empty {
+    pub const VALUES: &[Empty] = &[Empty::One, Empty::Nan];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Empty::One => "one",
+            Empty::Nan => "nan",
+        }
+    }
+}
+
+crate::names::by_name!(Empty, "--empty");
 
 /// How `eval` scores: the NSD tolerance (mm, or pixels for 2D images) and the empty convention.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -158,20 +167,6 @@ pub fn voxel_spacing(s: &crate::data::Sample) -> [f64; 3] {
         let g = f.geometry().spacing;
         [g[2], g[1], g[0]]
     })
-}
-
-/// The voxel spacing of an image as `[z, y, x]`: NIfTI's pixdim (ITK's reading of it) for
-/// volumes, 1 (pixel units) for 2D image files, which carry no spacing unetpp reads.
-pub fn spacing_of(path: &Path) -> anyhow::Result<[f64; 3]> {
-    if !crate::data::io::is_volume(path) {
-        return Ok([1.0; 3]);
-    }
-    // The header alone: reading (and decompressing) the voxels again only for it would be waste.
-    let header =
-        nifti::NiftiHeader::from_file(path).with_context(|| format!("cannot read the header of {}", path.display()))?;
-    let g = crate::data::volume::nifti::nifti_geometry(&header)
-        .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
-    Ok([g.spacing[2], g.spacing[1], g.spacing[0]])
 }
 
 /// One label's means over the cases where it is defined (not NaN).

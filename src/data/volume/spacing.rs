@@ -85,13 +85,13 @@ pub fn resample_sample(s: &Sample, spacing: [f64; 3], target: Spacing) -> anyhow
 }
 
 /// The voxel spacing (mm, x, y, z) of a sample's (LPS-aligned) array; `None` for a 2D image.
-pub fn spacing_of(s: &Sample) -> anyhow::Result<Option<[f64; 3]>> {
-    Ok(s.geometry.as_ref().map(|f| f.geometry().spacing))
+pub fn spacing_of(s: &Sample) -> Option<[f64; 3]> {
+    s.geometry.as_ref().map(|f| f.geometry().spacing)
 }
 
 /// The spacing of a volume sample that is to be resampled to `target`; a 2D image is an error.
 fn volume_spacing(s: &Sample, target: Spacing) -> anyhow::Result<[f64; 3]> {
-    spacing_of(s)?.ok_or_else(|| {
+    spacing_of(s).ok_or_else(|| {
         anyhow::anyhow!(
             "--spacing {target}: {} is a 2D image; a target spacing applies to 3D volumes only",
             s.source.display()
