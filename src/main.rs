@@ -194,17 +194,19 @@ enum Synth {
     Nodules {
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        /// Seed of every random choice (default 0): the same seed gives the same files
+        #[arg(long)]
+        seed: Option<u64>,
         /// Training cases (default 120)
         #[arg(long)]
         cases: Option<usize>,
         /// Synthetic test cases (default 24)
         #[arg(long)]
         test_cases: Option<usize>,
-        /// The lung volume kept for testing; the other one and the chest CT feed training
-        #[arg(long, value_enum, default_value_t)]
-        holdout: unetpp::synth::nodules::Holdout,
+        /// The lung volume kept for testing, lung1 (default) or lung2; the other one and the
+        /// chest CT feed training
+        #[arg(long)]
+        holdout: Option<unetpp::synth::nodules::Holdout>,
         /// Voxel spacing of the cases, X,Y,Z in mm or one number (default 1)
         #[arg(long)]
         spacing: Option<unetpp::data::volume::spacing::Spacing>,

@@ -2,18 +2,17 @@
 //! inside the lungs of the volume they came from, sizes and densities in the stated ranges, and
 //! a data set the crate's nnU-Net reader takes.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
+
+use common::{fails, ok, s};
 
 use serde_json::Value;
 use unetpp::data::volume::{self, Geometry, Volume};
 use unetpp::synth::{lung, nodules};
-
-fn unetpp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_unetpp")).args(args).output().expect("binary runs")
-}
 
 /// The project's shared data (`../shared/data` beside the checkout, or one level further up
 /// from a worktree).
@@ -34,8 +33,7 @@ fn generated(cell: &'static OnceLock<(tempfile::TempDir, PathBuf)>, seed: &str) 
             let src = sources();
             let args = ["synth", "nodules", "--out", out.to_str().unwrap(), "--seed", seed, "--cases", "6"];
             let args = [&args[..], &["--test-cases", "3", "--sources", src.to_str().unwrap()]].concat();
-            let o = unetpp(&args);
-            assert!(o.status.success(), "synth failed:\n{}", String::from_utf8_lossy(&o.stderr));
+            ok(&args);
             (tmp, out)
         })
         .1

@@ -39,7 +39,7 @@ const OFFSET_MM: f64 = 8.0;
 const VESSEL_HU: f32 = -500.0;
 
 /// Which lung volume feeds the test split (and whose real nodule is the real test case).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Holdout {
     #[default]
@@ -47,8 +47,12 @@ pub enum Holdout {
     Lung2,
 }
 
+crate::names::by_name!(Holdout, "--holdout");
+
 impl Holdout {
-    fn name(self) -> &'static str {
+    pub const VALUES: &[Holdout] = &[Holdout::Lung1, Holdout::Lung2];
+
+    pub fn name(self) -> &'static str {
         match self {
             Holdout::Lung1 => "lung1",
             Holdout::Lung2 => "lung2",
@@ -59,12 +63,14 @@ impl Holdout {
 #[derive(Clone, Debug, Default)]
 pub struct Options {
     pub out: PathBuf,
-    pub seed: u64,
+    /// Default 0.
+    pub seed: Option<u64>,
     /// Training cases; default [`DEFAULT_CASES`].
     pub cases: Option<usize>,
     /// Synthetic test cases; default [`DEFAULT_TEST_CASES`].
     pub test_cases: Option<usize>,
-    pub holdout: Holdout,
+    /// Default lung1.
+    pub holdout: Option<Holdout>,
     /// Default [`DEFAULT_SPACING_MM`] along every axis.
     pub spacing: Option<Spacing>,
     /// The folder holding `lesions-pyradiomics/` and `chest-ct-slicerio/`; default the
@@ -504,6 +510,7 @@ pub fn generate(o: &Options) -> anyhow::Result<Summary> {
     ensure!(sources.is_dir(), "--sources {}: not a folder", sources.display());
     let spacing = o.spacing.unwrap_or(Spacing([DEFAULT_SPACING_MM; 3]));
     spacing.check().map_err(anyhow::Error::msg)?;
+    let seed = o.seed.unwrap_or(0);
     let (cases, test_cases) = (o.cases.unwrap_or(DEFAULT_CASES), o.test_cases.unwrap_or(DEFAULT_TEST_CASES));
     ensure!(cases >= 1, "--cases must be at least 1");
     ensure!(test_cases >= 1, "--test-cases must be at least 1");
@@ -515,8 +522,9 @@ pub fn generate(o: &Options) -> anyhow::Result<Summary> {
     let out_abs = if o.out.exists() { std::fs::canonicalize(&o.out)? } else { std::path::absolute(&o.out)? };
     let src_abs = std::fs::canonicalize(&sources)?;
     ensure!(!out_abs.starts_with(&src_abs), "--out {} lies inside --sources {}", o.out.display(), sources.display());
-    let test_volume = o.holdout.name();
-    let train_volumes = vec!["chest", if o.holdout == Holdout::Lung1 { "lung2" } else { "lung1" }];
+    let holdout = o.holdout.unwrap_or_default();
+    let test_volume = holdout.name();
+    let train_volumes = vec!["chest", if holdout == Holdout::Lung1 { "lung2" } else { "lung1" }];
     let train: Vec<Source> = train_volumes.iter().map(|n| Source::load(&sources, n)).collect::<anyhow::Result<_>>()?;
     let test = Source::load(&sources, test_volume)?;
     std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create --out {}", o.out.display()))?;
@@ -526,10 +534,10 @@ pub fn generate(o: &Options) -> anyhow::Result<Summary> {
     let mut jobs: Vec<(&Source, String, &'static str, u64)> = vec![];
     for i in 0..cases {
         let s = &train[i % train.len()];
-        jobs.push((s, format!("tr{i:03}_{}", s.name), "train", case_seed(o.seed, 1, i)));
+        jobs.push((s, format!("tr{i:03}_{}", s.name), "train", case_seed(seed, 1, i)));
     }
     for i in 0..test_cases {
-        jobs.push((&test, format!("ts{i:03}_{}", test.name), "test", case_seed(o.seed, 2, i)));
+        jobs.push((&test, format!("ts{i:03}_{}", test.name), "test", case_seed(seed, 2, i)));
     }
     for d in ["imagesTr", "labelsTr", "imagesTs", "labelsTs", "real/imagesTs", "real/labelsTs"] {
         std::fs::create_dir_all(o.out.join(d))?;
@@ -551,7 +559,7 @@ pub fn generate(o: &Options) -> anyhow::Result<Summary> {
     let what = format!(
         "synthetic lung nodules (unetpp synth nodules --seed {} --holdout {test_volume} --spacing {spacing}): \
          training cases from {}, test cases from {test_volume}",
-        o.seed,
+        seed,
         train_volumes.join(" and ")
     );
     let fsio = crate::fsio::write_atomic;
@@ -559,7 +567,7 @@ pub fn generate(o: &Options) -> anyhow::Result<Summary> {
     let real_what = format!("the real nodule of {test_volume} (pyradiomics), resampled to {spacing} mm");
     fsio(&o.out.join("real/dataset.json"), &dataset_json("RealNodule", 0, real_what)?)?;
     let manifest = json!({
-        "seed": o.seed,
+        "seed": seed,
         "holdout": test_volume,
         "spacing_mm": spacing.0,
         "train_volumes": train_volumes,
