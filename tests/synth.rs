@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use common::{fails, ok, s};
+use common::{fails, fails_with, ok, s};
 
 use serde_json::Value;
 use unetpp::data::volume::{self, Geometry, Volume};
@@ -239,20 +239,17 @@ fn bad_options_are_refused() {
     std::fs::create_dir(&full).unwrap();
     std::fs::write(full.join("keep.txt"), b"mine").unwrap();
     let src = sources();
-    let s = |p: &Path| p.to_str().unwrap().to_string();
-    let run = |args: &[String], needle: &str| {
-        let o = unetpp(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
-        assert!(err.contains(needle) && !err.contains("panicked"), "{args:?}: {err}");
-    };
-    let base = |out: &Path| vec!["synth".into(), "nodules".into(), "--out".into(), s(out)];
-    run(&[base(&full), vec!["--sources".into(), s(&src)]].concat(), "is not empty");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let base = ["synth", "nodules", "--sources", s(&src), "--out"];
+    fails(&[&base[..], &[s(&full)]].concat(), &["--out", "is not empty"]);
     assert_eq!(std::fs::read(full.join("keep.txt")).unwrap(), b"mine");
-    run(&[base(&tmp.path().join("a")), vec!["--sources".into(), s(tmp.path())]].concat(), "not found");
-    run(
-        &[base(&tmp.path().join("b")), vec!["--cases".into(), "0".into(), "--sources".into(), s(&src)]].concat(),
-        "--cases",
-    );
-    assert!(!tmp.path().join("b").exists());
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fails(&["synth", "nodules", "--sources", s(&empty), "--out", s(&a)], &["not found", "--sources"]);
+    let inside = src.join("lesions-pyradiomics/synth-test-out");
+    fails(&[&base[..], &[s(&inside)]].concat(), &["lies inside --sources"]);
+    assert!(!inside.exists());
+    fails(&[&base[..], &[s(&b), "--cases", "0"]].concat(), &["--cases"]);
+    fails_with(&[&base[..], &[s(&b), "--holdout", "lung3"]].concat(), 2, &["--holdout must be one of lung1, lung2"]);
+    assert!(!a.exists() && !b.exists());
 }

@@ -519,8 +519,7 @@ pub fn generate(o: &Options) -> anyhow::Result<Summary> {
             std::fs::read_dir(&o.out).with_context(|| format!("--out {}: not a folder", o.out.display()))?;
         ensure!(entries.next().is_none(), "--out {}: exists and is not empty; choose a new folder", o.out.display());
     }
-    let out_abs = if o.out.exists() { std::fs::canonicalize(&o.out)? } else { std::path::absolute(&o.out)? };
-    let src_abs = std::fs::canonicalize(&sources)?;
+    let (out_abs, src_abs) = (crate::output::resolve(&o.out), crate::output::resolve(&sources));
     ensure!(!out_abs.starts_with(&src_abs), "--out {} lies inside --sources {}", o.out.display(), sources.display());
     let holdout = o.holdout.unwrap_or_default();
     let test_volume = holdout.name();
