@@ -570,3 +570,18 @@ fn ensure_not_input(out: &Path, inputs: &[&Path]) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `synth nodules`: writes the benchmark and says what went where.
+pub fn synth_nodules(o: &crate::synth::nodules::Options) -> anyhow::Result<String> {
+    let s = crate::synth::nodules::generate(o)?;
+    let count = |split: &str| s.records.iter().filter(|r| r.split == split).count();
+    Ok(format!(
+        "{} training cases (from {}), {} test cases (from {}) and the real nodule of {} (in real/) written to {}\n",
+        count("train"),
+        s.train_volumes.join(", "),
+        count("test"),
+        s.test_volume,
+        s.test_volume,
+        o.out.display()
+    ))
+}

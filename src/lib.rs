@@ -26,4 +26,5 @@ pub mod postprocess;
 pub mod probabilities;
 pub mod progress;
 pub mod report;
+pub mod synth;
 pub mod train;

@@ -246,6 +246,38 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
     },
+    /// Make a synthetic benchmark from real images (docs/nodules.md)
+    #[command(subcommand)]
+    Synth(Synth),
+}
+
+#[derive(Subcommand)]
+enum Synth {
+    /// Lung nodules placed in real chest CTs, written as an nnU-Net data set (imagesTr, labelsTr,
+    /// imagesTs, labelsTs) with the held-out volume's real nodule in OUT/real/
+    Nodules {
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of every random choice (default 0): the same seed gives the same files
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Training cases (default 120)
+        #[arg(long)]
+        cases: Option<usize>,
+        /// Synthetic test cases (default 24)
+        #[arg(long)]
+        test_cases: Option<usize>,
+        /// The lung volume kept for testing, lung1 (default) or lung2; the other one and the
+        /// chest CT feed training
+        #[arg(long)]
+        holdout: Option<unetpp::synth::nodules::Holdout>,
+        /// Voxel spacing of the cases, X,Y,Z in mm or one number (default 1)
+        #[arg(long)]
+        spacing: Option<unetpp::data::volume::spacing::Spacing>,
+        /// Folder holding lesions-pyradiomics/ and chest-ct-slicerio/ (default ../shared/data)
+        #[arg(long)]
+        sources: Option<PathBuf>,
+    },
 }
 
 /// What `eval` and `predict` share.
@@ -602,6 +634,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export { checkpoint, out, format, mode, backend } => {
             app::export(&checkpoint, &out, format.unwrap_or_default(), mode, backend.backend.unwrap_or_default())?;
             println!("written to {}", out.display());
+            Ok(())
+        }
+        Command::Synth(Synth::Nodules { out, seed, cases, test_cases, holdout, spacing, sources }) => {
+            let o = unetpp::synth::nodules::Options { out, seed, cases, test_cases, holdout, spacing, sources };
+            print!("{}", app::synth_nodules(&o)?);
             Ok(())
         }
         Command::Info { checkpoint, model } => {
