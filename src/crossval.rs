@@ -152,20 +152,7 @@ fn summarize(
     settings: &metrics::Settings,
     names: &[String],
 ) -> Summary {
-    let col = |f: fn(&ImageScore) -> f64| metrics::nan_mean_std(&scores.iter().map(f).collect::<Vec<_>>());
-    let ((mean_dice, std_dice), (mean_iou, std_iou)) = (col(|s| s.dice), col(|s| s.iou));
-    let labels: Vec<&[metrics::LabelScore]> = scores.iter().map(|s| s.per_class.as_slice()).collect();
-    Summary {
-        mode: mode.to_string(),
-        images: scores.len(),
-        mean_dice,
-        std_dice,
-        mean_iou,
-        std_iou,
-        seconds,
-        per_class: by_label::class_means(scores, names),
-        surface: Some(metrics::summarize(&labels, settings)),
-    }
+    Summary { per_class: by_label::class_means(scores, names), ..Summary::of(scores, mode, seconds, settings) }
 }
 
 /// nnU-Net's post-processing decided on the cross-validation predictions `cases`, written to

@@ -120,7 +120,7 @@ fn the_memory_and_time_budgets_shape_the_plan() {
     let tight = plan_with(&["--budget", "20s", "--memory", "30MiB"], "tight");
     let voxels = |p: &Plan| p.patch.iter().product::<usize>();
     assert!(voxels(&tight) < voxels(&roomy), "{:?} vs {:?}", tight.patch, roomy.patch);
-    assert!(tight.step_bytes <= tight.memory_budget_bytes && tight.memory_budget_bytes < 30.0 * 1048576.0);
+    assert!(tight.step_bytes <= tight.memory_budget_bytes && tight.memory_budget_bytes < 30.0 * 1048576.0, "{tight:?}");
     // The steps fill the budget at the measured step time (with a tenth kept for validation).
     let long = plan_with(&["--budget", "2min", "--memory", "4GiB"], "long");
     for p in [&roomy, &long] {

@@ -162,7 +162,8 @@ fn predict_to(
 ) -> PyResult<Vec<PathBuf>> {
     let opts = options(mode, tile, backend(backend_name)?)?;
     let probs = probabilities.map(str::parse::<unetpp::probabilities::Format>).transpose().map_err(value_error)?;
-    py.detach(|| unetpp::app::predict(&checkpoint, &input, &out, &opts, probs, overwrite)).map_err(error)
+    let p = unetpp::app::PredictOptions { probabilities: probs, overwrite, shard: None };
+    py.detach(|| unetpp::app::predict(&[checkpoint], &input, &out, &opts, &p)).map_err(error)
 }
 
 /// `unetpp eval`; returns the `summary.json` it wrote.
@@ -179,7 +180,7 @@ fn evaluate(
 ) -> PyResult<String> {
     let opts = options(mode, None, backend(backend_name)?)?;
     py.detach(|| {
-        unetpp::app::eval(&checkpoint, &data, &out, &opts, skip_bad)?;
+        unetpp::app::eval(&[checkpoint], &data, &out, &opts, skip_bad)?;
         let summary = out.join("summary.json");
         std::fs::read_to_string(&summary).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", summary.display()))
     })

@@ -131,6 +131,27 @@ pub struct Summary {
     pub surface: Option<metrics::SurfaceSummary>,
 }
 
+impl Summary {
+    /// The means (NaN cases left out) and surface metrics of `scores`; `per_class` left empty
+    /// for the caller, who knows the label names.
+    pub fn of(scores: &[ImageScore], mode: &str, seconds: f64, settings: &metrics::Settings) -> Summary {
+        let col = |f: fn(&ImageScore) -> f64| metrics::nan_mean_std(&scores.iter().map(f).collect::<Vec<_>>());
+        let ((mean_dice, std_dice), (mean_iou, std_iou)) = (col(|s| s.dice), col(|s| s.iou));
+        let labels: Vec<&[LabelScore]> = scores.iter().map(|s| s.per_class.as_slice()).collect();
+        Summary {
+            mode: mode.to_string(),
+            images: scores.len(),
+            mean_dice,
+            std_dice,
+            mean_iou,
+            std_iou,
+            seconds,
+            per_class: vec![],
+            surface: Some(metrics::summarize(&labels, settings)),
+        }
+    }
+}
+
 /// How `eval` scores and post-processes its predictions.
 #[derive(Clone, Debug, Default)]
 pub struct Scoring {
@@ -220,21 +241,7 @@ pub fn evaluate_ensemble<const D: usize>(
         .iter()
         .zip(scores)
         .map(|(mode, scores)| {
-            let (mean_dice, std_dice) = metrics::nan_mean_std(&scores.iter().map(|s| s.dice).collect::<Vec<_>>());
-            let (mean_iou, std_iou) = metrics::nan_mean_std(&scores.iter().map(|s| s.iou).collect::<Vec<_>>());
-            let labels: Vec<&[LabelScore]> = scores.iter().map(|s| s.per_class.as_slice()).collect();
-            let surface = Some(metrics::summarize(&labels, &scoring.metrics));
-            let summary = Summary {
-                mode: mode.to_string(),
-                images: scores.len(),
-                mean_dice,
-                std_dice,
-                mean_iou,
-                std_iou,
-                seconds,
-                per_class: vec![],
-                surface,
-            };
+            let summary = Summary::of(&scores, &mode.to_string(), seconds, &scoring.metrics);
             (scores, summary)
         })
         .collect())

@@ -157,7 +157,8 @@ pub fn fit_patch(
         let pool = if isotropic_only { isotropic(rule.len(), dims) } else { rule };
         let div = divisors(&pool);
         let padded: [usize; 3] = std::array::from_fn(|a| patch[a].div_ceil(div[a]) * div[a]);
-        let m = ModelConfig { depth: pool.len(), pool: vec![], ..model.clone() };
+        // The step of the model as it will pool: fewer pooled axes keep larger maps at depth.
+        let m = ModelConfig { depth: pool.len(), pool: pool.clone(), ..model.clone() };
         let voxels: usize = padded.iter().product();
         let bytes = m.training_bytes(voxels, 2);
         if bytes <= budget {
