@@ -231,7 +231,8 @@ fn eval_d<const D: usize>(
         infer::evaluate(&models, &samples, &[opts.mode()], &sliding, &device, overlay, &scoring)?.remove(0);
     bar.finish_and_clear();
     summary.per_class = crate::infer::by_label::class_means(&scores, &crate::infer::by_label::class_names(&meta.data));
-    let made = writer::Provenance { checkpoints: cks, postprocess: postprocess_file.as_deref(), sliding: &sliding };
+    let pp = postprocess_file.as_deref();
+    let made = writer::Provenance { checkpoints: cks, postprocess: pp, sliding: &sliding, dims: meta.model.dims };
     writer::scores(out, &scores, &summary, &made)?;
     crate::report::eval(out)?;
     Ok(summary)

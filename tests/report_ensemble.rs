@@ -40,7 +40,7 @@ fn a_checkpoint_list_is_named_whole_with_its_settings() {
     for needle in [
         "<dt>post-processing</dt><dd>none</dd>",
         "<dt>test-time augmentation</dt><dd>on (mirrored copies averaged)</dd>",
-        "<dt>window</dt><dd>1 x 64 x 64</dd>",
+        "<dt>window</dt><dd>64 x 64</dd>",
         "<dt>window overlap</dt><dd>0.2500</dd>",
         "<dt>windows per pass</dt><dd>3</dd>",
     ] {

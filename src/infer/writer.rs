@@ -15,6 +15,8 @@ pub struct Provenance<'a> {
     /// The post-processing decision applied, if any.
     pub postprocess: Option<&'a Path>,
     pub sliding: &'a super::Sliding,
+    /// The model's dimensions: a 2D window is recorded as height, width.
+    pub dims: usize,
 }
 
 /// Writes `scores.csv` (one row per image, [`crate::metrics::scores_csv`], label columns named
@@ -22,14 +24,15 @@ pub struct Provenance<'a> {
 /// rows, the checkpoint they came from (`checkpoint`: the first of an ensemble, `checkpoints`:
 /// all), the post-processing decision applied and how windows slid (`inference`)) into `out`.
 pub fn scores(out: &Path, scores: &[ImageScore], summary: &Summary, made: &Provenance) -> anyhow::Result<()> {
-    let Provenance { checkpoints, postprocess, sliding } = made;
+    let Provenance { checkpoints, postprocess, sliding, dims } = made;
     let checkpoint = super::ensemble::first(checkpoints);
     let names: Vec<String> = summary.per_class.iter().map(|(n, _)| n.clone()).collect();
     let rows = scores.iter().map(|s| (s.name.as_str(), s.per_class.as_slice()));
     crate::fsio::write_atomic(&out.join("scores.csv"), crate::metrics::scores_csv(rows, &names).as_bytes())?;
     let classes = crate::infer::by_label::classes_json(summary);
+    let tile = &sliding.tile[3 - (*dims).clamp(2, 3)..];
     let inference = serde_json::json!({
-        "tile": sliding.tile, "overlap": sliding.overlap, "tta": sliding.tta, "window_batch": sliding.batch
+        "tile": tile, "overlap": sliding.overlap, "tta": sliding.tta, "window_batch": sliding.batch
     });
     let json = serde_json::json!({
         "summary": summary, "classes": classes, "images": scores, "checkpoint": checkpoint, "checkpoints": checkpoints,
@@ -160,8 +163,8 @@ mod tests {
         };
         let cks = [PathBuf::from("m.unetpp"), PathBuf::from("n.unetpp")];
         let sliding = crate::infer::Sliding { tta: true, ..crate::infer::Sliding::new([1, 64, 64]) };
-        let made =
-            Provenance { checkpoints: &cks, postprocess: Some(Path::new("m.postprocess.json")), sliding: &sliding };
+        let pp = Some(Path::new("m.postprocess.json"));
+        let made = Provenance { checkpoints: &cks, postprocess: pp, sliding: &sliding, dims: 2 };
         scores(dir.path(), &rows, &summary, &made).unwrap();
         let csv = std::fs::read_to_string(dir.path().join("scores.csv")).unwrap();
         assert_eq!(
@@ -174,7 +177,7 @@ mod tests {
         assert_eq!((json["summary"]["images"].as_u64(), json["checkpoint"].as_str()), (Some(2), Some("m.unetpp")));
         assert_eq!(json["checkpoints"][1].as_str(), Some("n.unetpp"));
         assert_eq!(json["postprocess"].as_str(), Some("m.postprocess.json"));
-        let inference = serde_json::json!({"tile": [1, 64, 64], "overlap": 0.5, "tta": true, "window_batch": null});
+        let inference = serde_json::json!({"tile": [64, 64], "overlap": 0.5, "tta": true, "window_batch": null});
         assert_eq!(json["inference"], inference);
         assert_eq!(json["images"][1]["name"].as_str(), Some("say \"b\", c"));
     }
