@@ -18,8 +18,17 @@ use std::mem::MaybeUninit;
 /// tiles), where the weights are largest and the tiles fewest, that cost more than the products
 /// saved, and a batch-1 training step ran 5-10% faster with the direct kernel there.
 fn winograd_ok(g: &Geom, once: bool) -> bool {
+    if g.k[0] == 3 {
+        return winograd3d_ok(g);
+    }
     let tiles = g.n * g.pixels() / 4;
     winograd::applies(g) && g.c_in >= 16 && g.sp[1].min(g.sp[2]) >= 12 && (!once || tiles >= 100)
+}
+
+/// 3D Winograd F(2x2x2) (`winograd3d`) on 3x3x3 layers of even sizes: TODO thresholds.
+fn winograd3d_ok(g: &Geom) -> bool {
+    let tiles = g.n * g.pixels() / 8;
+    winograd::applies(g) && g.c_in >= 4 && tiles >= 48
 }
 
 /// The direct kernel runs spans of output positions in 16-pixel vectors: worth it where they
@@ -171,7 +180,8 @@ pub fn backward_x_parts(g: &Geom, dy: &[f32], w: &[f32], parts: &[(usize, usize)
     }
     assert!(chans.iter().all(|&c| c < g.c_in) && w.len() == g.c_out * g.rows());
     // Output channel o of the flipped, transposed kernel is input channel chans[o].
-    let u = winograd::prepare_with(&flipped, |o, ci, k| w[(ci * g.c_in + chans[o]) * 9 + 8 - k]);
+    let t = g.taps();
+    let u = winograd::prepare_with(&flipped, |o, ci, k| w[(ci * g.c_in + chans[o]) * t + t - 1 - k]);
     let mut dxs: Vec<Vec<f32>> = parts.iter().map(|&(_, c)| Vec::with_capacity(g.n * c * g.pixels())).collect();
     {
         let mut outs: Vec<&mut [MaybeUninit<f32>]> = dxs.iter_mut().map(|d| d.spare_capacity_mut()).collect();
