@@ -489,13 +489,16 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
     dw
 }
 
+/// A thread's share of a weight gradient: (input-channel group, units as (image, first tile row)).
+pub(super) type WeightItem = (usize, Vec<(usize, usize)>);
+
 /// How the weight gradients split their work: the threads split the input channels (each
 /// computes V and dL/dU for its own, and dM for all output channels, which is cheap), in groups
 /// of whole register tiles (24 channels); where there are fewer groups than threads, the units
 /// (of `rows` of the `th` tile rows of each image) too, and those sums are added
 /// (`sum_groups`). Returns the channels per group, the groups, and the items: (group, units as
 /// (image, first tile row)).
-pub(super) fn weight_work(g: &Geom, th: usize, rows: usize) -> (usize, usize, Vec<(usize, Vec<(usize, usize)>)>) {
+pub(super) fn weight_work(g: &Geom, th: usize, rows: usize) -> (usize, usize, Vec<WeightItem>) {
     let threads = rayon::current_num_threads();
     let per_group = g.c_in.div_ceil(24).div_ceil(threads).max(1) * 24;
     let groups = g.c_in.div_ceil(per_group);

@@ -218,6 +218,7 @@ fn at4(x: [__m512; 4]) -> [__m512; 2] {
 /// - `plane` holds the channel's d · h · wd initialised floats (only those are read; the zero
 ///   padding is masked off).
 /// - `v` is valid for writes of 64 rows at stride `kstride` of (r1 - r0) · wd / 2 floats.
+#[allow(clippy::needless_range_loop)] // positions index several arrays at once
 #[target_feature(enable = "avx512f")]
 unsafe fn input_rows(plane: *const f32, [d, h, wd]: [usize; 3], (r0, r1): (usize, usize), v: *mut f32, kstride: usize) {
     let (th, tw) = (h / 2, wd / 2);
@@ -272,6 +273,7 @@ unsafe fn input_rows(plane: *const f32, [d, h, wd]: [usize; 3], (r0, r1): (usize
 /// - The CPU runs AVX-512F; the sides are even and r0 ≤ r1 ≤ (d / 2) · (h / 2).
 /// - M holds 64 rows of (r1 - r0) · wd / 2 initialised floats at stride `kstride`.
 /// - `out` is valid for writes of the channel's d · h · wd floats.
+#[allow(clippy::needless_range_loop)] // positions index several arrays at once
 #[target_feature(enable = "avx512f")]
 unsafe fn output_rows(
     m: *const f32,
