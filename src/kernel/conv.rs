@@ -18,8 +18,29 @@ use std::mem::MaybeUninit;
 /// tiles), where the weights are largest and the tiles fewest, that cost more than the products
 /// saved, and a batch-1 training step ran 5-10% faster with the direct kernel there.
 fn winograd_ok(g: &Geom, once: bool) -> bool {
+    if g.k[0] == 3 {
+        return winograd3d_ok(g);
+    }
     let tiles = g.n * g.pixels() / 4;
     winograd::applies(g) && g.c_in >= 16 && g.sp[1].min(g.sp[2]) >= 12 && (!once || tiles >= 100)
+}
+
+/// 3D Winograd F(2x2x2) (`winograd3d`) on 3x3x3 layers of even sizes, from 4 input channels,
+/// a 4 x 32 channel product and a register tile of tiles (48 of 2x2x2): against the direct
+/// kernel, at batch 1 of the 3D bench model's layers, 1.5-3x faster forward and input gradient
+/// from 16³ up (32 -> 32 at 64³: 2.5x), 1.1-2x at 8³ with 128-768 channels; slower only on
+/// layers of a few channels (4 -> 8 at 16³: 1.4x slower; tenths of a millisecond).
+fn winograd3d_ok(g: &Geom) -> bool {
+    let tiles = g.n * g.pixels() / 8;
+    winograd::applies(g) && g.c_in >= 4 && g.c_in * g.c_out >= 128 && tiles >= 48
+}
+
+/// The 3D Winograd weight gradient, where `winograd3d_ok` holds and there are 128+ tiles: its
+/// dL/dU sums are as large as the weights x 64 / 27 whatever the volume, which on 8³ at batch
+/// 1 (64 tiles) the products no longer pay for (256 -> 256 and 768 -> 256: 1.03-1.1x the direct
+/// kernel's time; 16³: 0.3-0.8x).
+fn winograd3d_w_ok(g: &Geom) -> bool {
+    winograd3d_ok(g) && g.n * g.pixels() / 8 >= 128
 }
 
 /// The direct kernel runs spans of output positions in 16-pixel vectors: worth it where they
@@ -171,7 +192,8 @@ pub fn backward_x_parts(g: &Geom, dy: &[f32], w: &[f32], parts: &[(usize, usize)
     }
     assert!(chans.iter().all(|&c| c < g.c_in) && w.len() == g.c_out * g.rows());
     // Output channel o of the flipped, transposed kernel is input channel chans[o].
-    let u = winograd::prepare_with(&flipped, |o, ci, k| w[(ci * g.c_in + chans[o]) * 9 + 8 - k]);
+    let t = g.taps();
+    let u = winograd::prepare_with(&flipped, |o, ci, k| w[(ci * g.c_in + chans[o]) * t + t - 1 - k]);
     let mut dxs: Vec<Vec<f32>> = parts.iter().map(|&(_, c)| Vec::with_capacity(g.n * c * g.pixels())).collect();
     {
         let mut outs: Vec<&mut [MaybeUninit<f32>]> = dxs.iter_mut().map(|d| d.spare_capacity_mut()).collect();
@@ -214,7 +236,7 @@ fn backward_x_part(g: &Geom, dy: &[f32], w: &[f32], c0: usize, c: usize) -> Vec<
 /// (dL/dw, dL/db) from the forward input, given as the parts of a channel concatenation, and
 /// dL/dy. The direct kernel reads the parts in place; the GEMM paths get them copied together.
 pub fn backward_w_parts(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    if winograd_ok(g, true) {
+    if winograd_ok(g, true) && (g.k[0] != 3 || winograd3d_w_ok(g)) {
         return (winograd::backward_w(g, xs, dy), bias_grad(g, dy));
     }
     if direct_w_ok(g) {

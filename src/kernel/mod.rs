@@ -36,11 +36,15 @@ mod winograd;
 #[cfg(not(target_arch = "x86_64"))]
 #[path = "winograd_none.rs"]
 mod winograd;
+#[cfg(target_arch = "x86_64")]
+mod winograd3d;
 
 #[cfg(test)]
 mod testing;
 #[cfg(test)]
 mod tests;
+#[cfg(all(test, target_arch = "x86_64"))]
+mod winograd3d_tests;
 
 pub use ext::KernelBackend;
 pub use ops::{

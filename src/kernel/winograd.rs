@@ -28,34 +28,40 @@
 use std::arch::x86_64::*;
 
 use super::cpu::{Geom, SyncPtr, aligned, assert_avx512, avx512, recycle, transpose_row};
-use super::upsample;
+use super::{upsample, winograd3d};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// Output channels per register tile (x 3 vectors of 16 tiles: 24 accumulators).
-const OB: usize = 8;
+pub(super) const OB: usize = 8;
 /// Tiles per register tile.
-const TT: usize = 48;
+pub(super) const TT: usize = 48;
 /// Input channels ahead whose rows the input transform prefetches.
 const PF: usize = 2;
 
-/// Whether `g` is a convolution this path computes, on this CPU.
+/// Whether `g` is a convolution this path computes, on this CPU: 2D here, 3D 3x3x3 in
+/// `winograd3d` (the functions below hand 3D geometries to it).
 pub fn applies(g: &Geom) -> bool {
+    applies2(g) || winograd3d::applies(g)
+}
+
+fn applies2(g: &Geom) -> bool {
     let even = g.sp[1].is_multiple_of(2) && g.sp[2].is_multiple_of(2);
     g.k == [1, 3, 3] && g.sp[0] == 1 && even && avx512()
 }
 
 /// U = G w G^T for every (output, input) channel pair, as [k][c_out / 8][c_in][8] (the eight
 /// weights one register tile broadcasts for an input channel are consecutive), output channels
-/// zero-padded to a multiple of 8; `m` the output tile's side.
+/// zero-padded to a multiple of 8; `m` the output tile's side. 3D (`winograd3d`) lays its 64
+/// positions out the same way.
 pub struct Weights {
-    u: Vec<f32>,
-    c_out_pad: usize,
-    m: usize,
+    pub(super) u: Vec<f32>,
+    pub(super) c_out_pad: usize,
+    pub(super) m: usize,
 }
 
 /// G of F(2x2, 3x3) and of F(4x4, 3x3) (Lavin and Gray's points 0, ±1, ±2 for the latter).
-const G2: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+pub(super) const G2: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
 const G4: [[f32; 3]; 6] = [
     [0.25, 0.0, 0.0],
     [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
@@ -71,18 +77,25 @@ const G4: [[f32; 3]; 6] = [
 /// threads: F(4x4) ran a 24² layer 1.3-1.6x slower than F(2x2) at batch 1, and 48² (144 tiles)
 /// 10-30% faster.
 pub fn tile_side(g: &Geom) -> usize {
-    let [_, h, w] = g.sp;
+    let [d, h, w] = g.sp;
+    if d > 1 {
+        return 2;
+    }
     if h.is_multiple_of(4) && w.is_multiple_of(4) && (h / 4) * (w / 4) >= 100 { 4 } else { 2 }
 }
 
 /// The weights of a forward convolution, `w` as [c_out][c_in][3][3].
 pub fn prepare(g: &Geom, w: &[f32]) -> Weights {
-    prepare_with(g, |o, c, t| w[(o * g.c_in + c) * 9 + t])
+    let taps = g.k.iter().product::<usize>();
+    prepare_with(g, |o, c, t| w[(o * g.c_in + c) * taps + t])
 }
 
 /// The weights given as weight(o, c, t) (output channel, input channel, tap), which lets the
 /// input gradient transform the flipped, transposed kernel straight from the forward's.
 pub fn prepare_with(g: &Geom, weight: impl Fn(usize, usize, usize) -> f32 + Sync) -> Weights {
+    if g.k[0] == 3 {
+        return winograd3d::prepare_with(g, weight);
+    }
     prepare_tiled(g, tile_side(g), weight)
 }
 
@@ -137,8 +150,13 @@ pub fn prepare_tiled(g: &Geom, m: usize, weight: impl Fn(usize, usize, usize) ->
 /// output channels are split too (each group redoes the cheap input transform), unless `whole`
 /// (a fused head needs every channel of a pixel in one unit).
 fn units(g: &Geom, m: usize, whole: bool) -> (usize, usize) {
-    let (th, tw) = (g.sp[1] / m, g.sp[2] / m);
-    let target = if cfg!(test) { 16 } else { (262144 / (m + 2).pow(2) / (g.c_in + g.c_out)).max(TT) };
+    units_of(g, (g.sp[1] / m, g.sp[2] / m), (m + 2).pow(2), whole)
+}
+
+/// `units` for `th` tile rows of `tw` tiles per image with `kk` transformed positions per tile
+/// (3D counts the tile rows of all its tile planes).
+pub(super) fn units_of(g: &Geom, (th, tw): (usize, usize), kk: usize, whole: bool) -> (usize, usize) {
+    let target = if cfg!(test) { 16 } else { (262144 / kk / (g.c_in + g.c_out)).max(TT) };
     let mut rows = (target / tw).clamp(1, th);
     while !(rows * tw).is_multiple_of(16) && rows < th && rows * tw < 2 * target {
         rows += 1;
@@ -160,22 +178,22 @@ fn units(g: &Geom, m: usize, whole: bool) -> (usize, usize) {
 /// A row stride of at least `floats` (a multiple of 16) that is an odd number of cache lines:
 /// the transforms write and read 16 or 36 rows at once, and rows a multiple of 4 KB apart (32
 /// channels of 96 tiles, say) all fall in one L1 set of 12 ways.
-fn spread(floats: usize) -> usize {
+pub(super) fn spread(floats: usize) -> usize {
     if (floats / 16).is_multiple_of(2) { floats + 16 } else { floats }
 }
 
 /// One input channel: its part, the channels in the part, the channel within it, and whether the
 /// part is at half resolution (read as its 2x linear up-sampling). Planes are read where they lie.
 #[derive(Clone, Copy)]
-struct Plane<'a> {
-    part: &'a [f32],
-    channels: usize,
-    channel: usize,
+pub(super) struct Plane<'a> {
+    pub(super) part: &'a [f32],
+    pub(super) channels: usize,
+    pub(super) channel: usize,
     half: bool,
 }
 
 /// The input channels of the parts `xs`, the last at half resolution if `half`.
-fn channel_planes<'a>(g: &Geom, xs: &[&'a [f32]], half: bool) -> Vec<Plane<'a>> {
+pub(super) fn channel_planes<'a>(g: &Geom, xs: &[&'a [f32]], half: bool) -> Vec<Plane<'a>> {
     let planes: Vec<_> = xs
         .iter()
         .enumerate()
@@ -222,11 +240,15 @@ pub fn forward(
     epi: Epilogue,
 ) {
     assert_avx512("the Winograd convolution");
+    if g.k[0] == 3 {
+        assert!(!half && matches!(epi, Epilogue::Store), "3D Winograd neither up-samples nor fuses an epilogue");
+        return winograd3d::forward(g, xs, wt, b, relu, ys);
+    }
     let [_, h, wd] = g.sp;
     let side = wt.m;
     let kk = (side + 2) * (side + 2);
     let (th, tw, p) = (h / side, wd / side, h * wd);
-    assert!(applies(g) && b.len() == g.c_out && wt.c_out_pad == g.c_out.next_multiple_of(OB));
+    assert!(applies2(g) && b.len() == g.c_out && wt.c_out_pad == g.c_out.next_multiple_of(OB));
     assert!(h.is_multiple_of(side) && wd.is_multiple_of(side));
     assert_eq!(wt.u.len(), kk * wt.c_out_pad * g.c_in, "weights prepared for another geometry");
     // The epilogue's output and, for a head, its weights: (pooled, head out, head w, head b).
@@ -278,26 +300,10 @@ pub fn forward(
         // output rows side·r0 .. side·r1 of channels o0 .. o1 of image n, their pooled rows, or
         // (every channel in one unit) the head's rows (asserted lengths above).
         unsafe {
-            let slab = wt.c_out_pad * g.c_in;
             for c0 in (0..g.c_in).step_by(chunk) {
                 let cn = chunk.min(g.c_in - c0);
                 transform_input(&planes[c0..c0 + cn], n, g.sp, side, (r0, r1), v, vs);
-                for k in 0..kk {
-                    let vk = v.add(k * vs);
-                    let mk = m.add(k * ms);
-                    for t0 in (0..tbp).step_by(TT) {
-                        for ob in (0..o1 - o0).step_by(OB) {
-                            let uk = wt.u.as_ptr().add(k * slab + (o0 + ob) * g.c_in + c0 * OB);
-                            let (vt, mt) = (vk.add(t0), mk.add(ob * tbp + t0));
-                            let add = c0 > 0;
-                            match (tbp - t0).min(TT) / 16 {
-                                3 => tile::<3>(uk, vt, tbp, cn, mt, add),
-                                2 => tile::<2>(uk, vt, tbp, cn, mt, add),
-                                _ => tile::<1>(uk, vt, tbp, cn, mt, add),
-                            }
-                        }
-                    }
-                }
+                products(wt, g.c_in, (c0, cn), (o0, o1), (v, vs), (m, ms), tbp);
             }
             // The head's rows of this unit start as its bias; each channel adds its share.
             let span = side * (r1 - r0) * wd;
@@ -341,6 +347,49 @@ pub fn forward(
     });
 }
 
+/// M_k = U_k · V_k (added to M for a later chunk of input channels, c0 > 0) for every
+/// transformed position k of the weights (16, 36 or 64: the products do not care which),
+/// output channels o0..o1 of the unit, input channels c0..c0 + cn of c_in, in register tiles
+/// of 8 channels x 48 tiles: V_k at v + k · vs (cn rows of tbp), M_k at m + k · ms (a row of
+/// tbp per output channel from o0).
+///
+/// # Safety
+/// - The CPU runs AVX-512F; o0 is a multiple of 8, o1 ≤ the weights' padded output channels
+///   and c0 + cn ≤ c_in, the weights' input channels.
+/// - V and M are 64-byte aligned, tbp and the strides multiples of 16; V holds the positions'
+///   cn initialised rows of tbp floats, M (o1 - o0) rounded up to 8 writable rows of tbp
+///   (initialised if c0 > 0).
+pub(super) unsafe fn products(
+    wt: &Weights,
+    c_in: usize,
+    (c0, cn): (usize, usize),
+    (o0, o1): (usize, usize),
+    (v, vs): (*const f32, usize),
+    (m, ms): (*mut f32, usize),
+    tbp: usize,
+) {
+    let slab = wt.c_out_pad * c_in;
+    // SAFETY: the caller's V, M and channel ranges (above); U holds kk · slab floats.
+    unsafe {
+        for k in 0..wt.u.len() / slab {
+            let vk = v.add(k * vs);
+            let mk = m.add(k * ms);
+            for t0 in (0..tbp).step_by(TT) {
+                for ob in (0..o1 - o0).step_by(OB) {
+                    let uk = wt.u.as_ptr().add(k * slab + (o0 + ob) * c_in + c0 * OB);
+                    let (vt, mt) = (vk.add(t0), mk.add(ob * tbp + t0));
+                    let add = c0 > 0;
+                    match (tbp - t0).min(TT) / 16 {
+                        3 => tile::<3>(uk, vt, tbp, cn, mt, add),
+                        2 => tile::<2>(uk, vt, tbp, cn, mt, add),
+                        _ => tile::<1>(uk, vt, tbp, cn, mt, add),
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// dL/dw ([c_out][c_in][3][3]) from the forward input (the parts `xs` of a channel
 /// concatenation, read in place) and dL/dy: with dM = A dY A^T per tile (4x4 from the 2x2 output
 /// gradient), dL/dU_k = Σ_tiles dM_k · V_k^T, 16 products over the tiles with 2.25x fewer
@@ -351,29 +400,23 @@ pub fn forward(
 /// own rows of dL/dU.
 pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
     assert_avx512("the Winograd weight gradient");
+    if g.k[0] == 3 {
+        return winograd3d::backward_w(g, xs, dy);
+    }
     let [_, h, wd] = g.sp;
     let (th, tw, p) = (h / 2, wd / 2, h * wd);
-    assert!(applies(g) && dy.len() == g.n * g.c_out * p);
+    assert!(applies2(g) && dy.len() == g.n * g.c_out * p);
     let planes = channel_planes(g, xs, false);
     let cpo = g.c_out.next_multiple_of(16);
-    // The threads split the input channels (each computes V and dL/dU for its own, and dM for
-    // all output channels, which is cheap), in groups of whole register tiles (24 channels);
-    // where there are fewer groups than threads, the tiles too, and those sums are added.
-    let threads = rayon::current_num_threads();
-    let per_group = g.c_in.div_ceil(24).div_ceil(threads).max(1) * 24;
-    let groups = g.c_in.div_ceil(per_group);
     let (rows, _) = units(&Geom { c_out: cpo, ..*g }, 2, false);
-    let work: Vec<(usize, usize)> = (0..g.n).flat_map(|n| (0..th).step_by(rows).map(move |r0| (n, r0))).collect();
-    let per = work.len().div_ceil(threads.div_ceil(groups));
-    let items: Vec<(usize, &[(usize, usize)])> =
-        (0..groups).flat_map(|gr| work.chunks(per).map(move |w| (gr, w))).collect();
+    let (per_group, groups, items) = weight_work(g, th, rows);
     let sums: Vec<(usize, Vec<f32>)> = items
         .into_par_iter()
         .map(|(gr, chunk)| {
             let (c0, c1) = (gr * per_group, ((gr + 1) * per_group).min(g.c_in));
             let cpi = per_group;
             let mut du = vec![0.0f32; 16 * cpi * cpo];
-            for &(n, r0) in chunk {
+            for &(n, r0) in &chunk {
                 let r1 = (r0 + rows).min(th);
                 let tb = (r1 - r0) * tw;
                 let tbp = tb.next_multiple_of(16);
@@ -399,28 +442,7 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
                         transpose_row(image, p, g.c_out, y * wd, wd, row, cpo, (0, cpo));
                     }
                     output_gradient(cl, wd, r1 - r0, cpo, dm, tbp, ds);
-                    let nv = (cpo / 16).min(3);
-                    for k in 0..16 {
-                        let (vk, dmk) = (v.add(k * vs), dm.add(k * ds));
-                        let duk = du.as_mut_ptr().add(k * cpi * cpo);
-                        for oc in (0..cpo).step_by(16 * nv) {
-                            let at = |c: usize| (vk.add(c * tbp), dmk.add(oc), duk.add(c * cpo + oc));
-                            match (cpo - oc) / 16 {
-                                1 => (0..cpi).step_by(24).for_each(|c| {
-                                    let (a, b, d) = at(c);
-                                    wtile::<1, 24>(a, b, tbp, cpo, d)
-                                }),
-                                2 => (0..cpi).step_by(12).for_each(|c| {
-                                    let (a, b, d) = at(c);
-                                    wtile::<2, 12>(a, b, tbp, cpo, d)
-                                }),
-                                _ => (0..cpi).step_by(8).for_each(|c| {
-                                    let (a, b, d) = at(c);
-                                    wtile::<3, 8>(a, b, tbp, cpo, d)
-                                }),
-                            }
-                        }
-                    }
+                    weight_products(&mut du, (cpi, cpo, tbp), (v, vs), (dm, ds));
                 }
                 recycle(v_buf);
                 recycle(cl_buf);
@@ -429,19 +451,9 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
             (gr, du)
         })
         .collect();
-    // Each group's sums added (vectorised, in parallel), then dL/dw[o][c] = G^T dL/dU[.][c][o] G
-    // for 16 output channels at a time (dU's runs over o are contiguous).
-    let mut du: Vec<Vec<f32>> = vec![vec![]; groups];
-    for (gr, s) in sums {
-        if du[gr].is_empty() {
-            du[gr] = s;
-        } else {
-            du[gr]
-                .par_chunks_mut(1 << 14)
-                .zip(s.par_chunks(1 << 14))
-                .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
-        }
-    }
+    // Each group's sums added, then dL/dw[o][c] = G^T dL/dU[.][c][o] G for 16 output channels
+    // at a time (dU's runs over o are contiguous).
+    let du = sum_groups(groups, sums);
     let mut dw = vec![0.0f32; g.c_out * g.c_in * 9];
     dw.par_chunks_mut(16 * g.c_in * 9).enumerate().for_each(|(ob, rows)| {
         let o0 = 16 * ob;
@@ -475,6 +487,83 @@ pub fn backward_w(g: &Geom, xs: &[&[f32]], dy: &[f32]) -> Vec<f32> {
         }
     });
     dw
+}
+
+/// A thread's share of a weight gradient: (input-channel group, units as (image, first tile row)).
+pub(super) type WeightItem = (usize, Vec<(usize, usize)>);
+
+/// How the weight gradients split their work: the threads split the input channels (each
+/// computes V and dL/dU for its own, and dM for all output channels, which is cheap), in groups
+/// of whole register tiles (24 channels); where there are fewer groups than threads, the units
+/// (of `rows` of the `th` tile rows of each image) too, and those sums are added
+/// (`sum_groups`). Returns the channels per group, the groups, and the items: (group, units as
+/// (image, first tile row)).
+pub(super) fn weight_work(g: &Geom, th: usize, rows: usize) -> (usize, usize, Vec<WeightItem>) {
+    let threads = rayon::current_num_threads();
+    let per_group = g.c_in.div_ceil(24).div_ceil(threads).max(1) * 24;
+    let groups = g.c_in.div_ceil(per_group);
+    let work: Vec<(usize, usize)> = (0..g.n).flat_map(|n| (0..th).step_by(rows).map(move |r0| (n, r0))).collect();
+    let per = work.len().div_ceil(threads.div_ceil(groups));
+    let items = (0..groups).flat_map(|gr| work.chunks(per).map(move |w| (gr, w.to_vec()))).collect();
+    (per_group, groups, items)
+}
+
+/// The items' dL/dU sums per group (`weight_work`), those of one group added (vectorised, in
+/// parallel).
+pub(super) fn sum_groups(groups: usize, sums: Vec<(usize, Vec<f32>)>) -> Vec<Vec<f32>> {
+    let mut du: Vec<Vec<f32>> = vec![vec![]; groups];
+    for (gr, s) in sums {
+        if du[gr].is_empty() {
+            du[gr] = s;
+        } else {
+            du[gr]
+                .par_chunks_mut(1 << 14)
+                .zip(s.par_chunks(1 << 14))
+                .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+        }
+    }
+    du
+}
+
+/// dU_k[c][o] += Σ_t V_k[c][t] · dM_k[t][o] for every transformed position k (du holds
+/// du.len() / (cpi · cpo) of them: 16 in 2D, 64 in 3D), in register tiles of 8-24 input x
+/// 16-48 output channels.
+///
+/// # Safety
+/// - The CPU runs AVX-512F; cpi is a multiple of 24, cpo of 16, tbp of 16.
+/// - V_k (cpi initialised rows of tbp floats) at v + k · vs; dM_k (tbp rows of cpo initialised
+///   floats, 64-byte aligned) at dm + k · ds.
+pub(super) unsafe fn weight_products(
+    du: &mut [f32],
+    (cpi, cpo, tbp): (usize, usize, usize),
+    (v, vs): (*const f32, usize),
+    (dm, ds): (*const f32, usize),
+) {
+    let nv = (cpo / 16).min(3);
+    // SAFETY: the caller's V and dM (above); dU holds kk · cpi · cpo floats.
+    unsafe {
+        for k in 0..du.len() / (cpi * cpo) {
+            let (vk, dmk) = (v.add(k * vs), dm.add(k * ds));
+            let duk = du.as_mut_ptr().add(k * cpi * cpo);
+            for oc in (0..cpo).step_by(16 * nv) {
+                let at = |c: usize| (vk.add(c * tbp), dmk.add(oc), duk.add(c * cpo + oc));
+                match (cpo - oc) / 16 {
+                    1 => (0..cpi).step_by(24).for_each(|c| {
+                        let (a, b, d) = at(c);
+                        wtile::<1, 24>(a, b, tbp, cpo, d)
+                    }),
+                    2 => (0..cpi).step_by(12).for_each(|c| {
+                        let (a, b, d) = at(c);
+                        wtile::<2, 12>(a, b, tbp, cpo, d)
+                    }),
+                    _ => (0..cpi).step_by(8).for_each(|c| {
+                        let (a, b, d) = at(c);
+                        wtile::<3, 8>(a, b, tbp, cpo, d)
+                    }),
+                }
+            }
+        }
+    }
 }
 
 fn lanes(f: impl Fn(usize) -> f32) -> [f32; 16] {
@@ -646,7 +735,7 @@ unsafe fn transform_input<'a>(
 /// # Safety
 /// The CPU runs AVX-512F, and `at` is valid for writes of `n` floats.
 #[target_feature(enable = "avx512f")]
-unsafe fn zero(at: *mut f32, n: usize) {
+pub(super) unsafe fn zero(at: *mut f32, n: usize) {
     for i in (0..n).step_by(16) {
         // SAFETY: the caller's `n` floats from `at` are writable; lanes past them are masked off.
         unsafe { _mm512_mask_storeu_ps(at.add(i), first(n - i), _mm512_setzero_ps()) };
@@ -654,7 +743,7 @@ unsafe fn zero(at: *mut f32, n: usize) {
 }
 
 /// Lanes `l` of 16 whose column `start + l` lies in `0..wd`.
-fn columns(start: isize, wd: usize) -> u16 {
+pub(super) fn columns(start: isize, wd: usize) -> u16 {
     let lo = (-start).clamp(0, 16) as u32;
     let hi = (wd as isize - start).clamp(0, 16) as u32;
     let upto = |b: u32| if b >= 16 { u16::MAX } else { (1u16 << b) - 1 };
@@ -662,7 +751,7 @@ fn columns(start: isize, wd: usize) -> u16 {
 }
 
 /// The first `lanes` of 16.
-fn first(lanes: usize) -> u16 {
+pub(super) fn first(lanes: usize) -> u16 {
     if lanes >= 16 { u16::MAX } else { (1u16 << lanes) - 1 }
 }
 
@@ -750,7 +839,7 @@ fn even_odd() -> (__m512i, __m512i) {
 /// initialised float at `row + col0 + [0, 16, 2, 18][s] + l` (masked-off lanes read nothing).
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn split_row(row: *const f32, col0: isize, masks: [u16; 4]) -> [__m512; 4] {
+pub(super) unsafe fn split_row(row: *const f32, col0: isize, masks: [u16; 4]) -> [__m512; 4] {
     let (even, odd) = even_odd();
     let mut q = [_mm512_setzero_ps(); 4];
     for (s, off) in [0isize, 16, 2, 18].into_iter().enumerate() {
@@ -911,7 +1000,7 @@ unsafe fn tile<const NV: usize>(u: *const f32, v: *const f32, tbp: usize, c_in: 
 
 /// Where the output transform puts one tile row of one output channel.
 #[derive(Clone, Copy)]
-enum Sink {
+pub(super) enum Sink {
     /// In rows of wd floats from `out`; unless `pooled` is null, their 2x2 maxima too, in rows
     /// of wd / 2 floats from `pooled`.
     Rows { out: *mut f32, pooled: *mut f32 },
@@ -1073,7 +1162,7 @@ fn pool_pairs(v: [__m512; 4]) -> [__m512; 2] {
 /// y + bias, then the ReLU.
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn finish<const S: usize>(y: [__m512; S], bias: f32, relu: bool) -> [__m512; S] {
+pub(super) fn finish<const S: usize>(y: [__m512; S], bias: f32, relu: bool) -> [__m512; S] {
     let (bv, zero) = (_mm512_set1_ps(bias), _mm512_setzero_ps());
     y.map(|v| if relu { _mm512_max_ps(_mm512_add_ps(v, bv), zero) } else { _mm512_add_ps(v, bv) })
 }
@@ -1088,7 +1177,7 @@ fn finish<const S: usize>(y: [__m512; S], bias: f32, relu: bool) -> [__m512; S] 
 ///   for `Sum`, those of every class, initialised, and the classes' weights readable.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn emit<const S: usize>(sink: Sink, wd: usize, col: usize, y: [[__m512; S]; S], lanes: usize) {
+pub(super) unsafe fn emit<const S: usize>(sink: Sink, wd: usize, col: usize, y: [[__m512; S]; S], lanes: usize) {
     // SAFETY: the sink's rows hold the tile row's S rows of wd floats (wd / 2 pooled); every
     // access covers S · lanes floats from `col` (S / 2 · lanes from col / 2), masked past them.
     unsafe {
