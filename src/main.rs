@@ -569,7 +569,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("decision written to {}", out.display());
             Ok(())
         }
-        Command::CrossValidate { run, data, mode, tile, nsd_tolerance, empty, connectivity, no_tta, skip_bad, backend } => {
+        Command::CrossValidate {
+            run,
+            data,
+            mode,
+            tile,
+            nsd_tolerance,
+            empty,
+            connectivity,
+            no_tta,
+            skip_bad,
+            backend,
+        } => {
             let backend = backend.backend.unwrap_or_default();
             let tta = no_tta.then_some(false);
             let opts = InferOptions { mode, tile, backend, nsd_tolerance, empty, tta, ..Default::default() };
