@@ -140,6 +140,9 @@ enum Command {
         /// As `postprocess --connectivity`
         #[arg(long)]
         connectivity: Option<unetpp::postprocess::Connectivity>,
+        /// No mirroring (mirroring along every axis is on by default for 3D: 8x the forward passes)
+        #[arg(long)]
+        no_tta: bool,
         #[arg(long)]
         skip_bad: bool,
         #[command(flatten)]
@@ -427,6 +430,13 @@ struct TrainArgs {
     /// Adam's step size (default 3e-4)
     #[arg(long)]
     lr: Option<f64>,
+    /// paper (eq. 2: 0.5 CE - per-image soft Dice, background included; default) or nnunet
+    /// (nnU-Net's CE - soft Dice of the foreground classes over the whole batch)
+    #[arg(long)]
+    loss: Option<unetpp::loss::Objective>,
+    /// constant (default) or poly (nnU-Net's lr * (1 - step/steps)^0.9)
+    #[arg(long)]
+    schedule: Option<unetpp::train::recipe::Schedule>,
     /// Patch size: 96 (2D) or 64,64,64 (3D, depth first); these are the defaults
     #[arg(long, value_parser = patch::parse_size)]
     patch: Option<[usize; 3]>,
@@ -559,9 +569,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("decision written to {}", out.display());
             Ok(())
         }
-        Command::CrossValidate { run, data, mode, tile, nsd_tolerance, empty, connectivity, skip_bad, backend } => {
+        Command::CrossValidate {
+            run,
+            data,
+            mode,
+            tile,
+            nsd_tolerance,
+            empty,
+            connectivity,
+            no_tta,
+            skip_bad,
+            backend,
+        } => {
             let backend = backend.backend.unwrap_or_default();
-            let opts = InferOptions { mode, tile, backend, nsd_tolerance, empty, ..Default::default() };
+            let tta = no_tta.then_some(false);
+            let opts = InferOptions { mode, tile, backend, nsd_tolerance, empty, tta, ..Default::default() };
             let cv = unetpp::crossval::run(&run, data.as_deref(), &opts, connectivity, skip_bad)?;
             let (s, p) = (&cv.summary, &cv.postprocessed);
             println!(
@@ -691,6 +713,10 @@ impl TrainArgs {
             weights: self.weights.clone(),
             plan: self.plan.clone(),
             budget: self.budget,
+            recipe: unetpp::train::recipe::Recipe {
+                loss: self.loss.unwrap_or_default(),
+                schedule: self.schedule.unwrap_or_default(),
+            },
             cache: match (&self.cache, self.no_cache) {
                 (Some(d), _) => unetpp::data::cache::CacheChoice::Dir(d.clone()),
                 (None, true) => unetpp::data::cache::CacheChoice::Off,

@@ -6,6 +6,7 @@
 
 pub mod folds;
 pub mod options;
+pub mod recipe;
 pub mod rundir;
 
 pub use options::{ModelOptions, TrainOptions};
@@ -68,6 +69,9 @@ pub struct TrainConfig {
     /// Where training reads its cases from (see [`data::cache`]).
     #[serde(default)]
     pub cache: data::cache::CacheChoice,
+    /// Loss and step-size schedule (`--loss`, `--schedule`).
+    #[serde(default)]
+    pub recipe: recipe::Recipe,
 }
 
 /// What has been done so far; rewritten after every epoch so `--resume` can continue.
@@ -150,8 +154,20 @@ pub fn step<const D: usize>(
     x: Tensor<D>,
     y: Tensor<D>,
 ) -> (UNetPP<D>, f64) {
+    step_with(model, optim, lr, loss::Objective::Paper, x, y)
+}
+
+/// [`step`] on the given loss.
+pub fn step_with<const D: usize>(
+    model: UNetPP<D>,
+    optim: &mut ModuleOptimizer,
+    lr: f64,
+    objective: loss::Objective,
+    x: Tensor<D>,
+    y: Tensor<D>,
+) -> (UNetPP<D>, f64) {
     let _busy = crate::backend::busy_workers();
-    let loss = loss::deep_supervision(model.forward(x), y);
+    let loss = loss::deep_supervision(model.forward(x), y, objective);
     let value = loss.clone().into_data().iter::<f64>().next().unwrap();
     if !value.is_finite() {
         return (model, value);
@@ -311,7 +327,8 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool, lock: Option
             let x = patch::images_tensor::<D>(&refs, &device);
             let y = patch::targets_tensor::<D>(&refs, cfg.model.classes, &device);
             let value;
-            (model, value) = step(model, &mut optim, cfg.lr, x, y);
+            let lr = cfg.recipe.schedule.lr(cfg.lr, step_no, cfg.epochs * cfg.steps_per_epoch);
+            (model, value) = step_with(model, &mut optim, lr, cfg.recipe.loss, x, y);
             step_no += 1;
             if !value.is_finite() {
                 bar.finish_and_clear();

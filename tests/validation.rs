@@ -189,6 +189,7 @@ fn tiny_config(data: &Path) -> unetpp::train::TrainConfig {
         plan: None,
         fold: None,
         cache: Default::default(),
+        recipe: Default::default(),
     }
 }
 

@@ -99,6 +99,8 @@ pub struct TrainOptions {
     pub budget: Option<std::time::Duration>,
     /// Default [`crate::data::cache::CacheChoice::Auto`].
     pub cache: crate::data::cache::CacheChoice,
+    /// Default the paper's loss, constant step size.
+    pub recipe: super::recipe::Recipe,
 }
 
 impl TrainConfig {
@@ -163,6 +165,7 @@ impl TrainConfig {
             weights: o.weights.clone(),
             fold: None,
             cache: o.cache.clone(),
+            recipe: o.recipe,
             model,
             plan,
         })
