@@ -200,9 +200,9 @@ fn eval_d<const D: usize>(
     }
     let scoring = infer::Scoring { metrics: opts.metrics(), postprocess, spacing: meta.data.spacing };
     let overlay = |s: &data::Sample, pred: &[u8]| writer::overlay(&overlays, s, pred);
-    let (scores, mut summary) =
+    let (scores, summary) =
         infer::evaluate_ensemble(&models, &samples, &[opts.mode()], &sliding, &device, overlay, &scoring)?.remove(0);
-    summary.per_class = crate::infer::by_label::class_means(&scores, &crate::infer::by_label::class_names(&meta.data));
+    let summary = infer::by_label::named(&scores, summary, &infer::by_label::class_names(&meta.data));
     writer::scores(out, &scores, &summary, cks, pp_file.as_deref())?;
     crate::report::eval(out, ck)?;
     Ok(summary)
