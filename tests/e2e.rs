@@ -44,7 +44,7 @@ fn the_plan_table_names_channels_labels_and_their_normalisation() {
     // Which channel gets the CT window and which the per-case z-score, by name.
     let norm = row(&table, "normalisation");
     let (ct, smoothed) = norm.split_once("; ").unwrap_or_else(|| panic!("{table}"));
-    assert!(ct.starts_with("CT: CT window ") && ct.contains(") / "), "{table}");
+    assert!(ct.starts_with("CT: CT window ") && ct.contains(", mean ") && ct.contains(", std "), "{table}");
     assert_eq!(smoothed, "smoothed: z-score per case", "{table}");
     // Four 16^3 cases of 2 float channels and a byte label: 0.1 MiB, not "0.00 GiB".
     let note = table.lines().find(|l| l.contains("for the data set held in memory")).unwrap();

@@ -219,7 +219,7 @@ impl Plan {
 fn describe_norm(n: &ChannelNorm) -> String {
     match n {
         ChannelNorm::Ct { low, high, mean, std } => {
-            format!("CT window {low:.1}..{high:.1}, then (x - {mean:.1}) / {std:.1}")
+            format!("CT window {low:.1}..{high:.1}, mean {mean:.1}, std {std:.1}")
         }
         ChannelNorm::ZScore => "z-score per case".into(),
         ChannelNorm::NoNorm => "none".into(),
