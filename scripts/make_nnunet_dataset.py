@@ -14,10 +14,13 @@ it gets nnU-Net's default per-case z-score while channel 0 (`CT`) gets the CT sc
   z (slices 0-29, 30-60) for imagesTr, lung1 in imagesTs with its label in labelsTs (nnU-Net's
   format has no labelsTs; unetpp's eval reads test labels from there). Labels: background, lesion.
 - Dataset502_ChestCT (one channel, anisotropic and resampled): the slicerio chest CT (3.05 x 3.05 x
-  10 mm) cut into two cases along z; the second is resampled in-plane to half the resolution
-  (6.1 x 6.1 x 10 mm, image by 2x2 mean, labels by taking every second voxel), so the cases differ
-  in spacing as real data sets do. unetpp trains at each file's own voxel grid (it does not resample
-  to a common spacing as nnU-Net does). Labels: the 7 named structures.
+  10 mm) cut into three cases along z: slices 0-11 and 22-33 in imagesTr, the second resampled
+  in-plane to half the resolution (6.1 x 6.1 x 10 mm, image by 2x2 mean, labels by taking every
+  second voxel), so the cases differ in spacing as real data sets do; slices 12-21 in imagesTs
+  with labelsTs, to evaluate on (the same patient: a check of the workflow, not a result).
+  Labels: the 7 named structures.
+- Dataset503_BrainMR (one channel, `MR`): the two pyradiomics brain MRs (0.78 x 0.78 x 6.5 mm),
+  both in imagesTr, for the plan's choices on a channel that is not CT (per-case z-score).
 - --fixture: tests/data/nnunet/Dataset990_Tiny, five 16^3 crops of the chest CT (4 train, 1 test),
   channels CT + smoothed, labels background / lung (5, 6) / spine (2, 3, 4); everything else is
   background. reference.json holds numpy's values for the tests: the CT fingerprint over every
@@ -61,8 +64,11 @@ def save(a, affine, path):
 def write_dataset(root, name, channels, labels, train, test):
     """train/test: lists of (case, [channel arrays], label array, affine)."""
     d = os.path.join(root, name)
-    for sub in ["imagesTr", "labelsTr", "imagesTs", "labelsTs"]:
-        os.makedirs(os.path.join(d, sub), exist_ok=True)
+    # A data set is written whole or not at all: old cases left beside new ones would be trained on.
+    if os.path.exists(d):
+        sys.exit(f"{d} exists: remove it or choose another OUT")
+    for sub in ["imagesTr", "labelsTr"] + (["imagesTs", "labelsTs"] if test else []):
+        os.makedirs(os.path.join(d, sub))
     for split, cases in [("Tr", train), ("Ts", test)]:
         for case, chans, label, affine in cases:
             assert len(chans) == len(channels)
@@ -75,7 +81,8 @@ def write_dataset(root, name, channels, labels, train, test):
         "numTraining": len(train),
         "file_ending": ".nii.gz",
         "name": name,
-        "description": "built by unetpp's scripts/make_nnunet_dataset.py; channel `smoothed` is derived",
+        "description": "built by unetpp's scripts/make_nnunet_dataset.py"
+        + ("; channel `smoothed` is derived" if "smoothed" in channels else ""),
     }
     with open(os.path.join(d, "dataset.json"), "w") as f:
         json.dump(meta, f, indent=2)
@@ -108,13 +115,26 @@ def chest(out):
     lb, _ = load(os.path.join(root, "labels.nii.gz"))
     names = ["background", "ribs", "cervical spine", "thoracic spine", "lumbar spine", "right lung", "left lung",
              "tissue"]
-    top, bottom = ct[:, :, :17], ct[:, :, 17:]
+    # z pieces: 0-11 and 22-33 to train (the second at half the in-plane resolution), 12-21 to test.
+    bottom = ct[:, :, 22:]
     half = bottom.reshape(64, 2, 64, 2, -1).astype(np.float32).mean(axis=(1, 3))
-    aff_half = with_z_origin(aff, 17)
+    aff_half = with_z_origin(aff, 22)
     aff_half[:3, :2] *= 2
-    train = [("chest_top", [top], lb[:, :, :17], aff),
-             ("chest_bottom_half_res", [half], lb[::2, ::2, 17:], aff_half)]
-    return write_dataset(out, "Dataset502_ChestCT", ["CT"], names, train, [])
+    train = [("chest_top", [ct[:, :, :12]], lb[:, :, :12], aff),
+             ("chest_bottom_half_res", [half], lb[::2, ::2, 22:], aff_half)]
+    test = [("chest_mid", [ct[:, :, 12:22]], lb[:, :, 12:22], with_z_origin(aff, 12))]
+    return write_dataset(out, "Dataset502_ChestCT", ["CT"], names, train, test)
+
+
+def brain(out):
+    """The two MR volumes, both to train: a data set whose channel is not CT (per-case z-score)."""
+    root = os.path.join(SHARED, "lesions-pyradiomics")
+    train = []
+    for case in ["brain1", "brain2"]:
+        a, affine = load(os.path.join(root, "images", f"{case}.nii.gz"))
+        lab, _ = load(os.path.join(root, "labels", f"{case}.nii.gz"))
+        train.append((case, [a], lab, affine))
+    return write_dataset(out, "Dataset503_BrainMR", ["MR"], ["background", "lesion"], train, [])
 
 
 def fixture(out):
@@ -167,6 +187,7 @@ def main():
     elif len(args) == 1 and not args[0].startswith("-"):
         print(lesions(args[0]))
         print(chest(args[0]))
+        print(brain(args[0]))
     else:
         sys.exit(__doc__)
 

@@ -227,10 +227,10 @@ fn eval_d<const D: usize>(
         bar.inc(1);
         Ok(())
     };
-    let (scores, mut summary) =
+    let (scores, summary) =
         infer::evaluate(&models, &samples, &[opts.mode()], &sliding, &device, overlay, &scoring)?.remove(0);
     bar.finish_and_clear();
-    summary.per_class = crate::infer::by_label::class_means(&scores, &crate::infer::by_label::class_names(&meta.data));
+    let summary = infer::by_label::named(&scores, summary, &infer::by_label::class_names(&meta.data));
     let pp = postprocess_file.as_deref();
     let made = writer::Provenance { checkpoints: cks, postprocess: pp, sliding: &sliding, dims: meta.model.dims };
     writer::scores(out, &scores, &summary, &made)?;

@@ -155,7 +155,7 @@ fn summarize(
     settings: &metrics::Settings,
     names: &[String],
 ) -> Summary {
-    Summary { per_class: by_label::class_means(scores, names), ..Summary::of(scores, mode, seconds, settings) }
+    by_label::named(scores, Summary::of(scores, mode, seconds, settings), names)
 }
 
 /// nnU-Net's post-processing decided on the cross-validation predictions `cases`, written to

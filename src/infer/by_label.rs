@@ -31,9 +31,30 @@ pub fn class_means(scores: &[ImageScore], names: &[String]) -> Vec<(String, Over
         .collect()
 }
 
-/// `{"liver": {"dice": .., "iou": ..}, ...}` for summary.json.
+/// `summary` with its per-class means and its surface scores' labels named by `names`.
+pub fn named(scores: &[ImageScore], summary: Summary, names: &[String]) -> Summary {
+    let mut surface = summary.surface;
+    for (l, n) in surface.iter_mut().flat_map(|s| s.per_label.iter_mut()).zip(names) {
+        l.name = Some(n.clone());
+    }
+    Summary { per_class: class_means(scores, names), surface, ..summary }
+}
+
+/// `{"liver": {"label": 1, "dice": .., "iou": .., "hd95": .., "nsd": ..}, ...}` for summary.json:
+/// every score of a label under its name (HD95 and NSD where surface scores were taken).
 pub fn classes_json(summary: &Summary) -> serde_json::Value {
-    summary.per_class.iter().map(|(n, o)| (n.clone(), serde_json::json!({ "dice": o.dice, "iou": o.iou }))).collect()
+    let surface = summary.surface.as_ref().map_or(&[][..], |s| &s.per_label[..]);
+    let each = summary.per_class.iter().enumerate();
+    each.map(|(i, (n, o))| {
+        let mut v = serde_json::json!({ "dice": o.dice, "iou": o.iou });
+        if let Some(l) = surface.get(i) {
+            v["label"] = l.label.into();
+            v["hd95"] = l.mean_hd95.into();
+            v["nsd"] = l.mean_nsd.into();
+        }
+        (n.clone(), v)
+    })
+    .collect()
 }
 
 #[cfg(test)]

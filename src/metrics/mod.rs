@@ -173,6 +173,9 @@ pub fn voxel_spacing(s: &crate::data::Sample) -> [f64; 3] {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LabelSummary {
     pub label: u8,
+    /// The data set's name for the label (`dataset.json`), where it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Cases whose Dice is defined for this label.
     pub cases: usize,
     pub mean_dice: f64,
@@ -212,6 +215,7 @@ pub fn summarize(cases: &[&[LabelScore]], settings: &Settings) -> SurfaceSummary
             let dice = col(|l| l.dice);
             LabelSummary {
                 label: cases[0][i].label,
+                name: None,
                 cases: dice.iter().filter(|d| !d.is_nan()).count(),
                 mean_dice: nan_mean_std(&dice).0,
                 mean_iou: nan_mean_std(&col(|l| l.iou)).0,
@@ -265,9 +269,10 @@ pub fn describe(s: &SurfaceSummary) -> String {
         s.mean_hd95, s.std_hd95, s.nsd_tolerance, s.mean_nsd, s.std_nsd, s.empty
     );
     for l in s.per_label.iter().filter(|_| s.per_label.len() > 1) {
+        let who = l.name.as_ref().map_or(format!("label {}", l.label), |n| format!("{n} (label {})", l.label));
         out += &format!(
-            "\n  label {}: Dice {:.4}, IoU {:.4}, HD95 {:.3}, NSD {:.4} ({} cases)",
-            l.label, l.mean_dice, l.mean_iou, l.mean_hd95, l.mean_nsd, l.cases
+            "\n  {who}: Dice {:.4}, IoU {:.4}, HD95 {:.3}, NSD {:.4} ({} cases)",
+            l.mean_dice, l.mean_iou, l.mean_hd95, l.mean_nsd, l.cases
         );
     }
     out

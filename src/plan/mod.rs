@@ -29,6 +29,8 @@ use crate::model::{Arch, ModelConfig, Preset, fmt_size};
 use crate::train::TrainOptions;
 use rules::GIB;
 
+const MIB: f64 = 1024.0 * 1024.0;
+
 /// Where `plan` writes by default, and where `train` looks for a plan: `DATA/unetpp_plan/`.
 pub const DIR: &str = "unetpp_plan";
 pub const PLAN_FILE: &str = "plan.toml";
@@ -72,6 +74,12 @@ pub struct Plan {
     pub channels: usize,
     /// 1 = binary, n = labels 0..n-1 (an nnU-Net data set's labels).
     pub classes: usize,
+    /// The data set's channel names (`dataset.json`, else `0`, `1`, ...), for the table.
+    #[serde(default)]
+    pub channel_names: Vec<String>,
+    /// nnU-Net's label names by value; empty for other layouts.
+    #[serde(default)]
+    pub label_names: Vec<String>,
     pub width: usize,
     pub depth: usize,
     /// What the model pools per level and axis `[z, y, x]` (`ModelConfig::pool`); empty: 2 on
@@ -156,15 +164,26 @@ impl Plan {
             }
         };
         let norm = if self.channel_norms.is_empty() {
-            format!("{:?}", self.normalize)
+            match self.normalize {
+                Normalize::ZScore => "z-score per case".to_string(),
+                Normalize::Percentile { low, high } => format!("percentiles {low}..{high} of each image to 0..1"),
+                other => format!("{other:?}"),
+            }
         } else {
-            self.channel_norms.iter().map(describe_norm).collect::<Vec<_>>().join("; ")
+            // Named, so that a reader sees which channel got the CT window.
+            let name = |c: usize| self.channel_names.get(c).map_or(c.to_string(), |n| n.clone());
+            let each = self.channel_norms.iter().enumerate();
+            each.map(|(c, n)| format!("{}: {}", name(c), describe_norm(n))).collect::<Vec<_>>().join("; ")
+        };
+        let named = |n: usize, names: &[String]| {
+            if names.is_empty() { n.to_string() } else { format!("{n} ({})", names.join(", ")) }
         };
         let median = self.median_shape[3 - d..].iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(",");
         let rows = [
             ("data", self.data.display().to_string()),
             ("dimensions", format!("{d}D")),
-            ("channels / classes", format!("{} / {}", self.channels, self.classes)),
+            ("channels", named(self.channels, &self.channel_names)),
+            ("classes", named(self.classes, &self.label_names)),
             (
                 "target spacing (x,y,z mm)",
                 self.spacing
@@ -200,9 +219,12 @@ impl Plan {
 fn describe_norm(n: &ChannelNorm) -> String {
     match n {
         ChannelNorm::Ct { low, high, mean, std } => {
-            format!("CT clip {low:.1}..{high:.1}, mean {mean:.1}, std {std:.1}")
+            format!("CT window {low:.1}..{high:.1}, mean {mean:.1}, std {std:.1}")
         }
-        other => format!("{other:?}"),
+        ChannelNorm::ZScore => "z-score per case".into(),
+        ChannelNorm::NoNorm => "none".into(),
+        ChannelNorm::RescaleTo01 => "min..max of each case to 0..1".into(),
+        ChannelNorm::RgbTo01 => "x / 255".into(),
     }
 }
 
@@ -315,12 +337,16 @@ pub fn make(o: &PlanOptions, fp: &Fingerprint) -> anyhow::Result<Plan> {
              minimum of one step per epoch, so the run will take longer"
         ));
     }
-    notes.push(format!("memory budget from {source}, less {:.2} GiB for the data set held in memory", held / GIB));
+    // Small data sets hold well under 0.01 GiB, which would read as nothing.
+    let held_text = if held >= GIB { format!("{:.2} GiB", held / GIB) } else { format!("{:.1} MiB", held / MIB) };
+    notes.push(format!("memory budget from {source}, less {held_text} for the data set held in memory"));
     Ok(Plan {
         data: fp.data.clone(),
         dims,
         channels,
         classes,
+        channel_names: fp.channel_names.clone(),
+        label_names: fp.label_names.clone(),
         width: model.width,
         depth,
         pool,
