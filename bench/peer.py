@@ -11,14 +11,17 @@ prints one JSON object. Needs torch (and onnxruntime + onnx for the ORT rows):
 """
 import argparse
 import json
-import math
 import resource
 import sys
 import tempfile
-import time
+from pathlib import Path
 
 import torch
 from torch import nn
+
+# The timing rule and ONNX Runtime sessions of scripts/onnx_check.py (importable with numpy only).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from onnx_check import median_ms, session  # noqa: E402
 
 
 class Block(nn.Module):
@@ -76,21 +79,6 @@ class Accurate(nn.Module):
         return torch.stack([torch.sigmoid(h) for h in heads]).mean(0)
 
 
-def median_ms(f, reps):
-    # As `unetpp bench`: at least a second of runs for short cases (at most 200).
-    t = time.perf_counter()
-    f()
-    warm_ms = (time.perf_counter() - t) * 1e3
-    reps = max(reps, min(200, math.ceil(1000 / max(warm_ms, 1e-3))))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def loss_fn(heads, y):
     total = 0
     for z in heads:
@@ -145,10 +133,7 @@ def main():
                     mode = "accurate" if level is None else f"fast:{level}"
                     with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
                         torch.onnx.export(Accurate(model, level), (x,), f.name, dynamo=False, opset_version=17)
-                        so = ort.SessionOptions()
-                        so.intra_op_num_threads = a.threads
-                        so.inter_op_num_threads = 1
-                        sess = ort.InferenceSession(f.name, so, providers=["CPUExecutionProvider"])
+                        sess = session(f.name, a.threads)
                         feed = {sess.get_inputs()[0].name: x.numpy()}
                         rows.append({"case": f"forward {mode} {label}", "peer": "onnxruntime",
                                      "median_ms": median_ms(lambda: sess.run(None, feed), a.reps)})

@@ -32,6 +32,7 @@ import shutil
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from geometry_fixtures import rotation  # scripts/ is on the path when a script of it runs
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
@@ -46,14 +47,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "data", "dicom")
 RNG = np.random.default_rng(17)
 STUDY = "1.2.826.0.1.3680043.8.498.17"
-
-
-def rotation(ax, ay, az):
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def slice_ds(series, pixels, iop, ipp, spacing, instance, *, signed=True, slope=None, intercept=None,

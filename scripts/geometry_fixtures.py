@@ -27,6 +27,8 @@ OUT = os.path.join(ROOT, "tests", "data", "geometry")
 
 
 def rotation(ax, ay, az):
+    """Rz @ Ry @ Rx: a direction matrix rotated by the three angles (radians); the oblique
+    fixtures of this script, scripts/volume_fixtures.py and scripts/dicom_fixtures.py."""
     cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])

@@ -14,7 +14,8 @@ own `predict`.
 `bench`: median ONNX Runtime time of an exported model on 1x1xSxS inputs (the same counting as
 `unetpp bench` and bench/peer.py: a warm-up, then at least `--reps` runs and a second of them).
 
-Needs onnxruntime, onnx and numpy (scripts/peer-venv, or a venv with just those three):
+Needs onnxruntime, onnx and numpy (scripts/peer-venv, or a venv with just those three); only
+numpy to import, so that bench/peer.py takes its timing (`median_ms`) and sessions from here:
 
     python scripts/onnx_check.py refs target/release/unetpp
     python scripts/onnx_check.py bench model.onnx --sizes 96,256 --threads 2
@@ -29,8 +30,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH = ROOT / "tests" / "data" / "torch"
@@ -80,6 +79,9 @@ def expected(io, mode):
 
 
 def session(path, threads):
+    """An ONNX Runtime CPU session on `threads` threads (one for running graphs in parallel)."""
+    import onnxruntime as ort
+
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -87,6 +89,9 @@ def session(path, threads):
 
 
 def refs(unetpp):
+    import onnx
+    import onnxruntime as ort
+
     OUT.mkdir(parents=True, exist_ok=True)
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,6 +121,8 @@ def refs(unetpp):
 
 
 def median_ms(f, reps):
+    """The median of `f`'s times after a warm-up, as `unetpp bench` counts them: at least `reps`
+    runs and, for short cases, a second of runs (at most 200)."""
     t = time.perf_counter()
     f()
     warm_ms = (time.perf_counter() - t) * 1e3
@@ -130,6 +137,8 @@ def median_ms(f, reps):
 
 
 def bench(path, sizes, threads, reps):
+    import onnxruntime as ort
+
     sess = session(path, threads)
     inp = sess.get_inputs()[0]
     channels = inp.shape[1]

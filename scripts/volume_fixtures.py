@@ -18,6 +18,7 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import SimpleITK as sitk
+from geometry_fixtures import rotation  # scripts/ is on the path when a script of it runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "data", "volumes")
@@ -56,14 +57,6 @@ def reference(name, channels_expected=None):
     with open(os.path.join(OUT, name + ".json"), "w") as f:
         json.dump(ref, f, separators=(",", ":"))
     print(name, size, channels, img.GetPixelIDTypeAsString(), img.GetSpacing(), img.GetOrigin())
-
-
-def rotation(ax, ay, az):
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def main():

@@ -138,15 +138,13 @@ pub fn eval(
     opts: &InferOptions,
     skip_bad: bool,
 ) -> anyhow::Result<Summary> {
-    let cks = &expand_checkpoints(cks)?;
-    let meta = validate_members(cks, opts)?;
-    let ck = infer::ensemble::first(cks);
+    let (cks, meta) = &members(cks, opts)?;
     let splits = Splits::find(data_dir)?;
     let dir =
         splits.test.or(splits.val).context("no test/ or val/ split (nnU-Net: imagesTs/ with labelsTs/) to evaluate")?;
     let images: Vec<PathBuf> = data::pairs(&dir, true)?.into_iter().map(|p| p.image).collect();
-    data::ensure_dims(&images, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
-    crate::for_rank!(meta.model.dims, eval_d(cks, data_dir, out, opts, skip_bad))
+    check_dims(&images, cks, meta)?;
+    crate::for_rank!(meta.model.dims, eval_d(cks, data_dir, &dir, out, opts, skip_bad))
 }
 
 /// The checkpoints a `--checkpoint` list names: a k-fold run directory (`train --folds`) stands
@@ -163,48 +161,79 @@ pub fn expand_checkpoints(cks: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(all)
 }
 
-/// The ensemble's common metadata ([`infer::ensemble::read_meta`]) once `opts` suit every member.
-fn validate_members(cks: &[PathBuf], opts: &InferOptions) -> anyhow::Result<Meta> {
-    let meta = infer::ensemble::read_meta(cks)?;
-    for ck in cks {
+/// The checkpoints `cks` names ([`expand_checkpoints`]) and the ensemble's common metadata
+/// ([`infer::ensemble::read_meta`]), once `opts` suit every member.
+fn members(cks: &[PathBuf], opts: &InferOptions) -> anyhow::Result<(Vec<PathBuf>, Meta)> {
+    let cks = expand_checkpoints(cks)?;
+    let meta = infer::ensemble::read_meta(&cks)?;
+    for ck in &cks {
         let m = checkpoint::read_meta(ck)?;
         let checked = opts.validate(&m.model);
         // Naming the member only helps where there are several.
         if cks.len() > 1 { checked.with_context(|| format!("checkpoint {}", ck.display()))? } else { checked? }
     }
-    Ok(meta)
+    Ok((cks, meta))
+}
+
+/// Refuses inputs of other dimensions than the ensemble's models before anything is loaded.
+fn check_dims(inputs: &[PathBuf], cks: &[PathBuf], meta: &Meta) -> anyhow::Result<()> {
+    data::ensure_dims(inputs, meta.model.dims, &format!("checkpoint {}", infer::ensemble::first(cks).display()))
+}
+
+/// What `eval` and `predict` run: the ensemble's models on the backend's device, with the
+/// post-processing decision saved beside its first checkpoint (and that file).
+struct Loaded<const D: usize> {
+    models: Vec<crate::model::UNetPP<D>>,
+    meta: Meta,
+    device: burn::prelude::Device,
+    postprocess: Option<crate::postprocess::Decision>,
+    postprocess_file: Option<PathBuf>,
+    sliding: infer::Sliding,
+}
+
+impl<const D: usize> Loaded<D> {
+    fn load(cks: &[PathBuf], opts: &InferOptions) -> anyhow::Result<Loaded<D>> {
+        let device = opts.backend.device();
+        let ck = infer::ensemble::first(cks);
+        let (models, meta) = infer::ensemble::load::<D>(cks, &device)?;
+        let postprocess = crate::postprocess::Decision::load_beside(ck, meta.model.classes)?;
+        let postprocess_file = postprocess.as_ref().map(|_| crate::postprocess::beside(ck));
+        if let Some(f) = &postprocess_file {
+            eprintln!("applying the post-processing decided in {}", f.display());
+        }
+        let sliding = opts.sliding(&meta.model);
+        Ok(Loaded { models, meta, device, postprocess, postprocess_file, sliding })
+    }
 }
 
 fn eval_d<const D: usize>(
     cks: &[PathBuf],
     data_dir: &Path,
+    dir: &Path,
     out: &Path,
     opts: &InferOptions,
     skip_bad: bool,
 ) -> anyhow::Result<Summary> {
-    let device = opts.backend.device();
-    let ck = infer::ensemble::first(cks);
-    let (models, meta) = infer::ensemble::load::<D>(cks, &device)?;
-    let postprocess = crate::postprocess::Decision::load_beside(ck, meta.model.classes)?;
-    let splits = Splits::find(data_dir)?;
-    let dir =
-        splits.test.or(splits.val).context("no test/ or val/ split (nnU-Net: imagesTs/ with labelsTs/) to evaluate")?;
+    let Loaded { models, meta, device, postprocess, postprocess_file, sliding } = Loaded::<D>::load(cks, opts)?;
     crate::output::check_eval_out(data_dir, out)?;
-    let samples = data::load(&dir, &meta.data, true, skip_bad)?;
+    let samples = data::load(dir, &meta.data, true, skip_bad)?;
     let overlays = out.join("overlays");
     std::fs::create_dir_all(&overlays).with_context(|| format!("cannot create {}", overlays.display()))?;
-    let sliding = opts.sliding(&meta.model);
-    let pp_file = postprocess.as_ref().map(|_| crate::postprocess::beside(ck));
-    if let Some(f) = &pp_file {
-        eprintln!("applying the post-processing decided in {}", f.display());
-    }
     let scoring = infer::Scoring { metrics: opts.metrics(), postprocess, spacing: meta.data.spacing };
-    let overlay = |s: &data::Sample, pred: &[u8]| writer::overlay(&overlays, s, pred);
+    let bar = crate::progress::Bar::items("eval", samples.len() as u64);
+    let overlay = |s: &data::Sample, pred: &[u8]| {
+        bar.set_message(s.name.clone());
+        writer::overlay(&overlays, s, pred)?;
+        bar.inc(1);
+        Ok(())
+    };
     let (scores, mut summary) =
-        infer::evaluate_ensemble(&models, &samples, &[opts.mode()], &sliding, &device, overlay, &scoring)?.remove(0);
+        infer::evaluate(&models, &samples, &[opts.mode()], &sliding, &device, overlay, &scoring)?.remove(0);
+    bar.finish_and_clear();
     summary.per_class = crate::infer::by_label::class_means(&scores, &crate::infer::by_label::class_names(&meta.data));
-    writer::scores(out, &scores, &summary, cks, pp_file.as_deref())?;
-    crate::report::eval(out, ck)?;
+    let made = writer::Provenance { checkpoints: cks, postprocess: postprocess_file.as_deref(), sliding: &sliding };
+    writer::scores(out, &scores, &summary, &made)?;
+    crate::report::eval(out)?;
     Ok(summary)
 }
 
@@ -245,11 +274,9 @@ pub fn predict(
     opts: &InferOptions,
     p: &PredictOptions,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    let cks = &expand_checkpoints(cks)?;
-    let meta = validate_members(cks, opts)?;
-    let ck = infer::ensemble::first(cks);
+    let (cks, meta) = &members(cks, opts)?;
     let inputs = Inputs::find(input, &meta.data)?;
-    data::ensure_dims(&inputs.files, meta.model.dims, &format!("checkpoint {}", ck.display()))?;
+    check_dims(&inputs.files, cks, meta)?;
     crate::for_rank!(meta.model.dims, predict_d(cks, &inputs, out, opts, p))
 }
 
@@ -299,10 +326,7 @@ fn predict_d<const D: usize>(
     opts: &InferOptions,
     p: &PredictOptions,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    let device = opts.backend.device();
-    let ck = infer::ensemble::first(cks);
-    let (models, meta) = infer::ensemble::load::<D>(cks, &device)?;
-    let postprocess = crate::postprocess::Decision::load_beside(ck, meta.model.classes)?;
+    let Loaded { models, meta, device, postprocess, sliding, .. } = Loaded::<D>::load(cks, opts)?;
     let Inputs { given, dir, files, cases } = inputs;
     // An nnU-Net case's outputs are named CASE.nii.gz, as nnU-Net names them.
     let names: Vec<PathBuf> = match cases {
@@ -313,10 +337,6 @@ fn predict_d<const D: usize>(
     let plan =
         crate::output::plan_predictions(given, dir, &names, out, meta.model.classes, p.probabilities, p.overwrite)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let sliding = opts.sliding(&meta.model);
-    if postprocess.is_some() {
-        eprintln!("applying the post-processing decided in {}", crate::postprocess::beside(ck).display());
-    }
     let mut manifest = p.shard.map(|sh| infer::shard::Manifest::open(out, &sh.manifest_name()));
     let mode = opts.mode().to_string();
     let mut todo = vec![];
@@ -351,9 +371,11 @@ fn predict_d<const D: usize>(
         Ok((path, paths, s, std::time::Instant::now()))
     };
     let mut written = vec![];
+    let bar = crate::progress::Bar::items("predict", todo.len() as u64);
     infer::read_ahead::for_each(todo, read, |(path, paths, s, start)| {
+        bar.set_message(s.name.clone());
         let probs = on_input_grid(&s, meta.data.spacing, |r| {
-            infer::probabilities_with(&models, r, &[opts.mode()], &sliding, &device)
+            infer::probabilities(&models, r, &[opts.mode()], &sliding, &device)
         })?
         .remove(0);
         let mut pred = infer::labels(&probs, meta.model.classes);
@@ -361,7 +383,7 @@ fn predict_d<const D: usize>(
             pp.apply(&mut pred, s.shape);
         }
         writer::prediction_to(&paths, &s, &pred, &probs, meta.model.classes)?;
-        eprintln!("predicted {}", infer::describe(&s));
+        bar.println(format_args!("predicted {}", infer::describe(&s)));
         if let Some(m) = &mut manifest {
             let seconds = start.elapsed().as_secs_f64();
             m.record(infer::shard::Entry {
@@ -373,8 +395,10 @@ fn predict_d<const D: usize>(
             })?;
         }
         written.extend(paths);
+        bar.inc(1);
         Ok(())
     })?;
+    bar.finish_and_clear();
     manifest.map(|m| m.save()).transpose()?;
     Ok(written)
 }

@@ -126,7 +126,10 @@ fn predict_fold<const D: usize>(
         Ok(())
     };
     let tile = opts.tile(&meta.model);
-    Ok(infer::evaluate_scored(&model, samples, &[opts.mode()], tile, &device, each, &scoring)?.remove(0).0)
+    let models = std::slice::from_ref(&model);
+    Ok(infer::evaluate(models, samples, &[opts.mode()], &infer::Sliding::new(tile), &device, each, &scoring)?
+        .remove(0)
+        .0)
 }
 
 /// A case's scores, as `eval` takes them.

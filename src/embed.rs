@@ -161,12 +161,15 @@ impl Model {
         Ok(out)
     }
 
+    /// Windows slide as `predict`'s do (mirrored by default for volumes), so that an array gives
+    /// what the CLI gives for a file holding it.
     fn probabilities(&self, s: &Sample, opts: &InferOptions) -> anyhow::Result<Vec<f32>> {
-        let tile = opts.tile(&self.meta.model);
-        match &self.net {
-            Net::D2(m) => infer::probabilities(m, s, opts.mode(), tile, &self.device),
-            Net::D3(m) => infer::probabilities(m, s, opts.mode(), tile, &self.device),
-        }
+        let (sliding, modes) = (opts.sliding(&self.meta.model), [opts.mode()]);
+        let mut all = match &self.net {
+            Net::D2(m) => infer::probabilities(std::slice::from_ref(m), s, &modes, &sliding, &self.device),
+            Net::D3(m) => infer::probabilities(std::slice::from_ref(m), s, &modes, &sliding, &self.device),
+        }?;
+        Ok(all.remove(0))
     }
 
     fn finish(&self, probabilities: Vec<f32>, shape: [usize; 3]) -> Prediction {
@@ -185,8 +188,9 @@ impl Model {
 }
 
 /// A whole training configuration from partial settings (JSON, as in `config.toml`): `data`
-/// (default the bundled sample) sets the defaults `train --data` would take, then every given
-/// key replaces its default, tables key by key. `input.channels`/`input.classes` follow
+/// (default the bundled sample) and the recipe keys among them (see [`recipe_options`]) set the
+/// defaults `train --data` with those flags would take, then every given key replaces its
+/// default, tables key by key. `input.channels`/`input.classes` follow
 /// `model.in_channels`/`model.classes` unless given. Unknown keys are errors naming them.
 pub fn train_config(partial: serde_json::Value) -> anyhow::Result<TrainConfig> {
     let serde_json::Value::Object(given) = partial else {
@@ -205,7 +209,7 @@ pub fn train_config(partial: serde_json::Value) -> anyhow::Result<TrainConfig> {
         let parsed: crate::data::Normalize = s.parse().map_err(|e: String| anyhow::anyhow!("input.normalize: {e}"))?;
         *n = serde_json::to_value(parsed)?;
     }
-    let mut cfg = serde_json::to_value(TrainConfig::from_options(&TrainOptions { data, ..Default::default() })?)?;
+    let mut cfg = serde_json::to_value(TrainConfig::from_options(&recipe_options(data, &given)?)?)?;
     merge(&mut cfg, &serde_json::Value::Object(given.clone()));
     let model = given.get("model");
     let input_given = given.get("input");
@@ -218,6 +222,36 @@ pub fn train_config(partial: serde_json::Value) -> anyhow::Result<TrainConfig> {
     let cfg: TrainConfig = serde_json::from_value(cfg).context("invalid training configuration")?;
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The CLI's options for the settings' recipe keys (`epochs`, `steps_per_epoch`, `batch_size`,
+/// `patch`, `model.depth`, `input.spacing`): as their flags do in `train`, any of them means no
+/// plan is made for 3D data, and what derives from them (the pooling of each level) follows.
+fn recipe_options(
+    data: Option<PathBuf>,
+    given: &serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<TrainOptions> {
+    type Map = serde_json::Map<String, serde_json::Value>;
+    // `table.key` (or `key` at the top without a table), parsed where given.
+    fn at<T: serde::de::DeserializeOwned>(given: &Map, table: Option<&str>, key: &str) -> anyhow::Result<Option<T>> {
+        let v = match table {
+            Some(t) => given.get(t).and_then(|t| t.get(key)),
+            None => given.get(key),
+        };
+        let name = table.map_or(key.to_string(), |t| format!("{t}.{key}"));
+        let parsed = v.map(|v| serde_json::from_value(v.clone()));
+        parsed.transpose().with_context(|| format!("invalid training configuration: {name}"))
+    }
+    Ok(TrainOptions {
+        data,
+        epochs: at(given, None, "epochs")?,
+        steps_per_epoch: at(given, None, "steps_per_epoch")?,
+        batch_size: at(given, None, "batch_size")?,
+        patch: at(given, None, "patch")?,
+        spacing: at(given, Some("input"), "spacing")?,
+        model: crate::train::ModelOptions { depth: at(given, Some("model"), "depth")?, ..Default::default() },
+        ..Default::default()
+    })
 }
 
 fn merge(base: &mut serde_json::Value, over: &serde_json::Value) {
@@ -260,5 +294,18 @@ mod tests {
         assert!(err.contains("unknown field `epoch`"), "{err}");
         let err = format!("{:#}", train_config(serde_json::json!({"data": data, "lr": 0.0})).unwrap_err());
         assert!(err.contains("--lr"), "{err}");
+    }
+
+    /// As `train --data VOLUMES --epochs 1 --depth 2`: no plan is made, and the pooling is the
+    /// one of a depth-2 model (a plan's would be of depth 4, which depth 2 refuses).
+    #[test]
+    fn recipe_keys_on_volumes_make_no_plan() {
+        let data = concat!(env!("CARGO_MANIFEST_DIR"), "/samples/lesions");
+        let cfg = train_config(serde_json::json!({"data": data, "epochs": 1, "model": {"depth": 2}})).unwrap();
+        assert!(cfg.plan.is_none() && cfg.input.spacing.is_none());
+        assert_eq!((cfg.model.depth, cfg.epochs), (2, 1));
+        assert!(cfg.model.pool.len() <= 2, "{:?}", cfg.model.pool);
+        let err = format!("{:#}", train_config(serde_json::json!({"data": data, "patch": [16, 32]})).unwrap_err());
+        assert!(err.contains("patch"), "{err}");
     }
 }

@@ -211,7 +211,9 @@ fn evaluate<const D: usize>(cfg: &TrainConfig, ck: &Path, quick: bool) -> anyhow
     let samples = test_samples(cfg, &meta.data, quick)?;
     let modes = modes_of(&meta.model);
     let start = std::time::Instant::now();
-    let all = infer::evaluate_modes(&model, &samples, &modes, cfg.tile, &device, meta.data.spacing, |_, _| Ok(()))?;
+    let (models, sliding) = (std::slice::from_ref(&model), infer::Sliding::new(cfg.tile));
+    let scoring = infer::Scoring { spacing: meta.data.spacing, ..Default::default() };
+    let all = infer::evaluate(models, &samples, &modes, &sliding, &device, |_, _| Ok(()), &scoring)?;
     let seconds = start.elapsed().as_secs_f64();
     let scores = &all[0].0;
     let images = scores.iter().map(|s| (s.name.clone(), s.iou)).collect();

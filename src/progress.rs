@@ -1,4 +1,4 @@
-//! Training progress: indicatif's bar on a terminal (it draws nothing elsewhere), or, on a thread
+//! Progress of training, prediction and evaluation: indicatif's bar on a terminal (it draws nothing elsewhere), or, on a thread
 //! where a program embedding the library has set a hook, events to that hook instead (the Python
 //! package turns them into tqdm bars, which also render in a notebook).
 
@@ -7,7 +7,7 @@ use std::rc::Rc;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// What a bar reports: `Start` with the bar's label and length, `Update` with the position and
+/// What a bar reports: `Start` with the bar's label (`epoch 3/10`, `predict`, `eval`) and length, `Update` with the position and
 /// the latest message, `Finish`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
@@ -42,11 +42,18 @@ pub struct Bar {
 }
 
 impl Bar {
+    /// A training epoch's bar of `total` steps; `label` is `EPOCH/EPOCHS`.
     pub fn new(label: String, total: u64) -> Bar {
+        Bar::items(format!("epoch {label}"), total)
+    }
+
+    /// A bar of `total` items (steps, cases) labelled `label`.
+    pub fn items(label: impl Into<String>, total: u64) -> Bar {
+        let label = label.into();
         let hook = HOOK.with(|h| h.borrow().clone());
         let term = if hook.is_some() { ProgressBar::hidden() } else { ProgressBar::new(total) };
         term.set_style(
-            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
                 .unwrap()
                 .progress_chars("=> "),
         );
@@ -72,6 +79,11 @@ impl Bar {
         self.term.set_message(message.clone());
         *self.message.borrow_mut() = message;
         self.update();
+    }
+
+    /// Prints a line to stderr above the bar (a hidden bar prints it too).
+    pub fn println(&self, line: impl std::fmt::Display) {
+        self.term.suspend(|| eprintln!("{line}"));
     }
 
     pub fn finish_and_clear(&self) {
@@ -105,7 +117,12 @@ mod tests {
         let update = |position: u64, message: &str| Event::Update { position, message: message.into() };
         assert_eq!(
             *seen.borrow(),
-            vec![Event::Start { label: "1/2".into(), total: 3 }, update(1, ""), update(1, "loss 0.5"), Event::Finish]
+            vec![
+                Event::Start { label: "epoch 1/2".into(), total: 3 },
+                update(1, ""),
+                update(1, "loss 0.5"),
+                Event::Finish
+            ]
         );
     }
 }

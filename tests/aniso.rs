@@ -5,9 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use burn::module::{ModuleMapper, Param};
 use burn::prelude::*;
-use burn::tensor::Distribution;
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, TVec, tvec,
 };
@@ -16,7 +14,7 @@ use unetpp::data::{DataConfig, Normalize, Sample};
 use unetpp::export::Format;
 use unetpp::model::{Arch, Mode, ModelConfig, Preset, UNetPP};
 
-use common::{fails_with, ok, s, samples};
+use common::{Perturb, fails_with, ok, s, samples};
 
 fn flex() -> Device {
     Device::flex()
@@ -27,21 +25,6 @@ const ANISO: [[usize; 3]; 2] = [[1, 2, 2], [2, 2, 2]];
 
 fn tiny(dims: usize, preset: Preset, pool: &[[usize; 3]]) -> ModelConfig {
     ModelConfig { width: 4, dims, pool: pool.to_vec(), ..ModelConfig::new(Arch::Unetpp, preset, 2) }
-}
-
-/// Shifts every 1-D parameter (biases, BatchNorm's statistics) upwards by 0 to 0.3, so that
-/// folded BatchNorm is not the identity and the ReLUs of a width-4 network stay alive.
-struct Perturb;
-impl ModuleMapper for Perturb {
-    fn map_float<const K: usize>(&mut self, param: Param<Tensor<K>>) -> Param<Tensor<K>> {
-        if K != 1 {
-            return param;
-        }
-        param.map(|t| {
-            let noise = Tensor::random(t.shape(), Distribution::Uniform(0.0, 0.3), &t.device());
-            t + noise
-        })
-    }
 }
 
 fn model<const D: usize>(cfg: &ModelConfig, d: &Device) -> UNetPP<D> {
@@ -280,7 +263,9 @@ fn inference_windows_round_per_axis() {
         source: "v.nii.gz".into(),
         geometry: None,
     };
-    let probs = unetpp::infer::probabilities(&m, &s, Mode::Accurate, [64, 128, 128], &d).unwrap();
+    let sliding = unetpp::infer::Sliding::new([64, 128, 128]);
+    let probs =
+        unetpp::infer::probabilities(std::slice::from_ref(&m), &s, &[Mode::Accurate], &sliding, &d).unwrap().remove(0);
     let direct = values(m.predict(x, Mode::Accurate).unwrap());
     assert!(max_diff(&probs, &direct) <= 1e-6, "the window was padded or cut");
 }

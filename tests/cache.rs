@@ -10,9 +10,9 @@ use unetpp::data::cache::{self, CachedCase, Prepared};
 use unetpp::data::patch;
 use unetpp::data::{self, DataConfig, Normalize, Sample};
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{Tiny, s};
+
+mod common;
 
 /// A volume `[x, y, z]` of noise inside a zero margin (what cropping removes), with a labelled blob.
 fn volume(dir: &Path, name: &str, dims: [usize; 3], seed: u64) {
@@ -213,36 +213,16 @@ fn a_changed_normalisation_rebuilds() {
 }
 
 fn unetpp(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_unetpp"));
-    c.args(args).env_remove("UNETPP_FAILPOINT").env_remove("UNETPP_MEMORY_GB");
-    c.envs(env.iter().copied());
-    let o = c.output().unwrap();
-    assert!(o.status.success(), "unetpp {args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let o = common::unetpp_env(args, env);
+    assert!(o.status.success(), "unetpp {args:?} failed:\n{}", common::stderr(&o));
     o
-}
-
-/// tests/resume.rs's: a checkpoint's header and metadata, then each tensor's name, type, shape
-/// and bytes: all of it but the random ids burn gives BatchNorm statistics (which nothing reads
-/// back, and which differ between any two runs).
-fn weights(bytes: &[u8]) -> Vec<u8> {
-    use burn::store::burn_pack::Reader;
-    use burn::tensor::Bytes;
-    let n = 16 + u64::from_le_bytes(bytes[8..16].try_into().unwrap()) as usize;
-    let mut out = bytes[..n].to_vec();
-    let reader = Reader::from_bytes(Bytes::from_bytes_vec(bytes[n..].to_vec())).unwrap();
-    for t in reader.into_tensors().unwrap() {
-        let (name, dtype, shape, _, data) = t.into_parts().unwrap();
-        out.extend_from_slice(format!("{name} {dtype:?} {shape:?}").as_bytes());
-        out.extend_from_slice(&data);
-    }
-    out
 }
 
 /// Checkpoints, optimiser state and metrics (wall times left out) of a run.
 fn results(run: &Path) -> Vec<Vec<u8>> {
     let ck = run.join("checkpoints");
     let mut v: Vec<Vec<u8>> =
-        ["best.unetpp", "last.unetpp"].iter().map(|f| weights(&std::fs::read(ck.join(f)).unwrap())).collect();
+        ["best.unetpp", "last.unetpp"].iter().map(|f| common::weights(&std::fs::read(ck.join(f)).unwrap())).collect();
     v.push(std::fs::read(ck.join("last.optim")).unwrap());
     let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
     let rows: Vec<String> = csv.lines().map(|l| l.rsplit_once(',').unwrap().0.to_string()).collect();
@@ -250,22 +230,7 @@ fn results(run: &Path) -> Vec<Vec<u8>> {
     v
 }
 
-const TINY_3D: [&str; 14] = [
-    "--width",
-    "4",
-    "--depth",
-    "2",
-    "--epochs",
-    "2",
-    "--steps-per-epoch",
-    "3",
-    "--batch-size",
-    "2",
-    "--patch",
-    "16,16,16",
-    "--tile",
-    "16,32,32",
-];
+const TINY_3D: Tiny = Tiny { epochs: "2", steps: "3", batch: "2", patch: "16,16,16", ..Tiny::D3 };
 
 #[test]
 fn a_cached_training_run_equals_the_in_memory_run() {
@@ -274,7 +239,7 @@ fn a_cached_training_run_equals_the_in_memory_run() {
     let run = |name: &str, extra: &[&str], env: &[(&str, &str)]| {
         let out = tmp.path().join(name);
         let mut args = vec!["train", "--data", s(&vols), "--out", s(&out), "--foreground", "0.5"];
-        args.extend(TINY_3D.iter().chain(extra));
+        args.extend(TINY_3D.flags().iter().chain(extra));
         let o = unetpp(&args, env);
         (results(&out), String::from_utf8_lossy(&o.stderr).into_owned())
     };
@@ -290,12 +255,8 @@ fn a_cached_training_run_equals_the_in_memory_run() {
     // Killed after its first epoch and resumed: still the same run.
     let out = tmp.path().join("killed");
     let mut args = vec!["train", "--data", s(&vols), "--out", s(&out), "--foreground", "0.5", "--cache", s(&dir)];
-    args.extend(TINY_3D);
-    let o = Command::new(env!("CARGO_BIN_EXE_unetpp"))
-        .args(&args)
-        .env("UNETPP_FAILPOINT", "epoch.published:1")
-        .output()
-        .unwrap();
+    args.extend(TINY_3D.flags());
+    let o = common::unetpp_cut(&args, "epoch.published:1");
     assert!(!o.status.success() && out.join("state.json").exists(), "killed after epoch 1");
     unetpp(&["train", "--resume", s(&out)], &[]);
     assert!(memory == results(&out), "a cached run resumed after a kill trains as in memory");
@@ -354,9 +315,8 @@ fn trains_on_a_data_set_four_times_larger_than_its_peak_memory() {
     });
     let f32_bytes = (n * dims.iter().product::<usize>() * 4) as u64;
     let out = tmp.path().join("run");
-    let mut args = vec!["train", "--data", s(&data), "--out", s(&out), "--val-fraction", "0.02", "--epochs", "1"];
-    args.extend(&TINY_3D[..4]);
-    args.extend(["--steps-per-epoch", "3", "--batch-size", "2", "--patch", "16,16,16", "--tile", "32,64,64"]);
+    let mut args = vec!["train", "--data", s(&data), "--out", s(&out), "--val-fraction", "0.02"];
+    args.extend(Tiny { epochs: "1", tile: "32,64,64", ..TINY_3D }.flags());
     // The machine's memory stands in as 1 GB: the data set is more than a quarter of it.
     let peak = peak_rss(&args, &[("UNETPP_MEMORY_GB", "1")], &tmp.path().join("log"));
     let log = std::fs::read_to_string(tmp.path().join("log")).unwrap();

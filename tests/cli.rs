@@ -4,24 +4,6 @@ use common::*;
 
 use std::path::{Path, PathBuf};
 
-/// Tiny, fast settings; the architecture is the real one at width 4.
-const TINY_2D: &[&str] = &[
-    "--width",
-    "4",
-    "--depth",
-    "2",
-    "--epochs",
-    "2",
-    "--steps-per-epoch",
-    "2",
-    "--batch-size",
-    "2",
-    "--patch",
-    "32",
-    "--tile",
-    "64",
-];
-
 #[test]
 fn train_eval_prune_predict_2d() {
     let tmp = tempfile::tempdir().unwrap();
@@ -87,27 +69,7 @@ fn train_eval_prune_predict_2d() {
 fn train_eval_predict_3d() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run3d");
-    ok(&[
-        "train",
-        "--data",
-        s(&samples("lesions")),
-        "--out",
-        s(&run),
-        "--width",
-        "2",
-        "--depth",
-        "2",
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "2",
-        "--batch-size",
-        "1",
-        "--patch",
-        "8,32,32",
-        "--tile",
-        "16,32,32",
-    ]);
+    ok(&train_args(&samples("lesions"), &run, TINY_3D, &[]));
     let best = run.join("checkpoints/best.unetpp");
     let stdout = ok(&[
         "eval",
@@ -144,12 +106,7 @@ fn train_eval_predict_3d() {
 fn resume_matches_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let data = samples("nuclei");
-    let base = |out: &Path, epochs: &str| {
-        let mut a = train_on(&data, out);
-        let i = a.iter().position(|x| x == "--epochs").unwrap();
-        a[i + 1] = epochs.into();
-        ok(&a);
-    };
+    let base = |out: &Path, epochs: &'static str| ok(&train_args(&data, out, Tiny { epochs, ..Tiny::D2 }, &[]));
     let full = tmp.path().join("full");
     base(&full, "2");
     let cut = tmp.path().join("cut");
@@ -187,11 +144,12 @@ fn broken(tmp: &Path) -> PathBuf {
     d
 }
 
-fn train_on(data: &Path, out: &Path) -> Vec<String> {
-    let mut a = vec!["train".to_string(), "--data".into(), s(data).into(), "--out".into(), s(out).into()];
-    a.extend(TINY_2D.iter().map(|x| x.to_string()));
-    a
+fn train_on<'a>(data: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    train_args(data, out, Tiny::D2, &[])
 }
+
+/// The 3D run of this file and tests/resample.rs: width 2, two steps of 8x32x32 patches.
+const TINY_3D: Tiny = Tiny { width: "2", steps: "2", patch: "8,32,32", ..Tiny::D3 };
 
 fn fails_training(data: &Path, needles: &[&str]) {
     let out = data.parent().unwrap().join("out");
@@ -239,17 +197,13 @@ fn bad_inputs_are_named() {
 
     let d = broken(&t.join("patch"));
     let out = t.join("patch/out");
-    let mut a = train_on(&d, &out);
-    let i = a.iter().position(|x| x == "--patch").unwrap();
-    a[i + 1] = "30".into();
-    fails(&a, &["patch size 30", "divisible by 2^depth = 4"]);
+    fails(&train_args(&d, &out, Tiny { patch: "30", ..Tiny::D2 }, &[]), &["patch size 30", "divisible by 2^depth = 4"]);
 
     // --skip-bad lists the bad pair and trains on the rest.
     let d = broken(&t.join("skip"));
     image::GrayImage::new(10, 10).save(d.join("masks/2022-03-18_RPE1_3.png")).unwrap();
-    let mut a = train_on(&d, &t.join("skip/out"));
-    a.push("--skip-bad".into());
-    let out = unetpp(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>());
+    let skip = t.join("skip/out");
+    let out = unetpp(&train_args(&d, &skip, Tiny::D2, &["--skip-bad"]));
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("skipping"));
 }
@@ -258,7 +212,8 @@ fn bad_inputs_are_named() {
 fn existing_runs_and_checkpoints_are_never_overwritten_or_misread() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let a = train_on(&samples("nuclei"), &run);
+    let nuclei = samples("nuclei");
+    let a = train_on(&nuclei, &run);
     ok(&a);
     let best = run.join("checkpoints/best.unetpp");
     let before = std::fs::read(&best).unwrap();
@@ -289,8 +244,7 @@ fn existing_runs_and_checkpoints_are_never_overwritten_or_misread() {
 fn experiment_runs_every_model_and_reuses_finished_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let data = samples("nuclei");
-    let spec = format!(
-        r#"
+    let head = r#"
 title = "tiny"
 seeds = [1, 2]
 otsu = true
@@ -305,43 +259,8 @@ deep_supervision = false
 name = "UNet++ DS"
 arch = "unetpp"
 deep_supervision = true
-
-[train]
-data = "{}"
-epochs = 1
-steps_per_epoch = 2
-batch_size = 2
-lr = 0.001
-patch = [1, 32, 32]
-foreground = 0.5
-patience = 2
-seed = 0
-val_fraction = 0.2
-tile = [1, 64, 64]
-val_crop = [1, 64, 64]
-skip_bad = false
-
-[train.model]
-arch = "unetpp"
-preset = "modern"
-depth = 2
-width = 4
-in_channels = 1
-classes = 1
-dims = 2
-deep_supervision = true
-
-[train.input]
-channels = 1
-classes = 1
-
-[train.input.normalize]
-kind = "percentile"
-low = 0.5
-high = 99.5
-"#,
-        data.display()
-    );
+"#;
+    let spec = tiny_experiment(head, &data);
     let spec_path = tmp.path().join("tiny.toml");
     std::fs::write(&spec_path, spec).unwrap();
     let out = tmp.path().join("runs");

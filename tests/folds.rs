@@ -5,24 +5,12 @@
 use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use common::{fails, ok_both, s};
+use common::{Tiny, fails, ok_both, s, stderr, unetpp_cut};
 use serde_json::Value;
 
 mod common;
-
-/// The binary with the `UNETPP_FAILPOINT` kill hook armed (tests/resume.rs's).
-fn unetpp_cut(args: &[&str], failpoint: &str) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_unetpp"));
-    c.args(args).env("UNETPP_FAILPOINT", failpoint);
-    c.output().expect("binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 const CASES: [&str; 6] = ["c0", "c1", "c2", "c3", "c4", "c5"];
 
@@ -51,27 +39,9 @@ fn make_data(root: &Path) -> PathBuf {
     root.to_path_buf()
 }
 
-/// tests/cli.rs's TINY_2D: the real architecture at width 4, two short epochs.
-const TINY: &[&str] = &[
-    "--width",
-    "4",
-    "--depth",
-    "2",
-    "--epochs",
-    "2",
-    "--steps-per-epoch",
-    "2",
-    "--batch-size",
-    "2",
-    "--patch",
-    "32",
-    "--tile",
-    "64",
-];
-
+/// 3-fold training with [`Tiny::D2`], then `extra`.
 fn train_args<'a>(data: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut a = vec!["train", "--data", s(data), "--out", s(out), "--folds", "3"];
-    a.extend_from_slice(TINY);
+    let mut a = common::train_args(data, out, Tiny::D2, &["--folds", "3"]);
     a.extend_from_slice(extra);
     a
 }

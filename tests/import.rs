@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use unetpp::import;
 
+use common::Tiny;
+
+mod common;
+
 fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/torch").join(name)
 }
@@ -183,17 +187,10 @@ fn import_fine_tune_export_cli() {
         dir.to_str().unwrap(),
         "--weights",
         ck.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "2",
-        "--batch-size",
-        "2",
-        "--patch",
-        "32",
-        "--tile",
-        "64",
-    ]);
+    ]
+    .into_iter()
+    .chain(Tiny { epochs: "1", ..Tiny::D2 }.schedule())
+    .collect::<Vec<_>>());
     let tuned = dir.join("checkpoints/last.unetpp");
     let exported = tmp.path().join("tuned.safetensors");
     run(&["export", "--checkpoint", tuned.to_str().unwrap(), "--out", exported.to_str().unwrap()]);

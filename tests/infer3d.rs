@@ -71,7 +71,7 @@ fn sample(shape: [usize; 3], seed: usize) -> Sample {
 }
 
 fn probs<const D: usize>(model: &UNetPP<D>, s: &Sample, modes: &[Mode], sliding: &Sliding) -> Vec<Vec<f32>> {
-    infer::probabilities_with(std::slice::from_ref(model), s, modes, sliding, &Device::flex()).unwrap()
+    infer::probabilities(std::slice::from_ref(model), s, modes, sliding, &Device::flex()).unwrap()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -222,8 +222,8 @@ fn tta_is_off_by_default_in_2d() {
     // Through the library, without windows: the single pass of the one-checkpoint path.
     let (model, meta) = checkpoint::load::<4>(&ck, &Device::flex()).unwrap();
     let s = infer::read_unlabelled(&input, &meta.data).unwrap();
-    let p = infer::probabilities(&model.fold_batchnorm(), &s, Mode::Accurate, [1, 1024, 1024], &Device::flex());
-    assert_eq!(p.unwrap(), default);
+    let p = probs(&model.fold_batchnorm(), &s, &[Mode::Accurate], &Sliding::new([1, 1024, 1024]));
+    assert_eq!(p[0], default);
 }
 
 #[test]

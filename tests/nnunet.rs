@@ -32,28 +32,9 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Tiny, fast settings (3D, width 4, depth 2, one step); no channel, class or normalisation flag.
-const TINY: &[&str] = &[
-    "--width",
-    "4",
-    "--depth",
-    "2",
-    "--epochs",
-    "1",
-    "--steps-per-epoch",
-    "1",
-    "--batch-size",
-    "1",
-    "--patch",
-    "16,16,16",
-    "--tile",
-    "16,16,16",
-];
-
+/// [`Tiny::D3`] on the fixture's 16^3 crops; no channel, class or normalisation flag.
 fn train_args<'a>(data: &'a Path, out: &'a Path) -> Vec<&'a str> {
-    let mut a = vec!["train", "--data", s(data), "--out", s(out)];
-    a.extend(TINY);
-    a
+    common::train_args(data, out, Tiny { patch: "16,16,16", tile: "16,16,16", ..Tiny::D3 }, &[])
 }
 
 #[test]

@@ -16,21 +16,9 @@ use unetpp::data::{DataConfig, Normalize};
 use unetpp::export::Format;
 use unetpp::model::{Arch, Encoder, Mode, ModelConfig, Preset, UNetPP};
 
-/// Shifts every 1-D parameter (biases, BatchNorm's gamma, beta and running statistics) by 0 to
-/// 0.3, so that folding BatchNorm is exercised with statistics that are not the identity; upwards,
-/// so that the ReLUs of a width-4 network stay alive (a constant output would match anything).
-struct Perturb;
-impl ModuleMapper for Perturb {
-    fn map_float<const K: usize>(&mut self, param: Param<Tensor<K>>) -> Param<Tensor<K>> {
-        if K != 1 {
-            return param;
-        }
-        param.map(|t| {
-            let noise = Tensor::random(t.shape(), Distribution::Uniform(0.0, 0.3), &t.device());
-            t + noise
-        })
-    }
-}
+use common::Perturb;
+
+mod common;
 
 fn tiny(arch: Arch, preset: Preset, dims: usize, classes: usize) -> ModelConfig {
     ModelConfig { width: 4, dims, classes, ..ModelConfig::new(arch, preset, 2) }

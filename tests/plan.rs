@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fails, ok_text as ok, s};
+use common::{Tiny, fails, ok_text as ok, s, train_args};
 use unetpp::data::intensity::ChannelNorm;
 use unetpp::plan::{Fingerprint, Plan};
 
@@ -225,25 +225,7 @@ fn train_follows_the_plan_records_it_and_lets_flags_win() {
     assert_eq!((made.patch, made.budget_seconds, cfg.epochs), (plan.patch, 2.0, made.epochs));
     // A recipe flag (here --epochs) and no plan: today's recipe, no plan made.
     let run4 = tmp.path().join("run4");
-    ok(&[
-        "train",
-        "--data",
-        s(&other),
-        "--out",
-        s(&run4),
-        "--width",
-        "4",
-        "--depth",
-        "2",
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "1",
-        "--patch",
-        "16,32,32",
-        "--batch-size",
-        "2",
-    ]);
+    ok(&train_args(&other, &run4, Tiny { batch: "2", ..Tiny::D3 }, &[]));
     let cfg = unetpp::train::TrainConfig::read(&run4.join("config.toml")).unwrap();
     assert!(cfg.plan.is_none() && cfg.input.spacing.is_none());
     // --budget with an existing plan re-divides its measured steps.

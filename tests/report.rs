@@ -86,11 +86,13 @@ fn eval_report_escapes_names_sorts_and_shows_everything() {
         .zip(dice)
         .map(|(n, d)| serde_json::json!({"name": n, "dice": d, "per_class": [{"dice": d, "iou": d / 2.0}]}))
         .collect();
-    let summary = serde_json::json!({"summary": {"mode": "accurate", "images": 3, "mean_dice": 0.5}, "images": images});
-    std::fs::write(out.join("summary.json"), summary.to_string()).unwrap();
     let run = tmp.path().join("run <b>");
     std::fs::create_dir_all(run.join("checkpoints")).unwrap();
     let ck = run.join("checkpoints/best.unetpp");
+    let summary = serde_json::json!({
+        "summary": {"mode": "accurate", "images": 3, "mean_dice": 0.5}, "images": images, "checkpoint": ck
+    });
+    std::fs::write(out.join("summary.json"), summary.to_string()).unwrap();
     std::fs::write(&ck, b"not read").unwrap();
     std::fs::write(
         run.join("metrics.csv"),
@@ -98,7 +100,7 @@ fn eval_report_escapes_names_sorts_and_shows_everything() {
     )
     .unwrap();
 
-    let report = unetpp::report::eval(&out, &ck).unwrap();
+    let report = unetpp::report::eval(&out).unwrap();
     assert_eq!(report, out.join("report.html"));
     let html = std::fs::read_to_string(&report).unwrap();
     assert!(!html.contains("<img src=x") && !html.contains("run <b>"), "unescaped user text");
@@ -125,17 +127,11 @@ fn eval_report_escapes_names_sorts_and_shows_everything() {
     assert_eq!(strings(&v["descending"]), [hostile, "c d#1", "b"]);
 }
 
-/// Tiny, fast settings; the architecture is the real one at width 4.
-const TINY_2D: &[&str] =
-    &["--width", "4", "--depth", "2", "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "2", "--patch", "32"];
-
 #[test]
 fn eval_writes_a_report_of_every_test_image() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let mut args = vec!["train", "--data", s(&samples("nuclei")).to_owned().leak(), "--out", s(&run), "--tile", "64"];
-    args.extend(TINY_2D);
-    ok(&args);
+    ok(&train_args(&samples("nuclei"), &run, Tiny::D2, &[]));
     let out = tmp.path().join("eval");
     let ck = run.join("checkpoints/best.unetpp");
     ok(&["eval", "--checkpoint", s(&ck), "--data", s(&samples("nuclei")), "--out", s(&out), "--tile", "64"]);
@@ -165,27 +161,7 @@ fn eval_of_a_volume_shows_three_planes_through_the_lesion() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let data = samples("lesions");
-    ok(&[
-        "train",
-        "--data",
-        s(&data),
-        "--out",
-        s(&run),
-        "--width",
-        "4",
-        "--depth",
-        "2",
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "1",
-        "--batch-size",
-        "1",
-        "--patch",
-        "16,32,32",
-        "--val-fraction",
-        "0.34",
-    ]);
+    ok(&train_args(&data, &run, Tiny::D3, &["--val-fraction", "0.34"]));
     let out = tmp.path().join("eval");
     ok(&["eval", "--checkpoint", s(&run.join("checkpoints/best.unetpp")), "--data", s(&data), "--out", s(&out)]);
     for p in ["axial", "coronal", "sagittal"] {
@@ -210,8 +186,7 @@ fn eval_of_a_volume_shows_three_planes_through_the_lesion() {
 #[test]
 fn experiment_writes_an_html_report_beside_the_markdown() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = format!(
-        r#"
+    let head = r#"
 title = "tiny <script>alert(1)</script>"
 seeds = [1]
 timing = [1, 64, 64]
@@ -220,43 +195,8 @@ timing = [1, 64, 64]
 name = "UNet++ <i>DS</i> & co"
 arch = "unetpp"
 deep_supervision = true
-
-[train]
-data = "{}"
-epochs = 1
-steps_per_epoch = 2
-batch_size = 2
-lr = 0.001
-patch = [1, 32, 32]
-foreground = 0.5
-patience = 2
-seed = 0
-val_fraction = 0.2
-tile = [1, 64, 64]
-val_crop = [1, 64, 64]
-skip_bad = false
-
-[train.model]
-arch = "unetpp"
-preset = "modern"
-depth = 2
-width = 4
-in_channels = 1
-classes = 1
-dims = 2
-deep_supervision = true
-
-[train.input]
-channels = 1
-classes = 1
-
-[train.input.normalize]
-kind = "percentile"
-low = 0.5
-high = 99.5
-"#,
-        samples("nuclei").display()
-    );
+"#;
+    let spec = tiny_experiment(head, &samples("nuclei"));
     let spec_path = tmp.path().join("tiny.toml");
     std::fs::write(&spec_path, spec).unwrap();
     let md = tmp.path().join("docs/results.md");
@@ -339,9 +279,7 @@ fn predict_writes_lossless_probabilities() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let nuclei = samples("nuclei");
-    let mut args = vec!["train", "--data", s(&nuclei), "--out", s(&run), "--tile", "64"];
-    args.extend(TINY_2D);
-    ok(&args);
+    ok(&train_args(&nuclei, &run, Tiny::D2, &[]));
     let ck = run.join("checkpoints/best.unetpp");
     let stem = "2023-05-31_misc_MCC13_rfpcyto_w1cDAPI_s43";
     let image = nuclei.join(format!("test/images/{stem}.tif"));
@@ -351,7 +289,11 @@ fn predict_writes_lossless_probabilities() {
     let (model, meta) = unetpp::checkpoint::load::<4>(&ck, &device).unwrap();
     let model = model.fold_batchnorm();
     let sample = unetpp::infer::read_unlabelled(&image, &meta.data).unwrap();
-    let p = unetpp::infer::probabilities(&model, &sample, unetpp::model::Mode::Accurate, [1, 64, 64], &device).unwrap();
+    let sliding = unetpp::infer::Sliding::new([1, 64, 64]);
+    let accurate = [unetpp::model::Mode::Accurate];
+    let p = unetpp::infer::probabilities(std::slice::from_ref(&model), &sample, &accurate, &sliding, &device)
+        .unwrap()
+        .remove(0);
     assert!(p.iter().any(|&v| v > 0.01 && v < 0.99 && (v * 255.0).fract() != 0.0), "nothing an 8-bit file would lose");
     let pred = unetpp::infer::labels(&p, 1);
     let lib = tmp.path().join("lib");
@@ -407,27 +349,7 @@ fn predict_writes_lossless_probabilities() {
     // Volumes: float NIfTI or npy; tiff and png are refused before anything is written.
     let run3 = tmp.path().join("run3");
     let lesions = samples("lesions");
-    ok(&[
-        "train",
-        "--data",
-        s(&lesions),
-        "--out",
-        s(&run3),
-        "--width",
-        "4",
-        "--depth",
-        "2",
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "1",
-        "--batch-size",
-        "1",
-        "--patch",
-        "16,32,32",
-        "--val-fraction",
-        "0.34",
-    ]);
+    ok(&train_args(&lesions, &run3, Tiny::D3, &["--val-fraction", "0.34"]));
     let ck3 = run3.join("checkpoints/best.unetpp");
     let volume = lesions.join("test/images/lung1.nii.gz");
     let out3 = tmp.path().join("pred3");

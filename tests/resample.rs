@@ -176,31 +176,14 @@ fn bad_spacings_shapes_and_oversized_targets_are_errors_naming_the_value() {
 }
 
 /// Tiny 3D settings as tests/cli.rs's 3D run.
-const TINY_3D: &[&str] = &[
-    "--width",
-    "2",
-    "--depth",
-    "2",
-    "--epochs",
-    "1",
-    "--steps-per-epoch",
-    "2",
-    "--batch-size",
-    "1",
-    "--patch",
-    "8,32,32",
-    "--tile",
-    "16,32,32",
-];
+const TINY_3D: Tiny = Tiny { width: "2", steps: "2", patch: "8,32,32", ..Tiny::D3 };
 
 #[test]
 fn train_at_a_target_spacing_then_predict_and_eval_on_the_inputs_grid() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let data = samples("lesions");
-    let mut args = vec!["train", "--data", s(&data), "--out", s(&run), "--spacing", "1,1,5"];
-    args.extend(TINY_3D);
-    ok(&args);
+    ok(&train_args(&data, &run, TINY_3D, &["--spacing", "1,1,5"]));
     // The run's configuration and the checkpoint keep the spacing, so predict and eval use it.
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(config.contains("spacing = [1.0, 1.0, 5.0]"), "{config}");
@@ -240,9 +223,7 @@ fn bad_spacing_options_are_refused_by_name() {
     let data = samples("lesions");
     let r = tmp.path().join("r");
     for (bad, needle) in [("0,1,1", "greater than 0"), ("1,NaN,1", "greater than 0"), ("1,2", "X,Y,Z")] {
-        let mut args = vec!["train", "--data", s(&data), "--out", s(&r), "--spacing", bad];
-        args.extend(TINY_3D);
-        fails_with(&args, 2, &["--spacing", needle]);
+        fails_with(&train_args(&data, &r, TINY_3D, &["--spacing", bad]), 2, &["--spacing", needle]);
     }
     assert!(!r.exists(), "nothing written for a refused option");
     // A target spacing means nothing to 2D images.

@@ -5,55 +5,24 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-fn samples(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("samples").join(name)
-}
+use common::{Tiny, s, samples, stderr, weights};
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+mod common;
 
-/// tests/cli.rs's TINY_2D with 3 epochs: the real architecture at width 4.
+/// [`Tiny::D2`] with 3 epochs.
 fn train_args(out: &Path) -> Vec<String> {
-    let mut a: Vec<String> =
-        vec!["train".into(), "--data".into(), s(&samples("nuclei")).into(), "--out".into(), s(out).into()];
-    for x in [
-        "--width",
-        "4",
-        "--depth",
-        "2",
-        "--epochs",
-        "3",
-        "--steps-per-epoch",
-        "2",
-        "--batch-size",
-        "2",
-        "--patch",
-        "32",
-        "--tile",
-        "64",
-    ] {
-        a.push(x.into());
-    }
-    a
+    let tiny = Tiny { epochs: "3", ..Tiny::D2 };
+    common::train_args(&samples("nuclei"), out, tiny, &[]).into_iter().map(String::from).collect()
 }
 
 fn unetpp(args: &[String], failpoint: Option<&str>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_unetpp"));
-    c.args(args).env_remove("UNETPP_FAILPOINT");
-    if let Some(f) = failpoint {
-        c.env("UNETPP_FAILPOINT", f);
-    }
-    c.output().expect("binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    let env: Vec<(&str, &str)> = failpoint.map(|f| ("UNETPP_FAILPOINT", f)).into_iter().collect();
+    common::unetpp_env(args, &env)
 }
 
 fn ok(args: &[String]) {
@@ -104,22 +73,6 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     }
     let mut out = BTreeMap::new();
     walk(dir, dir, &mut out);
-    out
-}
-
-/// A checkpoint's header and metadata, then each tensor's name, type, shape and bytes: all of it
-/// but the random ids burn gives BatchNorm statistics (which nothing reads back).
-fn weights(bytes: &[u8]) -> Vec<u8> {
-    use burn::store::burn_pack::Reader;
-    use burn::tensor::Bytes;
-    let n = 16 + u64::from_le_bytes(bytes[8..16].try_into().unwrap()) as usize;
-    let mut out = bytes[..n].to_vec();
-    let reader = Reader::from_bytes(Bytes::from_bytes_vec(bytes[n..].to_vec())).unwrap();
-    for t in reader.into_tensors().unwrap() {
-        let (name, dtype, shape, _, data) = t.into_parts().unwrap();
-        out.extend_from_slice(format!("{name} {dtype:?} {shape:?}").as_bytes());
-        out.extend_from_slice(&data);
-    }
     out
 }
 

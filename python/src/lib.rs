@@ -145,9 +145,39 @@ impl NativeModel {
     }
 }
 
+/// Runs `go` (without the GIL) with the library's progress bars sent to `progress(kind, number,
+/// text)`, when given: `("start", total, label)`, `("update", position, message)`, `("finish", 0, "")`.
+fn with_progress<T: Send>(
+    py: Python<'_>,
+    progress: Option<Py<PyAny>>,
+    go: impl FnOnce() -> anyhow::Result<T> + Send,
+) -> PyResult<T> {
+    py.detach(move || match progress {
+        None => go(),
+        Some(callback) => unetpp::progress::with_hook(
+            move |event| {
+                use unetpp::progress::Event;
+                let (kind, n, text) = match event {
+                    Event::Start { label, total } => ("start", total, label),
+                    Event::Update { position, message } => ("update", position, message),
+                    Event::Finish => ("finish", 0, String::new()),
+                };
+                Python::attach(|py| {
+                    // A failing progress bar must not stop the work: its error is shown, not raised.
+                    if let Err(e) = callback.call1(py, (kind, n, text)) {
+                        e.print(py);
+                    }
+                })
+            },
+            go,
+        ),
+    })
+    .map_err(error)
+}
+
 /// `unetpp predict` into a folder; returns the files written.
 #[pyfunction]
-#[pyo3(signature = (checkpoint, input, out, mode, probabilities, overwrite, tile = None, backend_name = "flex"))]
+#[pyo3(signature = (checkpoint, input, out, mode, probabilities, overwrite, tile = None, backend_name = "flex", progress = None))]
 #[allow(clippy::too_many_arguments)]
 fn predict_to(
     py: Python<'_>,
@@ -159,16 +189,18 @@ fn predict_to(
     overwrite: bool,
     tile: Option<Vec<usize>>,
     backend_name: &str,
+    progress: Option<Py<PyAny>>,
 ) -> PyResult<Vec<PathBuf>> {
     let opts = options(mode, tile, backend(backend_name)?)?;
     let probs = probabilities.map(str::parse::<unetpp::probabilities::Format>).transpose().map_err(value_error)?;
     let p = unetpp::app::PredictOptions { probabilities: probs, overwrite, shard: None };
-    py.detach(|| unetpp::app::predict(&[checkpoint], &input, &out, &opts, &p)).map_err(error)
+    with_progress(py, progress, || unetpp::app::predict(&[checkpoint], &input, &out, &opts, &p))
 }
 
 /// `unetpp eval`; returns the `summary.json` it wrote.
 #[pyfunction]
-#[pyo3(signature = (checkpoint, data, out, mode, skip_bad = false, backend_name = "flex"))]
+#[pyo3(signature = (checkpoint, data, out, mode, skip_bad = false, backend_name = "flex", progress = None))]
+#[allow(clippy::too_many_arguments)]
 fn evaluate(
     py: Python<'_>,
     checkpoint: PathBuf,
@@ -177,14 +209,14 @@ fn evaluate(
     mode: &str,
     skip_bad: bool,
     backend_name: &str,
+    progress: Option<Py<PyAny>>,
 ) -> PyResult<String> {
     let opts = options(mode, None, backend(backend_name)?)?;
-    py.detach(|| {
+    with_progress(py, progress, || {
         unetpp::app::eval(&[checkpoint], &data, &out, &opts, skip_bad)?;
         let summary = out.join("summary.json");
         std::fs::read_to_string(&summary).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", summary.display()))
     })
-    .map_err(error)
 }
 
 /// The whole training configuration `settings` (JSON) asks for, as JSON.
@@ -215,30 +247,7 @@ fn train(
         (None, Some(path)) => Some(unetpp::train::TrainConfig::read(&path).map_err(error)?),
         (None, None) => None,
     };
-    let run = py.detach(move || {
-        let go = || unetpp::app::train(cfg, &out);
-        match progress {
-            None => go(),
-            Some(callback) => unetpp::progress::with_hook(
-                move |event| {
-                    use unetpp::progress::Event;
-                    let (kind, n, text) = match event {
-                        Event::Start { label, total } => ("start", total, label),
-                        Event::Update { position, message } => ("update", position, message),
-                        Event::Finish => ("finish", 0, String::new()),
-                    };
-                    Python::attach(|py| {
-                        // A failing progress bar must not stop training: its error is shown, not raised.
-                        if let Err(e) = callback.call1(py, (kind, n, text)) {
-                            e.print(py);
-                        }
-                    })
-                },
-                go,
-            ),
-        }
-    });
-    Ok(run.map_err(error)?.dir)
+    Ok(with_progress(py, progress, move || unetpp::app::train(cfg, &out))?.dir)
 }
 
 /// `unetpp import`: a PyTorch NestedUNet / smp UnetPlusPlus checkpoint file to a unetpp

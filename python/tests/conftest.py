@@ -5,6 +5,8 @@ import json
 import os
 import struct
 import subprocess
+import sys
+import types
 import zlib
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import unetpp
 
 REPO = Path(__file__).resolve().parents[2]
 NUCLEI = REPO / "samples" / "nuclei"
+LESIONS = REPO / "samples" / "lesions"
 TORCH = REPO / "tests" / "data" / "torch"
 
 # As tests/cli.rs's TINY_2D: width 4, depth 2, 32x32 patches, two steps; imagenet normalisation
@@ -29,6 +32,11 @@ TINY = {
     "model": {"width": 4, "depth": 2},
     "input": {"normalize": "imagenet"},
 }
+
+
+# A 3D model as tests/common's Tiny::D3: one step of one 16x32x32 patch, the data's own normalisation.
+TINY_3D = dict(TINY, data=str(LESIONS), steps_per_epoch=1, batch_size=1, patch=[16, 32, 32], tile=[16, 32, 32])
+del TINY_3D["input"]
 
 
 def unetpp_cli() -> Path:
@@ -59,6 +67,38 @@ def tiny(tiny_run):
     return unetpp.load(tiny_run[0] / "checkpoints" / "best.unetpp")
 
 
+@pytest.fixture(scope="session")
+def tiny_3d(tmp_path_factory):
+    run = unetpp.train(TINY_3D, tmp_path_factory.mktemp("tiny3d") / "run", progress=False)
+    return unetpp.load(run / "checkpoints" / "best.unetpp")
+
+
+@pytest.fixture
+def tqdm_bars(monkeypatch):
+    """A stand-in tqdm.auto whose bars record themselves in the list returned."""
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, unit):
+            self.total, self.desc, self.unit, self.n, self.closed, self.postfix = total, desc, unit, 0, False, ""
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix_str(self, s, refresh=True):
+            self.postfix = s
+
+        def close(self):
+            self.closed = True
+
+    auto = types.ModuleType("tqdm.auto")
+    auto.tqdm = Bar
+    monkeypatch.setitem(sys.modules, "tqdm", types.ModuleType("tqdm"))
+    monkeypatch.setitem(sys.modules, "tqdm.auto", auto)
+    return bars
+
+
 def blobs(h, w, seed=0, scale=60000):
     """A 16-bit grey image of bright discs on a noisy background (nuclei-like)."""
     rng = np.random.default_rng(seed)
@@ -85,6 +125,18 @@ def write_png(path: Path, img: np.ndarray) -> None:
     path.write_bytes(
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
     )
+
+
+def write_mha(path: Path, volume: np.ndarray) -> None:
+    """A float32 MetaImage of a D x H x W array (x fastest, as numpy's C order), 1 mm voxels,
+    identity direction: already in the layout the network is given (LPS-aligned)."""
+    d, h, w = volume.shape
+    header = (
+        "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        f"DimSize = {w} {h} {d}\nElementSpacing = 1 1 1\nTransformMatrix = 1 0 0 0 1 0 0 0 1\n"
+        "ElementType = MET_FLOAT\nElementDataFile = LOCAL\n"
+    )
+    path.write_bytes(header.encode() + volume.astype("<f4").tobytes())
 
 
 def read_safetensors(path: Path) -> dict:

@@ -1,8 +1,6 @@
 """train from settings with progress events, resume, evaluate."""
 
 import json
-import sys
-import types
 
 from conftest import NUCLEI, TINY
 
@@ -13,7 +11,7 @@ def test_training_reports_progress_and_writes_a_run(tiny_run):
     run, events = tiny_run
     assert (run / "checkpoints" / "best.unetpp").is_file() and (run / "config.toml").is_file()
     # One epoch of two steps: a bar started, moved to 2 with the loss, finished.
-    assert events[0] == ("start", 2, "1/1"), events
+    assert events[0] == ("start", 2, "epoch 1/1"), events
     assert events[-1] == ("finish", 0, "")
     updates = [e for e in events if e[0] == "update"]
     assert updates[-1][1] == 2 and updates[-1][2].startswith("loss "), updates
@@ -44,28 +42,9 @@ def test_evaluate_returns_the_summary_it_writes(tiny, tmp_path):
     assert (tmp_path / "eval" / "report.html").is_file()
 
 
-def test_tqdm_bars_follow_training(monkeypatch, tmp_path):
-    """progress=True draws one tqdm.auto bar per epoch (a stand-in module records them)."""
-    bars = []
-
-    class Bar:
-        def __init__(self, total, desc, unit):
-            self.total, self.desc, self.n, self.closed, self.postfix = total, desc, 0, False, ""
-            bars.append(self)
-
-        def update(self, k):
-            self.n += k
-
-        def set_postfix_str(self, s, refresh=True):
-            self.postfix = s
-
-        def close(self):
-            self.closed = True
-
-    auto = types.ModuleType("tqdm.auto")
-    auto.tqdm = Bar
-    monkeypatch.setitem(sys.modules, "tqdm", types.ModuleType("tqdm"))
-    monkeypatch.setitem(sys.modules, "tqdm.auto", auto)
+def test_tqdm_bars_follow_training(tqdm_bars, tmp_path):
+    """progress=True draws one tqdm.auto bar per epoch."""
     unetpp.train(dict(TINY, epochs=2), tmp_path / "run")
-    assert [(b.desc, b.total, b.n, b.closed) for b in bars] == [("epoch 1/2", 2, 2, True), ("epoch 2/2", 2, 2, True)]
-    assert bars[0].postfix.startswith("loss ")
+    got = [(b.desc, b.unit, b.total, b.n, b.closed) for b in tqdm_bars]
+    assert got == [("epoch 1/2", "step", 2, 2, True), ("epoch 2/2", "step", 2, 2, True)]
+    assert tqdm_bars[0].postfix.startswith("loss ")

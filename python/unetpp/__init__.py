@@ -111,6 +111,7 @@ class Model:
         *,
         overwrite: bool = False,
         tile: Sequence[int] | None = None,
+        progress: bool | Progress = True,
     ) -> np.ndarray | list:
         """Segments an image or volume file (PNG, TIFF, JPEG, BMP, NIfTI, NRRD, MetaImage).
 
@@ -120,7 +121,8 @@ class Model:
 
         With ``out`` (a folder), ``path`` may also be a folder of images, and the predictions are
         written as ``unetpp predict --out`` writes them (``probabilities``: ``True`` for
-        lossless files, or ``"tiff"``, ``"npy"``, ``"png"``); returns the files written.
+        lossless files, or ``"tiff"``, ``"npy"``, ``"png"``); returns the files written, with a
+        progress bar over the inputs as :func:`train` shows one (``progress``).
         """
         t = None if tile is None else list(tile)
         if out is None:
@@ -130,7 +132,15 @@ class Model:
             return probs if probabilities else labels
         fmt = {True: "lossless", False: None}.get(probabilities, probabilities)  # type: ignore[arg-type]
         written = _native.predict_to(
-            os.fspath(self.path), os.fspath(path), os.fspath(out), mode, fmt, overwrite, t, self._backend
+            os.fspath(self.path),
+            os.fspath(path),
+            os.fspath(out),
+            mode,
+            fmt,
+            overwrite,
+            t,
+            self._backend,
+            _progress(progress),
         )
         return [Path(p) for p in written]
 
@@ -148,12 +158,20 @@ def load(path: PathLike, backend: str = "flex") -> Model:
 
 
 def evaluate(
-    checkpoint: PathLike, data: PathLike, out: PathLike, mode: str = "accurate", *, skip_bad: bool = False
+    checkpoint: PathLike,
+    data: PathLike,
+    out: PathLike,
+    mode: str = "accurate",
+    *,
+    skip_bad: bool = False,
+    progress: bool | Progress = True,
 ) -> dict:
     """``unetpp eval``: scores a checkpoint on ``data`` (its ``test/`` split when it has one),
     writes ``scores.csv``, ``summary.json``, overlays and ``report.html`` into ``out``, and
-    returns ``summary.json`` as a dict (``summary`` holds the mean Dice, IoU, HD95, NSD)."""
-    return json.loads(_native.evaluate(os.fspath(checkpoint), os.fspath(data), os.fspath(out), mode, skip_bad))
+    returns ``summary.json`` as a dict (``summary`` holds the mean Dice, IoU, HD95, NSD).
+    ``progress``: a bar over the images, as :func:`train` shows one."""
+    paths = (os.fspath(checkpoint), os.fspath(data), os.fspath(out))
+    return json.loads(_native.evaluate(*paths, mode, skip_bad, "flex", _progress(progress)))
 
 
 def train_config(settings: Mapping | None = None, **kwargs: Any) -> dict:
@@ -175,7 +193,9 @@ def train(
     ``config`` is a dict of settings (see :func:`train_config`; partial settings take the
     defaults), a TOML file as ``RUN/config.toml`` (a whole configuration), or ``None`` to resume
     the run already in ``out``. ``progress=True`` shows tqdm bars (in a notebook too) when tqdm
-    is installed, nothing otherwise; a callable gets ``(kind, number, text)`` events instead.
+    is installed, nothing otherwise; a callable gets ``(kind, number, text)`` events instead:
+    ``("start", total, label)`` (label ``"epoch 1/5"``, ``"predict"``, ``"eval"``),
+    ``("update", position, message)`` and ``("finish", 0, "")``.
     """
     callback = _progress(progress)
     if config is None:
@@ -248,7 +268,8 @@ def _progress(progress: bool | Progress) -> Progress | None:
 
     def on_event(kind: str, number: int, text: str) -> None:
         if kind == "start":
-            bars.append(tqdm(total=number, desc=f"epoch {text}", unit="step"))
+            unit = "step" if text.startswith("epoch ") else "image"
+            bars.append(tqdm(total=number, desc=text, unit=unit))
         elif kind == "update" and bars:
             bars[-1].update(number - bars[-1].n)
             if text:

@@ -43,12 +43,19 @@ class Model:
         *,
         overwrite: bool = False,
         tile: Sequence[int] | None = None,
+        progress: bool | Progress = True,
     ) -> np.ndarray | list[Path]: ...
     def export(self, path: PathLike, format: str = "onnx", mode: str | None = None) -> Path: ...
 
 def load(path: PathLike, backend: str = "flex") -> Model: ...
 def evaluate(
-    checkpoint: PathLike, data: PathLike, out: PathLike, mode: str = "accurate", *, skip_bad: bool = False
+    checkpoint: PathLike,
+    data: PathLike,
+    out: PathLike,
+    mode: str = "accurate",
+    *,
+    skip_bad: bool = False,
+    progress: bool | Progress = True,
 ) -> dict[str, Any]: ...
 def train_config(settings: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]: ...
 def train(config: Mapping[str, Any] | PathLike | None, out: PathLike, progress: bool | Progress = True) -> Path: ...

@@ -25,33 +25,12 @@ use crate::metrics::{self, LabelScore, Overlap};
 use crate::model::{Mode, UNetPP};
 pub use window::Sliding;
 
-/// Class probabilities, `classes` planes of the sample's voxels (1 plane for binary).
+/// Class probabilities (`classes` planes of the sample's voxels, 1 plane for binary) per mode of
+/// an ensemble of `models` (their mean; see [`ensemble::mean`]; one model: a one-element slice),
+/// each sliding windows over the sample as `sliding` says ([`window::stitch`], mirrored with
+/// [`tta`]); every mode from one pass per window. An input that fits one window goes through in
+/// one pass, unweighted.
 pub fn probabilities<const D: usize>(
-    model: &UNetPP<D>,
-    s: &Sample,
-    mode: Mode,
-    tile: [usize; 3],
-    device: &Device,
-) -> anyhow::Result<Vec<f32>> {
-    Ok(probabilities_modes(model, s, &[mode], tile, device)?.remove(0))
-}
-
-/// [`probabilities`] in several modes from one pass per window, half-overlapping windows of
-/// `tile` without mirroring.
-pub fn probabilities_modes<const D: usize>(
-    model: &UNetPP<D>,
-    s: &Sample,
-    modes: &[Mode],
-    tile: [usize; 3],
-    device: &Device,
-) -> anyhow::Result<Vec<Vec<f32>>> {
-    probabilities_with(std::slice::from_ref(model), s, modes, &Sliding::new(tile), device)
-}
-
-/// Probabilities per mode of an ensemble of `models` (their mean; see [`ensemble::mean`]), each
-/// sliding windows over the sample as `sliding` says ([`window::stitch`], mirrored with
-/// [`tta`]). An input that fits one window goes through in one pass, unweighted.
-pub fn probabilities_with<const D: usize>(
     models: &[UNetPP<D>],
     s: &Sample,
     modes: &[Mode],
@@ -163,51 +142,13 @@ pub struct Scoring {
     pub spacing: Option<Spacing>,
 }
 
-/// Scores every sample; hands each sample's predicted labels to `each` (e.g.
-/// [`writer::overlay`]) as they are made, so that nothing holds all of them.
+/// Scores every sample in each mode from the [`probabilities`] of `models` (an ensemble's mean),
+/// windows slid as `sliding` says, post-processed and scored as `scoring` says; hands each
+/// sample's labels in the first mode to `each` (e.g. [`writer::overlay`]) as they are made, so
+/// that nothing holds all of them. `seconds` is the wall time of the whole pass. With a target
+/// spacing the network sees each sample resampled to it and the scores are taken on the
+/// sample's own grid.
 pub fn evaluate<const D: usize>(
-    model: &UNetPP<D>,
-    samples: &[Sample],
-    mode: Mode,
-    tile: [usize; 3],
-    device: &Device,
-    spacing: Option<Spacing>,
-    each: impl FnMut(&Sample, &[u8]) -> anyhow::Result<()>,
-) -> anyhow::Result<(Vec<ImageScore>, Summary)> {
-    Ok(evaluate_modes(model, samples, &[mode], tile, device, spacing, each)?.remove(0))
-}
-
-/// [`evaluate`] in several modes from one pass per window (`each` sees the first mode's labels).
-/// `seconds` is the wall time of the whole pass. With a target `spacing` the network sees each
-/// sample resampled to it and the scores are taken on the sample's own grid.
-pub fn evaluate_modes<const D: usize>(
-    model: &UNetPP<D>,
-    samples: &[Sample],
-    modes: &[Mode],
-    tile: [usize; 3],
-    device: &Device,
-    spacing: Option<Spacing>,
-    each: impl FnMut(&Sample, &[u8]) -> anyhow::Result<()>,
-) -> anyhow::Result<Vec<(Vec<ImageScore>, Summary)>> {
-    evaluate_scored(model, samples, modes, tile, device, each, &Scoring { spacing, ..Default::default() })
-}
-
-/// [`evaluate_modes`] with the scoring settings and post-processing of `scoring`.
-pub fn evaluate_scored<const D: usize>(
-    model: &UNetPP<D>,
-    samples: &[Sample],
-    modes: &[Mode],
-    tile: [usize; 3],
-    device: &Device,
-    each: impl FnMut(&Sample, &[u8]) -> anyhow::Result<()>,
-    scoring: &Scoring,
-) -> anyhow::Result<Vec<(Vec<ImageScore>, Summary)>> {
-    let models = std::slice::from_ref(model);
-    evaluate_ensemble(models, samples, modes, &Sliding::new(tile), device, each, scoring)
-}
-
-/// [`evaluate_scored`] of an ensemble's mean probabilities, windows slid as `sliding` says.
-pub fn evaluate_ensemble<const D: usize>(
     models: &[UNetPP<D>],
     samples: &[Sample],
     modes: &[Mode],
@@ -221,7 +162,7 @@ pub fn evaluate_ensemble<const D: usize>(
     let mut scores = vec![vec![]; modes.len()];
     for s in samples {
         anyhow::ensure!(!s.mask.is_empty(), "{} has no ground-truth mask to evaluate against", s.source.display());
-        let all = on_input_grid(s, scoring.spacing, |r| probabilities_with(models, r, modes, sliding, device))?;
+        let all = on_input_grid(s, scoring.spacing, |r| probabilities(models, r, modes, sliding, device))?;
         let voxel = metrics::voxel_spacing(s);
         for (m, probs) in all.iter().enumerate() {
             let mut pred = labels(probs, classes);

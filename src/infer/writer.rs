@@ -8,25 +8,32 @@ use super::{ImageScore, Summary};
 use crate::data::Sample;
 use crate::data::io;
 
+/// What made an evaluation's predictions, as `summary.json` records it.
+pub struct Provenance<'a> {
+    /// Every member of the ensemble (one for a single checkpoint).
+    pub checkpoints: &'a [PathBuf],
+    /// The post-processing decision applied, if any.
+    pub postprocess: Option<&'a Path>,
+    pub sliding: &'a super::Sliding,
+}
+
 /// Writes `scores.csv` (one row per image, [`crate::metrics::scores_csv`], label columns named
 /// as `summary.per_class`) and `summary.json` (the summary, per-label means keyed by name, the
-/// rows, the checkpoint they came from (the first of an ensemble; `checkpoints` lists all) and
-/// the post-processing decision applied) into `out`.
-pub fn scores(
-    out: &Path,
-    scores: &[ImageScore],
-    summary: &Summary,
-    checkpoints: &[PathBuf],
-    postprocess: Option<&Path>,
-) -> anyhow::Result<()> {
+/// rows, the checkpoint they came from (`checkpoint`: the first of an ensemble, `checkpoints`:
+/// all), the post-processing decision applied and how windows slid (`inference`)) into `out`.
+pub fn scores(out: &Path, scores: &[ImageScore], summary: &Summary, made: &Provenance) -> anyhow::Result<()> {
+    let Provenance { checkpoints, postprocess, sliding } = made;
     let checkpoint = super::ensemble::first(checkpoints);
     let names: Vec<String> = summary.per_class.iter().map(|(n, _)| n.clone()).collect();
     let rows = scores.iter().map(|s| (s.name.as_str(), s.per_class.as_slice()));
     crate::fsio::write_atomic(&out.join("scores.csv"), crate::metrics::scores_csv(rows, &names).as_bytes())?;
     let classes = crate::infer::by_label::classes_json(summary);
+    let inference = serde_json::json!({
+        "tile": sliding.tile, "overlap": sliding.overlap, "tta": sliding.tta, "window_batch": sliding.batch
+    });
     let json = serde_json::json!({
         "summary": summary, "classes": classes, "images": scores, "checkpoint": checkpoint, "checkpoints": checkpoints,
-        "postprocess": postprocess
+        "postprocess": postprocess, "inference": inference
     });
     crate::fsio::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&json)?.as_bytes())
 }
@@ -152,7 +159,10 @@ mod tests {
             surface: None,
         };
         let cks = [PathBuf::from("m.unetpp"), PathBuf::from("n.unetpp")];
-        scores(dir.path(), &rows, &summary, &cks, Some(Path::new("m.postprocess.json"))).unwrap();
+        let sliding = crate::infer::Sliding { tta: true, ..crate::infer::Sliding::new([1, 64, 64]) };
+        let made =
+            Provenance { checkpoints: &cks, postprocess: Some(Path::new("m.postprocess.json")), sliding: &sliding };
+        scores(dir.path(), &rows, &summary, &made).unwrap();
         let csv = std::fs::read_to_string(dir.path().join("scores.csv")).unwrap();
         assert_eq!(
             csv,
@@ -164,6 +174,8 @@ mod tests {
         assert_eq!((json["summary"]["images"].as_u64(), json["checkpoint"].as_str()), (Some(2), Some("m.unetpp")));
         assert_eq!(json["checkpoints"][1].as_str(), Some("n.unetpp"));
         assert_eq!(json["postprocess"].as_str(), Some("m.postprocess.json"));
+        let inference = serde_json::json!({"tile": [1, 64, 64], "overlap": 0.5, "tta": true, "window_batch": null});
+        assert_eq!(json["inference"], inference);
         assert_eq!(json["images"][1]["name"].as_str(), Some("say \"b\", c"));
     }
 }

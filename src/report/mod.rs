@@ -106,17 +106,54 @@ fn per_label(images: &[Value]) -> (Vec<String>, Vec<Vec<Cell>>) {
     (headers, rows)
 }
 
+/// The checkpoints `summary.json` names: every member of an ensemble (`checkpoints`), else the
+/// one `checkpoint`.
+fn checkpoints_of(summary: &Value) -> Vec<PathBuf> {
+    let listed = summary.get("checkpoints").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    let one = summary.get("checkpoint").into_iter();
+    let names = if listed.is_empty() { one.collect::<Vec<_>>() } else { listed.iter().collect() };
+    names.into_iter().filter_map(Value::as_str).map(PathBuf::from).collect()
+}
+
+/// `<dt>`/`<dd>` rows of what made the predictions: each checkpoint, the post-processing and how
+/// windows slid (`summary.json`'s `checkpoints`, `postprocess` and `inference`).
+fn provenance(summary: &Value, cks: &[PathBuf]) -> anyhow::Result<String> {
+    let mut dl = String::new();
+    let label = if cks.len() > 1 { format!("checkpoints (ensemble of {})", cks.len()) } else { "checkpoint".into() };
+    let items: Vec<String> = cks.iter().map(|c| format!("<li>{}</li>", esc(&c.display().to_string()))).collect();
+    write!(dl, "<dt>{label}</dt><dd><ol class=\"checkpoints\">{}</ol></dd>", items.join(""))?;
+    let pp = match summary.get("postprocess").and_then(Value::as_str) {
+        Some(f) => format!("as decided in {f}"),
+        None => "none".into(),
+    };
+    write!(dl, "<dt>post-processing</dt><dd>{}</dd>", esc(&pp))?;
+    let Some(inf) = summary.get("inference") else { return Ok(dl) };
+    let on = |v: &Value| if v.as_bool() == Some(true) { "on (mirrored copies averaged)" } else { "off" };
+    let tile: Vec<String> = inf["tile"].as_array().into_iter().flatten().map(Value::to_string).collect();
+    let batch = inf["window_batch"].as_u64().map_or("as memory allows".into(), |b| b.to_string());
+    for (k, v) in [
+        ("test-time augmentation", on(&inf["tta"]).to_string()),
+        ("window", tile.join(" x ")),
+        ("window overlap", fmt_value(&inf["overlap"])),
+        ("windows per pass", batch),
+    ] {
+        write!(dl, "<dt>{k}</dt><dd>{}</dd>", esc(&v))?;
+    }
+    Ok(dl)
+}
+
 /// Writes `out/report.html` for an evaluation already written to `out` (`scores.csv`,
-/// `summary.json`, `overlays/`) of checkpoint `ck`; returns its path.
-pub fn eval(out: &Path, ck: &Path) -> anyhow::Result<PathBuf> {
+/// `summary.json`, `overlays/`); returns its path.
+pub fn eval(out: &Path) -> anyhow::Result<PathBuf> {
     let (headers, rows) = read_scores(&out.join("scores.csv"))?;
     let summary_path = out.join("summary.json");
     let summary: Value = serde_json::from_str(
         &std::fs::read_to_string(&summary_path).with_context(|| format!("cannot read {}", summary_path.display()))?,
     )
     .with_context(|| format!("cannot parse {}", summary_path.display()))?;
+    let cks = checkpoints_of(&summary);
     let mut body = String::from("<h2>Summary</h2>\n<dl class=\"summary\">");
-    write!(body, "<dt>checkpoint</dt><dd>{}</dd>", esc(&ck.display().to_string()))?;
+    body.push_str(&provenance(&summary, &cks)?);
     if let Some(obj) = summary.get("summary").and_then(Value::as_object) {
         for (k, v) in obj {
             write!(body, "<dt>{}</dt><dd>{}</dd>", esc(k), esc(&fmt_value(v)))?;
@@ -170,12 +207,25 @@ pub fn eval(out: &Path, ck: &Path) -> anyhow::Result<PathBuf> {
         body.push_str("<h2>Per label</h2>\n");
         body.push_str(&table("labels", &lh, &lr));
     }
-    if let Some(png) = run_curves(ck)? {
+    let mut curves = String::new();
+    for ck in &cks {
+        let Some(png) = run_curves(ck)? else { continue };
+        let alt = esc(&format!("training curves of {}", ck.display()));
+        if cks.len() > 1 {
+            writeln!(curves, "<h3>{}</h3>", esc(&ck.display().to_string()))?;
+        }
+        writeln!(curves, "<img class=\"plot\" alt=\"{alt}\" src=\"{}\">", png_data_uri(&png))?;
+    }
+    if !curves.is_empty() {
         body.push_str("<h2>Training</h2>\n");
-        writeln!(body, "<img class=\"plot\" alt=\"training curves\" src=\"{}\">", png_data_uri(&png))?;
+        body.push_str(&curves);
     }
     let path = out.join("report.html");
-    let title = format!("unetpp evaluation of {}", ck.file_name().unwrap_or_default().to_string_lossy());
+    let what = match cks.as_slice() {
+        [ck] => ck.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+        many => format!("an ensemble of {} checkpoints", many.len()),
+    };
+    let title = format!("unetpp evaluation of {what}");
     crate::fsio::write_atomic(&path, page::page(&title, &body).as_bytes())?;
     Ok(path)
 }

@@ -69,7 +69,11 @@ impl TrainData {
         tile: [usize; 3],
         device: &burn::prelude::Device,
     ) -> anyhow::Result<(f64, f64)> {
-        let score = |s: &[Sample]| infer::evaluate(model, s, Mode::Accurate, tile, device, None, |_, _| Ok(()));
+        let (models, sliding, scoring) = (std::slice::from_ref(model), infer::Sliding::new(tile), Default::default());
+        let score = |s: &[Sample]| {
+            let all = infer::evaluate(models, s, &[Mode::Accurate], &sliding, device, |_, _| Ok(()), &scoring);
+            all.map(|mut a| a.remove(0))
+        };
         match self {
             TrainData::Memory { val, .. } => score(val).map(|(_, s)| (s.mean_iou, s.mean_dice)),
             TrainData::Cached { val, val_crop, .. } => {
