@@ -1,7 +1,7 @@
 //! The `vulkan` backend (burn's CubeCL/wgpu runtime) against Flex, the reference CPU backend:
 //! the same model with the same weights must give the same outputs, the same training step and
-//! the same predictions from the CLI. CI runs these on Mesa's software Vulkan (lavapipe); see
-//! docs/vulkan.md for the driver versions and what does not run there yet.
+//! the same predictions from the CLI. CI runs these on SwiftShader, a CPU Vulkan driver (Mesa's
+//! lavapipe crashes on invalid SPIR-V from cubecl); see docs/vulkan.md for what ran where.
 #![cfg(feature = "vulkan")]
 
 use std::path::{Path, PathBuf};
@@ -85,11 +85,15 @@ const LOGIT_REL_TOL: f32 = 1e-5;
 fn outputs_match<const D: usize>(cfg: ModelConfig, shape: [usize; D]) {
     let (f, v) = (flex(), vulkan());
     let m = seeded::<D>(&cfg, 7, &f).valid();
-    let on_vulkan = m.clone().to_device(&v);
+    // Built again rather than cloned: `to_device` moves a BatchNorm's running statistics in
+    // place, and a clone shares them (burn-core 0.22.1 `RunningState`), so moving a clone would
+    // move the Flex model's statistics too.
+    let on_vulkan = seeded::<D>(&cfg, 7, &f).valid().to_device(&v);
     // Every head's logits through the unfolded model (BatchNorm in eval mode).
     for (h, (a, b)) in m.forward(input(shape, &f)).into_iter().zip(on_vulkan.forward(input(shape, &v))).enumerate() {
         let (a, b) = (values(a), values(b));
         let scale = max_abs(&a).max(1e-3);
+        eprintln!("{}D head {h}: max |vulkan - flex| = {:e}, scale {scale}", cfg.dims, max_diff(&a, &b));
         assert!(
             max_diff(&a, &b) <= LOGIT_REL_TOL * scale,
             "head {h}: logits differ by {} (scale {scale})",
@@ -138,7 +142,7 @@ fn params<const D: usize>(m: &UNetPP<D>) -> Vec<Vec<f32>> {
 /// `lr` / 100. Adam's first step moves each weight by about `lr` times the sign of its gradient,
 /// so a wrong or missing gradient shows as a difference of ~`lr` or more.
 #[test]
-#[ignore = "lavapipe segfault: docs/vulkan.md"]
+#[ignore = "not yet run since burn-cubecl's missing bilinear backward was worked around: docs/vulkan.md"]
 fn training_step_matches_flex() {
     const LR: f64 = 1e-3;
     let cfg = tiny(2, 1);
@@ -154,6 +158,8 @@ fn training_step_matches_flex() {
         results.push((loss, params(&m)));
     }
     let ((loss_f, pf), (loss_v, pv)) = (&results[0], &results[1]);
+    let worst = pf.iter().zip(pv).map(|(a, b)| max_diff(a, b)).fold(0.0, f32::max);
+    eprintln!("loss flex {loss_f} vulkan {loss_v}; max |updated weight difference| = {worst:e}");
     assert!(loss_f.is_finite() && (loss_f - loss_v).abs() <= 1e-5 * loss_f.abs().max(1.0), "loss {loss_f} vs {loss_v}");
     assert_eq!(pf.len(), pv.len());
     for (i, (a, b)) in pf.iter().zip(pv).enumerate() {

@@ -226,18 +226,24 @@ pub fn upsample<const D: usize>(x: Tensor<D>, nearest: bool, align_corners: bool
 
 /// Up-sampling by `factor` (1 or 2) per axis `[z, y, x]` (z unused in 2D): (bi/tri)linear, or
 /// nearest (smp's default). Our kernel where it applies (linear, align_corners = false, 2 on
-/// every axis or in-plane only on 3D as 2D planes); otherwise burn's 2D interpolation of each
-/// (H, W) plane, and the depth axis of 3D volumes up-sampled here, with the fixed 0.25/0.75
-/// weights that align_corners=false gives at scale 2 (linear) or by repeating slices (nearest).
+/// every axis or in-plane only on 3D as 2D planes); linear otherwise one axis at a time
+/// ([`linear2x_along`]); nearest or align_corners through burn's 2D interpolation of each (H, W)
+/// plane, the depth axis of 3D volumes (nearest only) by repeating slices.
 pub fn upsample_by<const D: usize>(x: Tensor<D>, nearest: bool, align_corners: bool, factor: [usize; 3]) -> Tensor<D> {
     let d = x.dims();
-    if !nearest && !align_corners && crate::kernel::supported(&x) {
-        if doubles::<D>(factor) {
-            return crate::kernel::upsample2x(x);
+    if !nearest && !align_corners {
+        if crate::kernel::supported(&x) {
+            if doubles::<D>(factor) {
+                return crate::kernel::upsample2x(x);
+            }
+            if let Some(p) = planes(&x, factor) {
+                let y = crate::kernel::upsample2x(p);
+                return y.reshape(same::<5, D>([d[0], d[1], d[2], 2 * d[3], 2 * d[4]]));
+            }
         }
-        if let Some(p) = planes(&x, factor) {
-            let y = crate::kernel::upsample2x(p);
-            return y.reshape(same::<5, D>([d[0], d[1], d[2], 2 * d[3], 2 * d[4]]));
+        if factor.iter().all(|&f| f <= 2) {
+            let axes = (5 - D..3).zip(2..D);
+            return axes.fold(x, |y, (f, axis)| if factor[f] == 2 { linear2x_along(y, axis) } else { y });
         }
     }
     let [fz, fy, fx] = factor;
@@ -261,25 +267,37 @@ pub fn upsample_by<const D: usize>(x: Tensor<D>, nearest: bool, align_corners: b
             if fz == 1 {
                 return y.reshape(same::<5, D>([n, c, z, h, w]));
             }
-            if nearest {
-                let y: Tensor<6> = Tensor::stack(vec![y.clone(), y], 3);
-                return y.reshape(same::<5, D>([n, c, 2 * z, h, w]));
-            }
-            // Neighbours along depth, edge-clamped.
-            let (prev, next) = if z == 1 {
-                (y.clone(), y.clone())
-            } else {
-                (
-                    Tensor::cat(vec![y.clone().narrow(2, 0, 1), y.clone().narrow(2, 0, z - 1)], 2),
-                    Tensor::cat(vec![y.clone().narrow(2, 1, z - 1), y.clone().narrow(2, z - 1, 1)], 2),
-                )
-            };
-            let even = y.clone().mul_scalar(0.75) + prev.mul_scalar(0.25);
-            let odd = y.mul_scalar(0.75) + next.mul_scalar(0.25);
-            let y: Tensor<6> = Tensor::stack(vec![even, odd], 3);
+            assert!(nearest, "linear depth up-sampling is done above");
+            let y: Tensor<6> = Tensor::stack(vec![y.clone(), y], 3);
             y.reshape(same::<5, D>([n, c, 2 * z, h, w]))
         }
     }
+}
+
+/// Linear x2 up-sampling of one axis with align_corners = false, the weights PyTorch uses at
+/// scale 2: output 2i is 0.75 x[i] + 0.25 x[i-1], output 2i+1 is 0.75 x[i] + 0.25 x[i+1],
+/// neighbours clamped at the edges. Made of differentiable tensor ops because burn-cubecl has no
+/// backward for bilinear interpolation (cubek-interpolate 0.3.1: nearest only), so the GPU
+/// backend could not train through burn's `interpolate`.
+fn linear2x_along<const D: usize>(y: Tensor<D>, axis: usize) -> Tensor<D> {
+    let d = y.dims();
+    let n = d[axis];
+    let (prev, next) = if n == 1 {
+        (y.clone(), y.clone())
+    } else {
+        (
+            Tensor::cat(vec![y.clone().narrow(axis, 0, 1), y.clone().narrow(axis, 0, n - 1)], axis),
+            Tensor::cat(vec![y.clone().narrow(axis, 1, n - 1), y.clone().narrow(axis, n - 1, 1)], axis),
+        )
+    };
+    let even = y.clone().mul_scalar(0.75) + prev.mul_scalar(0.25);
+    let odd = y.mul_scalar(0.75) + next.mul_scalar(0.25);
+    // Interleaved along `axis`: [outer, n, 1, inner] side by side on the unit axis.
+    let (outer, inner) = (d[..axis].iter().product::<usize>(), d[axis + 1..].iter().product::<usize>());
+    let pair = |t: Tensor<D>| t.reshape([outer, n, 1, inner]);
+    let mut out = d;
+    out[axis] *= 2;
+    Tensor::cat(vec![pair(even), pair(odd)], 2).reshape(out)
 }
 
 /// An input of a layer, concatenated with the others along channels: at the output's size, or
