@@ -73,7 +73,7 @@ pub(super) fn require_avx512() {
     assert!(
         cpu::avx512(),
         "this test needs a CPU with AVX-512F, which the kernel it checks is written for \
-         (on another CPU leave it out by name: --skip direct::tests --skip winograd::tests \
+         (on another CPU leave it out by name: --skip direct::tests --skip winograd::tests --skip winograd3d_tests \
          --skip kernel::tests::conv_relu_fused_equals_its_parts)"
     );
 }
