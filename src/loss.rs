@@ -22,16 +22,18 @@ pub enum Objective {
     Nnunet,
 }
 
-impl std::str::FromStr for Objective {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "paper" => Ok(Objective::Paper),
-            "nnunet" => Ok(Objective::Nnunet),
-            _ => Err(format!("--loss must be paper or nnunet, got `{s}`")),
+impl Objective {
+    pub const VALUES: &[Objective] = &[Objective::Paper, Objective::Nnunet];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::Paper => "paper",
+            Objective::Nnunet => "nnunet",
         }
     }
 }
+
+crate::names::by_name!(Objective, "--loss");
 
 /// Per-voxel cross-entropy [N, 1, V], probabilities and targets [N, C, V].
 fn parts<const D: usize>(logits: Tensor<D>, target: Tensor<D>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {

@@ -56,7 +56,9 @@ fn loss_and_schedule_reach_the_run() {
 fn bad_values_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let data = samples("nuclei");
-    for (flag, bad, allowed) in [("--loss", "dice", "paper or nnunet"), ("--schedule", "cosine", "constant or poly")] {
+    for (flag, bad, allowed) in
+        [("--loss", "dice", "one of paper, nnunet"), ("--schedule", "cosine", "one of constant, poly")]
+    {
         let out = tmp.path().join(bad);
         fails_with(&["train", "--data", s(&data), "--out", s(&out), flag, bad], 2, &[flag, allowed]);
         assert!(!out.exists(), "nothing written for {flag} {bad}");

@@ -26,6 +26,15 @@ pub enum Schedule {
 }
 
 impl Schedule {
+    pub const VALUES: &[Schedule] = &[Schedule::Constant, Schedule::Poly];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Schedule::Constant => "constant",
+            Schedule::Poly => "poly",
+        }
+    }
+
     /// The step size for 0-based step `step` of a run of `steps` steps. Depends only on the step
     /// count, so a resumed run follows the same schedule.
     pub fn lr(self, base: f64, step: usize, steps: usize) -> f64 {
@@ -36,16 +45,7 @@ impl Schedule {
     }
 }
 
-impl std::str::FromStr for Schedule {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "constant" => Ok(Schedule::Constant),
-            "poly" => Ok(Schedule::Poly),
-            _ => Err(format!("--schedule must be constant or poly, got `{s}`")),
-        }
-    }
-}
+crate::names::by_name!(Schedule, "--schedule");
 
 #[cfg(test)]
 mod tests {
@@ -64,9 +64,9 @@ mod tests {
     #[test]
     fn parses_and_refuses() {
         assert_eq!("poly".parse::<Schedule>().unwrap(), Schedule::Poly);
-        assert!("cosine".parse::<Schedule>().unwrap_err().contains("constant or poly"));
+        crate::names::check_names(Schedule::VALUES, "--schedule", "constant, poly");
         assert_eq!("nnunet".parse::<Objective>().unwrap(), Objective::Nnunet);
-        assert!("dice".parse::<Objective>().unwrap_err().contains("paper or nnunet"));
+        crate::names::check_names(Objective::VALUES, "--loss", "paper, nnunet");
         let old: Recipe = toml::from_str("").unwrap();
         assert_eq!(old, Recipe::default());
     }
