@@ -126,31 +126,29 @@ fn outputs_3d_match_flex() {
     outputs_match::<5>(tiny(3, 2), [1, 1, 16, 16, 16]);
 }
 
-/// Every float parameter's values, in visiting order.
-#[derive(Default)]
-struct Params(Vec<Vec<f32>>);
+/// Every float parameter's values in visiting order, or with gradients given, the gradient of
+/// every parameter that has one.
+struct Params<'a>(Option<&'a burn::tensor::Gradients>, Vec<Vec<f32>>);
 
-impl ModuleVisitor for Params {
+impl ModuleVisitor for Params<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.0.push(values(param.val()));
+        match self.0 {
+            None => self.1.push(values(param.val())),
+            Some(grads) => self.1.extend(param.val().grad(grads).map(values)),
+        }
     }
 }
 
 fn params<const D: usize>(m: &UNetPP<D>) -> Vec<Vec<f32>> {
-    let mut p = Params::default();
+    let mut p = Params(None, vec![]);
     m.visit(&mut p);
-    p.0
+    p.1
 }
 
-/// Every parameter's gradient, in the visiting order, from `grads`.
-struct GradsOf<'a>(&'a burn::tensor::Gradients, Vec<Vec<f32>>);
-
-impl ModuleVisitor for GradsOf<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(g) = param.val().grad(self.0) {
-            self.1.push(values(g));
-        }
-    }
+fn gradients<const D: usize>(m: &UNetPP<D>, grads: &burn::tensor::Gradients) -> Vec<Vec<f32>> {
+    let mut p = Params(Some(grads), vec![]);
+    m.visit(&mut p);
+    p.1
 }
 
 /// One step of `unetpp train` from the same weights on the same batch: the deep-supervision
@@ -174,10 +172,7 @@ fn training_step_matches_flex() {
         let m = seeded::<4>(&cfg, 11, &flex().autodiff()).fork(&device);
         let heads = m.forward(input(shape, &device));
         let loss = unetpp::loss::deep_supervision(heads, target(&device), unetpp::loss::Objective::Paper);
-        let g = loss.backward();
-        let mut of = GradsOf(&g, vec![]);
-        m.visit(&mut of);
-        grads.push(of.1);
+        grads.push(gradients(&m, &loss.backward()));
         let mut optim = unetpp::optim::adam(1e-8);
         let (m, loss) = unetpp::train::step(m, &mut optim, LR, input(shape, &device), target(&device));
         losses.push(loss);
