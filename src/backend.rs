@@ -56,6 +56,20 @@ impl Backend {
             Backend::TchCuda => Device::libtorch_cuda(0),
         }
     }
+
+    /// The device a model trains on: this backend's with autodiff. On Flex, burn's balanced
+    /// gradient checkpointing too: only compute-bound results (convolutions) are kept for the
+    /// backward; memory-bound ones (BatchNorm + ReLU, up-sampling, pooling) are recomputed from
+    /// them when the backward reaches them (`kernel::autodiff` says which are which). Per
+    /// layer that keeps one activation instead of two, and no up-sampled decoder input.
+    pub fn training_device(self) -> Device {
+        let device = self.device().autodiff();
+        match self {
+            Backend::Flex => device.gradient_checkpointing(),
+            #[allow(unreachable_patterns)]
+            _ => device,
+        }
+    }
 }
 
 crate::names::by_name!(Backend, "--backend");

@@ -123,7 +123,7 @@ fn bench_d<const D: usize>(
             }));
         }
     }
-    let ad = device.autodiff();
+    let ad = o.backend.training_device();
     // Moved through each step as `train` does, so that Adam may update parameters it owns.
     let mut model = Some(cfg.init::<D>(&ad));
     let mut optim = crate::optim::adam(1e-8);

@@ -263,7 +263,7 @@ fn run<const D: usize>(cfg: &TrainConfig, dir: &Path, resume: bool, lock: Option
     let committed = rundir::recover(dir)?;
     let ck = checkpoints(dir);
     std::fs::create_dir_all(&ck).with_context(|| format!("cannot create {}", ck.display()))?;
-    let device = cfg.backend.device().autodiff();
+    let device = cfg.backend.training_device();
     let mut optim = crate::optim::adam(1e-8);
     let (model, mut state): (UNetPP<D>, State) = match committed {
         Some(state) => {

@@ -1,6 +1,12 @@
 //! `KernelBackend` for Autodiff<Flex>: each operation runs Flex's forward and records its
 //! backward (the types here), which the kernels compute too; training weights are never cached.
 //! There is no fused form here: with gradients a layer is composed of these operations.
+//!
+//! The convolution is compute-bound: its output is kept for the backward. BatchNorm (+ ReLU),
+//! up-sampling and pooling are memory-bound: under burn's balanced checkpointing
+//! (`Backend::training_device`) their outputs are not kept but recomputed by the `Retro*`
+//! types below when the backward needs them (as inputs of a convolution's weight gradient, or
+//! of pooling's); without checkpointing they are kept, as every output was before.
 
 use super::conv;
 use super::ext::{KernelBackend, PARTS};
@@ -8,6 +14,8 @@ use super::flex::conv_flex;
 use super::tensors::{contiguous, data, geom, layout, tensor};
 use super::{norm, pool, upsample};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
+use burn::backend::autodiff::checkpoint::state::BackwardStates;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
@@ -134,6 +142,48 @@ impl Backward<Flex, N> for SameConvGrad {
     }
 }
 
+/// Recomputes `upsample2x`'s output from its input.
+#[derive(Debug)]
+struct RetroUpsample(NodeId);
+
+impl RetroForward for RetroUpsample {
+    fn forward(&self, states: &mut BackwardStates, out: NodeId) {
+        let x = states.get_state::<FlexTensor>(&self.0);
+        states.save(out, Flex::upsample2x(x));
+    }
+}
+
+/// Recomputes `max_pool2x`'s output from its input.
+#[derive(Debug)]
+struct RetroMaxPool(NodeId);
+
+impl RetroForward for RetroMaxPool {
+    fn forward(&self, states: &mut BackwardStates, out: NodeId) {
+        let x = states.get_state::<FlexTensor>(&self.0);
+        states.save(out, Flex::max_pool2x(x));
+    }
+}
+
+/// Recomputes `batch_norm`'s output from x and the step's own gamma, beta and batch statistics
+/// (per channel, kept here; the optimiser replaces the parameters only after the backward).
+#[derive(Debug)]
+struct RetroBatchNorm {
+    x: NodeId,
+    gamma: FlexTensor,
+    beta: FlexTensor,
+    stats: FlexTensor,
+    epsilon: f64,
+    relu: bool,
+}
+
+impl RetroForward for RetroBatchNorm {
+    fn forward(&self, states: &mut BackwardStates, out: NodeId) {
+        let x = states.get_state::<FlexTensor>(&self.x);
+        let (g, b, s) = (self.gamma.clone(), self.beta.clone(), self.stats.clone());
+        states.save(out, Flex::batch_norm(x, g, b, s, self.epsilon, self.relu));
+    }
+}
+
 impl<C: CheckpointStrategy> KernelBackend for Autodiff<Flex, C> {
     fn same_conv(
         x0: FloatTensor<Self>,
@@ -168,7 +218,8 @@ impl<C: CheckpointStrategy> KernelBackend for Autodiff<Flex, C> {
 
     fn upsample2x(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let y = Flex::upsample2x(<Self as AutodiffBackend>::inner(x.clone()));
-        match UpsampleGrad.prepare::<C>([x.node()]).compute_bound().stateful() {
+        let prep = UpsampleGrad.prepare::<C>([x.node()]).memory_bound().retro_forward(RetroUpsample(x.id()));
+        match prep.parents([&x]).stateful() {
             OpsKind::Tracked(prep) => prep.finish(x.shape().to_vec(), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
@@ -176,7 +227,8 @@ impl<C: CheckpointStrategy> KernelBackend for Autodiff<Flex, C> {
 
     fn max_pool2x(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let inner = <Self as AutodiffBackend>::inner(x.clone());
-        match MaxPoolGrad.prepare::<C>([x.node()]).compute_bound().stateful() {
+        let prep = MaxPoolGrad.prepare::<C>([x.node()]).memory_bound().retro_forward(RetroMaxPool(x.id()));
+        match prep.parents([&x]).stateful() {
             OpsKind::Tracked(mut prep) => {
                 let state = prep.checkpoint(&x);
                 prep.finish(state, Flex::max_pool2x(inner))
@@ -200,7 +252,11 @@ impl<C: CheckpointStrategy> KernelBackend for Autodiff<Flex, C> {
         let inner = |t: &FloatTensor<Self>| <Self as AutodiffBackend>::inner(t.clone());
         let (g, b, s) = (inner(&gamma), inner(&beta), inner(&stats));
         let forward = || Flex::batch_norm(inner(&x), g.clone(), b.clone(), s.clone(), epsilon, relu);
-        match BatchNormGrad.prepare::<C>([x.node(), gamma.node(), beta.node()]).compute_bound().stateful() {
+        let retro = RetroBatchNorm { x: x.id(), gamma: g.clone(), beta: b.clone(), stats: s.clone(), epsilon, relu };
+        let prep =
+            BatchNormGrad.prepare::<C>([x.node(), gamma.node(), beta.node()]).memory_bound().retro_forward(retro);
+        // burn's checkpointer wants every parent of a recomputed node kept, read or not.
+        match prep.parents([&x, &gamma, &beta]).stateful() {
             OpsKind::Tracked(mut prep) => {
                 let state = (prep.checkpoint(&x), [g.clone(), b.clone(), s.clone()], epsilon, relu);
                 let y = forward();

@@ -28,7 +28,7 @@ pub fn step_seconds(model: &ModelConfig, batch: usize, patch: [usize; 3], backen
 fn time<const D: usize>(cfg: &ModelConfig, batch: usize, patch: [usize; 3], backend: Backend) -> f64 {
     let device = backend.device();
     device.seed(0);
-    let ad = device.autodiff();
+    let ad = backend.training_device();
     let dims = crate::data::patch::batch_dims::<D>(batch, cfg.in_channels, patch);
     let target = crate::data::patch::batch_dims::<D>(batch, cfg.classes, patch);
     let x = Tensor::<D>::random(dims, burn::tensor::Distribution::Default, &ad);
