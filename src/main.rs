@@ -280,6 +280,10 @@ enum Synth {
         /// Folder holding lesions-pyradiomics/ and chest-ct-slicerio/ (default ../shared/data)
         #[arg(long)]
         sources: Option<PathBuf>,
+        /// Share of the synthetic cases, 0 to 1, that hold a lung mass (32-50 mm, solid) instead
+        /// of a nodule (3-30 mm, as in LIDC); default 0
+        #[arg(long)]
+        masses: Option<f64>,
     },
 }
 
@@ -658,8 +662,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("written to {}", out.display());
             Ok(())
         }
-        Command::Synth(Synth::Nodules { out, seed, cases, test_cases, holdout, spacing, sources }) => {
-            let o = unetpp::synth::nodules::Options { out, seed, cases, test_cases, holdout, spacing, sources };
+        Command::Synth(Synth::Nodules { out, seed, cases, test_cases, holdout, spacing, sources, masses }) => {
+            let o = unetpp::synth::nodules::Options { out, seed, cases, test_cases, holdout, spacing, sources, masses };
             print!("{}", app::synth_nodules(&o)?);
             Ok(())
         }

@@ -178,6 +178,39 @@ fn masks_lie_in_the_lungs_with_the_stated_sizes() {
     }
 }
 
+/// `--masses 1`: every synthetic case holds a solid mass of 32-50 mm drawn, whose mask (in
+/// the lung, so clipped at the pleura) measures 25-52 mm, within 25% of the drawn size, and
+/// lies whole inside its 64 mm window (no mask voxel on the window's faces).
+#[test]
+fn masses_are_large_solid_and_inside_their_windows() {
+    if !have_sources() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("masses");
+    let src = sources();
+    ok(&["synth", "nodules", "--out", s(&out), "--seed", "2", "--cases", "4", "--test-cases", "2"]
+        .into_iter()
+        .chain(["--masses", "1", "--sources", s(&src)])
+        .collect::<Vec<_>>());
+    let cases: Vec<Value> = manifest(&out).into_iter().filter(|c| c["split"] != "real").collect();
+    assert_eq!(cases.len(), 6);
+    for c in &cases {
+        let name = c["case"].as_str().unwrap();
+        assert_eq!(c["nodule"]["kind"], "mass", "{name}");
+        assert_eq!(c["nodule"]["density"], "solid", "{name}");
+        let drawn = c["nodule"]["diameter_mm"].as_f64().unwrap();
+        assert!((32.0..=50.0).contains(&drawn), "{name}: drawn {drawn} mm");
+        let (_, label) = case(&out, c);
+        let e = label.geometry.spacing;
+        let voxels: Vec<usize> = (0..label.data.len()).filter(|&i| label.data[i] > 0.0).collect();
+        let d = nodules::sphere_diameter(voxels.len() as f64 * e[0] * e[1] * e[2]);
+        assert!((25.0..=52.0).contains(&d) && (d / drawn - 1.0).abs() < 0.25, "{name}: mask {d} mm, drawn {drawn}");
+        let on_face = |i: &usize| [i % 64, i / 64 % 64, i / 4096].iter().any(|&k| k == 0 || k == 63);
+        assert!(!voxels.iter().any(on_face), "{name}: the mass is cut by its window");
+    }
+}
+
 /// The attenuations drawn are in the stated ranges for each density, and the written image is
 /// denser under each mask than the lung around it (median of the mask's voxels above the
 /// median of the window's lung-like voxels).
@@ -282,6 +315,8 @@ fn bad_options_are_refused() {
     fails(&[&base[..], &[s(&inside)]].concat(), &["lies inside --sources"]);
     assert!(!inside.exists());
     fails(&[&base[..], &[s(&b), "--cases", "0"]].concat(), &["--cases"]);
+    fails(&[&base[..], &[s(&b), "--masses", "1.5"]].concat(), &["--masses 1.5", "between 0 and 1"]);
+    fails(&[&base[..], &[s(&b), "--masses", "NaN"]].concat(), &["--masses"]);
     fails_with(&[&base[..], &[s(&b), "--holdout", "lung3"]].concat(), 2, &["--holdout must be one of lung1, lung2"]);
     assert!(!a.exists() && !b.exists());
 }

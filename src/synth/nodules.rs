@@ -22,7 +22,7 @@ use serde_json::json;
 
 use super::grid::{Grid, WINDOW};
 use super::lung;
-use super::shape::{GLASS, Nodule, OUTSIDE, SOLID, normal};
+use super::shape::{GLASS, Kind, Nodule, OUTSIDE, SOLID, normal};
 use crate::data::volume::orient::{Frame, Orientation};
 use crate::data::volume::spacing::Spacing;
 use crate::data::volume::{self, Geometry};
@@ -76,6 +76,9 @@ pub struct Options {
     /// The folder holding `lesions-pyradiomics/` and `chest-ct-slicerio/`; default the
     /// project's `../shared/data`.
     pub sources: Option<PathBuf>,
+    /// Share of the synthetic cases (training and test alike) that hold a mass instead of a
+    /// nodule, 0..=1; default 0 (LIDC's nodules only).
+    pub masses: Option<f64>,
 }
 
 /// Where a nodule sits in the lung.
@@ -287,10 +290,19 @@ fn place(src: &Source, r: f64, placement: Placement, rng: &mut StdRng) -> Option
 }
 
 /// One synthetic case from `src` (module doc).
-fn synthetic(src: &Source, target: [f64; 3], name: String, split: &'static str, seed: u64) -> anyhow::Result<Case> {
+fn synthetic(
+    src: &Source,
+    target: [f64; 3],
+    name: String,
+    split: &'static str,
+    seed: u64,
+    masses: f64,
+) -> anyhow::Result<Case> {
     let mut rng = StdRng::seed_from_u64(seed);
+    // Drawn only when asked for, so that without masses every seed keeps its files.
+    let kind = if masses > 0.0 && rng.random_range(0.0..1.0) < masses { Kind::Mass } else { Kind::Nodule };
     for _ in 0..200 {
-        let nodule = Nodule::draw(&mut rng);
+        let nodule = Nodule::draw(&mut rng, kind);
         let r = nodule.diameter_mm / 2.0;
         let placement = match rng.random_range(0.0..1.0) {
             p if p < 0.60 => Placement::Inside,
@@ -514,6 +526,8 @@ pub fn generate(o: &Options) -> anyhow::Result<Summary> {
     let (cases, test_cases) = (o.cases.unwrap_or(DEFAULT_CASES), o.test_cases.unwrap_or(DEFAULT_TEST_CASES));
     ensure!(cases >= 1, "--cases must be at least 1");
     ensure!(test_cases >= 1, "--test-cases must be at least 1");
+    let masses = o.masses.unwrap_or(0.0);
+    ensure!((0.0..=1.0).contains(&masses), "--masses {masses}: must be a share between 0 and 1");
     if o.out.exists() {
         let mut entries =
             std::fs::read_dir(&o.out).with_context(|| format!("--out {}: not a folder", o.out.display()))?;
@@ -544,7 +558,7 @@ pub fn generate(o: &Options) -> anyhow::Result<Summary> {
     let made: Vec<Record> = jobs
         .par_iter()
         .map(|(s, name, split, seed)| {
-            let c = synthetic(s, target, name.clone(), split, *seed)?;
+            let c = synthetic(s, target, name.clone(), split, *seed, masses)?;
             let (images, labels) = if *split == "train" { ("imagesTr", "labelsTr") } else { ("imagesTs", "labelsTs") };
             write_case(&o.out, images, labels, &c)?;
             Ok(c.record)
@@ -556,9 +570,10 @@ pub fn generate(o: &Options) -> anyhow::Result<Summary> {
     records.push(r.record);
 
     let what = format!(
-        "synthetic lung nodules (unetpp synth nodules --seed {} --holdout {test_volume} --spacing {spacing}): \
+        "synthetic lung nodules (unetpp synth nodules --seed {} --holdout {test_volume} --spacing {spacing}{}): \
          training cases from {}, test cases from {test_volume}",
         seed,
+        if masses > 0.0 { format!(" --masses {masses}") } else { String::new() },
         train_volumes.join(" and ")
     );
     let fsio = crate::fsio::write_atomic;
@@ -569,6 +584,7 @@ pub fn generate(o: &Options) -> anyhow::Result<Summary> {
         "seed": seed,
         "holdout": test_volume,
         "spacing_mm": spacing.0,
+        "masses": masses,
         "train_volumes": train_volumes,
         "test_volume": test_volume,
         "cases": records,
@@ -609,7 +625,7 @@ mod tests {
         let src = phantom();
         let mut solid = 0;
         for seed in 0..16 {
-            let c = synthetic(&src, [0.7; 3], format!("c{seed}"), "train", seed).unwrap();
+            let c = synthetic(&src, [0.7; 3], format!("c{seed}"), "train", seed, 0.0).unwrap();
             let r = &c.record;
             let n = r.nodule.as_ref().unwrap();
             assert!((r.noise_sd_hu.unwrap() - 15.0).abs() < 3.0, "noise {:?}", r.noise_sd_hu);

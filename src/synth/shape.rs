@@ -35,6 +35,18 @@ pub const GROUND_GLASS_HU: [f64; 2] = [-750.0, -300.0];
 pub const DIAMETER_MM: [f64; 2] = [3.5, 28.0];
 const DIAMETER_MEDIAN_MM: f64 = 7.0;
 const DIAMETER_LOG_SD: f64 = 0.5;
+/// Equivalent-sphere diameters of masses (lesions over 3 cm), uniform in this range (mm): up to
+/// what a 64 mm window at 1 mm holds with the lobes and waves of the body around it.
+pub const MASS_DIAMETER_MM: [f64; 2] = [32.0, 50.0];
+
+/// A nodule (LIDC's 3-30 mm), or a mass: a lesion over 3 cm (Fleischner glossary), drawn on
+/// request (`--masses`) because LIDC stops at 30 mm and real lesions do not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Nodule,
+    Mass,
+}
 
 /// What `occupancy` returns: nothing, the ground-glass part, or solid tissue.
 pub const OUTSIDE: u8 = 0;
@@ -43,6 +55,7 @@ pub const SOLID: u8 = 2;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Nodule {
+    pub kind: Kind,
     pub diameter_mm: f64,
     pub form: Form,
     pub density: Density,
@@ -90,15 +103,20 @@ pub fn normal(rng: &mut impl Rng) -> f64 {
 }
 
 impl Nodule {
-    /// Draws a nodule (module doc; proportions in docs/nodules.md).
-    pub fn draw(rng: &mut impl Rng) -> Nodule {
-        let diameter_mm = loop {
-            let d = (DIAMETER_MEDIAN_MM.ln() + DIAMETER_LOG_SD * normal(rng)).exp();
-            if (DIAMETER_MM[0]..=DIAMETER_MM[1]).contains(&d) {
-                break d;
-            }
+    /// Draws a nodule or a mass (module doc; proportions in docs/nodules.md). Masses are solid;
+    /// their forms are drawn as the nodules' are.
+    pub fn draw(rng: &mut impl Rng, kind: Kind) -> Nodule {
+        let diameter_mm = match kind {
+            Kind::Nodule => loop {
+                let d = (DIAMETER_MEDIAN_MM.ln() + DIAMETER_LOG_SD * normal(rng)).exp();
+                if (DIAMETER_MM[0]..=DIAMETER_MM[1]).contains(&d) {
+                    break d;
+                }
+            },
+            Kind::Mass => rng.random_range(MASS_DIAMETER_MM[0]..=MASS_DIAMETER_MM[1]),
         };
         let density = match rng.random_range(0.0..1.0) {
+            _ if kind == Kind::Mass => Density::Solid,
             p if p < 0.75 => Density::Solid,
             p if p < 0.90 => Density::PartSolid,
             _ => Density::GroundGlass,
@@ -122,6 +140,7 @@ impl Nodule {
             vec![]
         };
         let mut n = Nodule {
+            kind,
             diameter_mm,
             form,
             density,
@@ -215,12 +234,16 @@ mod tests {
     use rand::SeedableRng;
 
     /// The body's volume is the drawn diameter's sphere's: counted on a fine grid, the
-    /// equivalent diameter is within 3% for every form.
+    /// equivalent diameter is within 3% for every form, nodules and masses; masses are solid
+    /// and in their size range.
     #[test]
     fn volume_matches_the_drawn_diameter() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for _ in 0..12 {
-            let n = Nodule { spikes: vec![], ..Nodule::draw(&mut rng) };
+        for kind in std::iter::repeat_n(Kind::Nodule, 12).chain(std::iter::repeat_n(Kind::Mass, 6)) {
+            let n = Nodule { spikes: vec![], ..Nodule::draw(&mut rng, kind) };
+            let range = if kind == Kind::Mass { MASS_DIAMETER_MM } else { DIAMETER_MM };
+            assert!((range[0]..=range[1]).contains(&n.diameter_mm), "{kind:?} of {} mm", n.diameter_mm);
+            assert!(kind == Kind::Nodule || n.density == Density::Solid, "a {:?} mass", n.density);
             let h = n.diameter_mm / 40.0;
             let e = (n.extent_mm() / h).ceil() as i32;
             let mut count = 0usize;
@@ -240,7 +263,9 @@ mod tests {
     #[test]
     fn part_solid_has_a_solid_core() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let n = std::iter::repeat_with(|| Nodule::draw(&mut rng)).find(|n| n.density == Density::PartSolid).unwrap();
+        let n = std::iter::repeat_with(|| Nodule::draw(&mut rng, Kind::Nodule))
+            .find(|n| n.density == Density::PartSolid)
+            .unwrap();
         assert_eq!(n.occupancy([0.0; 3]), SOLID);
         let rim = n.diameter_mm / 2.0 * 0.8;
         let glass = (0..50)
