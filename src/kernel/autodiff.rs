@@ -142,25 +142,14 @@ impl Backward<Flex, N> for SameConvGrad {
     }
 }
 
-/// Recomputes `upsample2x`'s output from its input.
+/// Recomputes a one-input operation's output (`upsample2x`, `max_pool2x`) from its input.
 #[derive(Debug)]
-struct RetroUpsample(NodeId);
+struct RetroUnary(NodeId, fn(FlexTensor) -> FlexTensor);
 
-impl RetroForward for RetroUpsample {
+impl RetroForward for RetroUnary {
     fn forward(&self, states: &mut BackwardStates, out: NodeId) {
         let x = states.get_state::<FlexTensor>(&self.0);
-        states.save(out, Flex::upsample2x(x));
-    }
-}
-
-/// Recomputes `max_pool2x`'s output from its input.
-#[derive(Debug)]
-struct RetroMaxPool(NodeId);
-
-impl RetroForward for RetroMaxPool {
-    fn forward(&self, states: &mut BackwardStates, out: NodeId) {
-        let x = states.get_state::<FlexTensor>(&self.0);
-        states.save(out, Flex::max_pool2x(x));
+        states.save(out, (self.1)(x));
     }
 }
 
@@ -218,7 +207,8 @@ impl<C: CheckpointStrategy> KernelBackend for Autodiff<Flex, C> {
 
     fn upsample2x(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let y = Flex::upsample2x(<Self as AutodiffBackend>::inner(x.clone()));
-        let prep = UpsampleGrad.prepare::<C>([x.node()]).memory_bound().retro_forward(RetroUpsample(x.id()));
+        let prep =
+            UpsampleGrad.prepare::<C>([x.node()]).memory_bound().retro_forward(RetroUnary(x.id(), Flex::upsample2x));
         match prep.parents([&x]).stateful() {
             OpsKind::Tracked(prep) => prep.finish(x.shape().to_vec(), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
@@ -227,7 +217,8 @@ impl<C: CheckpointStrategy> KernelBackend for Autodiff<Flex, C> {
 
     fn max_pool2x(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let inner = <Self as AutodiffBackend>::inner(x.clone());
-        let prep = MaxPoolGrad.prepare::<C>([x.node()]).memory_bound().retro_forward(RetroMaxPool(x.id()));
+        let prep =
+            MaxPoolGrad.prepare::<C>([x.node()]).memory_bound().retro_forward(RetroUnary(x.id(), Flex::max_pool2x));
         match prep.parents([&x]).stateful() {
             OpsKind::Tracked(mut prep) => {
                 let state = prep.checkpoint(&x);
