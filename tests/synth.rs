@@ -189,10 +189,9 @@ fn masses_are_large_solid_and_inside_their_windows() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("masses");
     let src = sources();
-    ok(&["synth", "nodules", "--out", s(&out), "--seed", "2", "--cases", "4", "--test-cases", "2"]
-        .into_iter()
-        .chain(["--masses", "1", "--sources", s(&src)])
-        .collect::<Vec<_>>());
+    let (seed, sizes) = (["--seed", "2"], ["--cases", "4", "--test-cases", "2"]);
+    ok(&[&["synth", "nodules", "--out", s(&out)][..], &seed, &sizes, &["--masses", "1", "--sources", s(&src)]]
+        .concat());
     let cases: Vec<Value> = manifest(&out).into_iter().filter(|c| c["split"] != "real").collect();
     assert_eq!(cases.len(), 6);
     for c in &cases {
