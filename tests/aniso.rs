@@ -150,16 +150,18 @@ fn training_lowers_the_loss() {
     let shape = [2, 1, 8, 32, 32];
     let x = input(shape, &d);
     let y = x.clone().greater_elem(0.3).float();
+    // One model for both sides: the seeded generator is shared with tests running alongside.
+    let m0 = fresh(&cfg, &d);
     let first = |kernels: bool| {
         unetpp::kernel::set_enabled(kernels);
         let mut optim = unetpp::optim::adam(1e-8);
-        let (_, loss) = unetpp::train::step(fresh(&cfg, &d), &mut optim, 1e-2, x.clone(), y.clone());
+        let (_, loss) = unetpp::train::step(m0.clone(), &mut optim, 1e-2, x.clone(), y.clone());
         unetpp::kernel::set_enabled(true);
         loss
     };
     let (ours, theirs) = (first(true), first(false));
     assert!((ours - theirs).abs() <= 1e-4, "first loss {ours} on our kernels, {theirs} on burn's");
-    let mut m = fresh(&cfg, &d);
+    let mut m = m0;
     let mut optim = unetpp::optim::adam(1e-8);
     let mut losses = vec![];
     for _ in 0..8 {
