@@ -37,7 +37,7 @@ pub(super) const OB: usize = 8;
 /// Tiles per register tile.
 pub(super) const TT: usize = 48;
 /// Input channels ahead whose rows the input transform prefetches.
-const PF: usize = 2;
+pub(super) const PF: usize = 2;
 
 /// Whether `g` is a convolution this path computes, on this CPU: 2D here, 3D 3x3x3 in
 /// `winograd3d` (the functions below hand 3D geometries to it).

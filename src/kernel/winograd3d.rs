@@ -16,7 +16,7 @@ use std::arch::x86_64::*;
 
 use super::cpu::{Geom, SyncPtr, aligned, avx512, recycle, transpose_row};
 use super::winograd::{
-    G2, OB, Plane, Sink, Weights, channel_planes, columns, emit, finish, first, products, split_row, spread,
+    G2, OB, PF, Plane, Sink, Weights, channel_planes, columns, emit, finish, first, products, split_row, spread,
     sum_groups, units_of, weight_products, weight_work, zero,
 };
 use rayon::prelude::*;
@@ -168,8 +168,8 @@ pub fn forward(g: &Geom, xs: &[&[f32]], wt: &Weights, b: &[f32], relu: bool, ys:
 ///   slices are bounds-checked).
 /// - `v` is valid for writes of 64 rows of `kstride` floats, each holding planes.len() rows of
 ///   tbp, (r1 - r0) · wd / 2 rounded up to a multiple of 16.
-unsafe fn transform_input(
-    planes: &[Plane<'_>],
+unsafe fn transform_input<'a>(
+    planes: &[Plane<'a>],
     n: usize,
     sp: [usize; 3],
     (r0, r1): (usize, usize),
@@ -179,8 +179,19 @@ unsafe fn transform_input(
     let p = sp.iter().product::<usize>();
     let tb = (r1 - r0) * (sp[2] / 2);
     let tbp = tb.next_multiple_of(16);
+    let plane = |pl: &Plane<'a>| -> &'a [f32] { &pl.part[(n * pl.channels + pl.channel) * p..][..p] };
+    let spans = spans_read(sp, (r0, r1));
     for (c, pl) in planes.iter().enumerate() {
-        let plane = &pl.part[(n * pl.channels + pl.channel) * p..][..p];
+        if let Some(ahead) = planes.get(c + PF) {
+            let ahead = plane(ahead);
+            for span in &spans {
+                for l in span.clone().step_by(16) {
+                    // SAFETY: prefetching an address inside the plane (the spans lie in it).
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(l).cast()) };
+                }
+            }
+        }
+        let plane = plane(pl);
         // SAFETY: the plane holds the volume; room for V is the caller's promise.
         unsafe {
             input_rows(plane.as_ptr(), sp, (r0, r1), v.add(c * tbp), kstride);
@@ -191,6 +202,28 @@ unsafe fn transform_input(
             }
         }
     }
+}
+
+/// The runs of a channel's volume (element ranges, rows of consecutive slices each) that
+/// `input_rows` reads for tile rows r0..r1: for each tile plane the rows touch, the input rows
+/// 2·ty - 1 ..= 2·ty + 2 of their tiles in the slices 2·tz - 1 ..= 2·tz + 2 that exist. The
+/// transform reads a few lines from each of 16 or more rows a slice apart, per channel a
+/// volume apart: the hardware prefetchers miss that pattern, and the masked loads' misses were
+/// most of the transform's time, so the channel PF ahead is prefetched as in 2D.
+pub(super) fn spans_read([d, h, wd]: [usize; 3], (r0, r1): (usize, usize)) -> Vec<std::ops::Range<usize>> {
+    let th = h / 2;
+    let mut spans = Vec::new();
+    let mut row = r0;
+    while row < r1 {
+        let (tz, ty0) = (row / th, row % th);
+        let ty1 = (r1 - tz * th).min(th);
+        let (y0, y1) = ((2 * ty0).saturating_sub(1), (2 * ty1 + 1).min(h));
+        for z in (2 * tz).saturating_sub(1)..(2 * tz + 3).min(d) {
+            spans.push((z * h + y0) * wd..(z * h + y1) * wd);
+        }
+        row = tz * th + ty1;
+    }
+    spans
 }
 
 /// B^T x of F(2x2, 3x3) for four vectors (rows (1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0),

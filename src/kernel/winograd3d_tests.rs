@@ -192,3 +192,40 @@ fn whole_3d_model_matches_the_burn_path_on_winograd() {
         }
     }
 }
+
+/// The prefetched runs are the rows the input transform reads: every (slice, row) of every
+/// tile's 4x4x4 input that lies in the volume and nothing else, for units within and across
+/// tile planes and at the volume's edges (a unit spanning whole tile planes names the slices
+/// they share twice, which costs a repeated prefetch, nothing more).
+#[test]
+fn prefetched_spans_are_the_rows_read() {
+    for sp in [[4, 4, 4], [6, 8, 10], [8, 4, 6], [10, 12, 2]] {
+        let [d, h, wd] = sp;
+        let th = (d / 2) * (h / 2);
+        for (r0, r1) in [(0, 1), (0, th), (1, 3), (h / 2 - 1, h / 2 + 2), (th - 1, th)] {
+            let (r0, r1) = (r0.min(th - 1), r1.min(th));
+            let mut want = std::collections::BTreeSet::new();
+            for row in r0..r1 {
+                let (tz, ty) = ((row / (h / 2)) as isize, (row % (h / 2)) as isize);
+                for z in 2 * tz - 1..=2 * tz + 2 {
+                    for y in 2 * ty - 1..=2 * ty + 2 {
+                        if (0..d as isize).contains(&z) && (0..h as isize).contains(&y) {
+                            want.insert(z as usize * h + y as usize);
+                        }
+                    }
+                }
+            }
+            let spans = winograd3d::spans_read(sp, (r0, r1));
+            let mut got = Vec::new();
+            for s in &spans {
+                assert!(
+                    s.start.is_multiple_of(wd) && s.end.is_multiple_of(wd) && s.end <= d * h * wd,
+                    "{sp:?} {r0}..{r1}: {s:?}"
+                );
+                got.extend(s.start / wd..s.end / wd);
+            }
+            let got: std::collections::BTreeSet<_> = got.into_iter().collect();
+            assert_eq!(got, want, "{sp:?} {r0}..{r1}");
+        }
+    }
+}
