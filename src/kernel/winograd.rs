@@ -27,7 +27,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::cpu::{Geom, SyncPtr, aligned, assert_avx512, avx512, recycle, transpose_row};
+use super::cpu::{Geom, SyncPtr, aligned, assert_avx512, avx512, prefetch, recycle, transpose_row};
 use super::{upsample, winograd3d};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -697,10 +697,7 @@ unsafe fn transform_input<'a>(
                 false => &plane(ahead)[i0 * wd..i1 * wd],
                 true => &plane(ahead)[(i0 / 2).saturating_sub(1) * wd / 2..(i1.div_ceil(2) + 1).min(h / 2) * wd / 2],
             };
-            for l in (0..rows.len()).step_by(16) {
-                // SAFETY: prefetching an address inside the slice.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(rows.as_ptr().add(l).cast()) };
-            }
+            prefetch(rows);
         }
         // The plane's rows i0..i1 from `rows`: row r at rows + r · wd (only those are read).
         let rows = match at.half {

@@ -14,7 +14,7 @@
 
 use std::arch::x86_64::*;
 
-use super::cpu::{Geom, SyncPtr, aligned, avx512, recycle, transpose_row};
+use super::cpu::{Geom, SyncPtr, aligned, avx512, prefetch, recycle, transpose_row};
 use super::winograd::{
     G2, OB, PF, Plane, Sink, Weights, channel_planes, columns, emit, finish, first, products, split_row, spread,
     sum_groups, units_of, weight_products, weight_work, zero,
@@ -185,10 +185,7 @@ unsafe fn transform_input<'a>(
         if let Some(ahead) = planes.get(c + PF) {
             let ahead = plane(ahead);
             for span in &spans {
-                for l in span.clone().step_by(16) {
-                    // SAFETY: prefetching an address inside the plane (the spans lie in it).
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(l).cast()) };
-                }
+                prefetch(&ahead[span.clone()]);
             }
         }
         let plane = plane(pl);
